@@ -1,0 +1,3 @@
+"""socklab: QEMU-backed labs for the Linux socket layer."""
+
+__version__ = "0.1.0"

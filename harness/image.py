@@ -1,0 +1,355 @@
+"""Build and cache the Debian guest image: ext4 root, kernel, initrd, pinned host key.
+
+A cache entry is ``images/cache/<recipe>-<hash>/``, where the hash covers
+everything that decides the image's contents (the recipe, the files laid into
+the root, the initrd's init, the authorised client key and this builder's
+layout version). An entry is built in a temporary directory beside it and
+renamed into place only when complete, so an interrupted build leaves nothing
+that could be mistaken for an image.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import hostdeps, progress
+from .errors import ImageError
+from .initrd import build_initrd
+from .paths import Paths
+
+# Bump when the layout of a cache entry or the build steps change.
+BUILDER_VERSION = 1
+ROOTFS = "rootfs.ext4"
+KERNEL = "vmlinuz"
+INITRD = "initrd.img"
+HOST_KEY = "ssh_host_ed25519_key.pub"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What goes into a guest image (``images/<name>.yaml``)."""
+
+    name: str
+    suite: str
+    variant: str
+    packages: tuple[str, ...]
+    dpkg_excludes: tuple[str, ...]
+    initrd_modules: tuple[str, ...]
+    free_space_mib: int
+
+    @classmethod
+    def load(cls, images_dir: Path, name: str) -> "Recipe":
+        path = images_dir / f"{name}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in images_dir.glob("*.yaml"))
+            raise ImageError(f"unknown image recipe {name!r}; known: {', '.join(known) or 'none'}")
+        try:
+            data = yaml.safe_load(path.read_text())
+            return cls(
+                name=name,
+                suite=str(data["suite"]),
+                variant=str(data.get("variant", "minbase")),
+                packages=tuple(data["packages"]),
+                dpkg_excludes=tuple(data.get("dpkg_excludes", ())),
+                initrd_modules=tuple(data["initrd_modules"]),
+                free_space_mib=int(data.get("free_space_mib", 256)),
+            )
+        except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+            raise ImageError(f"{path}: bad recipe: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Image:
+    """A complete cache entry. Paths are absolute; ``sha256`` maps file name to digest."""
+
+    directory: Path
+    recipe_hash: str
+    kernel_release: str
+    host_key: str
+    sha256: dict
+
+    @property
+    def rootfs(self) -> Path:
+        return self.directory / ROOTFS
+
+    @property
+    def kernel(self) -> Path:
+        return self.directory / KERNEL
+
+    @property
+    def initrd(self) -> Path:
+        return self.directory / INITRD
+
+    @classmethod
+    def load(cls, directory: Path) -> "Image":
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text())
+            return cls(
+                directory=directory,
+                recipe_hash=manifest["recipe_hash"],
+                kernel_release=manifest["kernel_release"],
+                host_key=manifest["host_key"],
+                sha256=manifest["sha256"],
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise ImageError(f"{directory}: unreadable image manifest ({exc}); rebuild with `invoke images.build`") from exc
+
+    def damaged(self) -> list[str]:
+        """Files whose content no longer matches the digest recorded when they were built."""
+        bad = []
+        for name, digest in self.sha256.items():
+            path = self.directory / name
+            if not path.is_file() or file_sha256(path) != digest:
+                bad.append(name)
+        return bad
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tree_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def recipe_hash(paths: Paths, recipe: Recipe, client_pubkey: str) -> str:
+    """Hash of every input that decides the image's bytes; the cache key."""
+    digest = hashlib.sha256(f"socklab-image v{BUILDER_VERSION}\n".encode())
+    digest.update((paths.images / f"{recipe.name}.yaml").read_bytes())
+    for tree in (paths.images / "rootfs", paths.images / "initrd"):
+        for path in _tree_files(tree):
+            digest.update(str(path.relative_to(paths.images)).encode() + b"\0")
+            digest.update(oct(path.lstat().st_mode & 0o7777).encode())
+            digest.update(os.readlink(path).encode() if path.is_symlink() else path.read_bytes())
+    digest.update(client_pubkey.strip().encode())
+    return digest.hexdigest()[:16]
+
+
+def ensure_client_key(paths: Paths) -> str:
+    """The per-install SSH key (0600) the image authorises for root; made once. Returns the public key."""
+    key = paths.client_key
+    if not key.exists():
+        paths.ensure_private(paths.keys)
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "socklab-client", "-f", str(key)], "ssh-keygen")
+    key.chmod(0o600)
+    return key.with_suffix(".pub").read_text().strip()
+
+
+def entry_dir(paths: Paths, recipe: Recipe, key: str) -> Path:
+    return paths.cache / f"{recipe.name}-{key}"
+
+
+def find(paths: Paths, recipe_name: str = "bookworm") -> Image:
+    """The built image for the current recipe, or an error saying how to build it."""
+    recipe = Recipe.load(paths.images, recipe_name)
+    if not paths.client_key.exists():
+        raise ImageError("no guest image yet: run `invoke images.build` first")
+    key = recipe_hash(paths, recipe, paths.client_key.with_suffix(".pub").read_text())
+    directory = entry_dir(paths, recipe, key)
+    if not (directory / MANIFEST).is_file():
+        raise ImageError(f"no guest image for recipe {recipe.name} ({key}): run `invoke images.build` first")
+    return Image.load(directory)
+
+
+def _run(argv: list[str], what: str, on_line: Callable[[str], None] | None = None) -> None:
+    """Run a build tool; stream its output lines to ``on_line``; raise with its last lines on failure."""
+    tail: list[str] = []
+    with subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail = (tail + [line])[-8:]
+            if on_line:
+                on_line(line)
+    if proc.returncode != 0:
+        raise ImageError(f"{what} failed (exit {proc.returncode}): " + " | ".join(tail[-3:]))
+
+
+def mmdebstrap_argv(recipe: Recipe, target: Path, stage: Path, mirror: str | None) -> list[str]:
+    """The mmdebstrap call. No mirror unless the user set one: mmdebstrap's own default applies."""
+    argv = [
+        "mmdebstrap",
+        "--mode=root",
+        f"--variant={recipe.variant}",
+        "--include=" + ",".join(recipe.packages),
+        *(f"--dpkgopt=path-exclude={pattern}" for pattern in recipe.dpkg_excludes),
+        f"--customize-hook=sync-in {stage} /",
+        '--customize-hook=chroot "$1" /usr/lib/socklab/customize',
+        recipe.suite,
+        str(target),
+    ]
+    if mirror:
+        argv.append(mirror)
+    return argv
+
+
+def _stage_overlay(paths: Paths, stage: Path, client_pubkey: str) -> str:
+    """Lay out the files copied into the guest root; generate its host key. Returns the host public key."""
+    shutil.copytree(paths.images / "rootfs", stage, symlinks=True, dirs_exist_ok=True)
+    ssh_dir = stage / "etc/ssh"
+    ssh_dir.mkdir(parents=True, exist_ok=True)
+    host_key = ssh_dir / "ssh_host_ed25519_key"
+    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "socklab-guest", "-f", str(host_key)], "ssh-keygen")
+    root_ssh = stage / "root/.ssh"
+    root_ssh.mkdir(parents=True, mode=0o700)
+    (root_ssh / "authorized_keys").write_text(client_pubkey + "\n")
+    return host_key.with_suffix(".pub").read_text().strip()
+
+
+def _used_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _complete(directory: Path) -> Image | None:
+    """The entry at ``directory`` if it looks whole (a cheap check; digests are checked before a boot)."""
+    if not (directory / MANIFEST).is_file():
+        return None
+    image = Image.load(directory)
+    if all((directory / name).is_file() for name in image.sha256) and image.rootfs.stat().st_size > 0:
+        return image
+    return None
+
+
+def build(paths: Paths, recipe_name: str = "bookworm", mirror: str | None = None, force: bool = False) -> tuple[Image, bool]:
+    """Build the image for ``recipe_name`` unless a complete entry exists. Returns (image, built_now)."""
+    recipe = Recipe.load(paths.images, recipe_name)
+    client_pubkey = ensure_client_key(paths)
+    key = recipe_hash(paths, recipe, client_pubkey)
+    final = entry_dir(paths, recipe, key)
+    if not force and (image := _complete(final)):
+        return image, False
+    if os.geteuid() != 0:
+        raise ImageError("building the guest image needs root (mmdebstrap --mode=root, mke2fs -d): run `sudo invoke images.build`")
+    hostdeps.ensure(hostdeps.IMAGE_TOOLS, say=progress.say)
+    paths.cache.mkdir(parents=True, exist_ok=True)
+    with _build_lock(paths):
+        # Whoever held the lock before us may have built this very entry.
+        if not force and (image := _complete(final)):
+            return image, False
+        remove_interrupted(paths)
+        return _build_locked(paths, recipe, key, final, client_pubkey, mirror), True
+
+
+@contextmanager
+def _build_lock(paths: Paths) -> Iterator[None]:
+    """One build at a time per cache; a second one waits, then finds the first one's entry."""
+    with open(paths.cache / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress.say("another images.build is running; waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _build_locked(paths: Paths, recipe: Recipe, key: str, final: Path, client_pubkey: str, mirror: str | None) -> Image:
+    if final.exists():
+        remove_tree(final)  # damaged, or a forced rebuild
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.name}-{key}-", dir=paths.cache))
+    try:
+        _build_into(paths, recipe, key, work, client_pubkey, mirror)
+        work.rename(final)
+        return Image.load(final)
+    finally:
+        if work.exists():
+            remove_tree(work)
+
+
+def _build_into(paths: Paths, recipe: Recipe, key: str, work: Path, client_pubkey: str, mirror: str | None) -> Image:
+    stage, root = work / "stage", work / "root"
+    host_key = _stage_overlay(paths, stage, client_pubkey)
+    with progress.step(f"mmdebstrap {recipe.suite} ({len(recipe.packages)} packages)") as step:
+        _run(mmdebstrap_argv(recipe, root, stage, mirror), "mmdebstrap", on_line=lambda line: step.update(f"mmdebstrap: {line}"))
+    with progress.step("kernel and initrd"):
+        kernels = sorted((root / "boot").glob("vmlinuz-*"))
+        if not kernels:
+            raise ImageError("mmdebstrap finished but the guest has no /boot/vmlinuz-*: is a linux-image package in the recipe?")
+        release = kernels[-1].name.removeprefix("vmlinuz-")
+        shutil.copyfile(kernels[-1], work / KERNEL)
+        try:
+            initrd = build_initrd(root, release, list(recipe.initrd_modules), (paths.images / "initrd/init").read_bytes())
+        except (KeyError, OSError) as exc:
+            raise ImageError(f"cannot build the initrd: {exc}") from exc
+        (work / INITRD).write_bytes(initrd)
+        # The guest boots the kernel from outside; its own copies only take space.
+        for path in (root / "boot").iterdir():
+            path.unlink()
+    size_mib = _used_bytes(root) * 13 // 10 // (1 << 20) + recipe.free_space_mib
+    with progress.step(f"ext4 root file system ({size_mib} MiB)"):
+        _run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "socklab-root", "-J", "size=16", "-d", str(root),
+              str(work / ROOTFS), f"{size_mib}M"], "mke2fs")
+    remove_tree(root)
+    shutil.rmtree(stage)
+    with progress.step("checksums"):
+        sums = {name: file_sha256(work / name) for name in (ROOTFS, KERNEL, INITRD)}
+    (work / HOST_KEY).write_text(host_key + "\n")
+    for name in (ROOTFS, KERNEL, INITRD):
+        # The base is never written: every VM boots from its own overlay.
+        (work / name).chmod(0o444)
+    manifest = {"recipe": recipe.name, "recipe_hash": key, "kernel_release": release, "host_key": host_key, "sha256": sums}
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return Image.load(work)
+
+
+def _mounts_below(path: Path) -> list[str]:
+    """Mount points at or below ``path`` (mmdebstrap mounts /proc, /sys, /dev into the root it builds)."""
+    prefix = str(path.resolve())
+    found = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        mount_point = line.split()[4].replace("\\040", " ")
+        if mount_point == prefix or mount_point.startswith(prefix + "/"):
+            found.append(mount_point)
+    return found
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a build directory, unmounting anything a killed mmdebstrap left mounted in it first.
+
+    Without this, deleting an interrupted build could walk into a bind mount of
+    the host's own /dev or /sys.
+    """
+    for mount_point in sorted(_mounts_below(path), key=len, reverse=True):
+        subprocess.run(["umount", "--lazy", mount_point], stdin=subprocess.DEVNULL, capture_output=True)
+    if _mounts_below(path):
+        raise ImageError(f"{path}: still has mounts below it; not deleting it")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_interrupted(paths: Paths) -> list[Path]:
+    """Delete the temporary directories of builds that were killed before they could clean up."""
+    removed = []
+    if paths.cache.is_dir():
+        for path in paths.cache.glob(".tmp-*"):
+            remove_tree(path)
+            removed.append(path)
+    return removed
