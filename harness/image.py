@@ -353,3 +353,19 @@ def remove_interrupted(paths: Paths) -> list[Path]:
             remove_tree(path)
             removed.append(path)
     return removed
+
+
+def clean(paths: Paths, keys: bool = False) -> list[Path]:
+    """Remove every cache entry (and the client key with ``keys``). Returns what was removed."""
+    removed = []
+    if paths.cache.is_dir():
+        for path in sorted(paths.cache.iterdir()):
+            if path.is_dir():
+                for sub in path.iterdir():
+                    sub.chmod(0o644) if sub.is_file() else None
+                remove_tree(path)
+                removed.append(path)
+    if keys and paths.keys.is_dir():
+        shutil.rmtree(paths.keys)
+        removed.append(paths.keys)
+    return removed

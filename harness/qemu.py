@@ -1,0 +1,200 @@
+"""Boot and stop one QEMU guest: its command line, its process, its QMP monitor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LabError
+
+QEMU = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class LabNic:
+    """How the VM's lab-segment NIC is backed on the host.
+
+    ``mode`` is ``tap`` (QEMU creates tap ``ifname`` with a virtio-net header, so
+    the guest gets scatter-gather and checksum offload) or ``socket`` (a
+    point-to-point QEMU socket netdev over 127.0.0.1: no offloads, no root).
+    """
+
+    mode: str
+    mac: str
+    ifname: str = ""
+    listen_port: int = 0
+    connect_port: int = 0
+
+    def netdev(self) -> str:
+        if self.mode == "tap":
+            return f"tap,id=lab,ifname={self.ifname},script=no,downscript=no,vnet_hdr=on"
+        if self.mode == "socket" and self.listen_port:
+            return f"socket,id=lab,listen=127.0.0.1:{self.listen_port}"
+        if self.mode == "socket" and self.connect_port:
+            return f"socket,id=lab,connect=127.0.0.1:{self.connect_port}"
+        raise ValueError(f"lab NIC mode {self.mode!r} needs an ifname or a port")
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """Everything that decides how one guest is started."""
+
+    name: str
+    run_dir: Path
+    kernel: Path
+    initrd: Path
+    overlay: Path
+    ssh_port: int
+    mgmt_mac: str
+    lab_ip: str
+    lab_nic: LabNic | None
+    accel: str = "tcg"
+    memory_mib: int = 512
+    cpus: int = 1
+    extra_append: tuple[str, ...] = field(default=())
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / f"{self.name}.qmp"
+
+    @property
+    def console_socket(self) -> Path:
+        return self.run_dir / f"{self.name}.console"
+
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / f"{self.name}.console.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / f"{self.name}.pid"
+
+    def kernel_append(self) -> str:
+        params = [
+            "console=ttyS0",
+            "root=/dev/vda",
+            "rw",
+            "quiet",
+            # A panic ends QEMU (with -no-reboot) so a crashed guest is noticed at once.
+            "panic=-1",
+            f"socklab.name={self.name}",
+            f"socklab.mgmt_mac={self.mgmt_mac}",
+        ]
+        if self.lab_nic is not None:
+            params += [f"socklab.lab_mac={self.lab_nic.mac}", f"socklab.lab_ip={self.lab_ip}"]
+        return " ".join([*params, *self.extra_append])
+
+
+def qemu_argv(spec: VMSpec) -> list[str]:
+    """The QEMU command line for ``spec``: no default devices, only what a lab VM uses."""
+    argv = [
+        QEMU,
+        "-name", f"socklab-{spec.name},process=socklab-{spec.name}",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-accel", spec.accel,
+        "-m", str(spec.memory_mib),
+        "-smp", str(spec.cpus),
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initrd),
+        "-append", spec.kernel_append(),
+        "-drive", f"file={spec.overlay},if=virtio,format=qcow2,discard=unmap",
+        # Management NIC: user networking sealed with restrict=on; the only way in
+        # is the SSH forward, and it listens on the host's loopback alone.
+        "-netdev", f"user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22",
+        "-device", f"virtio-net-pci,netdev=mgmt,mac={spec.mgmt_mac}",
+    ]
+    if spec.lab_nic is not None:
+        argv += ["-netdev", spec.lab_nic.netdev(), "-device", f"virtio-net-pci,netdev=lab,mac={spec.lab_nic.mac}"]
+    argv += [
+        "-chardev", f"socket,id=console,path={spec.console_socket},server=on,wait=off,logfile={spec.console_log}",
+        "-serial", "chardev:console",
+        "-chardev", f"socket,id=qmp,path={spec.qmp_socket},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-pidfile", str(spec.pidfile),
+        "-daemonize",
+    ]
+    return argv
+
+
+def create_overlay(base: Path, overlay: Path) -> None:
+    """A qcow2 overlay backed by the read-only raw base: the guest writes only here."""
+    result = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(overlay)],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        raise LabError(f"qemu-img could not create {overlay.name}: {result.stderr.strip()}")
+    overlay.chmod(0o600)
+
+
+def start(spec: VMSpec, popen=subprocess.Popen) -> int:
+    """Start QEMU daemonized and return its pid.
+
+    QEMU forks into the background only once its devices are set up, so a bad
+    argument, a busy port or a tap it cannot open is reported here, by name.
+    """
+    for stale in (spec.pidfile, spec.qmp_socket, spec.console_socket):
+        stale.unlink(missing_ok=True)
+    proc = popen(qemu_argv(spec), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _out, err = proc.communicate(timeout=60)
+    if proc.returncode != 0:
+        message = " ".join(line for line in err.strip().splitlines() if line)[-400:]
+        raise LabError(f"QEMU for {spec.name} did not start: {message or f'exit {proc.returncode}'}")
+    pid = read_pid(spec.pidfile)
+    if pid is None:
+        raise LabError(f"QEMU for {spec.name} started but wrote no pid file {spec.pidfile}")
+    return pid
+
+
+def read_pid(pidfile: Path) -> int | None:
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def is_running(pid: int, name: str | None = None) -> bool:
+    """Whether ``pid`` is alive and (if ``name`` is given) still our QEMU, not a recycled pid."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"State:\tZ" in Path(f"/proc/{pid}/status").read_bytes():
+            return False
+    except OSError:
+        return False
+    return name is None or f"socklab-{name},".encode() in cmdline
+
+
+def qmp_command(socket_path: Path, command: str, timeout: float = 5.0, **arguments) -> object:
+    """Send one QMP command and return its result (qemu.qmp, synchronous)."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    monitor = QEMUMonitorProtocol(str(socket_path))
+    try:
+        monitor.connect()
+        return monitor.cmd(command, **arguments) if arguments else monitor.cmd(command)
+    finally:
+        monitor.close()
+
+
+def stop(name: str, pid: int, qmp_socket: Path, timeout: float = 5.0) -> str:
+    """Stop a guest: QMP ``quit`` first, SIGKILL if it lingers. Returns how it went."""
+    if not is_running(pid, name):
+        return "not running"
+    try:
+        qmp_command(qmp_socket, "quit")
+    except Exception:  # noqa: BLE001 - a dead or wedged monitor just means we go straight to SIGKILL
+        pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not is_running(pid, name):
+            return "quit"
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return "quit"
+    return "killed"

@@ -1,0 +1,204 @@
+"""Talk to a guest over SSH (paramiko): one persistent connection, commands, files.
+
+The guest's host key was generated when the image was built and is pinned
+here: a guest that shows another key is refused, never silently trusted.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import select
+import shlex
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from .errors import SSHError
+
+RETRYABLE = (OSError, EOFError, paramiko.SSHException)
+
+# paramiko logs every failed attempt of a booting guest with a traceback;
+# our own errors say what matters.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+logging.getLogger("paramiko").propagate = False
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a command did: its exit status and both output streams."""
+
+    exit_status: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+
+def parse_host_key(line: str) -> paramiko.PKey:
+    """An ``ssh-ed25519 AAAA... comment`` line as a paramiko key."""
+    parts = line.split()
+    if len(parts) < 2 or parts[0] != "ssh-ed25519":
+        raise SSHError(f"pinned host key is not an ssh-ed25519 key: {line[:40]!r}")
+    return paramiko.Ed25519Key(data=base64.b64decode(parts[1]))
+
+
+def retry(
+    attempt: Callable[[], object],
+    deadline: float,
+    what: str,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    first_delay: float = 0.2,
+    max_delay: float = 1.0,
+):
+    """Call ``attempt`` until it succeeds or ``deadline`` (a ``clock`` time) passes.
+
+    Only connection-level failures are retried (the guest is still booting);
+    a wrong host key or a refused key is final and raised at once.
+    """
+    delay = first_delay
+    while True:
+        try:
+            return attempt()
+        except (paramiko.BadHostKeyException, paramiko.AuthenticationException):
+            raise
+        except RETRYABLE as exc:
+            if clock() + delay > deadline:
+                raise SSHError(f"{what}: no SSH after waiting ({type(exc).__name__}: {exc})") from exc
+            sleep(delay)
+            delay = min(delay * 1.5, max_delay)
+
+
+class _PinnedKeyPolicy(paramiko.MissingHostKeyPolicy):
+    def missing_host_key(self, client, hostname, key):  # pragma: no cover - paramiko calls it only when no key is pinned
+        raise SSHError(f"no pinned host key for {hostname}; refusing to trust {key.get_name()}")
+
+
+class GuestSSH:
+    """A persistent SSH connection to one guest, through its 127.0.0.1 forward."""
+
+    def __init__(self, vm: str, port: int, key_file: Path, host_key: str, user: str = "root") -> None:
+        self.vm = vm
+        self.port = port
+        self.key_file = key_file
+        self.host_key = host_key
+        self.user = user
+        self._client: paramiko.SSHClient | None = None
+
+    def connect(self, timeout: float = 30.0) -> "GuestSSH":
+        """Connect, retrying while the guest boots, until ``timeout`` seconds have passed."""
+        deadline = time.monotonic() + timeout
+        try:
+            self._client = retry(self._connect_once, deadline, f"{self.vm} (127.0.0.1:{self.port})")
+        except paramiko.BadHostKeyException as exc:
+            raise SSHError(
+                f"{self.vm}: the guest's host key changed (got {exc.key.get_fingerprint().hex()[:16]}…): "
+                "it is not the image socklab built; rebuild the image or `invoke lab.down` and up again"
+            ) from exc
+        except paramiko.AuthenticationException as exc:
+            raise SSHError(f"{self.vm}: the guest refused the socklab key {self.key_file}") from exc
+        return self
+
+    def _connect_once(self) -> paramiko.SSHClient:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client = paramiko.SSHClient()
+        client.get_host_keys().add(f"[127.0.0.1]:{self.port}", "ssh-ed25519", parse_host_key(self.host_key))
+        client.set_missing_host_key_policy(_PinnedKeyPolicy())
+        try:
+            client.connect(
+                "127.0.0.1", port=self.port, username=self.user, key_filename=str(self.key_file),
+                sock=sock, timeout=5, banner_timeout=5, auth_timeout=5,
+                allow_agent=False, look_for_keys=False,
+            )
+        except BaseException:
+            client.close()
+            sock.close()
+            raise
+        return client
+
+    @property
+    def client(self) -> paramiko.SSHClient:
+        if self._client is None:
+            raise SSHError(f"{self.vm}: not connected")
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise SSHError(f"{self.vm}: the SSH connection is gone (sshd or the guest went away)")
+        return self._client
+
+    def run(self, command: str, timeout: float = 30.0, check: bool = False) -> CommandResult:
+        """Run ``command`` through the guest's shell; read stdout and stderr together so neither blocks.
+
+        On timeout the remote process is killed (its pid is the first line the
+        wrapper prints) and the channel closed.
+        """
+        try:
+            channel = self.client.get_transport().open_session()
+            # $$ of this shell is the pid the command will have after exec.
+            channel.exec_command(f"echo $$; exec sh -c {shlex.quote(command)}")
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise SSHError(f"{self.vm}: cannot run {command!r}: SSH is gone ({exc})") from exc
+        out, err = bytearray(), bytearray()
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._kill_remote(out)
+                    raise SSHError(f"{self.vm}: {command!r} timed out after {timeout:.0f} s")
+                select.select([channel], [], [], min(remaining, 0.5))
+                while channel.recv_ready():
+                    out += channel.recv(65536)
+                while channel.recv_stderr_ready():
+                    err += channel.recv_stderr(65536)
+                if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
+                    break
+                if channel.closed and not channel.exit_status_ready():
+                    raise SSHError(f"{self.vm}: SSH channel closed while running {command!r} (sshd or the guest went away)")
+            status = channel.recv_exit_status()
+        finally:
+            channel.close()
+        _pid, _, stdout = bytes(out).partition(b"\n")
+        result = CommandResult(status, stdout.decode(errors="replace"), bytes(err).decode(errors="replace"))
+        if check and not result.ok:
+            raise SSHError(f"{self.vm}: {command!r} exited {status}: {result.stderr.strip()[-300:]}")
+        return result
+
+    def _kill_remote(self, out: bytearray) -> None:
+        pid = bytes(out).partition(b"\n")[0].strip()
+        if pid.isdigit():
+            try:
+                channel = self.client.get_transport().open_session()
+                channel.exec_command(f"kill -KILL {int(pid)}")
+                channel.recv_exit_status()
+                channel.close()
+            except (paramiko.SSHException, OSError, EOFError, SSHError):
+                pass
+
+    def put(self, local: Path, remote: str, mode: int | None = None) -> None:
+        with self.client.open_sftp() as sftp:
+            sftp.put(str(local), remote)
+            if mode is not None:
+                sftp.chmod(remote, mode)
+
+    def get(self, remote: str, local: Path) -> None:
+        with self.client.open_sftp() as sftp:
+            sftp.get(remote, str(local))
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self) -> "GuestSSH":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,170 @@
+"""socklab tasks: `invoke --list` shows them, `invoke TASK --help` explains one.
+
+Kept thin on purpose: every task parses its arguments, calls the harness and
+prints. Errors a user can act on come out as one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+
+from invoke import Collection, Exit, task
+
+from harness import image, progress
+from harness.errors import SocklabError
+from harness.lab import Lab
+from harness.paths import Paths
+
+
+def _friendly(fn):
+    """Turn SocklabError into `socklab: <message>` and exit 2; SIGTERM behaves like Ctrl-C."""
+
+    @functools.wraps(fn)
+    def wrapper(c, *args, **kwargs):
+        def on_term(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, on_term)
+        try:
+            return fn(c, *args, **kwargs)
+        except SocklabError as exc:
+            progress.console.print(f"[red]socklab:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise Exit(code=exc.exit_code) from None
+        except KeyboardInterrupt:
+            progress.console.print("[yellow]socklab: interrupted; everything started was stopped[/]")
+            raise Exit(code=130) from None
+
+    return wrapper
+
+
+def _mirror(c, mirror):
+    return mirror or os.environ.get("SOCKLAB_MIRROR") or c.config.images.mirror or None
+
+
+@task(help={
+    "recipe": "image recipe in images/ (default: bookworm)",
+    "force": "rebuild even when a complete cache entry exists",
+    "mirror": "Debian mirror for mmdebstrap (default: mmdebstrap's own; also SOCKLAB_MIRROR or images.mirror in invoke.yaml)",
+})
+@_friendly
+def build(c, recipe=None, force=False, mirror=None):
+    """Build the Debian guest image (mmdebstrap), cached by recipe hash; a no-op when cached."""
+    img, built = image.build(Paths.default(), recipe or c.config.images.recipe, _mirror(c, mirror), force=force)
+    state = "built" if built else "cached"
+    progress.say(f"image {state}: {img.directory}  (kernel {img.kernel_release})")
+
+
+@task(help={"all": "also remove the per-install SSH key (the next build makes a new one)"})
+@_friendly
+def clean(c, all=False):
+    """Remove the image cache (and with --all the SSH key). The running lab must be down."""
+    paths = Paths.default()
+    if Lab(paths).load() is not None:
+        raise SocklabError("a lab is running on these images: `invoke lab.down` first")
+    removed = image.clean(paths, keys=all)
+    progress.say(f"removed {len(removed)} item(s)" + "".join(f"\n  {p}" for p in removed))
+
+
+@task(help={
+    "topology": "which VMs to boot: default (client + server) or single (server)",
+    "accel": "auto (probe KVM, fall back to TCG), kvm or tcg",
+    "segment": "lab segment: auto (tap as root, else socket), tap or socket",
+    "timeout": "seconds to wait for SSH on every guest",
+})
+@_friendly
+def up(c, topology=None, accel=None, segment=None, timeout=120):
+    """Boot the lab: build the image if needed, start the VMs, wait until SSH answers."""
+    paths = Paths.default()
+    image.build(paths, c.config.images.recipe, _mirror(c, None))
+    lab = Lab(paths)
+    state, started = lab.up(topology or c.config.lab.topology, accel or c.config.lab.accel,
+                            segment or c.config.lab.segment, boot_timeout=float(timeout))
+    if not started:
+        progress.say("a lab is already running; not starting another (`invoke lab.down` stops it)")
+    _print_status(lab, state, live=True)
+    if started:
+        progress.say(f"[bold]{len(state.vms)} VMs SSH-ready in {state.boot_seconds:.1f} s[/] ({state.accel}, cold boot)")
+    lab.close()
+
+
+@task
+@_friendly
+def down(c):
+    """Stop the lab: QMP quit, kill leftovers, remove taps, netns, overlays and state. Idempotent."""
+    Lab().down()
+
+
+@task(help={"live": "also ask each guest for its lab NIC's offloads (ethtool -k over SSH)"})
+@_friendly
+def status(c, live=True):
+    """Show the lab: VMs, pids, ports, accelerator, segment mode, offloads, uptime."""
+    lab = Lab()
+    state = lab.load()
+    if state is None:
+        progress.say("no lab is running")
+        return
+    _print_status(lab, state, live=live)
+    lab.close()
+
+
+def _print_status(lab, state, live):
+    from harness.report import status_table
+
+    progress.console.print(status_table(lab, state, live=live))
+
+
+@task(help={"name": "VM name, e.g. client or server"})
+@_friendly
+def ssh(c, name):
+    """Open an interactive SSH session to a VM (host key pinned, project key only)."""
+    argv = Lab().ssh_argv(name)
+    os.execvp(argv[0], argv)
+
+
+@task(help={"name": "VM name, e.g. client or server"})
+@_friendly
+def console(c, name):
+    """Attach to a VM's serial console (Ctrl-] leaves)."""
+    from harness.console import interact
+
+    vm = Lab().require().vm(name)
+    interact(vm.console_path, name)
+
+
+@task(name="exec", help={"name": "VM name; the command follows `--`, e.g. invoke lab.exec server -- ss -ltn"})
+@_friendly
+def exec_(c, name, timeout=60):
+    """Run one command on a VM over SSH and print its output; exits with its status."""
+    command = c.remainder.strip()
+    if not command:
+        raise SocklabError("no command: put it after --, e.g. `invoke lab.exec server -- ss -ltn`")
+    lab = Lab()
+    result = lab.ssh(name).run(command, timeout=float(timeout))
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    lab.close()
+    if result.exit_status:
+        raise Exit(code=result.exit_status)
+
+
+@task(name="test", help={
+    "unit": "only the unit tests (no VM)",
+    "live": "only the live tests (marker vm)",
+    "pytest_args": "extra pytest arguments, e.g. '-k ssh -x'",
+})
+def test_(c, unit=False, live=False, pytest_args=""):
+    """Run the test suite: unit tests, then live VM tests (boots the lab if none runs)."""
+    marker = "-m 'not vm'" if unit else "-m vm" if live else ""
+    c.run(f"{sys.executable} -m pytest {marker} {pytest_args}", pty=sys.stdout.isatty())
+
+
+images = Collection("images", build, clean)
+lab = Collection("lab", up, down, status, ssh, console, exec_)
+ns = Collection(images, lab, test_)
+ns.configure({
+    "images": {"recipe": "bookworm", "mirror": None},
+    "lab": {"topology": "default", "accel": "auto", "segment": "auto"},
+})
