@@ -1,0 +1,108 @@
+"""Socket address parsing: turn step arguments into the (family, host, port, addrlen) the kernel would see."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from .constants import AF_INET, AF_INET6, AF_UNIX, AF_UNSPEC
+from .result import fail
+
+SOCKADDR_STORAGE = 128
+SOCKADDR_IN_LEN = 16
+SOCKADDR_IN6_LEN = 28
+SIN6_LEN_RFC2133 = 24
+SUN_PATH_OFFSET = 2
+SOCKADDR_UN_LEN = 110
+
+ANY4 = "0.0.0.0"
+ANY6 = "::"
+
+
+@dataclass(frozen=True, slots=True)
+class SockAddr:
+    """A decoded sockaddr as the kernel sees it after move_addr_to_kernel()."""
+
+    family: int
+    host: str  # canonical IP text, or the AF_UNIX path ('@name' for abstract names)
+    port: int
+    addrlen: int
+
+
+@lru_cache(maxsize=4096)
+def canonical_ip(text: str) -> tuple[int, str] | None:
+    """(family, canonical text) for an IP literal, None if it is not one."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return (AF_INET6, ip.compressed) if ip.version == 6 else (AF_INET, ip.compressed)
+
+
+@lru_cache(maxsize=4096)
+def v4_of_v6(text: str) -> str | None:
+    """The IPv4 address inside a v4-mapped IPv6 address, else None."""
+    mapped = ipaddress.IPv6Address(text).ipv4_mapped
+    return None if mapped is None else str(mapped)
+
+
+def is_loopback4(host: str) -> bool:
+    return host.startswith("127.")
+
+
+def default_len(family: int, host: str) -> int:
+    if family == AF_INET6:
+        return SOCKADDR_IN6_LEN
+    if family == AF_UNIX:
+        if host.startswith("@"):
+            return SUN_PATH_OFFSET + len(host)  # abstract: leading NUL + name, no terminator
+        return SUN_PATH_OFFSET + len(host.encode()) + 1
+    return SOCKADDR_IN_LEN
+
+
+def parse_sockaddr(args: dict[str, Any], key: str = "addr") -> SockAddr:
+    """Decode args[key] (tuple, dict or AF_UNIX path) plus optional 'family'/'addrlen' overrides."""
+    raw = args.get(key)
+    if raw is None:
+        raise fail("EFAULT", f"no {key} given: the kernel would fault copying a NULL sockaddr",
+                   "move_addr_to_kernel")
+    family_override = args.get("family")
+    if isinstance(raw, dict):
+        family_override = raw.get("family", family_override)
+        host = raw.get("host", raw.get("addr", raw.get("path", "")))
+        port = raw.get("port", 0)
+    elif isinstance(raw, str):
+        host, port = raw, 0
+        if family_override is None:
+            family_override = AF_UNIX
+    elif isinstance(raw, (tuple, list)) and len(raw) >= 2:
+        host, port = raw[0], raw[1]
+    else:
+        raise fail("EINVAL", f"cannot read {raw!r} as a sockaddr", "move_addr_to_kernel")
+    if not isinstance(host, str) or isinstance(port, bool) or not isinstance(port, int):
+        raise fail("EINVAL", f"cannot read {raw!r} as a sockaddr", "move_addr_to_kernel")
+    if family_override is not None:
+        if isinstance(family_override, bool) or not isinstance(family_override, int):
+            raise fail("EINVAL", f"sockaddr family {family_override!r} is not an integer", "move_addr_to_kernel")
+        family = family_override
+    else:
+        family = AF_INET6 if ":" in host else AF_INET
+    if family in (AF_INET, AF_INET6, AF_UNSPEC):
+        if not 0 <= port <= 0xFFFF:
+            raise fail("EINVAL", f"port {port} does not fit the 16-bit sin_port field", "move_addr_to_kernel")
+        parsed = canonical_ip(host) if host else (family, ANY4 if family != AF_INET6 else ANY6)
+        if parsed is None:
+            raise fail("EINVAL", f"{host!r} is not an IP address (inet_pton would reject it)",
+                       "move_addr_to_kernel")
+        host = parsed[1]
+    addrlen = args.get("addrlen")
+    if addrlen is None:
+        addrlen = default_len(family, host)
+    elif isinstance(addrlen, bool) or not isinstance(addrlen, int):
+        raise fail("EINVAL", f"addrlen {addrlen!r} is not an integer", "move_addr_to_kernel")
+    if addrlen < 0 or addrlen > SOCKADDR_STORAGE:
+        # move_addr_to_kernel(): ulen < 0 || ulen > sizeof(struct sockaddr_storage)
+        raise fail("EINVAL", f"addrlen {addrlen} outside 0..128", "move_addr_to_kernel")
+    return SockAddr(family, host, port, addrlen)

@@ -1,0 +1,64 @@
+"""The typed outcome of one modelled system call, with the rule and kernel function behind it."""
+
+from __future__ import annotations
+
+import errno as _errno
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What a syscall returned, and why.
+
+    ``ret`` is the C return value (or a structured value: an address tuple, a
+    list of completions, poll revents); ``errno`` is None or an errno *name*;
+    ``rule`` explains the outcome and ``kernel_fn`` names the kernel function
+    whose behaviour decided it.  ``blocked`` marks a call that would sleep
+    forever in a single-threaded run; ``approx`` marks figures the model can
+    only estimate; ``signal`` names a signal the kernel would raise (SIGPIPE).
+    """
+
+    op: str
+    ret: Any
+    errno: str | None
+    rule: str
+    kernel_fn: str
+    blocked: bool = False
+    approx: bool = False
+    signal: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.errno is None and not self.blocked
+
+    @property
+    def errno_num(self) -> int | None:
+        return None if self.errno is None else getattr(_errno, self.errno, None)
+
+    def __str__(self) -> str:
+        if self.blocked:
+            head = "blocks"
+        elif self.errno is not None:
+            head = f"-1 {self.errno}"
+        else:
+            head = repr(self.ret) if not isinstance(self.ret, int) else str(self.ret)
+        extra = f" [{self.signal}]" if self.signal else ""
+        return f"{head}  ({self.rule}; {self.kernel_fn}){extra}"
+
+
+class SyscallError(Exception):
+    """Raised inside the model to fail the current call with an errno; turned into a Result."""
+
+    __slots__ = ("errno", "rule", "kernel_fn", "signal")
+
+    def __init__(self, errno: str, rule: str, kernel_fn: str, signal: str | None = None):
+        self.errno = errno
+        self.rule = rule
+        self.kernel_fn = kernel_fn
+        self.signal = signal
+
+
+def fail(errno: str, rule: str, kernel_fn: str, signal: str | None = None) -> SyscallError:
+    """Build the exception for ``raise fail(...)``; keeps call sites short."""
+    return SyscallError(errno, rule, kernel_fn, signal)
