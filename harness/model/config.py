@@ -28,7 +28,8 @@ DEFAULT_SYSCTLS: dict[str, Any] = {
     "net.ipv4.tcp_syn_retries": 6,
     "net.ipv4.tcp_fin_timeout": 60,
     "net.ipv4.tcp_adv_win_scale": 1,
-    "net.ipv4.ping_group_range": (1, 0),  # kernel default; systemd's 50-default.conf widens it
+    "net.ipv4.ping_group_range": (1, 0),
+    "net.unix.max_dgram_qlen": 10,  # unix_net_init()  # kernel default; systemd's 50-default.conf widens it
 }
 
 _VECTOR_KEYS = {key for key, value in DEFAULT_SYSCTLS.items() if isinstance(value, tuple)}

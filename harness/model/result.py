@@ -16,7 +16,7 @@ class Result:
     ``rule`` explains the outcome and ``kernel_fn`` names the kernel function
     whose behaviour decided it.  ``blocked`` marks a call that would sleep
     forever in a single-threaded run; ``approx`` marks figures the model can
-    only estimate; ``signal`` names a signal the kernel would raise (SIGPIPE).
+    only estimate; ``signal`` names a signal the kernel would raise (SIGPIPE); ``data`` carries received bytes.
     """
 
     op: str
@@ -27,6 +27,7 @@ class Result:
     blocked: bool = False
     approx: bool = False
     signal: str | None = None
+    data: Any = None  # received bytes, or other by-products that are not the return value
 
     @property
     def ok(self) -> bool:

@@ -41,7 +41,7 @@ class Sock:
         "peer", "rx", "tx_pending", "datagrams", "rmem_alloc",
         "err", "shutdown", "fin_received", "orphan", "parent",
         "zckey", "errqueue", "omem", "zc_inflight",
-        "device", "mss_clamp", "mss_cache", "syn_deadline", "syn_retries_left", "syn_next",
+        "device", "mss_clamp", "mss_cache", "syn_rto", "syn_retries_left", "syn_next", "route_host",
         "unix_path", "listening_backlog_set",
     )
 
@@ -92,7 +92,8 @@ class Sock:
         self.device: Device | None = None
         self.mss_clamp = 0
         self.mss_cache = 0
-        self.syn_deadline = 0.0
+        self.syn_rto = 0.0
+        self.route_host = None  # the peer host a pending SYN goes to (None: nobody answers)
         self.syn_retries_left = 0
         self.syn_next = 0.0
         self.unix_path: str | None = None

@@ -1,0 +1,16 @@
+"""In-process reference model of the Linux 6.1 socket layer, drivable by the same step lists as a real kernel."""
+
+from . import constants
+from .config import ROOT, STUDENT, Creds, DEFAULT_SYSCTLS
+from .constants import resolve
+from .host import Host
+from .network import ZEROCOPY_DEFERRED, ZEROCOPY_IMMEDIATE, Network
+from .result import Result, SyscallError
+from .runner import Step, run_steps
+from .views import PortOwner, SocketView, SsRow
+
+__all__ = [
+    "Network", "Host", "Result", "Creds", "ROOT", "STUDENT", "DEFAULT_SYSCTLS", "constants", "resolve",
+    "ZEROCOPY_DEFERRED", "ZEROCOPY_IMMEDIATE", "SyscallError", "SocketView", "SsRow", "PortOwner",
+    "Step", "run_steps",
+]

@@ -1,0 +1,170 @@
+"""Several hosts on one lab segment: routing between them, a model clock, and timer-driven events."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from .addr import ANY4, ANY6, canonical_ip, is_loopback4, v4_of_v6
+from .constants import AF_INET6, TCP_SYN_SENT
+from .result import fail
+from .sock import Device, Sock, TimeWaitSock
+
+if TYPE_CHECKING:
+    from .host import Host
+
+ZEROCOPY_IMMEDIATE = "immediate"
+ZEROCOPY_DEFERRED = "deferred"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """ip_route_connect()/ip_route_output() result: who answers, through which device, from which source."""
+
+    dst_host: "Host | None"
+    device: Device
+    src: str
+    dst: str
+    local: bool
+
+
+class Network:
+    """The lab: hosts joined by one segment, plus the model clock and pending kernel timers.
+
+    ``zerocopy`` chooses when MSG_ZEROCOPY completions happen: "immediate" (the data is acked or
+    copied before the next step, the common case on a quiet lab) or "deferred" (held in flight until
+    :meth:`complete_zerocopy` or :meth:`advance`, to reproduce optmem exhaustion).
+    ``tcp_zerocopy_copied_without_sg`` flips the one rule that could not be settled from source: whether
+    TCP completions over a NIC without scatter-gather carry SO_EE_CODE_ZEROCOPY_COPIED.
+    ``strict`` re-raises internal Python errors instead of turning them into EINVAL results (for tests).
+    """
+
+    def __init__(self, zerocopy: str = ZEROCOPY_IMMEDIATE, tcp_zerocopy_copied_without_sg: bool = False,
+                 strict: bool = False, seed: int = 6_1):
+        if zerocopy not in (ZEROCOPY_IMMEDIATE, ZEROCOPY_DEFERRED):
+            raise ValueError(f"zerocopy must be {ZEROCOPY_IMMEDIATE!r} or {ZEROCOPY_DEFERRED!r}")
+        self.hosts: dict[str, Host] = {}
+        self.addr_owner: dict[str, Host] = {}
+        self.now = 0.0
+        self.zerocopy_mode = zerocopy
+        self.tcp_zerocopy_copied_without_sg = tcp_zerocopy_copied_without_sg
+        self.strict = strict
+        self.seed = seed
+        self.syn_sent: set[Sock] = set()
+        self.timewaits: list[TimeWaitSock] = []
+        self.zc_waiting: list[tuple[Sock, list[int]]] = []
+
+    def add_host(self, name: str, addrs: Iterable[str] = (), sysctls: Mapping[str, Any] | None = None,
+                 sg: bool = True, mtu: int = 1500, kernel_sublevel: int = 158) -> "Host":
+        """Create a host with loopback plus one lab NIC carrying ``addrs``."""
+        from .host import Host
+
+        if name in self.hosts:
+            raise ValueError(f"host {name!r} exists")
+        host = Host(self, name, list(addrs), sysctls, sg=sg, mtu=mtu, kernel_sublevel=kernel_sublevel)
+        for addr in host.addrs4 + host.addrs6:
+            if addr in self.addr_owner:
+                raise ValueError(f"address {addr} already belongs to {self.addr_owner[addr].name}")
+            self.addr_owner[addr] = host
+        self.hosts[name] = host
+        return host
+
+    def __getitem__(self, name: str) -> "Host":
+        return self.hosts[name]
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def route(self, src: "Host", dst: str, ipv6: bool) -> Route:
+        """Pick device and source for dst; ENETUNREACH when src has no way out (ip_route_connect)."""
+        mapped = v4_of_v6(dst) if ipv6 else None
+        if mapped is not None:
+            ipv6, dst = False, mapped
+        if not ipv6:
+            if dst == ANY4:
+                dst = "127.0.0.1"  # connect() to INADDR_ANY reaches the local host
+            if is_loopback4(dst):
+                return Route(src, src.lo, dst, dst, True)
+            if dst in src.addrs4:
+                return Route(src, src.lo, dst, dst, True)
+            owner = self.addr_owner.get(dst)
+            if owner is not None:
+                return Route(owner, src.nic, src.addrs4[0], dst, False)
+            if src.addrs4:
+                return Route(None, src.nic, src.addrs4[0], dst, False)
+            raise fail("ENETUNREACH", f"no route to {dst}: host has no IPv4 address off loopback",
+                       "ip_route_connect")
+        if dst == ANY6:
+            dst = "::1"
+        if dst == "::1" or dst in src.addrs6:
+            return Route(src, src.lo, dst, dst, True)
+        owner = self.addr_owner.get(dst)
+        if owner is not None and src.addrs6:
+            return Route(owner, src.nic, src.addrs6[0], dst, False)
+        if src.addrs6:
+            return Route(None, src.nic, src.addrs6[0], dst, False)
+        raise fail("ENETUNREACH", f"no route to {dst}: host has no IPv6 address off loopback",
+                   "ip6_dst_lookup_flow")
+
+    # -- clock and timers --------------------------------------------------------------------
+
+    def advance(self, seconds: float) -> None:
+        """Let model time pass: deliver deferred zerocopy completions, retransmit SYNs, expire TIME_WAIT."""
+        self.complete_zerocopy()
+        target = self.now + max(0.0, float(seconds))
+        while True:
+            when, action = self._next_event()
+            if when > target:
+                break
+            self.now = when
+            action()
+        self.now = target
+
+    def advance_until(self, done: Any, limit: float = 3600.0) -> None:
+        """Run timers until done() holds or nothing is pending (used by blocking calls)."""
+        deadline = self.now + limit
+        while not done():
+            when, action = self._next_event()
+            if when > deadline:
+                return
+            self.now = when
+            action()
+
+    def _next_event(self) -> tuple[float, Any]:
+        from . import tcp
+
+        best: tuple[float, Any] = (math.inf, None)
+        for sk in self.syn_sent:
+            if sk.syn_next < best[0]:
+                best = (sk.syn_next, lambda sk=sk: tcp.syn_timer(sk))
+        for tw in self.timewaits:
+            if tw.expires < best[0]:
+                best = (tw.expires, lambda tw=tw: tcp.timewait_expire(tw))
+        return best
+
+    # -- zerocopy ----------------------------------------------------------------------------
+
+    def complete_zerocopy(self, order: str = "fifo") -> int:
+        """Deliver held MSG_ZEROCOPY completions, in send order or reversed; returns how many."""
+        from . import zerocopy
+
+        waiting, self.zc_waiting = self.zc_waiting, []
+        if order == "reverse":
+            waiting.reverse()
+        elif order != "fifo":
+            raise ValueError("order must be 'fifo' or 'reverse'")
+        for sk, uarg in waiting:
+            sk.zc_inflight.remove(uarg)
+            zerocopy.complete(sk, uarg)
+        return len(waiting)
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return {name: dict(host.counters) for name, host in self.hosts.items()}
+
+
+def is_ipv6_text(addr: str) -> bool:
+    parsed = canonical_ip(addr)
+    return parsed is not None and parsed[0] == AF_INET6
+
+
+__all__ = ["Network", "Route", "ZEROCOPY_DEFERRED", "ZEROCOPY_IMMEDIATE", "TCP_SYN_SENT"]

@@ -1,0 +1,220 @@
+"""setsockopt/getsockopt: sk_setsockopt/sk_getsockopt (SOL_SOCKET), ip_setsockopt, ipv6_setsockopt, TCP bits."""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import TYPE_CHECKING, Any, Mapping
+
+from .config import Creds
+from .constants import (
+    AF_INET, AF_INET6, CAP_NET_ADMIN, IP_FREEBIND, IP_RECVERR, IP_TOS, IP_TTL, IPPROTO_TCP, IPPROTO_UDP,
+    IPV6_FREEBIND, IPV6_RECVERR, IPV6_V6ONLY, SO_ACCEPTCONN, SO_BROADCAST, SO_DEBUG, SO_DOMAIN, SO_DONTROUTE,
+    SO_ERROR, SO_KEEPALIVE, SO_LINGER, SO_OOBINLINE, SO_PRIORITY, SO_PROTOCOL, SO_RCVBUF, SO_RCVBUFFORCE,
+    SO_REUSEADDR, SO_REUSEPORT, SO_SNDBUF, SO_SNDBUFFORCE, SO_TYPE, SO_ZEROCOPY, SOCK_DGRAM, SOL_IP, SOL_IPV6,
+    SOL_SOCKET, SOL_TCP, TCP_CLOSE, TCP_LISTEN, TCP_MAXSEG, TCP_NODELAY, CAP_NET_RAW,
+)
+from .kmem import INT_MAX, SOCK_MIN_RCVBUF, SOCK_MIN_SNDBUF, U32_MASK
+from .result import Result, fail
+from .sock import OpenFile, Sock
+
+if TYPE_CHECKING:
+    from .host import Host
+
+_ACCEPTED_FLAGS = {SO_KEEPALIVE, SO_OOBINLINE, SO_BROADCAST, SO_DONTROUTE}
+
+
+def _decode(args: Mapping[str, Any]) -> tuple[int, int]:
+    """(val, optlen) the kernel copies in: ints are 4 bytes, bytes are read little-endian."""
+    from .syscalls import c_int
+
+    value = args.get("value", args.get("optval", 0))
+    optlen = args.get("optlen")
+    if isinstance(value, (bytes, bytearray)):
+        raw = bytes(value)
+        length = len(raw) if optlen is None else c_int(optlen, "optlen")
+        padded = (raw + b"\0\0\0\0")[:4]
+        val = int.from_bytes(padded, "little", signed=True)
+        return val, length
+    val = c_int(value, "value")
+    length = 4 if optlen is None else c_int(optlen, "optlen")
+    return val, length
+
+
+def setsockopt(op: str, host: "Host", creds: Creds, f: OpenFile, args: Mapping[str, Any]) -> Result:
+    """__sys_setsockopt(): negative optlen, then SOL_SOCKET to sk_setsockopt, other levels to the protocol."""
+    from .syscalls import arg_int
+
+    sk = f.sock
+    level = arg_int(args, "level")
+    optname = arg_int(args, "optname")
+    val, optlen = _decode(args)
+    if optlen < 0:
+        raise fail("EINVAL", "negative optlen", "__sys_setsockopt")
+    if level == SOL_SOCKET:
+        return _sk_setsockopt(op, host, creds, sk, optname, val, optlen)
+    if not sk.ops.sockopt_levels:
+        raise fail("EOPNOTSUPP", f"{sk.ops.name} has no setsockopt for level {level}", "__sys_setsockopt")
+    return _proto_setsockopt(op, host, creds, sk, level, optname, val, optlen)
+
+
+def _sk_setsockopt(op, host: "Host", creds: Creds, sk: Sock, optname: int, val: int, optlen: int) -> Result:
+    fn = "sk_setsockopt"
+    if optlen < 4:
+        raise fail("EINVAL", f"optlen {optlen} < sizeof(int)", fn)
+    valbool = 1 if val else 0
+    sysctls = host.sysctls
+    if optname == SO_REUSEADDR:
+        sk.reuse = bool(valbool)
+        return Result(op, 0, None, f"sk_reuse = {valbool}", fn)
+    if optname == SO_REUSEPORT:
+        if valbool and sk.family not in (AF_INET, AF_INET6):
+            raise fail("EOPNOTSUPP", "SO_REUSEPORT only for inet sockets", fn)
+        sk.reuseport = bool(valbool)
+        return Result(op, 0, None, f"sk_reuseport = {valbool}", fn)
+    if optname in (SO_TYPE, SO_PROTOCOL, SO_DOMAIN, SO_ERROR, SO_ACCEPTCONN):
+        raise fail("ENOPROTOOPT", "read-only option", fn)
+    if optname == SO_SNDBUF:
+        clamped = min(val & U32_MASK, sysctls["net.core.wmem_max"])  # min_t(u32, val, wmem_max)
+        return _set_sndbuf(op, sk, val, clamped, f"min_t(u32, {val}, wmem_max {sysctls['net.core.wmem_max']})")
+    if optname == SO_SNDBUFFORCE:
+        if not creds.capable(CAP_NET_ADMIN):
+            raise fail("EPERM", "SO_SNDBUFFORCE needs CAP_NET_ADMIN", fn)
+        return _set_sndbuf(op, sk, val, max(val, 0), "FORCE: wmem_max ignored, negative -> 0")
+    if optname == SO_RCVBUF:
+        clamped = min(val & U32_MASK, sysctls["net.core.rmem_max"])
+        return _set_rcvbuf(op, sk, val, clamped, f"min_t(u32, {val}, rmem_max {sysctls['net.core.rmem_max']})")
+    if optname == SO_RCVBUFFORCE:
+        if not creds.capable(CAP_NET_ADMIN):
+            raise fail("EPERM", "SO_RCVBUFFORCE needs CAP_NET_ADMIN", fn)
+        return _set_rcvbuf(op, sk, val, max(val, 0), "FORCE: rmem_max ignored, negative -> 0")
+    if optname == SO_ZEROCOPY:
+        inet = sk.family in (AF_INET, AF_INET6)
+        tcp = sk.type == 1 and sk.protocol == IPPROTO_TCP
+        udp = sk.type == SOCK_DGRAM and sk.protocol == IPPROTO_UDP
+        if not inet or not (tcp or udp):
+            raise fail("EOPNOTSUPP", "SO_ZEROCOPY is only for TCP and UDP (and RDS) sockets", fn)
+        if val < 0 or val > 1:
+            raise fail("EINVAL", f"SO_ZEROCOPY takes 0 or 1, not {val}", fn)
+        sk.zerocopy = bool(val)
+        return Result(op, 0, None, f"SOCK_ZEROCOPY {'set' if val else 'cleared'}", fn)
+    if optname == SO_DEBUG:
+        if val and not creds.capable(CAP_NET_ADMIN):
+            raise fail("EACCES", "SO_DEBUG needs CAP_NET_ADMIN", fn)
+        return Result(op, 0, None, "SOCK_DBG updated", fn)
+    if optname == SO_PRIORITY:
+        if not (0 <= val <= 6 or creds.capable(CAP_NET_RAW) or creds.capable(CAP_NET_ADMIN)):
+            raise fail("EPERM", "priority above 6 needs CAP_NET_RAW or CAP_NET_ADMIN", fn)
+        return Result(op, 0, None, f"sk_priority = {val}", fn)
+    if optname == SO_LINGER:
+        if optlen < 8:
+            raise fail("EINVAL", "SO_LINGER needs a struct linger", fn)
+        return Result(op, 0, None, "linger recorded (not modelled further)", fn)
+    if optname in _ACCEPTED_FLAGS:
+        return Result(op, 0, None, "flag recorded (not modelled further)", fn)
+    raise fail("ENOPROTOOPT", f"SOL_SOCKET option {optname} is not modelled", fn)
+
+
+def _set_sndbuf(op: str, sk: Sock, val: int, clamped: int, how: str) -> Result:
+    """set_sndbuf: halve-safe clamp, then double, never below SOCK_MIN_SNDBUF; locks against autotuning."""
+    clamped = min(clamped, INT_MAX // 2)
+    sk.sndbuf_locked = True
+    sk.sndbuf = max(clamped * 2, SOCK_MIN_SNDBUF)
+    return Result(op, 0, None, f"sk_sndbuf = max(2 * {clamped}, {SOCK_MIN_SNDBUF}) = {sk.sndbuf} ({how})",
+                  "sk_setsockopt")
+
+
+def _set_rcvbuf(op: str, sk: Sock, val: int, clamped: int, how: str) -> Result:
+    """__sock_set_rcvbuf(): same doubling with SOCK_MIN_RCVBUF."""
+    clamped = min(clamped, INT_MAX // 2)
+    sk.rcvbuf_locked = True
+    sk.rcvbuf = max(clamped * 2, SOCK_MIN_RCVBUF)
+    return Result(op, 0, None, f"sk_rcvbuf = max(2 * {clamped}, {SOCK_MIN_RCVBUF}) = {sk.rcvbuf} ({how})",
+                  "__sock_set_rcvbuf")
+
+
+def _proto_setsockopt(op, host, creds, sk: Sock, level: int, optname: int, val: int, optlen: int) -> Result:
+    if sk.protocol == IPPROTO_TCP and level == SOL_TCP:
+        if optlen < 4:
+            raise fail("EINVAL", "optlen < sizeof(int)", "do_tcp_setsockopt")
+        if optname == TCP_NODELAY:
+            return Result(op, 0, None, "TCP_NODELAY recorded", "do_tcp_setsockopt")
+        if optname == TCP_MAXSEG:
+            if val and (val < 88 or val > 65535):
+                raise fail("EINVAL", "TCP_MAXSEG outside TCP_MIN_MSS..MAX_TCP_WINDOW", "do_tcp_setsockopt")
+            return Result(op, 0, None, "user MSS recorded", "do_tcp_setsockopt")
+        raise fail("ENOPROTOOPT", f"TCP option {optname} is not modelled", "do_tcp_setsockopt")
+    if level == SOL_IPV6 and sk.family == AF_INET6:
+        return _ipv6_setsockopt(op, sk, optname, val, optlen)
+    if level != SOL_IP:
+        raise fail("ENOPROTOOPT", f"level {level} is not handled by this protocol", "ip_setsockopt")
+    if optname == IP_FREEBIND:
+        if optlen < 1:
+            raise fail("EINVAL", "IP_FREEBIND needs at least one byte", "do_ip_setsockopt")
+        sk.freebind = bool(val if optlen >= 4 else val & 0xFF)
+        return Result(op, 0, None, f"inet->freebind = {int(sk.freebind)}: bind() may use non-local addresses",
+                      "do_ip_setsockopt")
+    if optname in (IP_TOS, IP_TTL, IP_RECVERR):
+        return Result(op, 0, None, "recorded (not modelled further)", "do_ip_setsockopt")
+    raise fail("ENOPROTOOPT", f"IP option {optname} is not modelled", "do_ip_setsockopt")
+
+
+def _ipv6_setsockopt(op, sk: Sock, optname: int, val: int, optlen: int) -> Result:
+    fn = "do_ipv6_setsockopt"
+    if optlen < 4:
+        raise fail("EINVAL", "optlen < sizeof(int)", fn)
+    if optname == IPV6_V6ONLY:
+        if sk.bound or sk.sk_state != TCP_CLOSE:
+            raise fail("EINVAL", "IPV6_V6ONLY cannot change once the socket is bound", fn)
+        sk.v6only = bool(val)
+        return Result(op, 0, None, f"sk_ipv6only = {int(bool(val))}", fn)
+    if optname == IPV6_FREEBIND:
+        sk.freebind = bool(val)
+        return Result(op, 0, None, f"freebind = {int(bool(val))}", fn)
+    if optname == IPV6_RECVERR:
+        return Result(op, 0, None, "recorded (not modelled further)", fn)
+    raise fail("ENOPROTOOPT", f"IPv6 option {optname} is not modelled", fn)
+
+
+def getsockopt(op: str, host: "Host", creds: Creds, f: OpenFile, args: Mapping[str, Any]) -> Result:
+    """sk_getsockopt() and the protocol getters; SO_ERROR reads and clears sk_err."""
+    from .syscalls import arg_int
+
+    sk = f.sock
+    level = arg_int(args, "level")
+    optname = arg_int(args, "optname")
+    optlen = arg_int(args, "optlen", 4)
+    if optlen < 0:
+        raise fail("EINVAL", "negative optlen", "sk_getsockopt")
+    if level == SOL_SOCKET:
+        fn = "sk_getsockopt"
+        if optname == SO_ERROR:
+            error = sk.take_error()
+            number = getattr(_errno, error) if error else 0
+            return Result(op, number, None, f"sk_err was {error or 0}; reading clears it", fn)
+        values = {
+            SO_SNDBUF: sk.sndbuf,
+            SO_RCVBUF: sk.rcvbuf,
+            SO_REUSEADDR: int(sk.reuse),
+            SO_REUSEPORT: int(sk.reuseport),
+            SO_TYPE: sk.type,
+            SO_PROTOCOL: sk.protocol,
+            SO_DOMAIN: sk.family,
+            SO_ACCEPTCONN: int(sk.sk_state == TCP_LISTEN),
+            SO_ZEROCOPY: int(sk.zerocopy),
+            SO_KEEPALIVE: 0,
+        }
+        if optname in values:
+            return Result(op, values[optname], None, "value read from struct sock", fn)
+        raise fail("ENOPROTOOPT", f"SOL_SOCKET option {optname} cannot be read", fn)
+    if not sk.ops.sockopt_levels:
+        raise fail("EOPNOTSUPP", f"{sk.ops.name} has no getsockopt for level {level}", "__sys_getsockopt")
+    if level == SOL_IP and optname == IP_FREEBIND:
+        return Result(op, int(sk.freebind), None, "inet->freebind", "do_ip_getsockopt")
+    if level == SOL_IPV6 and sk.family == AF_INET6 and optname == IPV6_V6ONLY:
+        return Result(op, int(sk.v6only), None, "sk_ipv6only", "do_ipv6_getsockopt")
+    if level == SOL_TCP and sk.protocol == IPPROTO_TCP and optname == TCP_MAXSEG:
+        return Result(op, sk.mss_cache or 536, None, "tp->mss_cache (536 before connect)", "do_tcp_getsockopt")
+    raise fail("ENOPROTOOPT", f"level {level} option {optname} is not modelled", "ip_getsockopt")
+
+
+__all__ = ["setsockopt", "getsockopt", "IPPROTO_UDP"]

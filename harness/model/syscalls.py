@@ -1,0 +1,261 @@
+"""System-call entry points (net/socket.c): argument decoding, fd lookup, then the socket's proto_ops."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from . import create, poll as pollmod, sockopt
+from .addr import parse_sockaddr
+from .constants import (
+    AF_INET, AF_INET6, AF_MAX, AF_PACKET, AF_UNIX, O_CLOEXEC, O_NONBLOCK, S_IFSOCK, SOCK_CLOEXEC, SOCK_DGRAM,
+    SOCK_MAX, SOCK_NONBLOCK, SOCK_PACKET, SOCK_STREAM, SOCK_TYPE_MASK, resolve,
+)
+from .result import Result, fail
+from .sock import OpenFile, Sock
+
+if TYPE_CHECKING:
+    from .host import Host, Process
+
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+F_GETFD, F_SETFD, F_GETFL, F_SETFL = 1, 2, 3, 4
+FD_CLOEXEC = 1
+
+
+def c_int(value: Any, what: str) -> int:
+    """Read an int argument as a C int would arrive: names resolved, wider values truncated to 32 bits."""
+    if isinstance(value, str):
+        try:
+            value = resolve(value)
+        except ValueError:
+            raise fail("EINVAL", f"{what} {value!r} is not a known constant", "model") from None
+    if isinstance(value, bool):
+        value = int(value)
+    if not isinstance(value, int):
+        raise fail("EINVAL", f"{what} {value!r} is not an integer", "model")
+    if INT_MIN <= value <= INT_MAX:
+        return value
+    return ((value - INT_MIN) % 2**32) + INT_MIN
+
+
+def arg_int(args: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    if key not in args:
+        if default is None:
+            raise fail("EINVAL", f"missing argument {key!r}", "model")
+        return default
+    return c_int(args[key], key)
+
+
+def sys_socket(host: "Host", proc: "Process", op: str, args: Mapping[str, Any]) -> Result:
+    family = arg_int(args, "family")
+    type_arg = arg_int(args, "type")
+    protocol = arg_int(args, "protocol", 0)
+    creds = proc.creds
+    # __sys_socket_create(): flag bits first, then __sock_create() range checks.
+    if (type_arg & ~SOCK_TYPE_MASK) & ~(SOCK_CLOEXEC | SOCK_NONBLOCK):
+        raise fail("EINVAL", f"type {type_arg:#x} carries flag bits other than SOCK_NONBLOCK|SOCK_CLOEXEC",
+                   "__sys_socket_create")
+    sock_type = type_arg & SOCK_TYPE_MASK
+    if family < 0 or family >= AF_MAX:
+        raise fail("EAFNOSUPPORT", f"family {family} outside 0..{AF_MAX - 1}", "__sock_create")
+    if sock_type >= SOCK_MAX:
+        raise fail("EINVAL", f"type {sock_type} outside 0..{SOCK_MAX - 1}", "__sock_create")
+    if family == AF_INET and sock_type == SOCK_PACKET:
+        family = AF_PACKET  # __sock_create(): obsolete (PF_INET, SOCK_PACKET) becomes PF_PACKET
+    kind = ""
+    if family in (AF_INET, AF_INET6):
+        ops, protocol, kind = create.inet_create(host, creds, family, sock_type, protocol)
+    elif family == AF_UNIX:
+        ops, sock_type = create.unix_create(sock_type, protocol)
+    else:
+        ops = create.opaque_create(creds, family, sock_type, protocol)
+    sk = Sock(host, host.next_inode(), family, sock_type, protocol, ops, creds.uid)
+    sysctls = host.sysctls
+    if kind == "tcp":
+        # tcp_init_sock(): TCP starts from tcp_wmem[1]/tcp_rmem[1]
+        sk.sndbuf = sysctls["net.ipv4.tcp_wmem"][1]
+        sk.rcvbuf = sysctls["net.ipv4.tcp_rmem"][1]
+    else:
+        # sock_init_data(): everyone else starts from wmem_default/rmem_default
+        sk.sndbuf = sysctls["net.core.wmem_default"]
+        sk.rcvbuf = sysctls["net.core.rmem_default"]
+    if kind in ("raw", "ping"):
+        sk.reuse = True  # INET_PROTOSW_REUSE
+    if family == AF_INET6:
+        sk.v6only = bool(sysctls["net.ipv6.bindv6only"])
+    nonblock = bool(type_arg & SOCK_NONBLOCK)
+    cloexec = bool(type_arg & SOCK_CLOEXEC)
+    fd = proc.install(OpenFile(sk, nonblock, cloexec))
+    flags = "|".join(name for name, on in (("O_NONBLOCK", nonblock), ("O_CLOEXEC", cloexec)) if on) or "no flags"
+    return Result(op, fd, None, f"socket:[{sk.inode}] with {ops.name}/{ops.prot}, {flags}; sock_map_fd gave fd {fd}",
+                  "__sys_socket")
+
+
+def sys_bind(host, proc, op, args) -> Result:
+    f = proc.lookup(args.get("fd"))
+    sa = parse_sockaddr(args)
+    return f.sock.ops.bind(op, host, proc.creds, f, sa)
+
+
+def sys_listen(host, proc, op, args) -> Result:
+    f = proc.lookup(args.get("fd"))
+    backlog = arg_int(args, "backlog")
+    somaxconn = host.sysctls["net.core.somaxconn"]
+    clamped = backlog
+    if (backlog & 0xFFFFFFFF) > somaxconn:
+        clamped = somaxconn  # __sys_listen(): compared as unsigned, so a negative backlog means somaxconn
+    return f.sock.ops.listen(op, host, proc.creds, f, clamped)
+
+
+def sys_accept(host, proc, op, args) -> Result:
+    f = proc.lookup(args.get("fd"))
+    flags = arg_int(args, "flags", 0) if op == "accept4" else 0
+    if flags & ~(SOCK_CLOEXEC | SOCK_NONBLOCK):
+        raise fail("EINVAL", f"accept4 flags {flags:#x} other than SOCK_NONBLOCK|SOCK_CLOEXEC", "__sys_accept4_file")
+    return f.sock.ops.accept(op, host, proc, f, flags)
+
+
+def sys_connect(host, proc, op, args) -> Result:
+    f = proc.lookup(args.get("fd"))
+    sa = parse_sockaddr(args)
+    return f.sock.ops.connect(op, host, proc.creds, f, sa)
+
+
+def sys_close(host, proc, op, args) -> Result:
+    fd = args.get("fd")
+    if type(fd) is not int or fd not in proc.fds:
+        raise fail("EBADF", f"fd {fd!r} is not open", "close_fd")
+    entry = proc.fds.pop(fd)
+    if not isinstance(entry, OpenFile):
+        return Result(op, 0, None, f"closed fd {fd} (not a socket)", "close_fd")
+    sk = entry.sock
+    rule = sk.ops.release(host, sk)
+    return Result(op, 0, None, f"closed fd {fd}: {rule}", "sock_close")
+
+
+def sys_shutdown(host, proc, op, args) -> Result:
+    f = proc.lookup(args.get("fd"))
+    how = arg_int(args, "how")
+    return f.sock.ops.shutdown(op, host, f, how)
+
+
+def sys_getsockname(host, proc, op, args) -> Result:
+    f = proc.lookup(args.get("fd"))
+    return f.sock.ops.getname(op, host, f, False)
+
+
+def sys_getpeername(host, proc, op, args) -> Result:
+    f = proc.lookup(args.get("fd"))
+    return f.sock.ops.getname(op, host, f, True)
+
+
+def sys_setsockopt(host, proc, op, args) -> Result:
+    f = proc.lookup(args.get("fd"))
+    return sockopt.setsockopt(op, host, proc.creds, f, args)
+
+
+def sys_getsockopt(host, proc, op, args) -> Result:
+    f = proc.lookup(args.get("fd"))
+    return sockopt.getsockopt(op, host, proc.creds, f, args)
+
+
+def _payload(args: Mapping[str, Any]) -> bytes:
+    data = args.get("data")
+    if data is None:
+        length = args.get("length", args.get("len", 0))
+        if isinstance(length, bool) or not isinstance(length, int):
+            raise fail("EINVAL", f"length {length!r} is not an integer", "model")
+        if length < 0:
+            raise fail("EFAULT", f"length {length} is a huge size_t: the buffer is not readable", "import_single_range")
+        return bytes(length)
+    if isinstance(data, str):
+        return data.encode()
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise fail("EFAULT", f"data {type(data).__name__} is not a buffer", "import_single_range")
+
+
+def sys_send(host, proc, op, args) -> Result:
+    f = proc.lookup(args.get("fd"))
+    payload = _payload(args)
+    flags = arg_int(args, "flags", 0)
+    dest = parse_sockaddr(args) if args.get("addr") is not None else None
+    return f.sock.ops.sendmsg(op, host, proc.creds, f, payload, flags, dest)
+
+
+def sys_recv(host, proc, op, args) -> Result:
+    f = proc.lookup(args.get("fd"))
+    length = args.get("length", args.get("len", 65536))
+    if isinstance(length, bool) or not isinstance(length, int):
+        raise fail("EINVAL", f"length {length!r} is not an integer", "model")
+    if length < 0:
+        raise fail("EFAULT", f"length {length} is a huge size_t: the buffer is not writable", "import_single_range")
+    flags = arg_int(args, "flags", 0)
+    return f.sock.ops.recvmsg(op, host, f, length, flags)
+
+
+def sys_poll(host, proc, op, args) -> Result:
+    return pollmod.do_poll(op, host, proc, args)
+
+
+def sys_fcntl(host, proc, op, args) -> Result:
+    fd = args.get("fd")
+    if type(fd) is not int or fd not in proc.fds:
+        raise fail("EBADF", f"fd {fd!r} is not open", "fdget_raw")
+    entry = proc.fds[fd]
+    cmd = arg_int(args, "cmd")
+    if not isinstance(entry, OpenFile):
+        raise fail("EINVAL", "the model only tracks flags of socket descriptors", "model")
+    if cmd == F_GETFL:
+        return Result(op, 0o2 | (O_NONBLOCK if entry.nonblock else 0), None, "O_RDWR plus status flags", "do_fcntl")
+    if cmd == F_SETFL:
+        entry.nonblock = bool(arg_int(args, "arg", 0) & O_NONBLOCK)
+        return Result(op, 0, None, f"O_NONBLOCK {'set' if entry.nonblock else 'cleared'}", "setfl")
+    if cmd == F_GETFD:
+        return Result(op, FD_CLOEXEC if entry.cloexec else 0, None, "descriptor flags", "do_fcntl")
+    if cmd == F_SETFD:
+        entry.cloexec = bool(arg_int(args, "arg", 0) & FD_CLOEXEC)
+        return Result(op, 0, None, f"FD_CLOEXEC {'set' if entry.cloexec else 'cleared'}", "do_fcntl")
+    raise fail("EINVAL", f"fcntl command {cmd} is not modelled", "do_fcntl")
+
+
+def sys_fstat(host, proc, op, args) -> Result:
+    f = proc.lookup(args.get("fd"))
+    info = {"st_mode": S_IFSOCK | 0o777, "st_ino": f.sock.inode, "link": f"socket:[{f.sock.inode}]"}
+    return Result(op, info, None, "sockfs inode: S_IFSOCK, named socket:[inode] in /proc/PID/fd", "sock_alloc")
+
+
+def sys_unlink(host, proc, op, args) -> Result:
+    path = args.get("path")
+    if not isinstance(path, str) or path.startswith("@") or path not in host.unix_names:
+        raise fail("ENOENT", f"no file {path!r}", "do_unlinkat")
+    del host.unix_names[path]
+    return Result(op, 0, None, f"removed {path}; a socket bound to it keeps working but cannot be found by name",
+                  "do_unlinkat")
+
+
+SYSCALLS: dict[str, Callable[..., Result]] = {
+    "socket": sys_socket,
+    "bind": sys_bind,
+    "listen": sys_listen,
+    "accept": sys_accept,
+    "accept4": sys_accept,
+    "connect": sys_connect,
+    "close": sys_close,
+    "shutdown": sys_shutdown,
+    "getsockname": sys_getsockname,
+    "getpeername": sys_getpeername,
+    "setsockopt": sys_setsockopt,
+    "getsockopt": sys_getsockopt,
+    "send": sys_send,
+    "sendto": sys_send,
+    "sendmsg": sys_send,
+    "recv": sys_recv,
+    "recvfrom": sys_recv,
+    "recvmsg": sys_recv,
+    "poll": sys_poll,
+    "fcntl": sys_fcntl,
+    "fstat": sys_fstat,
+    "unlink": sys_unlink,
+}
+
+__all__ = ["SYSCALLS", "SOCK_DGRAM", "SOCK_STREAM", "O_CLOEXEC"]

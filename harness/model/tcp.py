@@ -1,0 +1,549 @@
+"""TCP lifecycle: SYN against the accept queue, handshake, FIN/RST teardown, TIME_WAIT, and stream data."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import zerocopy
+from .addr import ANY4, ANY6, SIN6_LEN_RFC2133, SOCKADDR_IN_LEN, SockAddr, v4_of_v6
+from .constants import (
+    AF_INET, AF_INET6, MSG_DONTWAIT, MSG_ERRQUEUE, MSG_NOSIGNAL, MSG_PEEK, SOCK_STREAM, TCP_CLOSE,
+    TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_LAST_ACK, TCP_LISTEN, TCP_SYN_RECV,
+    TCP_SYN_SENT, TCP_TIME_WAIT,
+)
+from .kmem import tcp_mss, tcp_sndbuf_expand
+from .result import Result, SyscallError, fail
+from .sock import RCV_SHUTDOWN, SEND_SHUTDOWN, SHUTDOWN_MASK, OpenFile, Sock, TimeWaitSock
+from .views import endpoint
+
+if TYPE_CHECKING:
+    from .host import Host
+
+TCP_TIMEWAIT_LEN = 60.0
+TCP_TIMEOUT_INIT = 1.0
+ARP_FAILURE_DELAY = 3.0  # neighbour resolution gives up after 3 probes, 1 s apart
+
+
+# -- connection set-up ---------------------------------------------------------------------------
+
+def connect(host: "Host", sk: Sock, sa: SockAddr) -> None:
+    """tcp_v4_connect()/tcp_v6_connect(): validate, route, bind a source port, send the SYN."""
+    v6 = sk.family == AF_INET6
+    fn = "tcp_v6_connect" if v6 else "tcp_v4_connect"
+    if sa.addrlen < (SIN6_LEN_RFC2133 if v6 else SOCKADDR_IN_LEN):
+        raise fail("EINVAL", f"addrlen {sa.addrlen} too short for this family", fn)
+    if sa.family != (AF_INET6 if v6 else AF_INET):
+        raise fail("EAFNOSUPPORT", f"sockaddr family {sa.family} does not match the socket", fn)
+    if not v6 and (sa.host == "255.255.255.255" or 224 <= int(sa.host.split(".", 1)[0]) <= 239):
+        raise fail("ENETUNREACH", "TCP cannot connect to a multicast or broadcast address", fn)
+    route = host.net.route(host, sa.host, v6)
+    mapped = v6 and v4_of_v6(sa.host) is not None
+    src = f"::ffff:{route.src}" if mapped else route.src
+    dst = f"::ffff:{route.dst}" if mapped else route.dst
+    if not sk.bound:
+        sk.rcv_addr = src
+        low, high = host.sysctls["net.ipv4.ip_local_port_range"]
+        port = host.tcp_ports.pick_ephemeral(sk, low, high, host.rng, 0)
+        if not port:
+            sk.rcv_addr = None
+            raise fail("EADDRNOTAVAIL", f"no free port in ip_local_port_range {low}-{high}", "__inet_hash_connect")
+        sk.port, sk.bound, sk.autobound_by_connect = port, True, True
+        host.tcp_ports.add(sk, port)
+    elif sk.rcv_addr in (ANY4, ANY6):
+        sk.rcv_addr = src  # the wildcard bind becomes the route's source address
+    sk.peer_addr, sk.peer_port = dst, sa.port
+    sk.device = route.device
+    sk.route_host = route.dst_host
+    sk.sk_state = TCP_SYN_SENT
+    host.bump("Tcp.ActiveOpens")
+    sk.syn_rto = TCP_TIMEOUT_INIT
+    sk.syn_retries_left = host.sysctls["net.ipv4.tcp_syn_retries"]
+    sk.syn_next = host.net.now + TCP_TIMEOUT_INIT
+    if route.dst_host is None:
+        sk.syn_retries_left = -1
+        sk.syn_next = host.net.now + ARP_FAILURE_DELAY
+    host.net.syn_sent.add(sk)
+    _send_syn(sk)
+
+
+def _dst_v4(sk: Sock) -> tuple[str, bool]:
+    """(destination as the wire carries it, whether it is an IPv4 path)."""
+    if sk.family == AF_INET:
+        return sk.peer_addr, True
+    mapped = v4_of_v6(sk.peer_addr)
+    return (mapped, True) if mapped is not None else (sk.peer_addr, False)
+
+
+def lookup_listener(host: "Host", dst: str, port: int, v4_path: bool) -> Sock | None:
+    """__inet_lookup_listener()/inet6_lookup_listener(): exact address beats wildcard, same family beats v6."""
+    best, best_score = None, -1
+    for sk in host.tcp_ports.owners(port):
+        if not isinstance(sk, Sock) or sk.sk_state != TCP_LISTEN:
+            continue
+        addr = sk.rcv_addr
+        if v4_path:
+            if sk.family == AF_INET:
+                score = 6 if addr == dst else 2 if addr == ANY4 else -1
+            elif sk.v6only:
+                score = -1
+            else:
+                score = 5 if v4_of_v6(addr) == dst else 1 if addr == ANY6 else -1
+        else:
+            score = -1 if sk.family != AF_INET6 else 6 if addr == dst else 2 if addr == ANY6 else -1
+        if score > best_score:
+            best, best_score = sk, score
+    return best
+
+
+def conn_request(listener: Sock) -> tuple[bool, str]:
+    """tcp_conn_request(): request-queue/syncookie gate, then sk_acceptq_is_full() drops the SYN."""
+    host = listener.host
+    syncookies = host.sysctls["net.ipv4.tcp_syncookies"]
+    request_queue = 0  # the model completes handshakes at once, so no request sock lingers
+    if host.kernel_sublevel >= 125:
+        reqsk_full = request_queue > listener.max_ack_backlog
+    else:
+        reqsk_full = request_queue >= listener.max_ack_backlog  # before 6.1.125 the test was >=
+    if syncookies == 2 or reqsk_full:
+        if syncookies:
+            host.bump("TcpExt.TCPReqQFullDoCookies")  # tcp_syn_flood_action()
+        else:
+            host.bump("TcpExt.TCPReqQFullDrop")
+            _listendrop(listener)
+            return False, "request queue full and tcp_syncookies=0: SYN dropped"
+    queued = len(listener.accept_queue)
+    if queued > listener.max_ack_backlog:
+        host.bump("TcpExt.ListenOverflows")
+        _listendrop(listener)
+        return False, (f"accept queue full (sk_ack_backlog {queued} > sk_max_ack_backlog {listener.max_ack_backlog}):"
+                       f" SYN dropped, ListenOverflows and ListenDrops +1")
+    return True, "SYN accepted"
+
+
+def _listendrop(listener: Sock) -> None:
+    """tcp_listendrop(): sk_drops and TcpExt.ListenDrops."""
+    listener.drops += 1
+    listener.host.bump("TcpExt.ListenDrops")
+
+
+def _send_syn(sk: Sock) -> None:
+    host = sk.host
+    dst_host = sk.route_host
+    if dst_host is None:
+        return  # nobody answers ARP; syn_timer() fails the connect
+    dst, v4_path = _dst_v4(sk)
+    listener = lookup_listener(dst_host, dst, sk.peer_port, v4_path)
+    if listener is None:
+        dst_host.bump("Tcp.OutRsts")
+        host.bump("Tcp.AttemptFails")
+        receive_reset(sk)
+        return
+    admitted, _ = conn_request(listener)
+    if admitted:
+        _establish(sk, listener)
+
+
+def _establish(client: Sock, listener: Sock) -> None:
+    """Three-way handshake done: tcp_v4_syn_recv_sock() clones the listener, inet_csk_reqsk_queue_add() queues it."""
+    server = listener.host
+    child = Sock(server, server.next_inode(), listener.family, SOCK_STREAM, listener.protocol, listener.ops,
+                 listener.uid)
+    for attr in ("reuse", "reuseport", "freebind", "v6only", "zerocopy", "sndbuf", "rcvbuf", "sndbuf_locked",
+                 "rcvbuf_locked"):
+        setattr(child, attr, getattr(listener, attr))  # sk_clone_lock() copies the listener
+    dst, _ = _dst_v4(client)
+    src = client.rcv_addr if client.family == AF_INET else (v4_of_v6(client.rcv_addr) or client.rcv_addr)
+    if child.family == AF_INET6 and ":" not in dst:
+        dst, src = f"::ffff:{dst}", f"::ffff:{src}"
+    child.rcv_addr, child.port, child.bound = dst, listener.port, True
+    server.tcp_ports.add(child, listener.port)  # __inet_inherit_port()
+    child.peer_addr, child.peer_port = src, client.port
+    child.sk_state = TCP_ESTABLISHED
+    child.parent = listener
+    child.device = server.lo if server is client.host else server.nic
+    listener.accept_queue.append(child)
+    server.bump("Tcp.PassiveOpens")
+    client.sk_state = TCP_ESTABLISHED
+    client.peer, child.peer = child, client
+    client.host.net.syn_sent.discard(client)
+    for sk in (client, child):
+        _init_buffer_space(sk)
+
+
+def _init_buffer_space(sk: Sock) -> None:
+    """tcp_init_buffer_space(): grow sk_sndbuf for the path MSS unless SO_SNDBUF locked it."""
+    _, v4_path = _dst_v4(sk)
+    clamp, cache = tcp_mss(sk.device.mtu, ipv6=not v4_path)
+    sk.mss_clamp, sk.mss_cache = clamp, cache
+    if not sk.sndbuf_locked:
+        sk.sndbuf = tcp_sndbuf_expand(clamp, cache, sk.host.sysctls["net.ipv4.tcp_wmem"][2], sk.sndbuf)
+
+
+def syn_timer(sk: Sock) -> None:
+    """tcp_retransmit_timer() for a SYN: resend with doubling RTO, give up after tcp_syn_retries."""
+    net = sk.host.net
+    if sk.sk_state != TCP_SYN_SENT:
+        net.syn_sent.discard(sk)
+        return
+    if sk.syn_retries_left <= 0:
+        net.syn_sent.discard(sk)
+        error = "EHOSTUNREACH" if sk.syn_retries_left < 0 else "ETIMEDOUT"
+        _fail_connect(sk, error)
+        return
+    sk.syn_retries_left -= 1
+    sk.syn_rto *= 2
+    sk.syn_next = net.now + sk.syn_rto
+    _send_syn(sk)
+
+
+def _fail_connect(sk: Sock, error: str) -> None:
+    """tcp_write_err()/tcp_done(): the connect attempt ends with sk_err set."""
+    sk.err = error
+    _done(sk)
+
+
+def pending_reason(sk: Sock) -> str:
+    if sk.route_host is None:
+        return f"no host answers for {sk.peer_addr}; EHOSTUNREACH after ~{ARP_FAILURE_DELAY:.0f} s"
+    return (f"SYN to {sk.peer_addr}:{sk.peer_port} dropped (accept queue full); retransmit in "
+            f"{sk.syn_next - sk.host.net.now:.0f} s, {sk.syn_retries_left} retries left")
+
+
+def failure_reason(error: str) -> str:
+    return {
+        "ECONNREFUSED": "RST in reply to the SYN: no listener on that port",
+        "ETIMEDOUT": "every SYN retransmission was dropped (model clock advanced through tcp_syn_retries)",
+        "EHOSTUNREACH": "neighbour resolution failed: no host has that address",
+        "ECONNRESET": "connection reset",
+        "ECONNABORTED": "connection closed while connecting",
+    }.get(error, error)
+
+
+# -- teardown ------------------------------------------------------------------------------------
+
+def _unbind(sk: Sock) -> None:
+    if sk.bound:
+        sk.host.tcp_ports.remove(sk, sk.port)
+        sk.bound = False
+        sk.port = 0
+
+
+def _done(sk: Sock) -> None:
+    """tcp_done(): CLOSE, both directions shut; tcp_set_state() drops the port unless bind() pinned it."""
+    sk.sk_state = TCP_CLOSE
+    sk.shutdown = SHUTDOWN_MASK
+    sk.tx_pending.clear()
+    sk.host.net.syn_sent.discard(sk)
+    if sk.orphan or not sk.bindport_locked:
+        _unbind(sk)
+    zerocopy.complete_acked(sk)
+
+
+def receive_reset(sk: Sock) -> None:
+    """tcp_reset(): ECONNREFUSED in SYN_SENT, EPIPE in CLOSE_WAIT, ECONNRESET otherwise."""
+    if sk.sk_state == TCP_CLOSE:
+        return
+    sk.err = {TCP_SYN_SENT: "ECONNREFUSED", TCP_CLOSE_WAIT: "EPIPE"}.get(sk.sk_state, "ECONNRESET")
+    sk.peer = None
+    _done(sk)
+
+
+def _send_reset(sk: Sock) -> None:
+    peer = sk.peer
+    sk.peer = None
+    if isinstance(peer, Sock):
+        receive_reset(peer)
+    elif isinstance(peer, TimeWaitSock):
+        timewait_expire(peer)  # RST kills a TIME_WAIT minisock (tcp_rfc1337 = 0)
+    sk.host.bump("Tcp.OutRsts")
+
+
+def _to_timewait(sk: Sock, substate: int, timeout: float) -> None:
+    """tcp_time_wait(): a minisock takes over the port; the full socket is done."""
+    net = sk.host.net
+    tw = TimeWaitSock(sk, net.now + timeout, substate)
+    if sk.bound:
+        sk.host.tcp_ports.add(tw, sk.port)
+    if isinstance(sk.peer, Sock):
+        sk.peer.peer = tw
+    net.timewaits.append(tw)
+    sk.peer = None
+    _done(sk)
+
+
+def timewait_expire(tw: TimeWaitSock) -> None:
+    """inet_twsk_kill(): the TIME_WAIT (or orphaned FIN_WAIT2) minisock frees the port."""
+    tw.host.tcp_ports.remove(tw, tw.port)
+    if tw in tw.host.net.timewaits:
+        tw.host.net.timewaits.remove(tw)
+
+
+def _send_fin(sk: Sock) -> None:
+    """tcp_close_state() + tcp_send_fin(): the FIN leaves once queued data has gone."""
+    if sk.sk_state == TCP_ESTABLISHED:
+        sk.sk_state = TCP_FIN_WAIT1
+    elif sk.sk_state == TCP_CLOSE_WAIT:
+        sk.sk_state = TCP_LAST_ACK
+    else:
+        return
+    if not sk.tx_pending:
+        _fin_acked(sk)
+
+
+def _fin_acked(sk: Sock) -> None:
+    """The peer receives our FIN (tcp_fin) and ACKs it."""
+    host = sk.host
+    peer = sk.peer
+    if sk.sk_state == TCP_FIN_WAIT1:
+        if isinstance(peer, Sock):
+            peer.fin_received = True
+            peer.shutdown |= RCV_SHUTDOWN
+            if peer.sk_state == TCP_ESTABLISHED:
+                peer.sk_state = TCP_CLOSE_WAIT
+        sk.sk_state = TCP_FIN_WAIT2
+        if sk.orphan:
+            _to_timewait(sk, TCP_FIN_WAIT2, float(host.sysctls["net.ipv4.tcp_fin_timeout"]))
+    elif sk.sk_state == TCP_LAST_ACK:
+        if isinstance(peer, TimeWaitSock):
+            peer.substate = TCP_TIME_WAIT
+            peer.expires = host.net.now + TCP_TIMEWAIT_LEN
+        elif isinstance(peer, Sock) and peer.sk_state == TCP_FIN_WAIT2:
+            peer.fin_received = True
+            peer.shutdown |= RCV_SHUTDOWN
+            _to_timewait(peer, TCP_TIME_WAIT, TCP_TIMEWAIT_LEN)
+        sk.peer = None
+        _done(sk)
+
+
+def shutdown_send(host: "Host", sk: Sock) -> None:
+    """tcp_shutdown(SEND_SHUTDOWN): FIN in ESTABLISHED or CLOSE_WAIT."""
+    if sk.sk_state in (TCP_ESTABLISHED, TCP_CLOSE_WAIT):
+        _send_fin(sk)
+
+
+def _abort_children(sk: Sock) -> int:
+    """inet_csk_listen_stop(): queued, never-accepted connections are reset."""
+    count = 0
+    while sk.accept_queue:
+        child = sk.accept_queue.popleft()
+        child.parent = None
+        child.orphan = True
+        _send_reset(child)
+        _done(child)
+        count += 1
+    return count
+
+
+def disconnect(host: "Host", sk: Sock) -> None:
+    """tcp_disconnect(): back to CLOSE from any state, resetting a live peer."""
+    old = sk.sk_state
+    if old == TCP_LISTEN:
+        _abort_children(sk)
+    elif old in (TCP_ESTABLISHED, TCP_CLOSE_WAIT, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_SYN_RECV, TCP_LAST_ACK):
+        _send_reset(sk)
+        sk.err = "ECONNRESET"
+    elif old == TCP_SYN_SENT:
+        sk.err = "ECONNRESET"
+    host.net.syn_sent.discard(sk)
+    sk.sk_state = TCP_CLOSE
+    sk.peer = None
+    sk.peer_addr, sk.peer_port = None, 0
+    sk.rx.clear()
+    sk.tx_pending.clear()
+    sk.shutdown = 0
+    sk.fin_received = False
+    if not sk.bindport_locked:
+        _unbind(sk)
+        sk.rcv_addr = None
+
+
+def close(host: "Host", sk: Sock) -> str:
+    """tcp_close(): listeners reset their queue, unread data means RST, otherwise FIN and (maybe) TIME_WAIT."""
+    state = sk.sk_state
+    sk.orphan = True
+    if state == TCP_LISTEN:
+        reset = _abort_children(sk)
+        sk.sk_state = TCP_CLOSE
+        _unbind(sk)
+        return f"listener closed (inet_csk_listen_stop), {reset} queued connection(s) reset"
+    if state in (TCP_ESTABLISHED, TCP_CLOSE_WAIT):
+        if sk.rx:
+            host.bump("TcpExt.TCPAbortOnClose")
+            unread = len(sk.rx)
+            sk.rx.clear()
+            _send_reset(sk)
+            _done(sk)
+            return f"{unread} unread byte(s): RST instead of FIN (tcp_close, TCPAbortOnClose)"
+        _send_fin(sk)
+        return f"FIN sent; now {_state_name(sk)}"
+    if state == TCP_FIN_WAIT2:
+        _to_timewait(sk, TCP_FIN_WAIT2, float(host.sysctls["net.ipv4.tcp_fin_timeout"]))
+        return "orphaned FIN_WAIT2 becomes a timewait minisock (tcp_fin_timeout)"
+    if state == TCP_FIN_WAIT1:
+        return "FIN still queued behind unsent data; orphan keeps the port"
+    host.net.syn_sent.discard(sk)
+    sk.sk_state = TCP_CLOSE
+    _unbind(sk)
+    return "socket destroyed, port released"
+
+
+def _state_name(sk: Sock) -> str:
+    from .constants import TCP_STATE_NAMES
+
+    return TCP_STATE_NAMES[sk.sk_state] if sk.bound or sk.sk_state != TCP_CLOSE else "closed"
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+def receive_window(sk: Sock) -> int:
+    """tcp_win_from_space(): the share of sk_rcvbuf offered as window (tcp_adv_win_scale)."""
+    scale = sk.host.sysctls["net.ipv4.tcp_adv_win_scale"]
+    space = sk.rcvbuf
+    return space >> -scale if scale <= 0 else space - (space >> scale)
+
+
+def _flush(sender: Sock) -> None:
+    """Move queued bytes into the peer's receive queue as its window allows; finish a pending FIN."""
+    peer = sender.peer
+    if not sender.tx_pending:
+        return
+    if isinstance(peer, TimeWaitSock) or (isinstance(peer, Sock) and peer.orphan and peer.shutdown & RCV_SHUTDOWN):
+        # data for a socket that has closed its read side: it answers with RST (TCPAbortOnData)
+        if isinstance(peer, Sock):
+            peer.host.bump("TcpExt.TCPAbortOnData")
+            receive_reset(peer)
+        elif isinstance(peer, TimeWaitSock):
+            timewait_expire(peer)
+        sender.peer = None
+        receive_reset(sender)
+        return
+    if not isinstance(peer, Sock):
+        return
+    room = receive_window(peer) - len(peer.rx)
+    if room <= 0:
+        return
+    chunk = sender.tx_pending[:room]
+    del sender.tx_pending[:room]
+    peer.rx += chunk
+    if not sender.tx_pending:
+        zerocopy.complete_acked(sender)
+        if sender.sk_state in (TCP_FIN_WAIT1, TCP_LAST_ACK):
+            _fin_acked(sender)
+
+
+def _zerocopy_copied(sk: Sock) -> bool:
+    """Whether the completion will say COPIED: loopback always (skb_orphan_frags_rx); see docs for no-SG NICs."""
+    device = sk.device
+    if device is None or device.loopback:
+        return True
+    return not device.sg and sk.host.net.tcp_zerocopy_copied_without_sg
+
+
+def sendmsg(op: str, host: "Host", f: OpenFile, payload: bytes, flags: int) -> Result:
+    """tcp_sendmsg_locked(): zerocopy uarg first, then the connection-state wait, then queueing."""
+    sk = f.sock
+    nonblock = f.nonblock or bool(flags & MSG_DONTWAIT)
+    size = len(payload)
+    uarg = zerocopy.alloc_notification(host, sk) if zerocopy.wants_zerocopy(sk, flags, size) else None
+    try:
+        result = _send_checked(op, host, sk, payload, flags, nonblock, uarg)
+    except SyscallError:
+        if uarg is not None:
+            zerocopy.abort_notification(sk)
+        raise
+    return result
+
+
+def _send_checked(op, host, sk: Sock, payload: bytes, flags: int, nonblock: bool, uarg) -> Result:
+    if sk.sk_state not in (TCP_ESTABLISHED, TCP_CLOSE_WAIT):
+        # sk_stream_wait_connect()
+        error = sk.take_error()
+        if error:
+            raise fail(error, "pending socket error reported", "sk_stream_wait_connect")
+        if sk.sk_state not in (TCP_SYN_SENT, TCP_SYN_RECV):
+            raise _epipe(flags, "not connected", "sk_stream_wait_connect")
+        if nonblock:
+            raise fail("EAGAIN", "handshake still in progress", "sk_stream_wait_connect")
+        return Result(op, None, None, "waits for the handshake to finish", "sk_stream_wait_connect", blocked=True)
+    if sk.err or sk.shutdown & SEND_SHUTDOWN:
+        error = sk.take_error()
+        if error:
+            raise fail(error, "pending socket error reported", "sk_stream_error")
+        raise _epipe(flags, "send side shut down", "sk_stream_error")
+    size = len(payload)
+    if size == 0:
+        return Result(op, 0, None, "nothing to send", "tcp_sendmsg_locked")
+    _flush(sk)
+    peer_room = receive_window(sk.peer) - len(sk.peer.rx) if isinstance(sk.peer, Sock) else 0
+    room = max(0, peer_room) + max(0, sk.sndbuf - len(sk.tx_pending))
+    if room <= 0:
+        if nonblock:
+            raise fail("EAGAIN", f"peer window and sk_sndbuf {sk.sndbuf} full", "sk_stream_wait_memory")
+        return Result(op, None, None, "send buffer full: sleeps in sk_stream_wait_memory", "sk_stream_wait_memory",
+                      blocked=True, approx=True)
+    taken = min(size, room)
+    if taken < size and not nonblock:
+        sk.tx_pending += payload[:taken]
+        _flush(sk)
+        _attach(host, sk, uarg)
+        return Result(op, None, None, f"queued {taken} of {size} bytes, then sleeps for buffer space",
+                      "sk_stream_wait_memory", blocked=True, approx=True)
+    sk.tx_pending += payload[:taken]
+    _flush(sk)
+    _attach(host, sk, uarg)
+    zc = ""
+    if uarg is not None:
+        zc = f"; zerocopy id {uarg[0]}{' (will report COPIED)' if not uarg[2] else ''}"
+    elif flags & 0x4000000:
+        zc = "; MSG_ZEROCOPY ignored: SO_ZEROCOPY not set, data copied, no notification"
+    partial = taken < size
+    rule = f"queued {taken} of {size} bytes{zc}" if partial else f"sent {taken} bytes{zc}"
+    return Result(op, taken, None, rule, "tcp_sendmsg_locked", approx=partial)
+
+
+def _attach(host: "Host", sk: Sock, uarg) -> None:
+    if uarg is None:
+        return
+    if _zerocopy_copied(sk):
+        zerocopy.mark_copied(uarg)
+    zerocopy.finish_send(host, sk, uarg, in_flight=bool(sk.tx_pending))
+
+
+def _epipe(flags: int, why: str, fn: str):
+    signal = None if flags & MSG_NOSIGNAL else "SIGPIPE"
+    return fail("EPIPE", why, fn, signal=signal)
+
+
+def recvmsg(op: str, host: "Host", f: OpenFile, length: int, flags: int) -> Result:
+    """tcp_recvmsg_locked(): data first, then FIN (0), sk_err, RCV_SHUTDOWN, CLOSE (ENOTCONN), EAGAIN."""
+    sk = f.sock
+    if flags & MSG_ERRQUEUE:
+        note = zerocopy.read_notification(sk)
+        return Result(op, [note], None, f"one notification: ids {note['lo']}..{note['hi']}, code {note['code']}",
+                      "ip_recv_error")
+    if sk.sk_state == TCP_LISTEN:
+        raise fail("ENOTCONN", "recv on a listening socket", "tcp_recvmsg_locked")
+    if sk.rx:
+        count = min(length, len(sk.rx))
+        data = bytes(sk.rx[:count])
+        if not flags & MSG_PEEK:
+            del sk.rx[:count]
+            if isinstance(sk.peer, Sock):
+                _flush(sk.peer)
+        return Result(op, count, None, f"read {count} byte(s), {len(sk.rx)} left queued", "tcp_recvmsg_locked",
+                      data=data)
+    if sk.fin_received:
+        return Result(op, 0, None, "peer sent FIN: end of stream", "tcp_recvmsg_locked")
+    error = sk.take_error()
+    if error:
+        raise fail(error, failure_reason(error), "tcp_recvmsg_locked")
+    if sk.shutdown & RCV_SHUTDOWN:
+        return Result(op, 0, None, "receive side shut down", "tcp_recvmsg_locked")
+    if sk.sk_state == TCP_CLOSE:
+        raise fail("ENOTCONN", "socket not connected", "tcp_recvmsg_locked")
+    if f.nonblock or flags & MSG_DONTWAIT:
+        raise fail("EAGAIN", "no data queued", "tcp_recvmsg_locked")
+    return Result(op, None, None, "no data: sleeps in sk_wait_data", "tcp_recvmsg_locked", blocked=True)
+
+
+__all__ = ["connect", "close", "sendmsg", "recvmsg", "TCP_TIME_WAIT"]

@@ -1,0 +1,208 @@
+"""UDP: connect, datagram delivery into receive queues (sk_rcvbuf, NoPorts, ICMP errors), recv, zerocopy."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import zerocopy
+from .addr import ANY4, ANY6, SIN6_LEN_RFC2133, SOCKADDR_IN_LEN, SockAddr, v4_of_v6
+from .constants import (
+    AF_INET, AF_INET6, AF_UNSPEC, MSG_DONTWAIT, MSG_ERRQUEUE, MSG_OOB, MSG_PEEK, MSG_TRUNC, TCP_CLOSE,
+    TCP_ESTABLISHED,
+)
+from .kmem import udp_skb_truesize
+from .result import Result, SyscallError, fail
+from .sock import RCV_SHUTDOWN, SEND_SHUTDOWN, OpenFile, Sock
+
+if TYPE_CHECKING:
+    from .host import Host
+
+UDP_MAX_PAYLOAD4 = 0xFFFF - 20 - 8
+UDP_MAX_PAYLOAD6 = 0xFFFF - 8
+
+
+def _autobind(host: "Host", sk: Sock) -> None:
+    from .inet import autobind
+
+    try:
+        autobind(host, sk)
+    except SyscallError:
+        raise fail("EAGAIN", "no ephemeral port left for the implicit bind", "inet_autobind") from None
+
+
+def _check_dest(sk: Sock, sa: SockAddr, fn: str) -> None:
+    v6 = sk.family == AF_INET6
+    if sa.addrlen < (SIN6_LEN_RFC2133 if v6 else SOCKADDR_IN_LEN):
+        raise fail("EINVAL", f"addrlen {sa.addrlen} too short", fn)
+    if v6:
+        if sa.family == AF_INET and sk.v6only:
+            raise fail("EAFNOSUPPORT", "IPv4 destination on an IPV6_V6ONLY socket", fn)
+        if sa.family not in (AF_INET6, AF_INET):
+            raise fail("EAFNOSUPPORT", f"sockaddr family {sa.family}", fn)
+    elif sa.family != AF_INET:
+        raise fail("EAFNOSUPPORT", f"sockaddr family {sa.family} on an AF_INET socket", fn)
+
+
+def connect(op: str, host: "Host", sk: Sock, sa: SockAddr) -> Result:
+    """inet_dgram_connect(): AF_UNSPEC dissolves, else autobind then ip4_datagram_connect()."""
+    if sa.addrlen < 2:
+        raise fail("EINVAL", "addrlen shorter than sa_family", "inet_dgram_connect")
+    if sa.family == AF_UNSPEC:
+        sk.peer_addr, sk.peer_port = None, 0
+        sk.sk_state = TCP_CLOSE
+        if not sk.bindport_locked:
+            from .inet import unbind
+
+            unbind(host, sk)
+            sk.rcv_addr = None
+        return Result(op, 0, None, "AF_UNSPEC: default destination removed", "udp_disconnect")
+    _autobind(host, sk)  # happens before the address is even checked
+    fn = "ip6_datagram_connect" if sk.family == AF_INET6 else "ip4_datagram_connect"
+    _check_dest(sk, sa, fn)
+    route = host.net.route(host, sa.host, sa.family == AF_INET6)
+    mapped = sk.family == AF_INET6 and ":" not in route.src
+    src = f"::ffff:{route.src}" if mapped else route.src
+    if sk.rcv_addr in (ANY4, ANY6, None):
+        sk.rcv_addr = src
+    dst = sa.host if not mapped or ":" in sa.host else f"::ffff:{sa.host}"
+    sk.peer_addr, sk.peer_port = dst, sa.port
+    sk.sk_state = TCP_ESTABLISHED
+    sk.device = route.device
+    sk.route_host = route.dst_host
+    return Result(op, 0, None, f"default destination {dst}:{sa.port}; sock->state stays SS_UNCONNECTED", fn)
+
+
+def lookup(host: "Host", dst: str, dport: int, src: str, sport: int, v4_path: bool) -> Sock | None:
+    """udp4_lib_lookup2() compute_score(): bound address and connected peer must match; best score wins."""
+    best, best_score = None, -1
+    for sk in host.udp_ports.owners(dport):
+        if not isinstance(sk, Sock):
+            continue
+        local = sk.rcv_addr
+        peer = sk.peer_addr
+        if sk.family == AF_INET6:
+            if v4_path:
+                if sk.v6only:
+                    continue
+                local = ANY4 if local == ANY6 else v4_of_v6(local) or "-"
+                peer = None if peer is None else v4_of_v6(peer) or "-"
+            score = 1
+        else:
+            if not v4_path:
+                continue
+            score = 2
+        if local not in (ANY4, ANY6):
+            if local != dst:
+                continue
+            score += 4
+        if peer is not None:
+            if peer != src or sk.peer_port != sport:
+                continue
+            score += 8
+        if score > best_score:
+            best, best_score = sk, score
+    return best
+
+
+def sendmsg(op: str, host: "Host", f: OpenFile, payload: bytes, flags: int, dest: SockAddr | None) -> Result:
+    """udp_sendmsg(): size and destination checks, autobind, route, zerocopy uarg, then delivery."""
+    sk = f.sock
+    size = len(payload)
+    v6 = sk.family == AF_INET6
+    limit = UDP_MAX_PAYLOAD6 if v6 else UDP_MAX_PAYLOAD4
+    if size > limit:
+        raise fail("EMSGSIZE", f"{size} bytes exceed the largest datagram ({limit})", "ip_append_data")
+    if flags & MSG_OOB:
+        raise fail("EOPNOTSUPP", "MSG_OOB on UDP", "udp_sendmsg")
+    fn = "udpv6_sendmsg" if v6 else "udp_sendmsg"
+    if dest is not None:
+        _check_dest(sk, dest, fn)
+        if dest.port == 0:
+            raise fail("EINVAL", "destination port 0", fn)
+        dst, dport = dest.host, dest.port
+    else:
+        if sk.sk_state != TCP_ESTABLISHED:
+            raise fail("EDESTADDRREQ", "no destination and not connected", fn)
+        dst, dport = sk.peer_addr, sk.peer_port
+    _autobind(host, sk)
+    route = host.net.route(host, dst, ":" in dst)
+    uarg = zerocopy.alloc_notification(host, sk) if zerocopy.wants_zerocopy(sk, flags, size + 8) else None
+    try:
+        error = sk.take_error()
+        if error:
+            raise fail(error, "pending socket error reported (ICMP)", "sock_alloc_send_pskb")
+        if sk.shutdown & SEND_SHUTDOWN:
+            raise fail("EPIPE", "send side shut down", "sock_alloc_send_pskb")
+    except SyscallError:
+        if uarg is not None:
+            zerocopy.abort_notification(sk)
+        raise
+    host.bump("Udp.OutDatagrams")
+    header = 48 if ":" in route.dst else 28
+    if uarg is not None:
+        device = route.device
+        zc = device.sg and device.csum and size + header <= device.mtu  # CHECKSUM_PARTIAL needs one fragment
+        if not zc or device.loopback:
+            zerocopy.mark_copied(uarg)
+        zerocopy.finish_send(host, sk, uarg, in_flight=False)
+    outcome = _deliver(host, sk, route, dport, payload)
+    zc_note = ""
+    if uarg is not None:
+        zc_note = f"; zerocopy id {uarg[0]}{' (COPIED)' if not uarg[2] else ''}"
+    elif flags & 0x4000000:
+        zc_note = "; MSG_ZEROCOPY ignored: SO_ZEROCOPY not set"
+    return Result(op, size, None, f"datagram of {size} bytes {outcome}{zc_note}", fn)
+
+
+def _deliver(host: "Host", sk: Sock, route, dport: int, payload: bytes) -> str:
+    receiver_host = route.dst_host
+    if receiver_host is None:
+        return "sent; nobody answers for that address"
+    v4_path = ":" not in route.dst
+    src = v4_of_v6(sk.rcv_addr) or sk.rcv_addr if v4_path else sk.rcv_addr
+    if src in (ANY4, ANY6, None):
+        src = route.src
+    target = lookup(receiver_host, route.dst, dport, src, sk.port, v4_path)
+    if target is None:
+        receiver_host.bump("Udp.NoPorts")
+        if sk.sk_state == TCP_ESTABLISHED:
+            sk.err = "ECONNREFUSED"  # __udp4_lib_err(): port unreachable is a hard error for connected sockets
+            return "sent; no socket on that port: ICMP port unreachable sets ECONNREFUSED on this socket"
+        return "sent; no socket on that port (Udp.NoPorts on the receiver)"
+    truesize = udp_skb_truesize(len(payload))
+    if target.rmem_alloc > target.rcvbuf or target.shutdown & RCV_SHUTDOWN:
+        target.drops += 1
+        receiver_host.bump("Udp.RcvbufErrors")
+        receiver_host.bump("Udp.InErrors")
+        return f"sent; dropped at the receiver (sk_rmem_alloc {target.rmem_alloc} > sk_rcvbuf {target.rcvbuf})"
+    target.rmem_alloc += truesize
+    source = (src, sk.port) if target.family == AF_INET else (src if ":" in src else f"::ffff:{src}", sk.port, 0, 0)
+    target.datagrams.append((payload, source, truesize))
+    receiver_host.bump("Udp.InDatagrams")
+    return f"queued at the receiver (truesize ~{truesize})"
+
+
+def recvmsg(op: str, host: "Host", f: OpenFile, length: int, flags: int) -> Result:
+    """udp_recvmsg() -> __skb_recv_udp(): a pending sk_err wins, then one datagram, else EAGAIN."""
+    sk = f.sock
+    if flags & MSG_ERRQUEUE:
+        note = zerocopy.read_notification(sk)
+        return Result(op, [note], None, f"one notification: ids {note['lo']}..{note['hi']}, code {note['code']}",
+                      "ip_recv_error")
+    error = sk.take_error()
+    if error:
+        raise fail(error, "pending socket error reported (ICMP)", "__skb_recv_udp")
+    if sk.datagrams:
+        payload, source, truesize = sk.datagrams[0]
+        if not flags & MSG_PEEK:
+            sk.datagrams.popleft()
+            sk.rmem_alloc -= truesize
+        count = min(length, len(payload))
+        ret = len(payload) if flags & MSG_TRUNC else count
+        return Result(op, ret, None, f"one datagram of {len(payload)} bytes from {source}", "udp_recvmsg",
+                      data=payload[:count])
+    if sk.shutdown & RCV_SHUTDOWN and not (f.nonblock or flags & MSG_DONTWAIT):
+        return Result(op, 0, None, "receive side shut down", "__skb_wait_for_more_packets")
+    if f.nonblock or flags & MSG_DONTWAIT:
+        raise fail("EAGAIN", "receive queue empty", "__skb_recv_udp")
+    return Result(op, None, None, "receive queue empty: sleeps", "__skb_wait_for_more_packets", blocked=True)

@@ -1,0 +1,106 @@
+"""MSG_ZEROCOPY: notification allocation against optmem_max, completion, coalescing, error-queue reads."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .constants import MSG_ZEROCOPY, SO_EE_CODE_ZEROCOPY_COPIED, SO_EE_ORIGIN_ZEROCOPY
+from .kmem import ZC_NOTIFY_CHECK, ZC_NOTIFY_TRUESIZE
+from .result import fail
+from .sock import Sock
+
+if TYPE_CHECKING:
+    from .host import Host
+
+U32 = 1 << 32
+
+
+def wants_zerocopy(sk: Sock, flags: int, length: int) -> bool:
+    """tcp_sendmsg_locked / __ip_append_data: MSG_ZEROCOPY counts only with SO_ZEROCOPY set and data to send."""
+    return bool(flags & MSG_ZEROCOPY) and length > 0 and sk.zerocopy
+
+
+def alloc_notification(host: "Host", sk: Sock) -> list[int]:
+    """msg_zerocopy_alloc() -> sock_omalloc(sk, 0): ENOBUFS once option memory would pass optmem_max."""
+    optmem_max = host.sysctls["net.core.optmem_max"]
+    if sk.omem + ZC_NOTIFY_CHECK > optmem_max:
+        raise fail(
+            "ENOBUFS",
+            f"zerocopy notification skb refused: sk_omem_alloc {sk.omem} + SKB_TRUESIZE(0) {ZC_NOTIFY_CHECK}"
+            f" > optmem_max {optmem_max} ({len(sk.errqueue)} unread notification(s),"
+            f" {len(sk.zc_inflight)} in flight)",
+            "sock_omalloc",
+        )
+    sk.omem += ZC_NOTIFY_TRUESIZE
+    uarg = [sk.zckey, 1, 1]  # id, len, zerocopy-still-possible
+    sk.zckey = (sk.zckey + 1) % U32
+    return uarg
+
+
+def abort_notification(sk: Sock) -> None:
+    """msg_zerocopy_put_abort(): a failed send gives its id back and queues nothing."""
+    sk.zckey = (sk.zckey - 1) % U32
+    sk.omem -= ZC_NOTIFY_TRUESIZE
+
+
+def mark_copied(uarg: list[int]) -> None:
+    """uarg->zerocopy = 0 (no SG at send time) or msg_zerocopy_callback(success=false) after a deferred copy."""
+    uarg[2] = 0
+
+
+def finish_send(host: "Host", sk: Sock, uarg: list[int], in_flight: bool) -> None:
+    """Hand the send's notification to completion now, or keep it while data is unacked / completions deferred."""
+    from .network import ZEROCOPY_DEFERRED
+
+    if host.net.zerocopy_mode == ZEROCOPY_DEFERRED:
+        sk.zc_inflight.append(uarg)
+        host.net.zc_waiting.append((sk, uarg))
+    elif in_flight:
+        sk.zc_inflight.append(uarg)
+    else:
+        complete(sk, uarg)
+
+
+def complete_acked(sk: Sock) -> None:
+    """All queued stream data was taken by the peer: the in-flight uargs (not deferred ones) complete in order."""
+    if not sk.zc_inflight:
+        return
+    deferred = {id(uarg) for owner, uarg in sk.host.net.zc_waiting if owner is sk}
+    keep = []
+    for uarg in sk.zc_inflight:
+        if id(uarg) in deferred:
+            keep.append(uarg)
+        else:
+            complete(sk, uarg)
+    sk.zc_inflight = keep
+
+
+def complete(sk: Sock, uarg: list[int]) -> None:
+    """__msg_zerocopy_callback(): queue [lo, hi], or extend the tail notification when contiguous."""
+    lo, length, zc_ok = uarg
+    if sk.orphan:
+        sk.omem -= ZC_NOTIFY_TRUESIZE  # SOCK_DEAD: no notification
+        return
+    code = 0 if zc_ok else SO_EE_CODE_ZEROCOPY_COPIED
+    hi = (lo + length - 1) % U32
+    queue = sk.errqueue
+    if queue:
+        tail = queue[-1]
+        old_lo, old_hi = tail[1], tail[2]
+        span = (old_hi - old_lo) % U32 + 1 + length
+        # skb_zerocopy_notify_extend(): contiguous and the range still fits in 32 bits;
+        # note that ee_code is not compared, the tail keeps its own code.
+        if span < U32 and lo == (old_hi + 1) % U32:
+            tail[2] = (old_hi + length) % U32
+            sk.omem -= ZC_NOTIFY_TRUESIZE  # consume_skb() of the merged notification
+            return
+    queue.append([code, lo, hi])
+
+
+def read_notification(sk: Sock) -> dict[str, int]:
+    """ip_recv_error() -> sock_dequeue_err_skb(): one sock_extended_err per recvmsg(MSG_ERRQUEUE)."""
+    if not sk.errqueue:
+        raise fail("EAGAIN", "error queue is empty (reading it never blocks)", "ip_recv_error")
+    code, lo, hi = sk.errqueue.pop(0)
+    sk.omem -= ZC_NOTIFY_TRUESIZE
+    return {"origin": SO_EE_ORIGIN_ZEROCOPY, "code": code, "lo": lo, "hi": hi, "errno": 0}
