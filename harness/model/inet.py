@@ -281,19 +281,19 @@ def inet_stream_connect(op: str, host: "Host", creds: Creds, f: OpenFile, sa: So
         err = "EINPROGRESS"
     else:
         raise fail("EINVAL", "socket is disconnecting", "__inet_stream_connect")
+    if err == "EINPROGRESS" and f.nonblock:
+        # the reply (SYN-ACK or RST) is processed from the socket backlog after release_sock(),
+        # so a non-blocking connect reports EINPROGRESS even when the answer is already known
+        raise fail("EINPROGRESS", f"SYN sent; {tcp.progress_note(sk)}", "__inet_stream_connect")
     if sk.sk_state in (TCP_SYN_SENT, TCP_SYN_RECV):
         if f.nonblock:
-            why = ("SYN sent; handshake pending" if err == "EINPROGRESS" else "handshake still pending")
-            raise fail(err, f"{why} ({tcp.pending_reason(sk)})", "__inet_stream_connect")
+            raise fail(err, f"handshake still pending ({tcp.pending_reason(sk)})", "__inet_stream_connect")
         host.net.advance_until(lambda: sk.sk_state not in (TCP_SYN_SENT, TCP_SYN_RECV))
     if sk.sk_state == TCP_CLOSE:
         error = sk.take_error() or "ECONNABORTED"
         sk.ss_state = SS_UNCONNECTED
         tcp.disconnect(host, sk)
         raise fail(error, tcp.failure_reason(error), "__inet_stream_connect")
-    if err == "EINPROGRESS" and f.nonblock:
-        raise fail("EINPROGRESS", "non-blocking connect always reports EINPROGRESS; handshake already done",
-                   "__inet_stream_connect")
     sk.ss_state = SS_CONNECTED
     return Result(op, 0, None, f"connected {endpoint(sk, False)} -> {endpoint(sk, True)}", "__inet_stream_connect")
 

@@ -209,6 +209,15 @@ def pending_reason(sk: Sock) -> str:
             f"{sk.syn_next - sk.host.net.now:.0f} s, {sk.syn_retries_left} retries left")
 
 
+def progress_note(sk: Sock) -> str:
+    """What the model already knows about a connect that returned EINPROGRESS."""
+    if sk.sk_state == TCP_ESTABLISHED:
+        return "handshake completed: poll reports POLLOUT, SO_ERROR 0"
+    if sk.sk_state == TCP_CLOSE:
+        return f"attempt already failed: SO_ERROR will report {sk.err}"
+    return pending_reason(sk)
+
+
 def failure_reason(error: str) -> str:
     return {
         "ECONNREFUSED": "RST in reply to the SYN: no listener on that port",

@@ -1,0 +1,160 @@
+"""connect(): blocking vs non-blocking outcomes, sock->state machine, refusals, timeouts, UDP connect."""
+
+from harness.model.constants import AF_INET6, AF_UNSPEC, SOCK_NONBLOCK
+
+from model_helpers import listener, tcp, udp
+
+
+def connect(host, fd, addr, **extra):
+    return host.call("connect", {"fd": fd, "addr": addr, **extra})
+
+
+def test_blocking_connect_succeeds(a, b):
+    """Rule: __inet_stream_connect: a completed handshake gives 0 and SS_CONNECTED."""
+    listener(a, 7000)
+    fd = tcp(b)
+    r = connect(b, fd, ("198.51.100.1", 7000))
+    assert r.ok and r.ret == 0
+    view = b.socket(fd)
+    assert view.ss_state == "SS_CONNECTED" and view.sk_state == "ESTABLISHED"
+    assert view.local[0] == "198.51.100.2" and view.local[1] % 2 == 0  # __inet_hash_connect: even ports
+
+
+def test_nonblocking_connect_is_einprogress_then_connected(a, b):
+    """Rule: non-blocking TCP connect returns EINPROGRESS; a second connect returns 0, a third EISCONN."""
+    listener(a, 7000)
+    fd = tcp(b, flags=SOCK_NONBLOCK)
+    assert connect(b, fd, ("198.51.100.1", 7000)).errno == "EINPROGRESS"
+    assert b.socket(fd).ss_state == "SS_CONNECTING"
+    assert b.call("getsockopt", {"fd": fd, "level": 1, "optname": 4}).ret == 0
+    assert connect(b, fd, ("198.51.100.1", 7000)).ret == 0
+    assert b.socket(fd).ss_state == "SS_CONNECTED"
+    assert connect(b, fd, ("198.51.100.1", 7000)).errno == "EISCONN"
+
+
+def test_pending_nonblocking_connect_is_ealready(a, b):
+    """Rule: SS_CONNECTING while still in SYN_SENT -> EALREADY."""
+    listener(a, 7000, backlog=0)
+    connect(b, tcp(b, flags=SOCK_NONBLOCK), ("198.51.100.1", 7000))
+    fd = tcp(b, flags=SOCK_NONBLOCK)
+    assert connect(b, fd, ("198.51.100.1", 7000)).errno == "EINPROGRESS"
+    assert connect(b, fd, ("198.51.100.1", 7000)).errno == "EALREADY"
+
+
+def test_connect_refused(a, b):
+    """Rule: no listener -> RST -> ECONNREFUSED (tcp_reset in SYN_SENT)."""
+    r = connect(b, tcp(b), ("198.51.100.1", 7999))
+    assert r.errno == "ECONNREFUSED"
+    assert a.predict_counters()["Tcp.OutRsts"] == 1
+
+
+def test_nonblocking_refused_reports_through_so_error(a, b):
+    """Rule: the refused non-blocking connect leaves sk_err; SO_ERROR reads and clears it."""
+    fd = tcp(b, flags=SOCK_NONBLOCK)
+    assert connect(b, fd, ("198.51.100.1", 7999)).errno == "EINPROGRESS"
+    assert b.call("getsockopt", {"fd": fd, "level": 1, "optname": 4}).ret == 111
+    assert b.call("getsockopt", {"fd": fd, "level": 1, "optname": 4}).ret == 0
+
+
+def test_blocking_connect_to_full_queue_times_out(a, b, net):
+    """Model rule: a blocking connect into a full queue runs the SYN retries (1+6) and ends in ETIMEDOUT."""
+    listener(a, 7000, backlog=0)
+    connect(b, tcp(b, flags=SOCK_NONBLOCK), ("198.51.100.1", 7000))
+    fd = tcp(b)
+    r = connect(b, fd, ("198.51.100.1", 7000))
+    assert r.errno == "ETIMEDOUT"
+    assert a.predict_counters()["TcpExt.ListenOverflows"] >= 7
+    assert net.now >= 127
+    assert b.socket(fd).sk_state == "CLOSE" and b.socket(fd).ss_state == "SS_UNCONNECTED"
+
+
+def test_connect_to_nobody_is_ehostunreach(b, net):
+    """Model rule: an address nobody owns fails ARP: blocking connect -> EHOSTUNREACH."""
+    assert connect(b, tcp(b), ("198.51.100.77", 80)).errno == "EHOSTUNREACH"
+    fd = tcp(b, flags=SOCK_NONBLOCK)
+    assert connect(b, fd, ("198.51.100.77", 80)).errno == "EINPROGRESS"
+    net.advance(5)
+    assert b.call("getsockopt", {"fd": fd, "level": 1, "optname": 4}).ret == 113
+
+
+def test_no_route_is_enetunreach(net):
+    """Rule: ip_route_connect fails on a host with only loopback -> ENETUNREACH."""
+    lonely = net.add_host("lonely")
+    assert connect(lonely, tcp(lonely), ("198.51.100.1", 80)).errno == "ENETUNREACH"
+
+
+def test_connect_on_listener_is_eisconn(a):
+    """Rule: SS_UNCONNECTED but sk_state LISTEN -> EISCONN."""
+    assert connect(a, listener(a, 7000), ("127.0.0.1", 7000)).errno == "EISCONN"
+
+
+def test_connect_bad_family_and_length(a):
+    """Rule: tcp_v4_connect: addr_len < sizeof(sockaddr_in) -> EINVAL; wrong family -> EAFNOSUPPORT."""
+    assert connect(a, tcp(a), ("127.0.0.1", 80), addrlen=8).errno == "EINVAL"
+    assert connect(a, tcp(a), ("::1", 80)).errno == "EAFNOSUPPORT"
+
+
+def test_connect_af_unspec_disconnects(a):
+    """Rule: AF_UNSPEC connect runs tcp_disconnect and returns to SS_UNCONNECTED."""
+    listener(a, 7000)
+    fd = tcp(a)
+    assert connect(a, fd, ("127.0.0.1", 7000)).ok
+    assert connect(a, fd, {"family": AF_UNSPEC, "host": "0.0.0.0", "port": 0}).ok
+    view = a.socket(fd)
+    assert view.ss_state == "SS_UNCONNECTED" and view.sk_state == "CLOSE"
+
+
+def test_loopback_connect_and_route_source(a):
+    """Loopback connections use 127.0.0.1 as source; connecting to the host's own address stays local."""
+    listener(a, 7000)
+    fd = tcp(a)
+    assert connect(a, fd, ("127.0.0.1", 7000)).ok
+    assert a.socket(fd).local[0] == "127.0.0.1"
+    fd2 = tcp(a)
+    assert connect(a, fd2, ("198.51.100.1", 7000)).ok
+    assert a.socket(fd2).local[0] == "198.51.100.1"
+
+
+def test_ipv6_connect_and_dual_stack_listener(a, b):
+    """A [::] listener without IPV6_V6ONLY accepts IPv4 clients as v4-mapped peers."""
+    lfd = tcp(a, family=AF_INET6)
+    assert a.call("bind", {"fd": lfd, "addr": ("::", 7000)}).ok
+    assert a.call("listen", {"fd": lfd, "backlog": 4}).ok
+    assert connect(b, tcp(b), ("198.51.100.1", 7000)).ok
+    assert connect(b, tcp(b, family=AF_INET6), ("2001:db8::1", 7000)).ok
+    first = a.socket(a.call("accept", {"fd": lfd}).ret)
+    second = a.socket(a.call("accept", {"fd": lfd}).ret)
+    assert first.peer[0] == "::ffff:198.51.100.2" and second.peer[0] == "2001:db8::2"
+
+
+def test_getpeername_unconnected_is_enotconn(a):
+    """Rule: inet_getname: no peer -> ENOTCONN; getsockname of an unbound socket is 0.0.0.0:0."""
+    fd = tcp(a)
+    assert a.call("getpeername", {"fd": fd}).errno == "ENOTCONN"
+    assert a.call("getsockname", {"fd": fd}).ret == ("0.0.0.0", 0)
+
+
+def test_udp_connect_autobinds_and_keeps_ss_unconnected(a, b):
+    """Rule: inet_dgram_connect autobinds first; ip4_datagram_connect sets the peer, sock->state stays."""
+    fd = udp(b)
+    r = connect(b, fd, ("198.51.100.1", 5000))
+    assert r.ok
+    view = b.socket(fd)
+    assert view.ss_state == "SS_UNCONNECTED" and view.sk_state == "ESTABLISHED"
+    assert view.local[0] == "198.51.100.2" and view.local[1] >= 32768
+    assert b.call("getpeername", {"fd": fd}).ret == ("198.51.100.1", 5000)
+
+
+def test_udp_connect_bad_family_still_autobinds(a):
+    """Rule: inet_dgram_connect binds a port before ip4_datagram_connect rejects the family."""
+    fd = udp(a)
+    assert connect(a, fd, ("::1", 53)).errno == "EAFNOSUPPORT"
+    assert a.socket(fd).local[1] != 0
+
+
+def test_udp_connect_af_unspec(a):
+    """Rule: AF_UNSPEC dissolves a UDP association (udp_disconnect)."""
+    fd = udp(a)
+    connect(a, fd, ("127.0.0.1", 53))
+    assert connect(a, fd, {"family": AF_UNSPEC, "host": "0.0.0.0", "port": 0}).ok
+    assert a.call("getpeername", {"fd": fd}).errno == "ENOTCONN"
