@@ -43,7 +43,9 @@ def canonical_ip(text: str) -> tuple[int, str] | None:
 
 @lru_cache(maxsize=4096)
 def v4_of_v6(text: str) -> str | None:
-    """The IPv4 address inside a v4-mapped IPv6 address, else None."""
+    """The IPv4 address inside a v4-mapped IPv6 address, else None (also for IPv4 text)."""
+    if ":" not in text:
+        return None
     mapped = ipaddress.IPv6Address(text).ipv4_mapped
     return None if mapped is None else str(mapped)
 

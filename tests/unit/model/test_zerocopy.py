@@ -1,0 +1,248 @@
+"""MSG_ZEROCOPY (§6.2): SO_ZEROCOPY rules, notification ids and ranges, coalescing, COPIED, ENOBUFS, EAGAIN."""
+
+import pytest
+
+from harness.model import Network, ZEROCOPY_DEFERRED
+from harness.model.constants import (
+    AF_INET, AF_UNIX, IPPROTO_UDPLITE, MSG_ERRQUEUE, MSG_ZEROCOPY, POLLERR, SO_EE_CODE_ZEROCOPY_COPIED,
+    SO_EE_ORIGIN_ZEROCOPY, SOCK_DGRAM, SOCK_STREAM,
+)
+
+from model_helpers import listener, tcp, udp
+
+SO_ZEROCOPY = 60
+
+
+def enable(host, fd, value=1):
+    return host.call("setsockopt", {"fd": fd, "level": 1, "optname": SO_ZEROCOPY, "value": value})
+
+
+def read_err(host, fd):
+    return host.call("recvmsg", {"fd": fd, "length": 0, "flags": MSG_ERRQUEUE})
+
+
+def zc_send(host, fd, length=1000, **extra):
+    return host.call("send", {"fd": fd, "length": length, "flags": MSG_ZEROCOPY, **extra})
+
+
+def connected_pair(server, client, addr):
+    lfd = listener(server, 7000)
+    fd = tcp(client)
+    assert client.call("connect", {"fd": fd, "addr": (addr, 7000)}).ok
+    return fd, server.call("accept", {"fd": lfd}).ret
+
+
+def test_so_zerocopy_only_tcp_and_udp(a):
+    """Rule: sk_setsockopt(SO_ZEROCOPY): inet sockets other than TCP/UDP, and AF_UNIX, get EOPNOTSUPP."""
+    assert enable(a, tcp(a)).ok and enable(a, udp(a)).ok
+    unix_fd = a.call("socket", {"family": AF_UNIX, "type": SOCK_STREAM}).ret
+    assert enable(a, unix_fd).errno == "EOPNOTSUPP"
+    lite = a.call("socket", {"family": AF_INET, "type": SOCK_DGRAM, "protocol": IPPROTO_UDPLITE}).ret
+    assert enable(a, lite).errno == "EOPNOTSUPP"
+
+
+def test_so_zerocopy_values(a):
+    """Rule: values other than 0/1 -> EINVAL, but the type check comes first (EOPNOTSUPP on AF_UNIX)."""
+    fd = tcp(a)
+    assert enable(a, fd, 2).errno == "EINVAL"
+    assert enable(a, fd, -1).errno == "EINVAL"
+    unix_fd = a.call("socket", {"family": AF_UNIX, "type": SOCK_STREAM}).ret
+    assert enable(a, unix_fd, 2).errno == "EOPNOTSUPP"
+    assert enable(a, fd, 1).ok
+    assert a.call("getsockopt", {"fd": fd, "level": 1, "optname": SO_ZEROCOPY}).ret == 1
+
+
+def test_flag_without_option_is_a_plain_copy(a, b):
+    """Rule: MSG_ZEROCOPY without SO_ZEROCOPY is ignored: data sent, no notification."""
+    fd, _ = connected_pair(a, b, "198.51.100.1")
+    r = zc_send(b, fd)
+    assert r.ok and r.ret == 1000 and "ignored" in r.rule
+    assert read_err(b, fd).errno == "EAGAIN"
+    assert b.socket(fd).zerocopy_next_id == 0
+
+
+def test_empty_error_queue_is_eagain(a):
+    """Rule: ip_recv_error: nothing queued -> EAGAIN (it never blocks)."""
+    r = read_err(a, udp(a))
+    assert r.errno == "EAGAIN" and r.kernel_fn == "ip_recv_error"
+
+
+def test_loopback_completions_are_copied(a):
+    """Rule: local delivery forces a deferred copy (skb_orphan_frags_rx) -> SO_EE_CODE_ZEROCOPY_COPIED."""
+    fd, _ = connected_pair(a, a, "127.0.0.1")
+    enable(a, fd)
+    assert zc_send(a, fd).ok
+    [note] = read_err(a, fd).ret
+    assert note == {"origin": SO_EE_ORIGIN_ZEROCOPY, "code": SO_EE_CODE_ZEROCOPY_COPIED, "lo": 0, "hi": 0,
+                    "errno": 0}
+
+
+def test_nic_with_sg_completes_zerocopy(a, b):
+    """Rule: a TCP send over a scatter-gather NIC completes with ee_code 0."""
+    fd, _ = connected_pair(b, a, "198.51.100.2")
+    enable(a, fd)
+    zc_send(a, fd)
+    assert read_err(a, fd).ret[0]["code"] == 0
+
+
+def test_tcp_over_nic_without_sg_default_and_switch(b):
+    """Rule (see docs): TCP route caps always include SG in 6.1, so the model reports code 0 by default;
+    Network(tcp_zerocopy_copied_without_sg=True) flips it to COPIED."""
+    for flag, expected in ((False, 0), (True, SO_EE_CODE_ZEROCOPY_COPIED)):
+        net = Network(strict=True, tcp_zerocopy_copied_without_sg=flag)
+        srv = net.add_host("srv", addrs=["198.51.100.1"], sg=True)
+        cli = net.add_host("cli", addrs=["198.51.100.2"], sg=False)
+        fd, _ = connected_pair(srv, cli, "198.51.100.1")
+        enable(cli, fd)
+        zc_send(cli, fd)
+        assert read_err(cli, fd).ret[0]["code"] == expected
+
+
+def test_udp_without_sg_is_copied(a, b):
+    """Rule: __ip_append_data: no NETIF_F_SG on the route's device -> uarg->zerocopy = 0 -> COPIED."""
+    fd = udp(b)
+    enable(b, fd)
+    assert zc_send(b, fd, addr=("198.51.100.1", 5000)).ok
+    assert read_err(b, fd).ret[0]["code"] == SO_EE_CODE_ZEROCOPY_COPIED
+    fd = udp(a)
+    enable(a, fd)
+    zc_send(a, fd, addr=("198.51.100.2", 5000))
+    assert read_err(a, fd).ret[0]["code"] == 0
+
+
+def test_udp_larger_than_mtu_is_copied(a):
+    """Rule: __ip_append_data needs CHECKSUM_PARTIAL (one fragment) for zerocopy; larger datagrams copy."""
+    fd = udp(a)
+    enable(a, fd)
+    zc_send(a, fd, length=3000, addr=("198.51.100.2", 5000))
+    assert read_err(a, fd).ret[0]["code"] == SO_EE_CODE_ZEROCOPY_COPIED
+
+
+def test_ids_count_successful_sends_and_ranges_coalesce(a, b):
+    """Rule: ids count successful MSG_ZEROCOPY sends; contiguous ranges coalesce while unread."""
+    fd, _ = connected_pair(b, a, "198.51.100.2")
+    enable(a, fd)
+    for _ in range(5):
+        assert zc_send(a, fd).ok
+    r = read_err(a, fd)
+    assert [(n["lo"], n["hi"]) for n in r.ret] == [(0, 4)]
+    assert read_err(a, fd).errno == "EAGAIN"
+    zc_send(a, fd)
+    assert read_err(a, fd).ret[0]["lo"] == 5
+
+
+def test_failed_send_does_not_consume_an_id(a):
+    """Rule: msg_zerocopy_put_abort gives the id back when the send fails (EPIPE on an unconnected socket)."""
+    fd = tcp(a)
+    enable(a, fd)
+    r = zc_send(a, fd, flags=MSG_ZEROCOPY | 0x4000)
+    assert r.errno == "EPIPE" and r.signal is None
+    assert a.socket(fd).zerocopy_next_id == 0 and a.socket(fd).omem == 0
+
+
+def test_zero_length_sends(a):
+    """Rule: TCP allocates no uarg for size 0; UDP's length includes the 8-byte header, so it does."""
+    fd, _ = connected_pair(a, a, "127.0.0.1")
+    enable(a, fd)
+    assert zc_send(a, fd, length=0).ret == 0
+    assert a.socket(fd).zerocopy_next_id == 0
+    ufd = udp(a)
+    enable(a, ufd)
+    assert zc_send(a, ufd, length=0, addr=("127.0.0.1", 9)).ok
+    assert a.socket(ufd).zerocopy_next_id == 1
+
+
+def test_coalescing_ignores_ee_code(a):
+    """Rule: skb_zerocopy_notify_extend only checks contiguity: the tail keeps its ee_code."""
+    fd = udp(a)
+    enable(a, fd)
+    zc_send(a, fd, addr=("198.51.100.2", 5000))  # code 0
+    zc_send(a, fd, addr=("127.0.0.1", 5000))  # would be COPIED
+    [note] = read_err(a, fd).ret
+    assert (note["lo"], note["hi"], note["code"]) == (0, 1, 0)
+
+
+def test_poll_reports_pollerr_for_notifications(a):
+    """Rule: datagram_poll/tcp_poll set POLLERR while the error queue is non-empty."""
+    fd = udp(a)
+    enable(a, fd)
+    zc_send(a, fd, addr=("127.0.0.1", 9))
+    revents = a.call("poll", {"fds": [fd], "events": 0}).ret
+    assert revents[fd] & POLLERR
+    read_err(a, fd)
+    assert not a.call("poll", {"fds": [fd], "events": 0}).ret[fd] & POLLERR
+
+
+def deferred_lab():
+    net = Network(strict=True, zerocopy=ZEROCOPY_DEFERRED)
+    host = net.add_host("h", addrs=["198.51.100.1"])
+    peer = net.add_host("p", addrs=["198.51.100.2"])
+    fd = udp(host)
+    enable(host, fd)
+    return net, host, fd
+
+
+def test_enobufs_when_in_flight_notifications_pass_optmem(a):
+    """Rule: sock_omalloc: omem (768 per notification skb) + SKB_TRUESIZE(0) 576 > optmem_max 20480 -> ENOBUFS.
+    26 notifications fit, the 27th send fails and consumes no id."""
+    net, host, fd = deferred_lab()
+    for i in range(26):
+        assert zc_send(host, fd, addr=("198.51.100.2", 5000)).ok, i
+    r = zc_send(host, fd, addr=("198.51.100.2", 5000))
+    assert r.errno == "ENOBUFS" and r.kernel_fn == "sock_omalloc"
+    assert host.socket(fd).zerocopy_next_id == 26
+
+
+def test_in_order_completion_coalesces_and_frees_optmem():
+    """Rule: completions in order coalesce into one skb on the queue, releasing the others' omem."""
+    net, host, fd = deferred_lab()
+    for _ in range(26):
+        zc_send(host, fd, addr=("198.51.100.2", 5000))
+    net.complete_zerocopy()
+    assert host.socket(fd).zerocopy_pending == ({"code": 0, "lo": 0, "hi": 25},)
+    assert host.socket(fd).omem == 768
+    assert zc_send(host, fd, addr=("198.51.100.2", 5000)).ok
+
+
+def test_unread_uncoalesced_notifications_cause_enobufs():
+    """Rule: out-of-order completions cannot coalesce; left unread they hold optmem and sends get ENOBUFS
+    until the error queue is read (one notification per recvmsg)."""
+    net, host, fd = deferred_lab()
+    for _ in range(26):
+        zc_send(host, fd, addr=("198.51.100.2", 5000))
+    net.complete_zerocopy(order="reverse")
+    assert len(host.socket(fd).zerocopy_pending) == 26
+    assert zc_send(host, fd, addr=("198.51.100.2", 5000)).errno == "ENOBUFS"
+    first = read_err(host, fd).ret
+    assert len(first) == 1 and (first[0]["lo"], first[0]["hi"]) == (25, 25)
+    assert zc_send(host, fd, addr=("198.51.100.2", 5000)).ok
+
+
+def test_optmem_max_sysctl_sets_the_limit():
+    """Rule: the limit is net.core.optmem_max."""
+    net = Network(strict=True, zerocopy=ZEROCOPY_DEFERRED)
+    host = net.add_host("h", addrs=["198.51.100.1"], sysctls={"optmem_max": 2000})
+    fd = udp(host)
+    enable(host, fd)
+    results = [zc_send(host, fd, addr=("127.0.0.1", 9)).errno for _ in range(4)]
+    assert results == [None, None, "ENOBUFS", "ENOBUFS"]  # 0+576, 768+576 fit; 1536+576 > 2000
+
+
+def test_advance_delivers_deferred_completions():
+    """Letting model time pass completes deferred sends (as ACKs or TX completions would)."""
+    net, host, fd = deferred_lab()
+    zc_send(host, fd, addr=("198.51.100.2", 5000))
+    assert read_err(host, fd).errno == "EAGAIN"
+    net.advance(0.1)
+    assert read_err(host, fd).ret[0]["lo"] == 0
+
+
+@pytest.mark.parametrize("flags", [MSG_ZEROCOPY, 0])
+def test_closed_socket_gets_no_notification(flags):
+    """Rule: __msg_zerocopy_callback skips SOCK_DEAD sockets."""
+    net, host, fd = deferred_lab()
+    zc_send(host, fd, addr=("198.51.100.2", 5000))
+    sk_view = host.socket(fd)
+    assert sk_view.zerocopy_inflight == 1
+    host.call("close", {"fd": fd})
+    assert net.complete_zerocopy() == 1
