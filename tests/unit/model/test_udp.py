@@ -1,0 +1,78 @@
+"""UDP data path: delivery, EDESTADDRREQ, EMSGSIZE, NoPorts/ECONNREFUSED, rcvbuf drops."""
+
+from harness.model.constants import MSG_TRUNC
+
+from model_helpers import udp
+
+
+def bound_udp(host, addr, port):
+    fd = udp(host)
+    assert host.call("bind", {"fd": fd, "addr": (addr, port)}).ok
+    return fd
+
+
+def test_datagram_round_trip_between_hosts(a, b):
+    """A datagram reaches the socket bound to the destination port; the source is reported."""
+    rfd = bound_udp(a, "0.0.0.0", 5000)
+    sfd = udp(b)
+    assert b.call("sendto", {"fd": sfd, "data": b"ping", "addr": ("198.51.100.1", 5000)}).ret == 4
+    r = a.call("recvfrom", {"fd": rfd, "length": 100})
+    assert r.data == b"ping" and r.ret == 4
+    assert a.predict_counters()["Udp.InDatagrams"] == 1
+
+
+def test_unconnected_send_without_destination(a):
+    """Rule: udp_sendmsg: no destination and not connected -> EDESTADDRREQ."""
+    assert a.call("send", {"fd": udp(a), "data": b"x"}).errno == "EDESTADDRREQ"
+
+
+def test_oversized_datagram(a):
+    """Rule: ip_append_data: more than 65507 bytes of IPv4 payload -> EMSGSIZE."""
+    fd = udp(a)
+    assert a.call("sendto", {"fd": fd, "length": 65508, "addr": ("127.0.0.1", 9)}).errno == "EMSGSIZE"
+    assert a.call("sendto", {"fd": fd, "length": 65507, "addr": ("127.0.0.1", 9)}).ok
+
+
+def test_port_unreachable_reaches_connected_socket(a):
+    """Rule: __udp4_lib_err: ICMP port unreachable sets ECONNREFUSED on a connected socket only."""
+    fd = udp(a)
+    a.call("connect", {"fd": fd, "addr": ("127.0.0.1", 9)})
+    assert a.call("send", {"fd": fd, "data": b"x"}).ok
+    assert a.call("recv", {"fd": fd, "flags": 0x40}).errno == "ECONNREFUSED"
+    assert a.predict_counters()["Udp.NoPorts"] == 1
+    free = udp(a)
+    a.call("sendto", {"fd": free, "data": b"x", "addr": ("127.0.0.1", 9)})
+    assert a.call("recv", {"fd": free, "flags": 0x40}).errno == "EAGAIN"
+
+
+def test_truncation(a):
+    """Short reads truncate a datagram; MSG_TRUNC returns the real length."""
+    rfd = bound_udp(a, "127.0.0.1", 5000)
+    a.call("sendto", {"fd": udp(a), "data": b"abcdef", "addr": ("127.0.0.1", 5000)})
+    a.call("sendto", {"fd": udp(a), "data": b"abcdef", "addr": ("127.0.0.1", 5000)})
+    assert a.call("recv", {"fd": rfd, "length": 2}).data == b"ab"
+    assert a.call("recv", {"fd": rfd, "length": 2, "flags": MSG_TRUNC}).ret == 6
+
+
+def test_rcvbuf_overflow_drops(a):
+    """Rule: __udp_enqueue_schedule_skb drops once sk_rmem_alloc exceeds sk_rcvbuf (RcvbufErrors)."""
+    rfd = bound_udp(a, "127.0.0.1", 5000)
+    a.call("setsockopt", {"fd": rfd, "level": 1, "optname": 8, "value": 1})  # rcvbuf -> 2304
+    sender = udp(a)
+    for _ in range(5):
+        a.call("sendto", {"fd": sender, "length": 100, "addr": ("127.0.0.1", 5000)})
+    assert a.socket(rfd).drops >= 1
+    assert a.predict_counters()["Udp.RcvbufErrors"] >= 1
+
+
+def test_exact_address_beats_wildcard(a):
+    """Rule: compute_score prefers a socket bound to the exact address."""
+    wild = udp(a)
+    a.call("setsockopt", {"fd": wild, "level": 1, "optname": 2, "value": 1})
+    a.call("bind", {"fd": wild, "addr": ("0.0.0.0", 5000)})
+    exact = udp(a)
+    a.call("setsockopt", {"fd": exact, "level": 1, "optname": 2, "value": 1})
+    a.call("bind", {"fd": exact, "addr": ("127.0.0.1", 5000)})
+    a.call("sendto", {"fd": udp(a), "data": b"x", "addr": ("127.0.0.1", 5000)})
+    assert a.call("recv", {"fd": exact, "flags": 0x40}).ok
+    assert a.call("recv", {"fd": wild, "flags": 0x40}).errno == "EAGAIN"
