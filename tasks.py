@@ -15,7 +15,7 @@ from invoke import Collection, Exit, task
 
 from harness import image, progress
 from harness.errors import SocklabError
-from harness.lab import Lab
+from harness.lab import Lab, check_up_args
 from harness.paths import Paths
 
 
@@ -77,11 +77,13 @@ def clean(c, all=False):
 @_friendly
 def up(c, topology=None, accel=None, segment=None, timeout=120):
     """Boot the lab: build the image if needed, start the VMs, wait until SSH answers."""
+    topology, accel = topology or c.config.lab.topology, accel or c.config.lab.accel
+    segment = segment or c.config.lab.segment
+    check_up_args(topology, accel, segment, float(timeout))
     paths = Paths.default()
     image.build(paths, c.config.images.recipe, _mirror(c, None))
     lab = Lab(paths)
-    state, started = lab.up(topology or c.config.lab.topology, accel or c.config.lab.accel,
-                            segment or c.config.lab.segment, boot_timeout=float(timeout))
+    state, started = lab.up(topology, accel, segment, boot_timeout=float(timeout))
     if not started:
         progress.say("a lab is already running; not starting another (`invoke lab.down` stops it)")
     _print_status(lab, state, live=True)

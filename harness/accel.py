@@ -117,7 +117,7 @@ def choose(requested: str, kernel: Path, cache_file: Path) -> Choice:
         except (OSError, ValueError, KeyError, TypeError):
             pass
         result = probe_kvm(kernel)
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         cache_file.write_text(json.dumps({"boot_id": current, "result": asdict(result)}))
         return result
 

@@ -54,6 +54,18 @@ def topology(name: str) -> Topology:
         raise LabError(f"unknown topology {name!r}; known: {', '.join(TOPOLOGIES)}") from None
 
 
+def check_up_args(topology_name: str, accel: str, segment: str, boot_timeout: float) -> Topology:
+    """Reject bad ``up`` arguments before anything is built or started."""
+    topo = topology(topology_name)
+    if accel not in accel_mod.ACCELS:
+        raise LabError(f"unknown accelerator {accel!r}; use one of: {', '.join(accel_mod.ACCELS)}")
+    if segment not in SEGMENT_MODES:
+        raise LabError(f"unknown segment mode {segment!r}; use one of: {', '.join(SEGMENT_MODES)}")
+    if not boot_timeout > 0:
+        raise LabError(f"--timeout must be a positive number of seconds, not {boot_timeout}")
+    return topo
+
+
 @dataclass
 class VMState:
     """One guest as started: what ``down`` needs to stop it and ``ssh`` needs to reach it."""
@@ -187,11 +199,7 @@ class Lab:
     def up(self, topology_name: str = "default", accel: str = "auto", segment: str = "auto",
            boot_timeout: float = 120.0) -> tuple[LabState, bool]:
         """Boot the lab unless it already runs. Returns (state, started_now)."""
-        topo = topology(topology_name)
-        if accel not in accel_mod.ACCELS:
-            raise LabError(f"unknown accelerator {accel!r}; use one of: {', '.join(accel_mod.ACCELS)}")
-        if segment not in SEGMENT_MODES:
-            raise LabError(f"unknown segment mode {segment!r}; use one of: {', '.join(SEGMENT_MODES)}")
+        topo = check_up_args(topology_name, accel, segment, boot_timeout)
         with self.locked():
             existing = self.load()
             if existing is not None:

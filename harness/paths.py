@@ -44,7 +44,8 @@ class Paths:
         return self.home / "run"
 
     def ensure_private(self, path: Path) -> Path:
-        """Create ``path`` as a 0700 directory: keys and sockets live there."""
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path.chmod(0o700)
+        """Create ``path`` (and ``home`` above it) as 0700 directories: keys, state and sockets live there."""
+        for directory in ([self.home] if path != self.home and path.is_relative_to(self.home) else []) + [path]:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            directory.chmod(0o700)
         return path

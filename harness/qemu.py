@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -12,6 +13,10 @@ from pathlib import Path
 from .errors import LabError
 
 QEMU = "qemu-system-x86_64"
+
+# qemu.qmp logs a refused or wedged monitor at ERROR level; ``stop`` handles both.
+logging.getLogger("qemu.qmp").addHandler(logging.NullHandler())
+logging.getLogger("qemu.qmp").propagate = False
 
 
 @dataclass(frozen=True)
@@ -169,15 +174,24 @@ def is_running(pid: int, name: str | None = None) -> bool:
 
 
 def qmp_command(socket_path: Path, command: str, timeout: float = 5.0, **arguments) -> object:
-    """Send one QMP command and return its result (qemu.qmp, synchronous)."""
-    from qemu.qmp.legacy import QEMUMonitorProtocol
+    """Send one QMP command and return its result; every wait is bounded by ``timeout``.
 
-    monitor = QEMUMonitorProtocol(str(socket_path))
-    try:
-        monitor.connect()
-        return monitor.cmd(command, **arguments) if arguments else monitor.cmd(command)
-    finally:
-        monitor.close()
+    A wedged QEMU must not hang ``lab.down``: qemu.qmp's connect has no timeout
+    of its own, so each await here gets one.
+    """
+    import asyncio
+
+    from qemu.qmp import QMPClient
+
+    async def exchange() -> object:
+        client = QMPClient("socklab")
+        try:
+            await asyncio.wait_for(client.connect(str(socket_path)), timeout)
+            return await asyncio.wait_for(client.execute(command, arguments or None), timeout)
+        finally:
+            await asyncio.wait_for(client.disconnect(), timeout)
+
+    return asyncio.run(exchange())
 
 
 def stop(name: str, pid: int, qmp_socket: Path, timeout: float = 5.0) -> str:
