@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from .constants import AF_INET, AF_INET6, AF_UNIX, AF_UNSPEC
 from .result import fail
@@ -21,9 +20,8 @@ ANY4 = "0.0.0.0"
 ANY6 = "::"
 
 
-@dataclass(frozen=True, slots=True)
-class SockAddr:
-    """A decoded sockaddr as the kernel sees it after move_addr_to_kernel()."""
+class SockAddr(NamedTuple):
+    """A decoded sockaddr as the kernel sees it after move_addr_to_kernel() (a tuple: cheap to build)."""
 
     family: int
     host: str  # canonical IP text, or the AF_UNIX path ('@name' for abstract names)
@@ -67,6 +65,14 @@ def default_len(family: int, host: str) -> int:
 def parse_sockaddr(args: dict[str, Any], key: str = "addr") -> SockAddr:
     """Decode args[key] (tuple, dict or AF_UNIX path) plus optional 'family'/'addrlen' overrides."""
     raw = args.get(key)
+    if type(raw) is tuple and len(raw) == 2 and "family" not in args and "addrlen" not in args:
+        # fast path for the common (host, port) form
+        host, port = raw
+        if type(host) is str and type(port) is int and 0 <= port <= 0xFFFF:
+            parsed = canonical_ip(host) if host else (AF_INET, ANY4)
+            if parsed is not None:
+                family = parsed[0]
+                return SockAddr(family, parsed[1], port, SOCKADDR_IN6_LEN if family == AF_INET6 else SOCKADDR_IN_LEN)
     if raw is None:
         raise fail("EFAULT", f"no {key} given: the kernel would fault copying a NULL sockaddr",
                    "move_addr_to_kernel")

@@ -12,6 +12,7 @@ from .ports import PortTable
 from .result import Result, SyscallError, fail
 from .sock import Device, OpenFile, Sock
 from . import views
+from .syscalls import SYSCALLS
 
 if TYPE_CHECKING:
     from .network import Network
@@ -111,8 +112,6 @@ class Host:
 
     def call(self, op: str, args: Mapping[str, Any] | None = None, user: str = "root") -> Result:
         """Run one syscall ``op`` with C-named ``args`` as ``user``; never raises for bad input."""
-        from .syscalls import SYSCALLS
-
         handler = SYSCALLS.get(op)
         if handler is None:
             return Result(op, -1, "ENOSYS", f"the model has no syscall {op!r}", "sys_ni_syscall")

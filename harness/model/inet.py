@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING
 
 from . import tcp, udp
+from .binding import autobind, get_port, port_table, unbind
 from .addr import ANY4, ANY6, SIN6_LEN_RFC2133, SOCKADDR_IN_LEN, SockAddr, v4_of_v6
 from .config import Creds
 from .constants import (
@@ -13,7 +15,7 @@ from .constants import (
 )
 from .result import Result, fail
 from .sock import OpenFile, SHUTDOWN_MASK, Sock
-from .views import endpoint
+from .views import endpoint, ep_text
 
 if TYPE_CHECKING:
     from .host import Host, Process
@@ -22,46 +24,6 @@ if TYPE_CHECKING:
 def _is_multicast_or_broadcast4(addr: str) -> bool:
     first = int(addr.split(".", 1)[0])
     return 224 <= first <= 239 or addr == "255.255.255.255"
-
-
-def _port_table(host: "Host", sk: Sock):
-    return host.udp_ports if sk.type != SOCK_STREAM else host.tcp_ports
-
-
-def get_port(host: "Host", sk: Sock, port: int, fn: str) -> tuple[int, str]:
-    """sk->sk_prot->get_port(): inet_csk_get_port (TCP) or udp_v4_get_port (UDP); sk.rcv_addr is already set.
-
-    Returns (port, rule); raises EADDRINUSE naming the owner and the reuse rule that failed.
-    """
-    table = _port_table(host, sk)
-    if port == 0:
-        low, high = host.sysctls["net.ipv4.ip_local_port_range"]
-        parity = None if table.udp else 1
-        chosen = table.pick_ephemeral(sk, low, high, host.rng, parity)
-        if not chosen:
-            raise fail("EADDRINUSE", f"no free port left in ip_local_port_range {low}-{high}",
-                       "inet_csk_find_open_port" if not table.udp else "udp_lib_get_port")
-        how = "odd ports first" if parity == 1 else "any parity"
-        if parity == 1 and sk.reuse:
-            how += ", lower half first because of SO_REUSEADDR"
-        return chosen, f"ephemeral port {chosen} from ip_local_port_range {low}-{high} ({how})"
-    owner, reason = table.find_conflict(sk, port)
-    if owner is not None:
-        raise fail("EADDRINUSE", f"port {port} owned by {describe_owner(host, owner)}: {reason}",
-                   "inet_csk_bind_conflict" if not table.udp else "udp_lib_lport_inuse")
-    return port, f"port {port}: {reason}"
-
-
-def describe_owner(host: "Host", owner) -> str:
-    from .views import _owner_index
-    from .constants import TCP_STATE_NAMES, TCP_TIME_WAIT
-
-    if not isinstance(owner, Sock):
-        return f"a TIME_WAIT socket ({endpoint(owner, False)})"
-    user_fd = _owner_index(host).get(id(owner))
-    state = TCP_STATE_NAMES[owner.sk_state] if owner.type == SOCK_STREAM else "bound"
-    where = f"fd {user_fd[1]} of {user_fd[0]}" if user_fd else "a socket with no descriptor"
-    return f"{where} ({state} on {endpoint(owner, False)})"
 
 
 def _check_bind_address(host: "Host", creds: Creds, sk: Sock, sa: SockAddr) -> str:
@@ -140,28 +102,9 @@ def inet_bind(op: str, host: "Host", creds: Creds, f: OpenFile, sa: SockAddr) ->
     sk.port = port
     sk.bound = True
     sk.bindport_locked = sa.port != 0
-    _port_table(host, sk).add(sk, port)
+    port_table(host, sk).add(sk, port)
     kernel_fn = "inet_csk_get_port" if sk.type == SOCK_STREAM else "udp_lib_get_port"
-    return Result(op, 0, None, f"bound {endpoint(sk, False)}; {rule}", kernel_fn)
-
-
-def autobind(host: "Host", sk: Sock) -> None:
-    """inet_autobind(): a UDP socket that sends or connects unbound gets an ephemeral port."""
-    if sk.bound:
-        return
-    sk.rcv_addr = ANY6 if sk.family == AF_INET6 else ANY4
-    port, _ = get_port(host, sk, 0, "inet_autobind")
-    sk.port = port
-    sk.bound = True
-    _port_table(host, sk).add(sk, port)
-
-
-def unbind(host: "Host", sk: Sock) -> None:
-    """inet_put_port()/udp_lib_unhash(): give the port back."""
-    if sk.bound:
-        _port_table(host, sk).remove(sk, sk.port)
-        sk.bound = False
-        sk.port = 0
+    return Result(op, 0, None, f"bound {ep_text(sk, False)}; {rule}", kernel_fn)
 
 
 def inet_listen(op: str, host: "Host", creds: Creds, f: OpenFile, backlog: int) -> Result:
@@ -178,6 +121,7 @@ def inet_listen(op: str, host: "Host", creds: Creds, f: OpenFile, backlog: int) 
         return Result(op, 0, None, f"already listening: sk_max_ack_backlog {old} -> {backlog}", "inet_listen")
     # inet_csk_listen_start(): announce LISTEN first, then re-validate the port in that state
     sk.sk_state = TCP_LISTEN
+    sk.accept_queue = deque()
     was_bound = sk.bound
     try:
         if was_bound:
@@ -194,7 +138,7 @@ def inet_listen(op: str, host: "Host", creds: Creds, f: OpenFile, backlog: int) 
         raise
     capacity = backlog + 1
     return Result(op, 0, None,
-                  f"listening on {endpoint(sk, False)}, sk_max_ack_backlog {backlog} (queue admits {capacity}: "
+                  f"listening on {ep_text(sk, False)}, sk_max_ack_backlog {backlog} (queue admits {capacity}: "
                   f"sk_acceptq_is_full uses >); {rule}", "inet_csk_listen_start")
 
 
@@ -214,7 +158,7 @@ def inet_accept(op: str, host: "Host", proc: "Process", f: OpenFile, flags: int)
     nonblock = bool(flags & SOCK_NONBLOCK)
     cloexec = bool(flags & SOCK_CLOEXEC)
     fd = proc.install(OpenFile(child, nonblock, cloexec))
-    peer = endpoint(child, True)
+    peer = ep_text(child, True)
     return Result(op, fd, None,
                   f"fd {fd} = socket:[{child.inode}] from {peer}; sk_ack_backlog now {len(sk.accept_queue)}; "
                   f"new fd {'O_NONBLOCK ' if nonblock else ''}{'O_CLOEXEC' if cloexec else ''}".rstrip(),
@@ -295,7 +239,7 @@ def inet_stream_connect(op: str, host: "Host", creds: Creds, f: OpenFile, sa: So
         tcp.disconnect(host, sk)
         raise fail(error, tcp.failure_reason(error), "__inet_stream_connect")
     sk.ss_state = SS_CONNECTED
-    return Result(op, 0, None, f"connected {endpoint(sk, False)} -> {endpoint(sk, True)}", "__inet_stream_connect")
+    return Result(op, 0, None, f"connected {ep_text(sk, False)} -> {ep_text(sk, True)}", "__inet_stream_connect")
 
 
 def inet_dgram_connect(op: str, host: "Host", creds: Creds, f: OpenFile, sa: SockAddr) -> Result:

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .addr import ANY4, ANY6, canonical_ip, is_loopback4, v4_of_v6
 from .constants import AF_INET6, TCP_SYN_SENT
+from . import tcp, zerocopy
 from .result import fail
 from .sock import Device, Sock, TimeWaitSock
+from .zerocopy import ZEROCOPY_DEFERRED, ZEROCOPY_IMMEDIATE
 
 if TYPE_CHECKING:
     from .host import Host
 
-ZEROCOPY_IMMEDIATE = "immediate"
-ZEROCOPY_DEFERRED = "deferred"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +54,9 @@ class Network:
         self.strict = strict
         self.seed = seed
         self.syn_sent: set[Sock] = set()
-        self.timewaits: list[TimeWaitSock] = []
+        self.timewaits: set[TimeWaitSock] = set()
+        self._timers: list[tuple[float, int, Any]] = []  # heap of (when, seq, owner); stale entries skipped
+        self._seq = itertools.count()
         self.zc_waiting: list[tuple[Sock, list[int]]] = []
 
     def add_host(self, name: str, addrs: Iterable[str] = (), sysctls: Mapping[str, Any] | None = None,
@@ -130,24 +134,27 @@ class Network:
             self.now = when
             action()
 
-    def _next_event(self) -> tuple[float, Any]:
-        from . import tcp
+    def schedule(self, when: float, owner: Any) -> None:
+        """Arm a timer for a SYN_SENT socket or a timewait minisock; re-arming just pushes again."""
+        heapq.heappush(self._timers, (when, next(self._seq), owner))
 
-        best: tuple[float, Any] = (math.inf, None)
-        for sk in self.syn_sent:
-            if sk.syn_next < best[0]:
-                best = (sk.syn_next, lambda sk=sk: tcp.syn_timer(sk))
-        for tw in self.timewaits:
-            if tw.expires < best[0]:
-                best = (tw.expires, lambda tw=tw: tcp.timewait_expire(tw))
-        return best
+    def _next_event(self) -> tuple[float, Any]:
+        """Earliest live timer: entries whose owner moved on (or re-armed) are dropped lazily."""
+        timers = self._timers
+        while timers:
+            when, _, owner = timers[0]
+            if isinstance(owner, TimeWaitSock):
+                if owner in self.timewaits and owner.expires == when:
+                    return when, lambda tw=owner: (heapq.heappop(timers), tcp.timewait_expire(tw))
+            elif owner in self.syn_sent and owner.syn_next == when:
+                return when, lambda sk=owner: (heapq.heappop(timers), tcp.syn_timer(sk))
+            heapq.heappop(timers)
+        return math.inf, None
 
     # -- zerocopy ----------------------------------------------------------------------------
 
     def complete_zerocopy(self, order: str = "fifo") -> int:
         """Deliver held MSG_ZEROCOPY completions, in send order or reversed; returns how many."""
-        from . import zerocopy
-
         waiting, self.zc_waiting = self.zc_waiting, []
         if order == "reverse":
             waiting.reverse()

@@ -29,6 +29,20 @@ class Result:
     signal: str | None = None
     data: Any = None  # received bytes, or other by-products that are not the return value
 
+    # A hand-written __init__ (dataclass keeps it) that fills the slots through their descriptors:
+    # the generated frozen __init__ costs twice as much, and every modelled syscall builds one Result.
+    def __init__(self, op: str, ret: Any, errno: str | None, rule: str, kernel_fn: str, blocked: bool = False,
+                 approx: bool = False, signal: str | None = None, data: Any = None) -> None:
+        _SET_OP(self, op)
+        _SET_RET(self, ret)
+        _SET_ERRNO(self, errno)
+        _SET_RULE(self, rule)
+        _SET_FN(self, kernel_fn)
+        _SET_BLOCKED(self, blocked)
+        _SET_APPROX(self, approx)
+        _SET_SIGNAL(self, signal)
+        _SET_DATA(self, data)
+
     @property
     def ok(self) -> bool:
         return self.errno is None and not self.blocked
@@ -46,6 +60,17 @@ class Result:
             head = repr(self.ret) if not isinstance(self.ret, int) else str(self.ret)
         extra = f" [{self.signal}]" if self.signal else ""
         return f"{head}  ({self.rule}; {self.kernel_fn}){extra}"
+
+
+_SET_OP = Result.op.__set__
+_SET_RET = Result.ret.__set__
+_SET_ERRNO = Result.errno.__set__
+_SET_RULE = Result.rule.__set__
+_SET_FN = Result.kernel_fn.__set__
+_SET_BLOCKED = Result.blocked.__set__
+_SET_APPROX = Result.approx.__set__
+_SET_SIGNAL = Result.signal.__set__
+_SET_DATA = Result.data.__set__
 
 
 class SyscallError(Exception):

@@ -29,21 +29,49 @@ class Device:
 
 
 class Sock:
-    """One socket: VFS-visible struct socket fields and protocol struct sock fields together."""
+    """One socket: VFS-visible struct socket fields and protocol struct sock fields together.
 
-    __slots__ = (
-        "host", "inode", "family", "type", "protocol", "ops", "uid",
-        "ss_state", "sk_state",
-        "reuse", "reuseport", "freebind", "v6only", "zerocopy",
-        "sndbuf", "rcvbuf", "sndbuf_locked", "rcvbuf_locked", "bindport_locked",
-        "rcv_addr", "port", "bound", "peer_addr", "peer_port", "autobound_by_connect",
-        "max_ack_backlog", "accept_queue", "drops",
-        "peer", "rx", "tx_pending", "datagrams", "rmem_alloc",
-        "err", "shutdown", "fin_received", "orphan", "parent",
-        "zckey", "errqueue", "omem", "zc_inflight",
-        "device", "mss_clamp", "mss_cache", "syn_rto", "syn_retries_left", "syn_next", "route_host",
-        "unix_path", "listening_backlog_set",
-    )
+    Scalar fields default at class level so creating a socket only stores what differs; the
+    per-socket containers are made in __init__.
+    """
+
+    ss_state = SS_UNCONNECTED
+    sk_state = TCP_CLOSE
+    reuse = False  # sk_reuse (SO_REUSEADDR)
+    reuseport = False
+    freebind = False  # inet->freebind (IP_FREEBIND / IPV6_FREEBIND)
+    v6only = False
+    zerocopy = False  # SOCK_ZEROCOPY flag
+    sndbuf = 0
+    rcvbuf = 0
+    sndbuf_locked = False  # SOCK_SNDBUF_LOCK
+    rcvbuf_locked = False
+    bindport_locked = False  # SOCK_BINDPORT_LOCK: bind() named the port
+    rcv_addr: "str | None" = None  # None: not bound; "0.0.0.0"/"::" wildcard
+    port = 0
+    bound = False
+    peer_addr: "str | None" = None
+    peer_port = 0
+    autobound_by_connect = False
+    max_ack_backlog = 0
+    drops = 0  # sk_drops
+    peer: "Sock | TimeWaitSock | None" = None
+    rmem_alloc = 0
+    err: "str | None" = None  # sk_err as an errno name
+    shutdown = 0
+    fin_received = False  # SOCK_DONE: the peer's FIN arrived
+    orphan = False  # SOCK_DEAD: no file refers to it any more
+    parent: "Sock | None" = None  # the listener while queued for accept
+    zckey = 0  # sk_zckey: next MSG_ZEROCOPY id
+    omem = 0  # sk_omem_alloc
+    device: "Device | None" = None
+    mss_clamp = 0
+    mss_cache = 0
+    syn_rto = 0.0
+    syn_retries_left = 0
+    syn_next = 0.0
+    route_host = None  # the peer host a pending SYN goes to (None: nobody answers)
+    unix_path: "str | None" = None
 
     def __init__(self, host: "Host", inode: int, family: int, sock_type: int, protocol: int,
                  ops: "ProtoOps", uid: int):
@@ -54,50 +82,15 @@ class Sock:
         self.protocol = protocol
         self.ops = ops
         self.uid = uid
-        self.ss_state = SS_UNCONNECTED
-        self.sk_state = TCP_CLOSE
-        self.reuse = False
-        self.reuseport = False
-        self.freebind = False
-        self.v6only = False
-        self.zerocopy = False
-        self.sndbuf = 0
-        self.rcvbuf = 0
-        self.sndbuf_locked = False
-        self.rcvbuf_locked = False
-        self.bindport_locked = False
-        self.rcv_addr: str | None = None  # None: not bound; "0.0.0.0"/"::" wildcard
-        self.port = 0
-        self.bound = False
-        self.peer_addr: str | None = None
-        self.peer_port = 0
-        self.autobound_by_connect = False
-        self.max_ack_backlog = 0
-        self.accept_queue: deque[Sock] = deque()
-        self.drops = 0
-        self.peer: Sock | None = None
         self.rx = bytearray()  # stream bytes not yet read
         self.tx_pending = bytearray()  # stream bytes the peer's window has not taken yet
-        self.datagrams: deque[tuple[bytes, Any, int]] = deque()  # (payload, source, truesize)
-        self.rmem_alloc = 0
-        self.err: str | None = None  # sk_err as an errno name
-        self.shutdown = 0
-        self.fin_received = False
-        self.orphan = False
-        self.parent: Sock | None = None  # the listener while queued for accept
-        self.zckey = 0
-        self.errqueue: list[list[int]] = []  # [code, lo, hi] per queued notification skb
-        self.omem = 0
-        self.zc_inflight: list[list[int]] = []  # deferred uargs: [id, len, zerocopy_ok]
-        self.device: Device | None = None
-        self.mss_clamp = 0
-        self.mss_cache = 0
-        self.syn_rto = 0.0
-        self.route_host = None  # the peer host a pending SYN goes to (None: nobody answers)
-        self.syn_retries_left = 0
-        self.syn_next = 0.0
-        self.unix_path: str | None = None
-        self.listening_backlog_set = False
+        # Containers only some sockets need start as shared empty tuples and become real
+        # containers on first use (listen(), the first datagram, the first zerocopy send):
+        # fewer allocations keep the cyclic GC out of the hot path.
+        self.accept_queue: "deque[Sock] | tuple" = ()
+        self.datagrams: "deque[tuple[bytes, Any, int]] | tuple" = ()  # (payload, source, truesize)
+        self.errqueue: "list[list[int]] | tuple" = ()  # [code, lo, hi] per queued notification skb
+        self.zc_inflight: "list[list[int]] | tuple" = ()  # uargs not yet completed: [id, len, zerocopy_ok]
 
     @property
     def is_v6(self) -> bool:
@@ -116,7 +109,7 @@ class TimeWaitSock:
     """inet_timewait_sock: keeps the port in the bind bucket after an active close."""
 
     __slots__ = ("host", "family", "rcv_addr", "port", "reuse", "reuseport", "uid", "v6only", "expires",
-                 "peer_addr", "peer_port", "inode", "substate", "peer")
+                 "peer_addr", "peer_port", "inode", "substate")
 
     sk_state = TCP_TIME_WAIT
     bound = True
@@ -135,7 +128,6 @@ class TimeWaitSock:
         self.peer_port = sk.peer_port
         self.inode = 0
         self.substate = substate  # TCP_FIN_WAIT2 until the peer's FIN arrives, then TCP_TIME_WAIT
-        self.peer = sk.peer
 
     @property
     def is_v6(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno as _errno
 from typing import TYPE_CHECKING, Any, Mapping
 
+from .args import arg_int, c_int
 from .config import Creds
 from .constants import (
     AF_INET, AF_INET6, CAP_NET_ADMIN, IP_FREEBIND, IP_RECVERR, IP_TOS, IP_TTL, IPPROTO_TCP, IPPROTO_UDP,
@@ -25,8 +26,6 @@ _ACCEPTED_FLAGS = {SO_KEEPALIVE, SO_OOBINLINE, SO_BROADCAST, SO_DONTROUTE}
 
 def _decode(args: Mapping[str, Any]) -> tuple[int, int]:
     """(val, optlen) the kernel copies in: ints are 4 bytes, bytes are read little-endian."""
-    from .syscalls import c_int
-
     value = args.get("value", args.get("optval", 0))
     optlen = args.get("optlen")
     if isinstance(value, (bytes, bytearray)):
@@ -42,8 +41,6 @@ def _decode(args: Mapping[str, Any]) -> tuple[int, int]:
 
 def setsockopt(op: str, host: "Host", creds: Creds, f: OpenFile, args: Mapping[str, Any]) -> Result:
     """__sys_setsockopt(): negative optlen, then SOL_SOCKET to sk_setsockopt, other levels to the protocol."""
-    from .syscalls import arg_int
-
     sk = f.sock
     level = arg_int(args, "level")
     optname = arg_int(args, "optname")
@@ -177,8 +174,6 @@ def _ipv6_setsockopt(op, sk: Sock, optname: int, val: int, optlen: int) -> Resul
 
 def getsockopt(op: str, host: "Host", creds: Creds, f: OpenFile, args: Mapping[str, Any]) -> Result:
     """sk_getsockopt() and the protocol getters; SO_ERROR reads and clears sk_err."""
-    from .syscalls import arg_int
-
     sk = f.sock
     level = arg_int(args, "level")
     optname = arg_int(args, "optname")

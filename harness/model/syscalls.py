@@ -6,9 +6,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from . import create, poll as pollmod, sockopt
 from .addr import parse_sockaddr
+from .args import arg_int, c_int
 from .constants import (
     AF_INET, AF_INET6, AF_MAX, AF_PACKET, AF_UNIX, O_CLOEXEC, O_NONBLOCK, S_IFSOCK, SOCK_CLOEXEC, SOCK_DGRAM,
-    SOCK_MAX, SOCK_NONBLOCK, SOCK_PACKET, SOCK_STREAM, SOCK_TYPE_MASK, resolve,
+    SOCK_MAX, SOCK_NONBLOCK, SOCK_PACKET, SOCK_STREAM, SOCK_TYPE_MASK,
 )
 from .result import Result, fail
 from .sock import OpenFile, Sock
@@ -16,33 +17,12 @@ from .sock import OpenFile, Sock
 if TYPE_CHECKING:
     from .host import Host, Process
 
-INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 F_GETFD, F_SETFD, F_GETFL, F_SETFL = 1, 2, 3, 4
 FD_CLOEXEC = 1
 
 
-def c_int(value: Any, what: str) -> int:
-    """Read an int argument as a C int would arrive: names resolved, wider values truncated to 32 bits."""
-    if isinstance(value, str):
-        try:
-            value = resolve(value)
-        except ValueError:
-            raise fail("EINVAL", f"{what} {value!r} is not a known constant", "model") from None
-    if isinstance(value, bool):
-        value = int(value)
-    if not isinstance(value, int):
-        raise fail("EINVAL", f"{what} {value!r} is not an integer", "model")
-    if INT_MIN <= value <= INT_MAX:
-        return value
-    return ((value - INT_MIN) % 2**32) + INT_MIN
-
-
-def arg_int(args: Mapping[str, Any], key: str, default: int | None = None) -> int:
-    if key not in args:
-        if default is None:
-            raise fail("EINVAL", f"missing argument {key!r}", "model")
-        return default
-    return c_int(args[key], key)
+_FLAG_TEXT = {(False, False): "no flags", (True, False): "O_NONBLOCK", (False, True): "O_CLOEXEC",
+              (True, True): "O_NONBLOCK|O_CLOEXEC"}
 
 
 def sys_socket(host: "Host", proc: "Process", op: str, args: Mapping[str, Any]) -> Result:
@@ -85,7 +65,7 @@ def sys_socket(host: "Host", proc: "Process", op: str, args: Mapping[str, Any]) 
     nonblock = bool(type_arg & SOCK_NONBLOCK)
     cloexec = bool(type_arg & SOCK_CLOEXEC)
     fd = proc.install(OpenFile(sk, nonblock, cloexec))
-    flags = "|".join(name for name, on in (("O_NONBLOCK", nonblock), ("O_CLOEXEC", cloexec)) if on) or "no flags"
+    flags = _FLAG_TEXT[nonblock, cloexec]
     return Result(op, fd, None, f"socket:[{sk.inode}] with {ops.name}/{ops.prot}, {flags}; sock_map_fd gave fd {fd}",
                   "__sys_socket")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from . import zerocopy
@@ -9,7 +10,7 @@ from .addr import ANY4, ANY6, SIN6_LEN_RFC2133, SOCKADDR_IN_LEN, SockAddr, v4_of
 from .constants import (
     AF_INET, AF_INET6, MSG_DONTWAIT, MSG_ERRQUEUE, MSG_NOSIGNAL, MSG_PEEK, SOCK_STREAM, TCP_CLOSE,
     TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_LAST_ACK, TCP_LISTEN, TCP_SYN_RECV,
-    TCP_SYN_SENT, TCP_TIME_WAIT,
+    TCP_STATE_NAMES, TCP_SYN_SENT, TCP_TIME_WAIT,
 )
 from .kmem import tcp_mss, tcp_sndbuf_expand
 from .result import Result, SyscallError, fail
@@ -63,6 +64,7 @@ def connect(host: "Host", sk: Sock, sa: SockAddr) -> None:
         sk.syn_retries_left = -1
         sk.syn_next = host.net.now + ARP_FAILURE_DELAY
     host.net.syn_sent.add(sk)
+    host.net.schedule(sk.syn_next, sk)
     _send_syn(sk)
 
 
@@ -148,9 +150,11 @@ def _establish(client: Sock, listener: Sock) -> None:
     server = listener.host
     child = Sock(server, server.next_inode(), listener.family, SOCK_STREAM, listener.protocol, listener.ops,
                  listener.uid)
-    for attr in ("reuse", "reuseport", "freebind", "v6only", "zerocopy", "sndbuf", "rcvbuf", "sndbuf_locked",
-                 "rcvbuf_locked"):
-        setattr(child, attr, getattr(listener, attr))  # sk_clone_lock() copies the listener
+    # sk_clone_lock() copies the listener's options and buffer settings
+    child.reuse, child.reuseport, child.freebind = listener.reuse, listener.reuseport, listener.freebind
+    child.v6only, child.zerocopy = listener.v6only, listener.zerocopy
+    child.sndbuf, child.rcvbuf = listener.sndbuf, listener.rcvbuf
+    child.sndbuf_locked, child.rcvbuf_locked = listener.sndbuf_locked, listener.rcvbuf_locked
     dst, _ = _dst_v4(client)
     src = client.rcv_addr if client.family == AF_INET else (v4_of_v6(client.rcv_addr) or client.rcv_addr)
     if child.family == AF_INET6 and ":" not in dst:
@@ -173,10 +177,17 @@ def _establish(client: Sock, listener: Sock) -> None:
 def _init_buffer_space(sk: Sock) -> None:
     """tcp_init_buffer_space(): grow sk_sndbuf for the path MSS unless SO_SNDBUF locked it."""
     _, v4_path = _dst_v4(sk)
-    clamp, cache = tcp_mss(sk.device.mtu, ipv6=not v4_path)
+    clamp, cache, sndbuf = _buffer_space(sk.device.mtu, not v4_path, sk.host.sysctls["net.ipv4.tcp_wmem"][2],
+                                         sk.sndbuf)
     sk.mss_clamp, sk.mss_cache = clamp, cache
     if not sk.sndbuf_locked:
-        sk.sndbuf = tcp_sndbuf_expand(clamp, cache, sk.host.sysctls["net.ipv4.tcp_wmem"][2], sk.sndbuf)
+        sk.sndbuf = sndbuf
+
+
+@lru_cache(maxsize=256)
+def _buffer_space(mtu: int, ipv6: bool, wmem_max_tcp: int, current: int) -> tuple[int, int, int]:
+    clamp, cache = tcp_mss(mtu, ipv6=ipv6)
+    return clamp, cache, tcp_sndbuf_expand(clamp, cache, wmem_max_tcp, current)
 
 
 def syn_timer(sk: Sock) -> None:
@@ -193,6 +204,7 @@ def syn_timer(sk: Sock) -> None:
     sk.syn_retries_left -= 1
     sk.syn_rto *= 2
     sk.syn_next = net.now + sk.syn_rto
+    net.schedule(sk.syn_next, sk)
     _send_syn(sk)
 
 
@@ -246,6 +258,8 @@ def _done(sk: Sock) -> None:
     if sk.orphan or not sk.bindport_locked:
         _unbind(sk)
     zerocopy.complete_acked(sk)
+    if sk.orphan:
+        sk.peer = None  # a destroyed socket lets go of its peer (no reference cycle left for the GC)
 
 
 def receive_reset(sk: Sock) -> None:
@@ -275,7 +289,8 @@ def _to_timewait(sk: Sock, substate: int, timeout: float) -> None:
         sk.host.tcp_ports.add(tw, sk.port)
     if isinstance(sk.peer, Sock):
         sk.peer.peer = tw
-    net.timewaits.append(tw)
+    net.timewaits.add(tw)
+    net.schedule(tw.expires, tw)
     sk.peer = None
     _done(sk)
 
@@ -283,8 +298,7 @@ def _to_timewait(sk: Sock, substate: int, timeout: float) -> None:
 def timewait_expire(tw: TimeWaitSock) -> None:
     """inet_twsk_kill(): the TIME_WAIT (or orphaned FIN_WAIT2) minisock frees the port."""
     tw.host.tcp_ports.remove(tw, tw.port)
-    if tw in tw.host.net.timewaits:
-        tw.host.net.timewaits.remove(tw)
+    tw.host.net.timewaits.discard(tw)
 
 
 def _send_fin(sk: Sock) -> None:
@@ -316,6 +330,7 @@ def _fin_acked(sk: Sock) -> None:
         if isinstance(peer, TimeWaitSock):
             peer.substate = TCP_TIME_WAIT
             peer.expires = host.net.now + TCP_TIMEWAIT_LEN
+            host.net.schedule(peer.expires, peer)
         elif isinstance(peer, Sock) and peer.sk_state == TCP_FIN_WAIT2:
             peer.fin_received = True
             peer.shutdown |= RCV_SHUTDOWN
@@ -397,8 +412,6 @@ def close(host: "Host", sk: Sock) -> str:
 
 
 def _state_name(sk: Sock) -> str:
-    from .constants import TCP_STATE_NAMES
-
     return TCP_STATE_NAMES[sk.sk_state] if sk.bound or sk.sk_state != TCP_CLOSE else "closed"
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING
 
 from . import zerocopy
+from .binding import autobind, unbind
 from .addr import ANY4, ANY6, SIN6_LEN_RFC2133, SOCKADDR_IN_LEN, SockAddr, v4_of_v6
 from .constants import (
     AF_INET, AF_INET6, AF_UNSPEC, MSG_DONTWAIT, MSG_ERRQUEUE, MSG_OOB, MSG_PEEK, MSG_TRUNC, TCP_CLOSE,
@@ -22,8 +24,6 @@ UDP_MAX_PAYLOAD6 = 0xFFFF - 8
 
 
 def _autobind(host: "Host", sk: Sock) -> None:
-    from .inet import autobind
-
     try:
         autobind(host, sk)
     except SyscallError:
@@ -51,8 +51,6 @@ def connect(op: str, host: "Host", sk: Sock, sa: SockAddr) -> Result:
         sk.peer_addr, sk.peer_port = None, 0
         sk.sk_state = TCP_CLOSE
         if not sk.bindport_locked:
-            from .inet import unbind
-
             unbind(host, sk)
             sk.rcv_addr = None
         return Result(op, 0, None, "AF_UNSPEC: default destination removed", "udp_disconnect")
@@ -177,6 +175,8 @@ def _deliver(host: "Host", sk: Sock, route, dport: int, payload: bytes) -> str:
         return f"sent; dropped at the receiver (sk_rmem_alloc {target.rmem_alloc} > sk_rcvbuf {target.rcvbuf})"
     target.rmem_alloc += truesize
     source = (src, sk.port) if target.family == AF_INET else (src if ":" in src else f"::ffff:{src}", sk.port, 0, 0)
+    if not target.datagrams:
+        target.datagrams = deque()
     target.datagrams.append((payload, source, truesize))
     receiver_host.bump("Udp.InDatagrams")
     return f"queued at the receiver (truesize ~{truesize})"
@@ -199,7 +199,7 @@ def recvmsg(op: str, host: "Host", f: OpenFile, length: int, flags: int) -> Resu
             sk.rmem_alloc -= truesize
         count = min(length, len(payload))
         ret = len(payload) if flags & MSG_TRUNC else count
-        return Result(op, ret, None, f"one datagram of {len(payload)} bytes from {source}", "udp_recvmsg",
+        return Result(op, ret, None, f"one datagram of {len(payload)} bytes from {source[0]}:{source[1]}", "udp_recvmsg",
                       data=payload[:count])
     if sk.shutdown & RCV_SHUTDOWN and not (f.nonblock or flags & MSG_DONTWAIT):
         return Result(op, 0, None, "receive side shut down", "__skb_wait_for_more_packets")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING
 
 from .addr import SOCKADDR_UN_LEN, SUN_PATH_OFFSET, SockAddr
@@ -79,6 +80,8 @@ def unix_listen(op: str, host: "Host", creds, f: OpenFile, backlog: int) -> Resu
     if sk.sk_state not in (TCP_CLOSE, TCP_LISTEN):
         raise fail("EINVAL", "socket is connected", "unix_listen")
     sk.max_ack_backlog = backlog
+    if sk.sk_state != TCP_LISTEN:
+        sk.accept_queue = deque()
     sk.sk_state = TCP_LISTEN
     return Result(op, 0, None, f"listening on {sk.unix_path}, backlog {backlog} (queue admits {backlog + 1})",
                   "unix_listen")
@@ -251,6 +254,8 @@ def unix_dgram_sendmsg(op, host, creds, f: OpenFile, payload: bytes, flags: int,
         if f.nonblock or flags & MSG_DONTWAIT:
             raise fail("EAGAIN", f"receiver holds {len(other.datagrams)} > max_dgram_qlen {limit}", "unix_dgram_sendmsg")
         return Result(op, None, None, "receiver queue full: sleeps", "unix_wait_for_peer", blocked=True)
+    if not other.datagrams:
+        other.datagrams = deque()
     other.datagrams.append((payload, sk.unix_path or "", len(payload)))
     return Result(op, len(payload), None, f"datagram queued on {other.unix_path or 'peer'}", "unix_dgram_sendmsg")
 
@@ -285,7 +290,7 @@ def unix_release(host: "Host", sk: Sock) -> str:
                 client.shutdown = SHUTDOWN_MASK
                 client.err = "ECONNRESET"
         notes.append(f"{len(sk.accept_queue)} pending connection(s) reset")
-        sk.accept_queue.clear()
+        sk.accept_queue = ()
     other = sk.peer
     if other is not None and sk.type != SOCK_DGRAM:
         other.shutdown = SHUTDOWN_MASK

@@ -91,6 +91,20 @@ def endpoint(sk: Sock | TimeWaitSock, peer: bool) -> Any:
     return (addr, port, 0, 0) if sk.family == AF_INET6 else (addr, port)
 
 
+def ep_text(sk: Sock | TimeWaitSock, peer: bool) -> str:
+    """The same end as readable text (addr:port, [v6]:port or the AF_UNIX name), cheap to format."""
+    if isinstance(sk, Sock) and sk.family == AF_UNIX:
+        return str(endpoint(sk, peer))
+    if peer:
+        addr, port = sk.peer_addr, sk.peer_port
+        if addr is None:
+            return "-"
+    else:
+        addr = sk.rcv_addr or ("::" if sk.family == AF_INET6 else "0.0.0.0")
+        port = sk.port
+    return f"[{addr}]:{port}" if sk.family == AF_INET6 else f"{addr}:{port}"
+
+
 def socket_view(host: "Host", entry: OpenFile) -> SocketView:
     sk = entry.sock
     return SocketView(

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from .host import Host
 
 U32 = 1 << 32
+ZEROCOPY_IMMEDIATE = "immediate"
+ZEROCOPY_DEFERRED = "deferred"
 
 
 def wants_zerocopy(sk: Sock, flags: int, length: int) -> bool:
@@ -50,13 +52,12 @@ def mark_copied(uarg: list[int]) -> None:
 
 def finish_send(host: "Host", sk: Sock, uarg: list[int], in_flight: bool) -> None:
     """Hand the send's notification to completion now, or keep it while data is unacked / completions deferred."""
-    from .network import ZEROCOPY_DEFERRED
-
-    if host.net.zerocopy_mode == ZEROCOPY_DEFERRED:
+    if host.net.zerocopy_mode == ZEROCOPY_DEFERRED or in_flight:
+        if not sk.zc_inflight:
+            sk.zc_inflight = []
         sk.zc_inflight.append(uarg)
-        host.net.zc_waiting.append((sk, uarg))
-    elif in_flight:
-        sk.zc_inflight.append(uarg)
+        if host.net.zerocopy_mode == ZEROCOPY_DEFERRED:
+            host.net.zc_waiting.append((sk, uarg))
     else:
         complete(sk, uarg)
 
@@ -84,7 +85,9 @@ def complete(sk: Sock, uarg: list[int]) -> None:
     code = 0 if zc_ok else SO_EE_CODE_ZEROCOPY_COPIED
     hi = (lo + length - 1) % U32
     queue = sk.errqueue
-    if queue:
+    if not queue:
+        queue = sk.errqueue = []
+    else:
         tail = queue[-1]
         old_lo, old_hi = tail[1], tail[2]
         span = (old_hi - old_lo) % U32 + 1 + length
