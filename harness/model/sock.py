@@ -42,6 +42,7 @@ class Sock:
     freebind = False  # inet->freebind (IP_FREEBIND / IPV6_FREEBIND)
     v6only = False
     zerocopy = False  # SOCK_ZEROCOPY flag
+    broadcast = False  # SOCK_BROADCAST (SO_BROADCAST)
     sndbuf = 0
     rcvbuf = 0
     sndbuf_locked = False  # SOCK_SNDBUF_LOCK

@@ -21,7 +21,7 @@ from .sock import OpenFile, Sock
 if TYPE_CHECKING:
     from .host import Host
 
-_ACCEPTED_FLAGS = {SO_KEEPALIVE, SO_OOBINLINE, SO_BROADCAST, SO_DONTROUTE}
+_ACCEPTED_FLAGS = {SO_KEEPALIVE, SO_OOBINLINE, SO_DONTROUTE}
 
 
 def _decode(args: Mapping[str, Any]) -> tuple[int, int]:
@@ -94,6 +94,9 @@ def _sk_setsockopt(op, host: "Host", creds: Creds, sk: Sock, optname: int, val: 
             raise fail("EINVAL", f"SO_ZEROCOPY takes 0 or 1, not {val}", fn)
         sk.zerocopy = bool(val)
         return Result(op, 0, None, f"SOCK_ZEROCOPY {'set' if val else 'cleared'}", fn)
+    if optname == SO_BROADCAST:
+        sk.broadcast = bool(valbool)
+        return Result(op, 0, None, f"SOCK_BROADCAST = {valbool}", fn)
     if optname == SO_DEBUG:
         if val and not creds.capable(CAP_NET_ADMIN):
             raise fail("EACCES", "SO_DEBUG needs CAP_NET_ADMIN", fn)
@@ -197,6 +200,7 @@ def getsockopt(op: str, host: "Host", creds: Creds, f: OpenFile, args: Mapping[s
             SO_ACCEPTCONN: int(sk.sk_state == TCP_LISTEN),
             SO_ZEROCOPY: int(sk.zerocopy),
             SO_KEEPALIVE: 0,
+            SO_BROADCAST: int(sk.broadcast),
         }
         if optname in values:
             return Result(op, values[optname], None, "value read from struct sock", fn)

@@ -124,7 +124,13 @@ def sendmsg(op: str, host: "Host", f: OpenFile, payload: bytes, flags: int, dest
         dst, dport = sk.peer_addr, sk.peer_port
     _autobind(host, sk)
     route = host.net.route(host, dst, ":" in dst)
-    uarg = zerocopy.alloc_notification(host, sk) if zerocopy.wants_zerocopy(sk, flags, size + 8) else None
+    if dst == "255.255.255.255" and not sk.broadcast:
+        raise fail("EACCES", "broadcast destination without SO_BROADCAST", fn)
+    try:
+        uarg = zerocopy.alloc_notification(host, sk) if zerocopy.wants_zerocopy(sk, flags, size + 8) else None
+    except SyscallError:
+        host.bump("Udp.SndbufErrors")  # udp_sendmsg() counts ENOBUFS failures
+        raise
     try:
         error = sk.take_error()
         if error:

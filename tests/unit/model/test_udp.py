@@ -76,3 +76,24 @@ def test_exact_address_beats_wildcard(a):
     a.call("sendto", {"fd": udp(a), "data": b"x", "addr": ("127.0.0.1", 5000)})
     assert a.call("recv", {"fd": exact, "flags": 0x40}).ok
     assert a.call("recv", {"fd": wild, "flags": 0x40}).errno == "EAGAIN"
+
+
+def test_broadcast_needs_so_broadcast(a):
+    """Rule: udp_sendmsg: a broadcast route without SO_BROADCAST -> EACCES."""
+    fd = udp(a)
+    assert a.call("sendto", {"fd": fd, "data": b"x", "addr": ("255.255.255.255", 9)}).errno == "EACCES"
+    assert a.call("setsockopt", {"fd": fd, "level": 1, "optname": 6, "value": 1}).ok
+    assert a.call("sendto", {"fd": fd, "data": b"x", "addr": ("255.255.255.255", 9)}).ok
+
+
+def test_zerocopy_enobufs_counts_sndbuf_errors():
+    """Rule: udp_sendmsg counts an ENOBUFS failure in Udp.SndbufErrors."""
+    from harness.model import Network, ZEROCOPY_DEFERRED
+
+    net = Network(strict=True, zerocopy=ZEROCOPY_DEFERRED)
+    host = net.add_host("h", addrs=["198.51.100.1"], sysctls={"optmem_max": 600})
+    fd = udp(host)
+    host.call("setsockopt", {"fd": fd, "level": 1, "optname": 60, "value": 1})
+    assert host.call("sendto", {"fd": fd, "length": 1, "flags": 0x4000000, "addr": ("127.0.0.1", 9)}).ok
+    assert host.call("sendto", {"fd": fd, "length": 1, "flags": 0x4000000, "addr": ("127.0.0.1", 9)}).errno == "ENOBUFS"
+    assert host.predict_counters()["Udp.SndbufErrors"] == 1
