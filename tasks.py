@@ -24,6 +24,14 @@ def _friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(c, *args, **kwargs):
+        # invoke hands `--help` to a task's positional argument (`invoke lab.ssh --help`
+        # would try to reach a VM called "--help"); show the task's help instead.
+        for flag in ("--help", "-h"):
+            if flag in args or flag in kwargs.values():
+                where = sys.argv.index(flag) if flag in sys.argv else 0
+                task_name = sys.argv[where - 1] if where > 0 else fn.__name__
+                os.execvp(sys.executable, [sys.executable, "-m", "invoke", "--help", task_name])
+
         def on_term(signum, frame):
             raise KeyboardInterrupt
 

@@ -176,7 +176,9 @@ class GuestSSH:
         if pid.isdigit():
             try:
                 channel = self.client.get_transport().open_session()
-                channel.exec_command(f"kill -KILL {int(pid)}")
+                # sshd makes the command's shell a session (and group) leader, and the
+                # exec keeps its pid: killing the group takes its children too.
+                channel.exec_command(f"kill -KILL -- -{int(pid)} 2>/dev/null || kill -KILL {int(pid)}")
                 channel.recv_exit_status()
                 channel.close()
             except (paramiko.SSHException, OSError, EOFError, SSHError):

@@ -172,7 +172,9 @@ class FakeSSHServer:
     def _exec(channel, command: str) -> None:
         import subprocess
 
-        with subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        # start_new_session: sshd runs each session's shell as a session leader too.
+        with subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              start_new_session=True) as proc:
             stderr_reader = threading.Thread(target=lambda: channel.sendall_stderr(proc.stderr.read()), daemon=True)
             stderr_reader.start()
             for chunk in iter(lambda: proc.stdout.read1(4096), b""):

@@ -111,7 +111,7 @@ def test_run_timeout_kills_the_remote_command(keys, sshd, tmp_path):
     with GuestSSH("server", sshd.port, keys["client"], keys["host_pub"]).connect(timeout=5) as guest:
         started = time.monotonic()
         with pytest.raises(SSHError, match="timed out after 1 s"):
-            guest.run(f"sleep 3; touch {marker}", timeout=1)
+            guest.run(f"sleep 3 && touch {marker}", timeout=1)
         assert time.monotonic() - started < 3
     time.sleep(3)
     assert not marker.exists()

@@ -1,0 +1,54 @@
+"""The invoke tasks as a user meets them: --help everywhere, one-line errors with exit 2 on bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from harness.paths import REPO_ROOT
+
+TASKS = ["images.build", "images.clean", "lab.up", "lab.down", "lab.status", "lab.ssh", "lab.console",
+         "lab.exec", "test"]
+
+
+def invoke(*args: str, home) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SOCKLAB_HOME=str(home))
+    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_every_task_explains_itself(name, tmp_path):
+    result = invoke(name, "--help", home=tmp_path)
+    assert result.returncode == 0
+    assert "Docstring:" in result.stdout and len(result.stdout.split("Docstring:")[1].strip()) > 20
+
+
+@pytest.mark.parametrize("args,message", [
+    (["lab.up", "--topology", "mesh"], "socklab: unknown topology 'mesh'; known: default, single"),
+    (["lab.up", "--accel", "hvf"], "socklab: unknown accelerator 'hvf'; use one of: auto, kvm, tcg"),
+    (["lab.up", "--segment", "vde"], "socklab: unknown segment mode 'vde'"),
+    (["lab.up", "--timeout", "-5"], "socklab: --timeout must be a positive number of seconds"),
+    (["lab.exec", "server", "--", "true"], "socklab: no lab is running: start one with `invoke lab.up`"),
+    (["lab.console", "server"], "socklab: no lab is running"),
+    (["images.build", "--recipe", "sid"], "socklab: unknown image recipe 'sid'"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    result = invoke(*args, home=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message)
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_status_without_a_lab(tmp_path):
+    result = invoke("lab.status", home=tmp_path)
+    assert result.returncode == 0 and "no lab is running" in result.stderr
+
+
+def test_down_without_a_lab_succeeds_twice(tmp_path):
+    assert invoke("lab.down", home=tmp_path).returncode == 0
+    assert invoke("lab.down", home=tmp_path).returncode == 0

@@ -1,0 +1,154 @@
+"""The image cache: recipe loading, the cache key, the mmdebstrap call, no-op rebuilds, damage checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import image
+from harness.errors import ImageError
+from harness.paths import REPO_ROOT, Paths
+
+
+@pytest.fixture
+def paths(tmp_path) -> Paths:
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(REPO_ROOT / "images/bookworm.yaml", images)
+    for tree in ("rootfs", "initrd"):
+        shutil.copytree(REPO_ROOT / "images" / tree, images / tree, symlinks=True)
+    return Paths(images=images, home=tmp_path / "home")
+
+
+@pytest.fixture
+def pubkey(paths) -> str:
+    paths.keys.mkdir(parents=True)
+    paths.client_key.write_text("private")
+    paths.client_key.with_suffix(".pub").write_text("ssh-ed25519 AAAAtest socklab-client\n")
+    return "ssh-ed25519 AAAAtest socklab-client"
+
+
+def fake_entry(paths: Paths, pubkey: str) -> Path:
+    """A complete-looking cache entry for the current recipe, as a finished build leaves it."""
+    recipe = image.Recipe.load(paths.images, "bookworm")
+    directory = image.entry_dir(paths, recipe, image.recipe_hash(paths, recipe, pubkey))
+    directory.mkdir(parents=True)
+    sums = {}
+    for name in (image.ROOTFS, image.KERNEL, image.INITRD):
+        (directory / name).write_bytes(name.encode() * 100)
+        sums[name] = image.file_sha256(directory / name)
+    manifest = {"recipe": "bookworm", "recipe_hash": "x", "kernel_release": "6.1.0-test",
+                "host_key": "ssh-ed25519 AAAAhost", "sha256": sums}
+    (directory / image.MANIFEST).write_text(json.dumps(manifest))
+    return directory
+
+
+def test_repository_recipe_loads():
+    recipe = image.Recipe.load(REPO_ROOT / "images", "bookworm")
+    assert recipe.suite == "bookworm"
+    assert {"openssh-server", "python3", "iproute2", "ethtool", "procps"} <= set(recipe.packages)
+    assert any(p.startswith("linux-image-") for p in recipe.packages)
+
+
+def test_unknown_recipe_lists_the_known_ones(paths):
+    with pytest.raises(ImageError, match="unknown image recipe 'trixie'; known: bookworm"):
+        image.Recipe.load(paths.images, "trixie")
+
+
+def test_broken_recipe_names_the_file(paths):
+    (paths.images / "bad.yaml").write_text("suite: bookworm\n")
+    with pytest.raises(ImageError, match="bad.yaml: bad recipe"):
+        image.Recipe.load(paths.images, "bad")
+
+
+def test_hash_is_stable_and_follows_every_input(paths, pubkey):
+    recipe = image.Recipe.load(paths.images, "bookworm")
+    first = image.recipe_hash(paths, recipe, pubkey)
+    assert image.recipe_hash(paths, recipe, pubkey) == first
+    assert image.recipe_hash(paths, recipe, "ssh-ed25519 AAAAother") != first
+    rc = paths.images / "rootfs/etc/socklab/rc"
+    rc.write_text(rc.read_text() + "# changed\n")
+    assert image.recipe_hash(paths, recipe, pubkey) != first
+    rc.chmod(0o700)
+    changed = image.recipe_hash(paths, recipe, pubkey)
+    rc.chmod(0o755)
+    assert image.recipe_hash(paths, recipe, pubkey) != changed
+
+
+def test_mmdebstrap_uses_its_own_mirror_unless_one_is_given(paths, tmp_path):
+    recipe = image.Recipe.load(paths.images, "bookworm")
+    argv = image.mmdebstrap_argv(recipe, tmp_path / "root", tmp_path / "stage", None)
+    assert argv[-2:] == ["bookworm", str(tmp_path / "root")]
+    assert not any("://" in arg for arg in argv)
+    with_mirror = image.mmdebstrap_argv(recipe, tmp_path / "root", tmp_path / "stage", "file:///srv/mirror")
+    assert with_mirror[-1] == "file:///srv/mirror"
+    assert f"--customize-hook=sync-in {tmp_path / 'stage'} /" in argv
+
+
+def test_cached_build_is_a_fast_no_op(paths, pubkey, monkeypatch):
+    fake_entry(paths, pubkey)
+    monkeypatch.setattr(image, "_build_locked", lambda *a: pytest.fail("must not rebuild"))
+    started = time.monotonic()
+    img, built = image.build(paths)
+    assert not built and img.kernel_release == "6.1.0-test"
+    assert time.monotonic() - started < 1.0
+
+
+def test_truncated_entry_is_rebuilt(paths, pubkey, monkeypatch):
+    directory = fake_entry(paths, pubkey)
+    (directory / image.ROOTFS).write_bytes(b"")
+    rebuilt = []
+    monkeypatch.setattr(image, "_build_locked", lambda *a: rebuilt.append(a) or "new")
+    monkeypatch.setattr(image.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(image.hostdeps, "ensure", lambda *a, **k: None)
+    assert image.build(paths) == ("new", True)
+
+
+def test_damage_is_found_by_digest(paths, pubkey):
+    directory = fake_entry(paths, pubkey)
+    img = image.Image.load(directory)
+    assert img.damaged() == []
+    with open(directory / image.KERNEL, "r+b") as handle:
+        handle.write(b"X")  # same size, different bytes
+    assert img.damaged() == [image.KERNEL]
+
+
+def test_find_without_image_says_how_to_build(paths, pubkey):
+    with pytest.raises(ImageError, match="run `invoke images.build` first"):
+        image.find(paths)
+
+
+def test_building_needs_root(paths, pubkey, monkeypatch):
+    monkeypatch.setattr(image.os, "geteuid", lambda: 1000)
+    with pytest.raises(ImageError, match="needs root.*sudo invoke images.build"):
+        image.build(paths)
+
+
+def test_interrupted_build_dirs_are_removed(paths):
+    paths.cache.mkdir(parents=True)
+    leftover = paths.cache / ".tmp-bookworm-abc-xyz"
+    (leftover / "root/etc").mkdir(parents=True)
+    assert image.remove_interrupted(paths) == [leftover]
+    assert not leftover.exists()
+
+
+def test_a_failed_build_leaves_no_entry(paths, pubkey, monkeypatch):
+    monkeypatch.setattr(image.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(image.hostdeps, "ensure", lambda *a, **k: None)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(image, "_build_into", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        image.build(paths)
+    assert [p.name for p in paths.cache.iterdir()] == [".lock"]
+
+
+def test_build_tool_failure_quotes_its_last_lines():
+    with pytest.raises(ImageError, match="mmdebstrap failed \\(exit 3\\): .*E: cannot find suite"):
+        image._run(["sh", "-c", "echo 'I: start'; echo 'E: cannot find suite' >&2; exit 3"], "mmdebstrap")

@@ -1,0 +1,153 @@
+"""Lab state and lifecycle without VMs: the state file, the lock, and cleanup when up fails."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from harness import lab as lab_mod
+from harness.accel import Choice
+from harness.errors import LabError
+from harness.lab import Lab, LabState, VMState, check_up_args
+from harness.paths import Paths
+
+
+@pytest.fixture
+def lab(tmp_path) -> Lab:
+    return Lab(Paths(images=tmp_path / "images", home=tmp_path / "home"))
+
+
+def sample_state() -> LabState:
+    vm = VMState(name="server", index=1, ssh_port=40022, lab_ip="198.51.100.2/24",
+                 mgmt_mac="52:54:00:00:00:02", lab_mac="52:54:00:5a:00:02", pid=123)
+    return LabState(lab_id="abc123", topology="default", accel="tcg", segment="tap", vms=[vm])
+
+
+def test_state_round_trips_through_json():
+    state = sample_state()
+    assert LabState.from_json(state.to_json()) == state
+    assert state.vm("server").address == "198.51.100.2"
+
+
+def test_state_of_another_version_is_refused():
+    text = sample_state().to_json().replace('"version": 1', '"version": 99')
+    with pytest.raises(LabError, match="version 99"):
+        LabState.from_json(text)
+
+
+def test_unknown_vm_lists_the_lab_s_vms():
+    with pytest.raises(LabError, match="no VM named 'router' in this lab; it has: server"):
+        sample_state().vm("router")
+
+
+def test_state_file_is_private(lab):
+    lab.save(sample_state())
+    assert stat.S_IMODE(lab.state_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(lab.run_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(lab.paths.home.stat().st_mode) == 0o700
+    assert lab.load() == sample_state()
+
+
+def test_corrupt_state_says_how_to_recover(lab):
+    lab.paths.ensure_private(lab.run_dir)
+    lab.state_file.write_text("{not json")
+    with pytest.raises(LabError, match="run `invoke lab.down`"):
+        lab.load()
+
+
+@pytest.mark.parametrize("args,message", [
+    (("mesh", "auto", "auto", 60), "unknown topology 'mesh'; known: default, single"),
+    (("default", "hvf", "auto", 60), "unknown accelerator 'hvf'"),
+    (("default", "auto", "vde", 60), "unknown segment mode 'vde'"),
+    (("default", "auto", "auto", 0), "--timeout must be a positive"),
+])
+def test_bad_up_arguments_are_refused_before_anything_starts(args, message):
+    with pytest.raises(LabError, match=message):
+        check_up_args(*args)
+
+
+def test_second_command_is_told_who_holds_the_lock(lab):
+    with lab.locked():
+        other = Lab(lab.paths)
+        with pytest.raises(LabError, match=f"another socklab command is changing this lab \\(pid {os.getpid()}\\)"):
+            with other.locked():
+                pass
+
+
+def test_lab_ids_differ_per_install(tmp_path):
+    first = lab_mod.lab_id(Paths(images=tmp_path, home=tmp_path / "a"))
+    second = lab_mod.lab_id(Paths(images=tmp_path, home=tmp_path / "b"))
+    assert first != second and len(first) == 6
+    assert len(f"sl{first}7") <= 15  # a tap name must fit IFNAMSIZ
+
+
+def test_down_without_a_lab_is_a_no_op(lab):
+    assert lab.down() == []
+    assert lab.down() == []
+
+
+class FakeImage:
+    def __init__(self, tmp_path: Path) -> None:
+        self.directory = tmp_path / "image"
+        self.rootfs = self.kernel = self.initrd = tmp_path / "image" / "file"
+        self.host_key = "ssh-ed25519 AAAA"
+
+    def damaged(self):
+        return []
+
+
+def test_failed_up_stops_everything_it_started(lab, tmp_path, monkeypatch):
+    """The second QEMU fails to start: the first one is stopped, the state and overlays are gone."""
+    started, stopped = [], []
+    monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
+    monkeypatch.setattr(lab_mod.image, "find", lambda paths: FakeImage(tmp_path))
+    monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
+    monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "test"))
+    monkeypatch.setattr(lab_mod.qemu, "create_overlay", lambda base, overlay: overlay.write_text("qcow2"))
+
+    def start(spec):
+        if spec.name == "server":
+            raise LabError("QEMU for server did not start: boom")
+        started.append(spec.name)
+        return 4000 + len(started)
+
+    monkeypatch.setattr(lab_mod.qemu, "start", start)
+    monkeypatch.setattr(lab_mod.qemu, "stop", lambda name, pid, qmp: stopped.append((name, pid)) or "quit")
+    with pytest.raises(LabError, match="server did not start"):
+        lab.up("default", "auto", "socket")
+    assert started == ["client"]
+    assert stopped == [("client", 4001)]
+    assert not lab.run_dir.exists()
+
+
+def test_interrupted_up_stops_everything_it_started(lab, tmp_path, monkeypatch):
+    stopped = []
+    monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
+    monkeypatch.setattr(lab_mod.image, "find", lambda paths: FakeImage(tmp_path))
+    monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
+    monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "test"))
+    monkeypatch.setattr(lab_mod.qemu, "create_overlay", lambda base, overlay: overlay.write_text("qcow2"))
+    monkeypatch.setattr(lab_mod.qemu, "start", lambda spec: 5000 + spec.lab_ip.count("2"))
+    monkeypatch.setattr(lab_mod.qemu, "stop", lambda name, pid, qmp: stopped.append(name) or "quit")
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Lab, "_wait_ssh", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        lab.up("default", "auto", "socket")
+    assert sorted(stopped) == ["client", "server"]
+    assert lab.load() is None
+
+
+def test_socket_segment_refuses_more_than_two_vms(lab, tmp_path, monkeypatch):
+    monkeypatch.setitem(lab_mod.TOPOLOGIES, "trio", lab_mod.Topology("trio", ("a", "b", "c")))
+    monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
+    monkeypatch.setattr(lab_mod.image, "find", lambda paths: FakeImage(tmp_path))
+    monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
+    monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "not root"))
+    with pytest.raises(LabError, match="socket segment joins two VMs only"):
+        lab.up("trio", "auto", "auto")
