@@ -168,7 +168,9 @@ def exec_(c, name, timeout=60):
 def test_(c, unit=False, live=False, pytest_args=""):
     """Run the test suite: unit tests, then live VM tests (boots the lab if none runs)."""
     marker = "-m 'not vm'" if unit else "-m vm" if live else ""
-    c.run(f"{sys.executable} -m pytest {marker} {pytest_args}", pty=sys.stdout.isatty())
+    result = c.run(f"{sys.executable} -m pytest {marker} {pytest_args}", pty=sys.stdout.isatty(), warn=True)
+    if result.exited:
+        raise Exit(code=result.exited)
 
 
 images = Collection("images", build, clean)
