@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from .addr import canonical_ip
 from .config import ROOT, STUDENT, Creds, build_sysctls
-from .constants import AF_INET, AF_INET6
+from .constants import AF_INET6
 from .ports import PortTable
 from .result import Result, SyscallError, fail
-from .sock import Device, OpenFile, Sock
+from .sock import Device, OpenFile
 from . import views
 from .syscalls import SYSCALLS
 
@@ -155,5 +155,3 @@ class Host:
     def __repr__(self) -> str:
         return f"<Host {self.name} {self.addrs4 + self.addrs6}>"
 
-
-__all__ = ["Host", "Process", "TTY", "AF_INET"]

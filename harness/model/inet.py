@@ -6,7 +6,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from . import tcp, udp
-from .binding import autobind, get_port, port_table, unbind
+from .binding import get_port, port_table, unbind
 from .addr import ANY4, ANY6, SIN6_LEN_RFC2133, SOCKADDR_IN_LEN, SockAddr, v4_of_v6
 from .config import Creds
 from .constants import (
@@ -273,5 +273,3 @@ def udp_release(host: "Host", sk: Sock) -> str:
     sk.sk_state = TCP_CLOSE
     return "udp_lib_close: port released"
 
-
-__all__ = ["inet_bind", "inet_listen", "inet_accept", "AF_INET6"]

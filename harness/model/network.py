@@ -8,8 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .addr import ANY4, ANY6, canonical_ip, is_loopback4, v4_of_v6
-from .constants import AF_INET6, TCP_SYN_SENT
+from .addr import ANY4, ANY6, is_loopback4, v4_of_v6
 from . import tcp, zerocopy
 from .result import fail
 from .sock import Device, Sock, TimeWaitSock
@@ -168,10 +167,3 @@ class Network:
     def counters(self) -> dict[str, dict[str, int]]:
         return {name: dict(host.counters) for name, host in self.hosts.items()}
 
-
-def is_ipv6_text(addr: str) -> bool:
-    parsed = canonical_ip(addr)
-    return parsed is not None and parsed[0] == AF_INET6
-
-
-__all__ = ["Network", "Route", "ZEROCOPY_DEFERRED", "ZEROCOPY_IMMEDIATE", "TCP_SYN_SENT"]

@@ -6,7 +6,7 @@ import random
 from typing import Iterable, Union
 
 from .addr import ANY4, ANY6, v4_of_v6
-from .constants import AF_INET6, TCP_LISTEN, TCP_TIME_WAIT
+from .constants import TCP_LISTEN, TCP_TIME_WAIT
 from .sock import Sock, TimeWaitSock
 
 Owner = Union[Sock, TimeWaitSock]

@@ -73,6 +73,11 @@ _SET_SIGNAL = Result.signal.__set__
 _SET_DATA = Result.data.__set__
 
 
+def errno_name(number: int) -> str:
+    """errno number -> name ('EADDRINUSE'), for comparing with a real kernel's errno."""
+    return _errno.errorcode.get(number, str(number))
+
+
 class SyscallError(Exception):
     """Raised inside the model to fail the current call with an errno; turned into a Result."""
 

@@ -215,5 +215,3 @@ def getsockopt(op: str, host: "Host", creds: Creds, f: OpenFile, args: Mapping[s
         return Result(op, sk.mss_cache or 536, None, "tp->mss_cache (536 before connect)", "do_tcp_getsockopt")
     raise fail("ENOPROTOOPT", f"level {level} option {optname} is not modelled", "ip_getsockopt")
 
-
-__all__ = ["setsockopt", "getsockopt", "IPPROTO_UDP"]

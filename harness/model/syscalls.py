@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from . import create, poll as pollmod, sockopt
 from .addr import parse_sockaddr
-from .args import arg_int, c_int
+from .args import arg_int
 from .constants import (
-    AF_INET, AF_INET6, AF_MAX, AF_PACKET, AF_UNIX, O_CLOEXEC, O_NONBLOCK, S_IFSOCK, SOCK_CLOEXEC, SOCK_DGRAM,
-    SOCK_MAX, SOCK_NONBLOCK, SOCK_PACKET, SOCK_STREAM, SOCK_TYPE_MASK,
+    AF_INET, AF_INET6, AF_MAX, AF_PACKET, AF_UNIX, O_NONBLOCK, S_IFSOCK, SOCK_CLOEXEC, SOCK_MAX, SOCK_NONBLOCK,
+    SOCK_PACKET, SOCK_TYPE_MASK,
 )
 from .result import Result, fail
 from .sock import OpenFile, Sock
@@ -237,5 +237,3 @@ SYSCALLS: dict[str, Callable[..., Result]] = {
     "fstat": sys_fstat,
     "unlink": sys_unlink,
 }
-
-__all__ = ["SYSCALLS", "SOCK_DGRAM", "SOCK_STREAM", "O_CLOEXEC"]

@@ -15,7 +15,6 @@ from .constants import (
 from .kmem import tcp_mss, tcp_sndbuf_expand
 from .result import Result, SyscallError, fail
 from .sock import RCV_SHUTDOWN, SEND_SHUTDOWN, SHUTDOWN_MASK, OpenFile, Sock, TimeWaitSock
-from .views import endpoint
 
 if TYPE_CHECKING:
     from .host import Host
@@ -567,5 +566,3 @@ def recvmsg(op: str, host: "Host", f: OpenFile, length: int, flags: int) -> Resu
         raise fail("EAGAIN", "no data queued", "tcp_recvmsg_locked")
     return Result(op, None, None, "no data: sleeps in sk_wait_data", "tcp_recvmsg_locked", blocked=True)
 
-
-__all__ = ["connect", "close", "sendmsg", "recvmsg", "TCP_TIME_WAIT"]

@@ -47,6 +47,11 @@ class SocketView:
     send_queued: int
     drops: int
 
+    @property
+    def state(self) -> str:
+        """The TCP state name (sk_state), as ss prints it without dashes."""
+        return self.sk_state
+
 
 @dataclass(frozen=True, slots=True)
 class SsRow:

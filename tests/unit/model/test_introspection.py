@@ -1,6 +1,6 @@
 """Teaching API: explanations on every result, readable state, ss/skmem/counter predictions, step runner."""
 
-from harness.model import Network, Result, Step, run_steps
+from harness.model import Network, Result, Step, errno_name, name_of, run_steps
 from harness.model.constants import NAMES, resolve
 
 from model_helpers import listener, tcp
@@ -40,7 +40,7 @@ def test_socket_view_fields(a, b):
     view = a.socket(lfd)
     assert (view.sk_state, view.ss_state, view.ack_backlog, view.max_ack_backlog) == ("LISTEN", "SS_UNCONNECTED", 1, 3)
     assert view.local == ("0.0.0.0", 7000) and view.peer is None
-    assert view.zerocopy_pending == () and view.omem == 0
+    assert view.zerocopy_pending == () and view.omem == 0 and view.state == "LISTEN"
 
 
 def test_port_owners(a):
@@ -84,6 +84,7 @@ def test_constants_and_resolve():
     assert NAMES["SO_REUSEPORT"] == 15 and NAMES["SOCK_NONBLOCK"] == 0o4000 and NAMES["SOCK_CLOEXEC"] == 0o2000000
     assert resolve("SOCK_STREAM|SOCK_NONBLOCK") == 1 | 0o4000
     assert resolve("0x40") == 0x40 and resolve(7) == 7 and resolve("PF_INET") == 2
+    assert errno_name(98) == "EADDRINUSE" and name_of(10, "AF_") == "AF_INET6"
 
 
 def test_step_runner_drives_the_model():
