@@ -1,7 +1,5 @@
 """MSG_ZEROCOPY (§6.2): SO_ZEROCOPY rules, notification ids and ranges, coalescing, COPIED, ENOBUFS, EAGAIN."""
 
-import pytest
-
 from harness.model import Network, ZEROCOPY_DEFERRED
 from harness.model.constants import (
     AF_INET, AF_UNIX, IPPROTO_UDPLITE, MSG_ERRQUEUE, MSG_ZEROCOPY, POLLERR, SO_EE_CODE_ZEROCOPY_COPIED,
