@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+import pytest
 
-from harness.model import Network, ZEROCOPY_DEFERRED, ZEROCOPY_IMMEDIATE
-from harness.model.constants import MSG_ERRQUEUE, MSG_ZEROCOPY, SOCK_NONBLOCK, TCP_LISTEN
-from harness.model.ports import rcv_saddr_equal
-from harness.model.sock import Sock
+pytest.importorskip("hypothesis")
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from harness.model import Network, ZEROCOPY_DEFERRED, ZEROCOPY_IMMEDIATE  # noqa: E402
+from harness.model.constants import MSG_ERRQUEUE, MSG_ZEROCOPY, SOCK_NONBLOCK, TCP_LISTEN  # noqa: E402
+from harness.model.ports import rcv_saddr_equal  # noqa: E402
+from harness.model.sock import Sock  # noqa: E402
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
