@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import random
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -23,20 +24,27 @@ TTY = "tty"  # what fds 0-2 hold: open, but not sockets (ENOTSOCK)
 class Process:
     """The one process a user runs on a host: credentials and a file descriptor table."""
 
-    __slots__ = ("creds", "fds")
+    __slots__ = ("creds", "fds", "_next_fd", "_freed")
 
     def __init__(self, creds: Creds):
         self.creds = creds
         self.fds: dict[int, Any] = {0: TTY, 1: TTY, 2: TTY}
+        self._next_fd = 3  # every number below is in use or in _freed
+        self._freed: list[int] = []  # heap of closed numbers below _next_fd
 
     def install(self, entry: OpenFile) -> int:
         """get_unused_fd_flags(): the lowest free descriptor number."""
-        fd = 0
-        fds = self.fds
-        while fd in fds:
-            fd += 1
-        fds[fd] = entry
+        fd = heapq.heappop(self._freed) if self._freed else self._next_fd
+        if fd == self._next_fd:
+            self._next_fd += 1
+        self.fds[fd] = entry
         return fd
+
+    def release(self, fd: int) -> Any:
+        """close_fd(): drop the table entry and make the number reusable."""
+        entry = self.fds.pop(fd)
+        heapq.heappush(self._freed, fd)
+        return entry
 
     def lookup(self, fd: Any) -> OpenFile:
         """sockfd_lookup_light(): EBADF for unknown descriptors, ENOTSOCK for non-sockets."""
@@ -72,6 +80,7 @@ class Host:
         self.procs: dict[str, Process] = {}
         self.tcp_ports = PortTable(udp=False)
         self.udp_ports = PortTable(udp=True)
+        self.tcp_listeners: dict[int, list] = {}  # port -> listening sockets (the listening hash)
         self.unix_names: dict[str, Any] = {}  # path or '@abstract' -> Sock, or a leftover socket file
         self.counters: dict[str, int] = {}
         self.rng = random.Random(f"{net.seed}:{name}")

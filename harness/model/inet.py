@@ -121,7 +121,6 @@ def inet_listen(op: str, host: "Host", creds: Creds, f: OpenFile, backlog: int) 
         return Result(op, 0, None, f"already listening: sk_max_ack_backlog {old} -> {backlog}", "inet_listen")
     # inet_csk_listen_start(): announce LISTEN first, then re-validate the port in that state
     sk.sk_state = TCP_LISTEN
-    sk.accept_queue = deque()
     was_bound = sk.bound
     try:
         if was_bound:
@@ -136,6 +135,8 @@ def inet_listen(op: str, host: "Host", creds: Creds, f: OpenFile, backlog: int) 
         if not was_bound:
             sk.rcv_addr = None
         raise
+    sk.accept_queue = deque()
+    tcp.set_listening(sk, True)  # inet_csk_listen_start() -> sk->sk_prot->hash()
     capacity = backlog + 1
     return Result(op, 0, None,
                   f"listening on {ep_text(sk, False)}, sk_max_ack_backlog {backlog} (queue admits {capacity}: "

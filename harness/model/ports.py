@@ -132,13 +132,23 @@ class PortTable:
         None: UDP, any port.  SO_REUSEADDR sockets try the lower half first, as the kernel does.
         Returns 0 when the range is exhausted.
         """
+        buckets = self.buckets
         for lo, hi in self._halves(sk, low, high, parity):
             span = hi - lo
             if span <= 0:
                 continue
+            start = rng.getrandbits(32) % span
             for order in _parity_orders(parity):
-                for port in _scan(lo, span, rng, order):
-                    if not self.overlapping(sk, port):
+                if order is None:
+                    first, stride, count = 0, 1, span
+                else:
+                    first, stride, count = order, 2, (span - order + 1) // 2
+                if count <= 0:
+                    continue
+                begin = (start // stride) % count
+                for k in range(count):
+                    port = lo + first + stride * ((begin + k) % count)
+                    if not buckets.get(port) or not self.overlapping(sk, port):
                         return port
         return 0
 
@@ -156,15 +166,3 @@ def _parity_orders(parity: int | None) -> tuple[int | None, ...]:
         return (None,)
     return (parity, 1 - parity)
 
-
-def _scan(low: int, span: int, rng: random.Random, parity: int | None) -> Iterable[int]:
-    start = rng.randrange(span)
-    if parity is None:
-        for step in range(span):
-            yield low + (start + step) % span
-        return
-    start = (start & ~1) | parity
-    for step in range(0, span, 2):
-        offset = (start + step) % span
-        if offset % 2 == parity:
-            yield low + offset

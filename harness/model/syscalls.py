@@ -104,7 +104,7 @@ def sys_close(host, proc, op, args) -> Result:
     fd = args.get("fd")
     if type(fd) is not int or fd not in proc.fds:
         raise fail("EBADF", f"fd {fd!r} is not open", "close_fd")
-    entry = proc.fds.pop(fd)
+    entry = proc.release(fd)
     if not isinstance(entry, OpenFile):
         return Result(op, 0, None, f"closed fd {fd} (not a socket)", "close_fd")
     sk = entry.sock

@@ -78,9 +78,7 @@ def _dst_v4(sk: Sock) -> tuple[str, bool]:
 def lookup_listener(host: "Host", dst: str, port: int, v4_path: bool) -> Sock | None:
     """__inet_lookup_listener()/inet6_lookup_listener(): exact address beats wildcard, same family beats v6."""
     best, best_score = None, -1
-    for sk in host.tcp_ports.owners(port):
-        if not isinstance(sk, Sock) or sk.sk_state != TCP_LISTEN:
-            continue
+    for sk in host.tcp_listeners.get(port, ()):
         addr = sk.rcv_addr
         if v4_path:
             if sk.family == AF_INET:
@@ -94,6 +92,22 @@ def lookup_listener(host: "Host", dst: str, port: int, v4_path: bool) -> Sock | 
         if score > best_score:
             best, best_score = sk, score
     return best
+
+
+def set_listening(sk: Sock, listening: bool) -> None:
+    """Enter or leave TCP_LISTEN, keeping the host's listening hash (inet_hash/inet_unhash) in step."""
+    table = sk.host.tcp_listeners
+    if listening:
+        sk.sk_state = TCP_LISTEN
+        table.setdefault(sk.port, []).append(sk)
+        return
+    if sk.sk_state == TCP_LISTEN:
+        bucket = table.get(sk.port)
+        if bucket is not None and sk in bucket:
+            bucket.remove(sk)
+            if not bucket:
+                del table[sk.port]
+    sk.sk_state = TCP_CLOSE
 
 
 def conn_request(listener: Sock) -> tuple[bool, str]:
@@ -362,6 +376,7 @@ def disconnect(host: "Host", sk: Sock) -> None:
     old = sk.sk_state
     if old == TCP_LISTEN:
         _abort_children(sk)
+        set_listening(sk, False)
     elif old in (TCP_ESTABLISHED, TCP_CLOSE_WAIT, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_SYN_RECV, TCP_LAST_ACK):
         _send_reset(sk)
         sk.err = "ECONNRESET"
@@ -386,7 +401,7 @@ def close(host: "Host", sk: Sock) -> str:
     sk.orphan = True
     if state == TCP_LISTEN:
         reset = _abort_children(sk)
-        sk.sk_state = TCP_CLOSE
+        set_listening(sk, False)
         _unbind(sk)
         return f"listener closed (inet_csk_listen_stop), {reset} queued connection(s) reset"
     if state in (TCP_ESTABLISHED, TCP_CLOSE_WAIT):

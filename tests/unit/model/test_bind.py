@@ -308,3 +308,14 @@ def test_ipv6_short_addrlen(a):
 def test_addrlen_outside_sockaddr_storage(a, addrlen):
     """Rule: move_addr_to_kernel: addrlen < 0 or > sizeof(sockaddr_storage) -> EINVAL."""
     assert bind(a, tcp(a), ("0.0.0.0", 7000), addrlen=addrlen).errno == "EINVAL"
+
+
+def test_port_zero_uses_every_port_odd_first(net):
+    """Rule: inet_csk_find_open_port scans odd offsets, then even ones, before giving up."""
+    c = net.add_host("c", addrs=["198.51.100.3"], sysctls={"ip_local_port_range": "40000 40004"})
+    ports = []
+    for _ in range(5):
+        fd = tcp(c)
+        assert bind(c, fd, ("0.0.0.0", 0)).ok
+        ports.append(c.socket(fd).local[1])
+    assert sorted(ports[:2]) == [40001, 40003] and sorted(ports) == list(range(40000, 40005))
