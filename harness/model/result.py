@@ -29,8 +29,9 @@ class Result:
     signal: str | None = None
     data: Any = None  # received bytes, or other by-products that are not the return value
 
-    # A hand-written __init__ (dataclass keeps it) that fills the slots through their descriptors:
-    # the generated frozen __init__ costs twice as much, and every modelled syscall builds one Result.
+    # A hand-written __init__ (dataclass keeps it) that fills the slots through their descriptors and
+    # leaves optional fields unset while they hold their default (__getattr__ supplies it): every
+    # modelled syscall builds one Result, and the generated frozen __init__ costs several times more.
     def __init__(self, op: str, ret: Any, errno: str | None, rule: str, kernel_fn: str, blocked: bool = False,
                  approx: bool = False, signal: str | None = None, data: Any = None) -> None:
         _SET_OP(self, op)
@@ -38,10 +39,21 @@ class Result:
         _SET_ERRNO(self, errno)
         _SET_RULE(self, rule)
         _SET_FN(self, kernel_fn)
-        _SET_BLOCKED(self, blocked)
-        _SET_APPROX(self, approx)
-        _SET_SIGNAL(self, signal)
-        _SET_DATA(self, data)
+        if blocked:
+            _SET_BLOCKED(self, blocked)
+        if approx:
+            _SET_APPROX(self, approx)
+        if signal is not None:
+            _SET_SIGNAL(self, signal)
+        if data is not None:
+            _SET_DATA(self, data)
+
+    def __getattr__(self, name: str) -> Any:
+        """Only reached for an optional field left unset: its default."""
+        try:
+            return _OPTIONAL_DEFAULTS[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
     @property
     def ok(self) -> bool:
@@ -71,6 +83,7 @@ _SET_BLOCKED = Result.blocked.__set__
 _SET_APPROX = Result.approx.__set__
 _SET_SIGNAL = Result.signal.__set__
 _SET_DATA = Result.data.__set__
+_OPTIONAL_DEFAULTS = {"blocked": False, "approx": False, "signal": None, "data": None}
 
 
 def errno_name(number: int) -> str:
