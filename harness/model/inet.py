@@ -248,26 +248,6 @@ def inet_dgram_connect(op: str, host: "Host", creds: Creds, f: OpenFile, sa: Soc
     return udp.connect(op, host, f.sock, sa)
 
 
-def stream_sendmsg(op, host, creds, f, payload, flags, dest):
-    return tcp.sendmsg(op, host, f, payload, flags)
-
-
-def stream_recvmsg(op, host, f, length, flags):
-    return tcp.recvmsg(op, host, f, length, flags)
-
-
-def dgram_sendmsg(op, host, creds, f, payload, flags, dest):
-    return udp.sendmsg(op, host, f, payload, flags, dest)
-
-
-def dgram_recvmsg(op, host, f, length, flags):
-    return udp.recvmsg(op, host, f, length, flags)
-
-
-def tcp_release(host: "Host", sk: Sock) -> str:
-    return tcp.close(host, sk)
-
-
 def udp_release(host: "Host", sk: Sock) -> str:
     sk.orphan = True
     unbind(host, sk)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 CACHE_LINE = 64
 SKB_STRUCT_ALIGNED = 256  # SKB_DATA_ALIGN(sizeof(struct sk_buff)); SOCK_MIN_SNDBUF = 2 * (2048 + this)
 SKB_SHINFO_ALIGNED = 320  # SKB_DATA_ALIGN(sizeof(struct skb_shared_info)) with MAX_SKB_FRAGS 17
@@ -68,6 +70,7 @@ def tcp_mss(mtu: int, ipv6: bool) -> tuple[int, int]:
     return clamp, clamp - 12
 
 
+@lru_cache(maxsize=1024)
 def udp_skb_truesize(payload: int) -> int:
     """Truesize of a linear UDP skb built by __ip_append_data (hh 16 + IP 20 + UDP 8 + 15 slack)."""
     return alloc_skb_truesize(payload + 8 + 20 + 16 + 15)

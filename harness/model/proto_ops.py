@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import inet, poll, raw, unix
+from . import inet, poll, raw, tcp, udp, unix
 from .result import fail
 
 
@@ -40,12 +40,12 @@ def sock_no_accept(op, host, creds, f, flags):
 
 INET_STREAM_OPS = ProtoOps(
     "inet_stream_ops", "tcp_prot", inet.inet_bind, inet.inet_stream_connect, inet.inet_listen, inet.inet_accept,
-    inet.inet_getname, inet.inet_shutdown, inet.stream_sendmsg, inet.stream_recvmsg, poll.tcp_poll,
-    inet.tcp_release,
+    inet.inet_getname, inet.inet_shutdown, tcp.sendmsg, tcp.recvmsg, poll.tcp_poll,
+    tcp.close,
 )
 INET_DGRAM_OPS = ProtoOps(
     "inet_dgram_ops", "udp_prot", inet.inet_bind, inet.inet_dgram_connect, sock_no_listen, sock_no_accept,
-    inet.inet_getname, inet.inet_shutdown, inet.dgram_sendmsg, inet.dgram_recvmsg, poll.udp_poll,
+    inet.inet_getname, inet.inet_shutdown, udp.sendmsg, udp.recvmsg, poll.udp_poll,
     inet.udp_release,
 )
 INET_SOCKRAW_OPS = ProtoOps(
@@ -55,12 +55,12 @@ INET_SOCKRAW_OPS = ProtoOps(
 )
 INET6_STREAM_OPS = ProtoOps(
     "inet6_stream_ops", "tcpv6_prot", inet.inet_bind, inet.inet_stream_connect, inet.inet_listen,
-    inet.inet_accept, inet.inet_getname, inet.inet_shutdown, inet.stream_sendmsg, inet.stream_recvmsg,
-    poll.tcp_poll, inet.tcp_release,
+    inet.inet_accept, inet.inet_getname, inet.inet_shutdown, tcp.sendmsg, tcp.recvmsg,
+    poll.tcp_poll, tcp.close,
 )
 INET6_DGRAM_OPS = ProtoOps(
     "inet6_dgram_ops", "udpv6_prot", inet.inet_bind, inet.inet_dgram_connect, sock_no_listen, sock_no_accept,
-    inet.inet_getname, inet.inet_shutdown, inet.dgram_sendmsg, inet.dgram_recvmsg, poll.udp_poll,
+    inet.inet_getname, inet.inet_shutdown, udp.sendmsg, udp.recvmsg, poll.udp_poll,
     inet.udp_release,
 )
 INET6_SOCKRAW_OPS = ProtoOps(

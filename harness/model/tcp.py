@@ -475,8 +475,8 @@ def _zerocopy_copied(sk: Sock) -> bool:
     return not device.sg and sk.host.net.tcp_zerocopy_copied_without_sg
 
 
-def sendmsg(op: str, host: "Host", f: OpenFile, payload: bytes, flags: int) -> Result:
-    """tcp_sendmsg_locked(): zerocopy uarg first, then the connection-state wait, then queueing."""
+def sendmsg(op: str, host: "Host", creds, f: OpenFile, payload: bytes, flags: int, dest=None) -> Result:
+    """tcp_sendmsg_locked(): zerocopy uarg first, then the connection-state wait, then queueing (dest ignored)."""
     sk = f.sock
     nonblock = f.nonblock or bool(flags & MSG_DONTWAIT)
     size = len(payload)

@@ -102,7 +102,7 @@ def lookup(host: "Host", dst: str, dport: int, src: str, sport: int, v4_path: bo
     return best
 
 
-def sendmsg(op: str, host: "Host", f: OpenFile, payload: bytes, flags: int, dest: SockAddr | None) -> Result:
+def sendmsg(op: str, host: "Host", creds, f: OpenFile, payload: bytes, flags: int, dest: SockAddr | None) -> Result:
     """udp_sendmsg(): size and destination checks, autobind, route, zerocopy uarg, then delivery."""
     sk = f.sock
     size = len(payload)
