@@ -122,3 +122,22 @@ def test_shutdown_rd_on_listener_stops_listening(a):
     assert a.call("shutdown", {"fd": lfd, "how": 0}).ok
     assert a.socket(lfd).sk_state == "CLOSE"
     assert a.call("accept", {"fd": lfd}).errno == "EINVAL"
+
+
+def test_fin_waits_behind_unsent_data(a, b):
+    """The FIN queues behind data the peer's window has not taken: FIN_WAIT1 until the reader drains it."""
+    lfd = listener(a, 7000)
+    cfd = tcp(b, flags=0o4000)
+    b.call("connect", {"fd": cfd, "addr": ("198.51.100.1", 7000)})
+    sfd = a.call("accept", {"fd": lfd}).ret
+    while b.call("send", {"fd": cfd, "length": 65536}).ok:
+        pass
+    assert not b.call("poll", {"fds": [cfd], "events": 4}).ret[cfd] & 4  # no POLLOUT while full
+    b.call("close", {"fd": cfd})
+    assert [r.state for r in b.ss()] == ["FIN-WAIT-1"]
+    while a.call("recv", {"fd": sfd, "length": 1 << 20}).ret:
+        pass
+    assert a.socket(sfd).sk_state == "CLOSE_WAIT"
+    assert [r.state for r in b.ss()] == ["FIN-WAIT-2"]
+    a.call("close", {"fd": sfd})
+    assert [r.state for r in b.ss()] == ["TIME-WAIT"]
