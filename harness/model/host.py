@@ -48,6 +48,9 @@ class Process:
 
     def lookup(self, fd: Any) -> OpenFile:
         """sockfd_lookup_light(): EBADF for unknown descriptors, ENOTSOCK for non-sockets."""
+        entry = self.fds.get(fd) if type(fd) is int else None
+        if type(entry) is OpenFile:
+            return entry
         if type(fd) is not int:
             raise fail("EBADF", f"fd {fd!r} is not a descriptor number", "fdget")
         entry = self.fds.get(fd)
