@@ -333,7 +333,7 @@ class _StatsShell:
             return
         try:
             channel = self.client.get_transport().open_session(timeout=5)
-            channel.exec_command(f"kill -KILL -- -{self.pid} 2>/dev/null || kill -KILL {self.pid}")
+            channel.exec_command(f"kill -KILL -{self.pid} 2>/dev/null || kill -KILL {self.pid}")
             deadline = time.monotonic() + 5
             while not channel.exit_status_ready() and time.monotonic() < deadline:
                 time.sleep(0.05)

@@ -152,6 +152,16 @@ def test_backlog_across_the_lab_segment():
     assert sorted(s.state for s in to_server) == ["ESTAB"] * 3 + ["SYN-SENT"] * 3
 
 
+def test_syn_recv_request_socket_is_a_mini_socket():
+    # Recorded while an ACK had met the full queue: the server keeps the request, the client is ESTAB.
+    sockets = parse_ss(fixture("ss-backlog-server-synrecv.txt"), ORIGIN)
+    (request,) = [s for s in sockets if s.state == "SYN-RECV"]
+    assert request.local.port == 47102 and request.skmem is None and request.tcp is None and request.inode == 0
+    assert request.timer.startswith("(on,") and request.cookie is not None
+    listener = [s for s in sockets if s.state == "LISTEN" and s.local.port == 47102][0]
+    assert (listener.recv_q, listener.send_q) == (3, 2)
+
+
 def test_equal_sockets_compare_equal_and_hash():
     first = parse_ss(fixture("ss-mixed.txt"), ORIGIN)
     second = parse_ss(fixture("ss-mixed.txt"), ORIGIN)
