@@ -7,6 +7,7 @@ reported apart as the warm-up and left out of the figures.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -28,6 +29,7 @@ class BenchResult:
     warmup_ms: float
     samples: tuple[float, ...]
     host_reference_ms: float   # a fixed pure-Python loop on the host, to tell a slow host from a slow collector
+    load_average: float        # the host's 1-minute load when the run ended (2 cores here)
 
     @property
     def median_ms(self) -> float:
@@ -46,7 +48,7 @@ class BenchResult:
         return (f"snapshot of {' + '.join(self.vms)} ({self.accel}, ethtool -S on {which}): "
                 f"median {self.median_ms:.0f} ms, min {self.min_ms:.0f} ms, max {self.max_ms:.0f} ms "
                 f"over {len(self.samples)} runs; warm-up {self.warmup_ms:.0f} ms; "
-                f"host reference loop {self.host_reference_ms:.0f} ms")
+                f"host reference loop {self.host_reference_ms:.0f} ms, load average {self.load_average:.2f}")
 
 
 def host_reference_ms(iterations: int = 2_000_000) -> float:
@@ -72,7 +74,7 @@ def measure(lab: Lab, repeats: int = 7, names: Sequence[str] | None = None,
         time.sleep(pause)  # let the guests' TCG threads settle between runs, as between lab steps
         samples.append(collect_many(lab, names, **options).elapsed_ms)
     return BenchResult(names, state.accel, tuple(nics) if nics is not None else None, warmup,
-                       tuple(samples), host_reference_ms())
+                       tuple(samples), host_reference_ms(), os.getloadavg()[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

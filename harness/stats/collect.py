@@ -59,6 +59,7 @@ DEFAULT_TIMEOUT = 20.0
 _NIC_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")  # IFNAMSIZ - 1; nothing the shell would expand
 ETHTOOL_NO_STATS = 94  # EOPNOTSUPP: the driver has no get_ethtool_stats (bridges, loopback)
 
+# LC_ALL=C: ss prints rtt and rates with %g, which a locale would give a decimal comma.
 _PRELUDE = r"""export LC_ALL=C
 e=/tmp/.socklab-stats.$$.err
 trap 'busybox rm -f "$e"' EXIT
@@ -129,7 +130,7 @@ def section_command(name: str) -> str:
 
 def split_sections(text: str, nonce: str, vm: str) -> dict[str, Section]:
     """The sections of the command's output, checked for completeness and cut lines."""
-    marker = re.compile(r"@@socklab-stats " + re.escape(nonce) + r" (begin|status|stderr|done)(?: ([^@\n]*))?@@\n")
+    marker = re.compile(r"@@socklab-stats " + re.escape(nonce) + r" (begin|status|stderr|done)(?: ([^\n]*?))?@@\n")
     whole = Origin(vm, "the stats command")
     sections: dict[str, Section] = {}
     position = 0
@@ -202,7 +203,7 @@ def _check_status(section: Section, vm: str) -> None:
     if section.status == 0:
         return
     stderr = section.stderr.strip()
-    if section.status == 127 or "not found" in stderr:
+    if section.status in (126, 127):  # the shell could not find, or could not run, the program
         tool = section.command.split()[0]
         raise StatsToolMissing(f"{vm}: `{section.command}` failed: {tool} is not installed in the guest "
                                f"(exit {section.status}: {stderr or 'no message'})")

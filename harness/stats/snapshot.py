@@ -522,9 +522,16 @@ class Delta:
 class LabSnapshot(Mapping[str, Snapshot]):
     """Snapshots of several VMs taken in parallel: ``snaps["server"]``; ``after - before`` per VM."""
 
+    __slots__ = ("_snapshots", "_elapsed_ms")
+
     def __init__(self, snapshots: Mapping[str, Snapshot], elapsed_ms: float) -> None:
         self._snapshots = dict(snapshots)
-        self.elapsed_ms = elapsed_ms  # wall time for all of them together
+        self._elapsed_ms = elapsed_ms
+
+    @property
+    def elapsed_ms(self) -> float:
+        """Wall time for all of them together, host side."""
+        return self._elapsed_ms
 
     def __getitem__(self, vm: str) -> Snapshot:
         try:

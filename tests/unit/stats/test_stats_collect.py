@@ -243,3 +243,20 @@ def test_collect_many_in_parallel(tmp_path):
 def _dirs(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "s").mkdir()
+
+
+def test_bench_measures_parallel_snapshots(tmp_path):
+    from harness.stats.bench import measure
+
+    guests = {"client": LocalGuest(tmp_path / "c", vm="client", snapshot="snapshot-client-idle.txt"),
+              "server": LocalGuest(tmp_path / "s")}
+    state = SimpleNamespace(accel="tcg", vms=[SimpleNamespace(name=n) for n in guests])
+    lab = SimpleNamespace(require=lambda: state, ssh=lambda name: guests[name])
+    try:
+        result = measure(lab, repeats=3, nics=("lab0",), pause=0)
+        assert len(result.samples) == 3 and result.min_ms <= result.median_ms <= result.max_ms
+        assert result.describe().startswith("snapshot of client + server (tcg, ethtool -S on lab0): median ")
+    finally:
+        for guest in guests.values():
+            close_shell(guest)
+            guest.close()
