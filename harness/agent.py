@@ -1,0 +1,604 @@
+"""Host side of the guest agent: push it, keep it running on one SSH channel, and call socket ops step by step.
+
+``Agent(ssh, "server").start()`` copies ``harness/guest/agent.py`` into the guest (only
+when its content hash is new there), runs it as root or, through ``setpriv``, as another
+user, and then ``agent.call("bind", fd=3, addr=("198.51.100.2", 7000))`` costs one JSON
+line each way on the already-open SSH connection. Op and argument names are the reference
+model's (``host.call(op, args, user)``); ``AgentHost`` offers that exact signature.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import select
+import shlex
+import statistics
+import subprocess
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import LabError
+
+if TYPE_CHECKING:
+    from .lab import Lab
+    from .ssh import GuestSSH
+
+GUEST_AGENT = Path(__file__).resolve().parent / "guest" / "agent.py"
+REMOTE_DIR = "/run/socklab/agent"  # tmpfs: a rebooted guest starts without a stale agent
+GUEST_PYTHON = "/usr/bin/python3"
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_BLOCK_MS = 2000
+START_TIMEOUT = 30.0  # python3 start-up under TCG takes about a second; leave room for a busy host
+STDERR_TAIL_BYTES = 16 << 10
+PROTOCOL = 1
+
+# Arguments that carry C integer constants; names such as "SOCK_STREAM|SOCK_NONBLOCK" are
+# resolved here, on the host, so the guest only ever sees numbers.
+CONSTANT_ARGS = frozenset({
+    "family", "type", "protocol", "backlog", "flags", "how", "level", "optname", "events", "cmd", "arg",
+})
+
+# Which VMs already hold which agent versions, per SSH transport (a reconnect or a reboot
+# brings a new transport, and the next start() checks the guest again).
+_pushed: "weakref.WeakKeyDictionary[Any, set[str]]" = weakref.WeakKeyDictionary()
+
+
+class AgentError(LabError):
+    """The guest agent could not run a step; the message names the VM and the step."""
+
+
+class AgentDied(AgentError):
+    """The agent process ended (or its SSH channel closed) before answering."""
+
+
+class AgentTimeout(AgentError):
+    """The agent did not answer a step in time."""
+
+
+class AgentRequestError(AgentError):
+    """The agent refused a request: unknown op, or arguments it cannot turn into a system call."""
+
+
+@dataclass(frozen=True)
+class AgentReply:
+    """One step's outcome on a real kernel, shaped like the model's ``Result``.
+
+    ``t_ns`` is the guest's CLOCK_MONOTONIC when the system call started and ``dt_ns`` how
+    long it took; ``rtt_ns`` is the host-measured round trip of the whole step. Clocks of
+    different VMs are not comparable with each other.
+    """
+
+    id: int
+    op: str
+    ret: Any
+    errno: str | None
+    t_ns: int
+    dt_ns: int
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    vm: str = ""
+    user: str = "root"
+    rtt_ns: int = 0
+    blocked: bool = False
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.errno is None and not self.blocked and self.error is None
+
+    @property
+    def data(self) -> bytes | None:
+        """Bytes a recv step read (None for other ops)."""
+        return self.extra.get("data")
+
+    def __str__(self) -> str:
+        if self.blocked:
+            head = "blocks"
+        elif self.errno is not None:
+            head = f"-1 {self.errno}"
+        else:
+            head = repr(self.ret)
+        return f"{self.vm}/{self.user} {self.op}: {head}"
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Median, fastest and slowest of ``n`` timed round trips, in milliseconds."""
+
+    what: str
+    n: int
+    median_ms: float
+    min_ms: float
+    max_ms: float
+
+    @classmethod
+    def of(cls, what: str, samples_ns: list[int]) -> "LatencyStats":
+        ms = [sample / 1e6 for sample in samples_ns]
+        return cls(what, len(ms), round(statistics.median(ms), 3), round(min(ms), 3), round(max(ms), 3))
+
+
+@dataclass(frozen=True)
+class LatencyReport:
+    """The three ways to run one thing in a guest, side by side."""
+
+    vm: str
+    agent_step: LatencyStats
+    paramiko_exec: LatencyStats
+    ssh_process: LatencyStats
+
+    def table(self) -> str:
+        rows = [self.agent_step, self.paramiko_exec, self.ssh_process]
+        lines = [f"{'round trip on ' + self.vm:<42} {'n':>4} {'median ms':>10} {'min ms':>9} {'max ms':>9}"]
+        lines += [f"{row.what:<42} {row.n:>4} {row.median_ms:>10.2f} {row.min_ms:>9.2f} {row.max_ms:>9.2f}"
+                  for row in rows]
+        return "\n".join(lines)
+
+
+# -- encoding -------------------------------------------------------------------------------------
+
+def _resolve_constant(value: Any, name: str, op: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    from .model.constants import resolve  # the model's constant table is the one both sides share
+
+    try:
+        return resolve(value)
+    except ValueError as exc:
+        raise AgentRequestError(f"{op}: argument {name}={value!r}: {exc}") from None
+
+
+def encode_args(op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    """Step arguments as JSON for the agent: constant names resolved, bytes as {"$b64": ...}."""
+    encoded: dict[str, Any] = {}
+    for name, value in args.items():
+        if name in CONSTANT_ARGS or (name == "value" and op == "setsockopt"):
+            value = _resolve_constant(value, name, op)
+        elif name == "addr" and isinstance(value, Mapping) and "family" in value:
+            value = {**value, "family": _resolve_constant(value["family"], "addr.family", op)}
+        elif name == "fds" and isinstance(value, (list, tuple)):
+            value = [[item[0], _resolve_constant(item[1], "events", op)]
+                     if isinstance(item, (list, tuple)) and len(item) == 2 else item for item in value]
+        encoded[name] = _to_json(value)
+    return encoded
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$b64": base64.b64encode(bytes(value)).decode()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _to_json(item) for key, item in value.items()}
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    """{"$b64": ...} back to bytes, addresses (lists) to tuples as the model returns them."""
+    if isinstance(value, dict):
+        if set(value) == {"$b64"}:
+            return base64.b64decode(value["$b64"])
+        return {key: _from_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_from_json(item) for item in value]
+    return value
+
+
+def _address(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def decode_reply(message: Mapping[str, Any], vm: str, user: str, rtt_ns: int) -> AgentReply:
+    op = message.get("op") or ""
+    ret = _from_json(message.get("ret"))
+    extra = _from_json(message.get("extra") or {})
+    if op in ("getsockname", "getpeername"):
+        ret = _address(ret)
+    elif op == "poll" and isinstance(ret, dict):
+        ret = {int(fd): revents for fd, revents in ret.items()}
+    for key in ("peer", "addr"):
+        if key in extra:
+            extra[key] = _address(extra[key])
+    return AgentReply(
+        id=message.get("id") or 0, op=op, ret=ret, errno=message.get("errno"),
+        t_ns=message.get("t_ns") or 0, dt_ns=message.get("dt_ns") or 0, extra=extra, vm=vm, user=user,
+        rtt_ns=rtt_ns, blocked=bool(message.get("blocked")), error=message.get("error"),
+    )
+
+
+def describe_step(op: str, args: Mapping[str, Any], limit: int = 300) -> str:
+    text = f"{op}({', '.join(f'{key}={value!r}' for key, value in args.items())})"
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def agent_digest(source: bytes) -> str:
+    return hashlib.sha256(source).hexdigest()[:16]
+
+
+# -- the client -----------------------------------------------------------------------------------
+
+class Agent:
+    """One guest agent process on ``vm``, running as ``user``, driven over one SSH exec channel."""
+
+    def __init__(self, ssh: "GuestSSH", vm: str | None = None, user: str = "root", *,
+                 timeout: float = DEFAULT_TIMEOUT, block_ms: int = DEFAULT_BLOCK_MS,
+                 remote_dir: str = REMOTE_DIR, python: str = GUEST_PYTHON,
+                 start_timeout: float = START_TIMEOUT, source: Path = GUEST_AGENT) -> None:
+        self.ssh = ssh
+        self.vm = vm or getattr(ssh, "vm", "guest")
+        self.user = user
+        self.timeout = timeout
+        self.block_ms = block_ms
+        self.remote_dir = remote_dir.rstrip("/") or "/"
+        self.python = python
+        self.start_timeout = start_timeout
+        self.source = source
+        self.hello: dict[str, Any] = {}
+        self._channel: Any = None
+        self._pending = bytearray()
+        self._stderr = bytearray()
+        self._next_id = 0
+        self._dead: str | None = None
+        self.exit_status: int | None = None
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._channel is not None and self._dead is None
+
+    def start(self) -> "Agent":
+        """Push the agent if this guest lacks this version, run it, and wait for its hello line."""
+        if self.running:
+            return self
+        source = self.source.read_bytes()
+        remote = f"{self.remote_dir}/agent-{agent_digest(source)}.py"
+        client = self.ssh.client
+        self._push(client, source, remote)
+        self._pending.clear()
+        self._stderr.clear()
+        self._dead = None
+        self.exit_status = None
+        try:
+            channel = client.get_transport().open_session()
+            channel.exec_command(self.command(remote))
+        except (OSError, EOFError) as exc:
+            raise AgentDied(f"{self.vm}: cannot start the agent as {self.user}: SSH failed ({exc})") from exc
+        except Exception as exc:  # paramiko.SSHException, without importing paramiko here
+            raise AgentDied(f"{self.vm}: cannot start the agent as {self.user}: {type(exc).__name__}: {exc}") from exc
+        self._channel = channel
+        try:
+            message = self._read_message(time.monotonic() + self.start_timeout, "start")
+        except AgentError:
+            self._discard()
+            raise
+        hello = message.get("hello")
+        if not isinstance(hello, dict) or hello.get("protocol") != PROTOCOL:
+            self.close()
+            raise AgentDied(f"{self.vm}: the agent greeted with {message!r}, not a protocol {PROTOCOL} hello")
+        self.hello = hello
+        return self
+
+    def command(self, remote: str) -> str:
+        """The exec line: python as root, or through setpriv for another user (capabilities go with uid 0)."""
+        run = f"{shlex.quote(self.python)} -I {shlex.quote(remote)} --block-ms {int(self.block_ms)}"
+        if self.user == "root":
+            return f"exec {run}"
+        user = shlex.quote(self.user)
+        return (f"uid=$(id -u {user}) && gid=$(id -g {user}) && "
+                f"exec setpriv --reuid=\"$uid\" --regid=\"$gid\" --init-groups --reset-env {run}")
+
+    def _push(self, client: Any, source: bytes, remote: str) -> None:
+        transport = client.get_transport()
+        known = _pushed.setdefault(transport, set()) if transport is not None else set()
+        if remote in known:
+            return
+        try:
+            with client.open_sftp() as sftp:
+                try:
+                    present = sftp.stat(remote).st_size == len(source)
+                except OSError:
+                    present = False
+                if not present:
+                    try:
+                        sftp.stat(self.remote_dir)
+                    except OSError:
+                        sftp.mkdir(self.remote_dir, 0o755)
+                        # World-readable, whatever sshd's umask: an agent run as student reads it too.
+                        sftp.chmod(self.remote_dir, 0o755)
+                    staging = f"{remote}.{time.monotonic_ns()}.part"
+                    sftp.putfo(io.BytesIO(source), staging)
+                    sftp.chmod(staging, 0o644)
+                    sftp.posix_rename(staging, remote)  # concurrent starts never see half a file
+                    self._remove_old_versions(sftp, remote)
+        except (OSError, EOFError) as exc:
+            raise AgentError(f"{self.vm}: cannot copy the agent to {remote}: {exc}") from exc
+        known.add(remote)
+
+    def _remove_old_versions(self, sftp: Any, current: str) -> None:
+        """Older agent files go; agents already running from them have read them and keep going."""
+        keep = current.rsplit("/", 1)[-1]
+        try:
+            names = sftp.listdir(self.remote_dir)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith("agent-") and name.endswith(".py") and name != keep:
+                try:
+                    sftp.remove(f"{self.remote_dir}/{name}")
+                except OSError:
+                    pass
+
+    def close(self) -> int | None:
+        """End the session: EOF on the agent's stdin makes it close every socket and exit."""
+        channel = self._channel
+        if channel is None:
+            return self.exit_status
+        try:
+            if self._dead is None:
+                channel.shutdown_write()
+                deadline = time.monotonic() + 5.0
+                while not channel.exit_status_ready() and time.monotonic() < deadline:
+                    self._pump(min(0.2, max(0.0, deadline - time.monotonic())))
+                if channel.exit_status_ready():
+                    self.exit_status = channel.recv_exit_status()
+                self._drain()
+        except (OSError, EOFError):
+            pass
+        finally:
+            self._discard()
+        return self.exit_status
+
+    def _discard(self) -> None:
+        try:
+            if self._channel is not None:
+                self._channel.close()
+        except (OSError, EOFError):
+            pass
+        self._channel = None
+        if self._dead is None:
+            self._dead = "closed"
+
+    def __enter__(self) -> "Agent":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def stderr_tail(self) -> str:
+        return bytes(self._stderr[-4096:]).decode(errors="replace")
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def call(self, op: str, /, **args: Any) -> AgentReply:
+        """Run one step; raises AgentRequestError if the agent refused it, AgentDied/AgentTimeout on failure."""
+        return self.request(op, args)
+
+    def request(self, op: str, args: Mapping[str, Any] | None = None, *, timeout: float | None = None,
+                check: bool = True) -> AgentReply:
+        """Like ``call`` with the arguments as a mapping; ``check=False`` returns refusals as replies."""
+        args = dict(args or {})
+        step = describe_step(op, args)
+        if self._channel is None or self._dead is not None:
+            raise AgentDied(f"{self.vm}: the agent ({self.user}) is not running ({self._dead or 'never started'}); "
+                            f"cannot run {step}")
+        self._next_id += 1
+        request_id = self._next_id
+        line = json.dumps({"id": request_id, "op": op, "args": encode_args(op, args)}, separators=(",", ":"))
+        limit = self.step_timeout(op, args) if timeout is None else timeout
+        started = time.perf_counter_ns()
+        try:
+            self._channel.sendall(line.encode() + b"\n")
+        except (OSError, EOFError) as exc:
+            self._died(step, f"writing the request failed ({exc})")
+        deadline = time.monotonic() + limit
+        while True:
+            message = self._read_message(deadline, step, limit)
+            if message.get("id") == request_id:
+                break
+            # A reply to a step that timed out earlier: that step is over for the caller.
+        reply = decode_reply(message, self.vm, self.user, time.perf_counter_ns() - started)
+        if reply.error is not None and check:
+            raise AgentRequestError(f"{self.vm}: the agent ({self.user}) refused {step}: {reply.error}")
+        return reply
+
+    def reset(self) -> AgentReply:
+        """Close every socket the session opened (and undo its sysctls) without ending the agent."""
+        return self.call("reset")
+
+    def step_timeout(self, op: str, args: Mapping[str, Any]) -> float:
+        """The default timeout, stretched by whatever the step itself asks to wait for."""
+        limit = self.timeout
+        waited = 0.0
+        if op == "sleep" and isinstance(args.get("seconds"), (int, float)):
+            waited = float(args["seconds"])
+        for key in ("timeout_ms", "timeout"):
+            if op in ("poll", "wait_readable") and isinstance(args.get(key), int) and args[key] > 0:
+                waited = max(waited, args[key] / 1000)
+        block_ms = args.get("block_ms", self.block_ms)
+        if isinstance(block_ms, int) and block_ms > 0:
+            waited = max(waited, block_ms / 1000)
+        return max(limit, waited + limit / 2)
+
+    # -- the channel ---------------------------------------------------------------------------
+
+    def _read_message(self, deadline: float, step: str, limit: float | None = None) -> dict[str, Any]:
+        """The next complete JSON line from the agent's stdout."""
+        while True:
+            newline = self._pending.find(b"\n")
+            if newline >= 0:
+                line = bytes(self._pending[:newline])
+                del self._pending[:newline + 1]
+                if not line.strip():
+                    continue
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    self._died(step, f"it wrote a line that is not JSON: {line[:200]!r}", kill=True)
+                if isinstance(message, dict):
+                    return message
+                self._died(step, f"it wrote {message!r} instead of a reply object", kill=True)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                waited = limit if limit is not None else self.start_timeout
+                raise AgentTimeout(f"{self.vm}: the agent ({self.user}) did not answer {step} within {waited:g} s; "
+                                   f"agent stderr: {self.stderr_tail.strip()[-800:] or '(empty)'}")
+            got_output = self._pump(min(remaining, 0.5))
+            if not got_output and self._ended():
+                self._drain()
+                if b"\n" in self._pending:
+                    continue
+                self._died(step, "it exited before answering")
+
+    def _pump(self, wait: float) -> bool:
+        """Wait up to ``wait`` s for the channel, then take what stdout and stderr hold; True if stdout grew."""
+        channel = self._channel
+        if not (channel.recv_ready() or channel.recv_stderr_ready()):
+            select.select([channel], [], [], wait)
+        grew = False
+        while channel.recv_ready():
+            chunk = channel.recv(1 << 16)
+            if not chunk:
+                break
+            self._pending += chunk
+            grew = True
+        self._drain_stderr()
+        return grew
+
+    def _drain_stderr(self) -> None:
+        # Read stderr every time: paramiko shares one window between both streams, so an
+        # unread stderr could stall the replies.
+        channel = self._channel
+        while channel.recv_stderr_ready():
+            self._stderr += channel.recv_stderr(1 << 16)
+        if len(self._stderr) > STDERR_TAIL_BYTES:
+            del self._stderr[:-STDERR_TAIL_BYTES]
+
+    def _drain(self) -> None:
+        channel = self._channel
+        while channel.recv_ready():
+            chunk = channel.recv(1 << 16)
+            if not chunk:
+                break
+            self._pending += chunk
+        self._drain_stderr()
+
+    def _ended(self) -> bool:
+        channel = self._channel
+        return bool(channel.exit_status_ready() or channel.eof_received or channel.closed)
+
+    def _died(self, step: str, how: str, kill: bool = False) -> None:
+        channel = self._channel
+        status = None
+        try:
+            deadline = time.monotonic() + 1.0  # the exit status and last stderr trail the EOF
+            while not kill and not channel.exit_status_ready() and time.monotonic() < deadline:
+                select.select([channel], [], [], 0.1)
+                self._drain_stderr()
+            self._drain_stderr()
+            if channel.exit_status_ready():
+                status = channel.recv_exit_status()
+        except (OSError, EOFError):
+            pass
+        self.exit_status = status
+        self._dead = f"died during {step}"
+        self._discard()
+        status_text = "" if status is None or status < 0 else f" (exit status {status})"
+        raise AgentDied(f"{self.vm}: the agent ({self.user}) died during {step}: {how}{status_text}; "
+                        f"agent stderr: {self.stderr_tail.strip()[-1500:] or '(empty)'}")
+
+
+class AgentHost:
+    """A guest with the model ``Host``'s entry point: ``call(op, args, user)``, one agent per user."""
+
+    def __init__(self, ssh: "GuestSSH", vm: str | None = None, **agent_options: Any) -> None:
+        self.ssh = ssh
+        self.vm = vm or getattr(ssh, "vm", "guest")
+        self.agent_options = agent_options
+        self.agents: dict[str, Agent] = {}
+
+    def agent(self, user: str = "root") -> Agent:
+        agent = self.agents.get(user)
+        if agent is None or not agent.running:
+            agent = Agent(self.ssh, self.vm, user, **self.agent_options).start()
+            self.agents[user] = agent
+        return agent
+
+    def call(self, op: str, args: Mapping[str, Any] | None = None, user: str = "root") -> AgentReply:
+        return self.agent(user).request(op, args or {})
+
+    def reset(self) -> None:
+        for agent in self.agents.values():
+            if agent.running:
+                agent.reset()
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            agent.close()
+        self.agents.clear()
+
+
+# -- latency ----------------------------------------------------------------------------------------
+
+def _time_ns(run: Callable[[], object], n: int) -> list[int]:
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter_ns()
+        run()
+        samples.append(time.perf_counter_ns() - started)
+    return samples
+
+
+def measure_latency(lab: "Lab", vm: str = "server", n: int = 50, n_ssh_process: int | None = None,
+                    warmup: int = 3, **agent_options: Any) -> LatencyReport:
+    """Time one agent step, ``GuestSSH.run("true")`` on the kept connection, and a new ``ssh`` per command."""
+    ssh = lab.ssh(vm)
+    with Agent(ssh, vm, **agent_options) as agent:
+        fd = agent.call("socket", family=2, type=1).ret
+        step = lambda: agent.call("getsockopt", fd=fd, level=1, optname=3)  # noqa: E731  SO_TYPE
+        _time_ns(step, warmup)
+        agent_samples = _time_ns(step, n)
+
+    def exec_true() -> None:
+        ssh.run("true", timeout=30, check=True)
+
+    _time_ns(exec_true, 1)
+    exec_samples = _time_ns(exec_true, n)
+
+    argv = lab.ssh_argv(vm) + ["-o", "BatchMode=yes", "true"]
+
+    def spawn_true() -> None:
+        result = subprocess.run(argv, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+        if result.returncode != 0:
+            raise LabError(f"{vm}: `{shlex.join(argv)}` exited {result.returncode}: {result.stderr.decode()[-300:]}")
+
+    spawn_samples = _time_ns(spawn_true, n if n_ssh_process is None else n_ssh_process)
+    return LatencyReport(
+        vm,
+        LatencyStats.of("agent step (getsockopt) on one channel", agent_samples),
+        LatencyStats.of('GuestSSH.run("true") on the kept connection', exec_samples),
+        LatencyStats.of("new ssh process per command", spawn_samples),
+    )
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from .lab import Lab as _Lab
+
+    parser = argparse.ArgumentParser(description="Time agent steps against SSH execs on the running lab.")
+    parser.add_argument("--vm", default="server")
+    parser.add_argument("-n", type=int, default=50)
+    parser.add_argument("--n-ssh-process", type=int, default=None)
+    options = parser.parse_args()
+    running = _Lab()
+    try:
+        print(measure_latency(running, options.vm, options.n, options.n_ssh_process).table())
+    finally:
+        running.close()

@@ -1,0 +1,540 @@
+"""The host-side agent client against a paramiko-like channel that runs the command as a local subprocess."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import agent as agent_mod
+from harness.agent import (
+    GUEST_AGENT, Agent, AgentDied, AgentHost, AgentReply, AgentRequestError, AgentTimeout, decode_reply,
+    describe_step, encode_args, measure_latency,
+)
+from harness.errors import LabError
+
+
+class LocalChannel:
+    """Enough of paramiko.Channel for the agent client, backed by ``/bin/sh -c`` on this host.
+
+    Like paramiko, stdout and stderr are buffered by background readers and ``fileno()`` is a
+    pipe that select() sees readable while anything (data, EOF, exit) is waiting. ``chunk``
+    caps what one recv() returns, to split replies at arbitrary bytes.
+    """
+
+    def __init__(self, chunk: int | None = None) -> None:
+        self.chunk = chunk
+        self.out = bytearray()
+        self.err = bytearray()
+        self.lock = threading.Lock()
+        self.event_r, self.event_w = os.pipe()
+        self.event_set = False
+        self.eof_received = False
+        self.closed = False
+        self.status: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self.readers: list[threading.Thread] = []
+
+    def exec_command(self, command: str) -> None:
+        self.proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        self.readers = [threading.Thread(target=self._read, args=(self.proc.stdout, self.out, True), daemon=True),
+                        threading.Thread(target=self._read, args=(self.proc.stderr, self.err, False), daemon=True)]
+        for reader in self.readers:
+            reader.start()
+        threading.Thread(target=self._wait, daemon=True).start()
+
+    def _read(self, stream, buffer: bytearray, is_stdout: bool) -> None:
+        for chunk in iter(lambda: stream.read1(65536), b""):
+            with self.lock:
+                buffer += chunk
+                self._update()
+        if is_stdout:
+            with self.lock:
+                self.eof_received = True
+                self._update()
+
+    def _wait(self) -> None:
+        status = self.proc.wait()
+        for reader in self.readers:
+            reader.join()
+        with self.lock:
+            self.status = status if status >= 0 else -1  # sshd sends exit-signal, paramiko then says -1
+            self._update()
+
+    def _update(self) -> None:
+        wanted = bool(self.out or self.err or self.eof_received or self.status is not None or self.closed)
+        if wanted and not self.event_set:
+            os.write(self.event_w, b"!")
+        elif not wanted and self.event_set:
+            os.read(self.event_r, 1)
+        self.event_set = wanted
+
+    def fileno(self) -> int:
+        return self.event_r
+
+    def recv_ready(self) -> bool:
+        return bool(self.out)
+
+    def recv_stderr_ready(self) -> bool:
+        return bool(self.err)
+
+    def _take(self, buffer: bytearray, size: int) -> bytes:
+        with self.lock:
+            size = min(size, self.chunk or size)
+            data = bytes(buffer[:size])
+            del buffer[:size]
+            self._update()
+            return data
+
+    def recv(self, size: int) -> bytes:
+        return self._take(self.out, size)
+
+    def recv_stderr(self, size: int) -> bytes:
+        return self._take(self.err, size)
+
+    def exit_status_ready(self) -> bool:
+        return self.status is not None
+
+    def recv_exit_status(self) -> int:
+        while self.status is None:
+            time.sleep(0.01)
+        return self.status
+
+    def sendall(self, data: bytes) -> None:
+        if self.closed:
+            raise OSError("Socket is closed")
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def shutdown_write(self) -> None:
+        self.proc.stdin.close()
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for fd in (self.event_r, self.event_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class LocalSFTP:
+    """paramiko.SFTPClient calls the push uses, on the local file system; counts uploads."""
+
+    def __init__(self, transport: "LocalTransport") -> None:
+        self.transport = transport
+
+    def __enter__(self) -> "LocalSFTP":
+        self.transport.sftp_sessions += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def stat(self, path: str) -> os.stat_result:
+        return os.stat(path)
+
+    def mkdir(self, path: str, mode: int = 0o777) -> None:
+        os.mkdir(path, mode)
+
+    def chmod(self, path: str, mode: int) -> None:
+        os.chmod(path, mode)
+
+    def putfo(self, handle, path: str) -> None:
+        Path(path).write_bytes(handle.read())
+        self.transport.uploads.append(path)
+
+    def posix_rename(self, old: str, new: str) -> None:
+        os.rename(old, new)
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def remove(self, path: str) -> None:
+        os.unlink(path)
+
+
+class LocalTransport:
+    def __init__(self, chunk: int | None = None) -> None:
+        self.chunk = chunk
+        self.channels: list[LocalChannel] = []
+        self.uploads: list[str] = []
+        self.sftp_sessions = 0
+
+    def open_session(self) -> LocalChannel:
+        channel = LocalChannel(self.chunk)
+        self.channels.append(channel)
+        return channel
+
+
+class LocalClient:
+    def __init__(self, transport: LocalTransport) -> None:
+        self.transport = transport
+
+    def get_transport(self) -> LocalTransport:
+        return self.transport
+
+    def open_sftp(self) -> LocalSFTP:
+        return LocalSFTP(self.transport)
+
+
+class LocalGuestSSH:
+    """Stands in for harness.ssh.GuestSSH: a name, a connected client, and run()."""
+
+    def __init__(self, vm: str = "vm-under-test", chunk: int | None = None) -> None:
+        self.vm = vm
+        self.transport = LocalTransport(chunk)
+        self.client = LocalClient(self.transport)
+
+    def run(self, command: str, timeout: float = 30.0, check: bool = False):
+        return subprocess.run(["/bin/sh", "-c", command], capture_output=True, timeout=timeout, check=check)
+
+    def kill_all(self) -> None:
+        for channel in self.transport.channels:
+            channel.kill()
+
+
+@pytest.fixture
+def remote_dir():
+    # World-traversable, unlike pytest's tmp_path, so an agent run as another user can read it.
+    directory = tempfile.mkdtemp(prefix="socklab-agent-test-")
+    os.chmod(directory, 0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def ssh():
+    guest = LocalGuestSSH()
+    yield guest
+    guest.kill_all()
+
+
+def local_agent(ssh, remote_dir: str, **options) -> Agent:
+    options.setdefault("python", sys.executable)
+    return Agent(ssh, user=options.pop("user", "root"), remote_dir=f"{remote_dir}/run", **options)
+
+
+def fake_agent_source(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "fake_agent.py"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+# -- start and push ---------------------------------------------------------------------------------
+
+def test_start_pushes_once_per_connection_and_again_when_the_content_changes(ssh, remote_dir, tmp_path):
+    first = local_agent(ssh, remote_dir).start()
+    assert first.hello["protocol"] == 1 and first.hello["uid"] == os.getuid()
+    assert len(ssh.transport.uploads) == 1
+    pushed = Path(ssh.transport.uploads[0]).with_suffix("")  # the staging name ends in .part
+    assert pushed.parent == Path(remote_dir) / "run"
+    second = local_agent(ssh, remote_dir).start()
+    assert len(ssh.transport.uploads) == 1 and ssh.transport.sftp_sessions == 1  # known: not even a stat
+    assert first.hello["pid"] != second.hello["pid"]
+
+    other = LocalGuestSSH("another-connection")
+    try:
+        local_agent(other, remote_dir).start().close()
+        assert other.transport.uploads == []  # the guest already holds this version (stat)
+    finally:
+        other.kill_all()
+
+    changed = tmp_path / "agent.py"
+    changed.write_bytes(GUEST_AGENT.read_bytes() + b"\n# changed\n")
+    third = local_agent(ssh, remote_dir, source=changed).start()
+    assert len(ssh.transport.uploads) == 2
+    # Only the newest version stays; the agents started from the old file keep running.
+    assert [p.name for p in (Path(remote_dir) / "run").iterdir()] == [
+        f"agent-{agent_mod.agent_digest(changed.read_bytes())}.py"]
+    assert first.call("socket", family=2, type=1).ret == 3
+    assert oct((Path(remote_dir) / "run").stat().st_mode & 0o777) == "0o755"
+    for agent in (first, second, third):
+        agent.close()
+
+
+def test_command_lines_for_root_and_other_users(ssh):
+    root = Agent(ssh, "server").command("/run/socklab/agent-x.py")
+    assert root == "exec /usr/bin/python3 -I /run/socklab/agent-x.py --block-ms 2000"
+    assert agent_mod.REMOTE_DIR == "/run/socklab/agent"
+    student = Agent(ssh, "server", "student", block_ms=500).command("/run/socklab/agent-x.py")
+    assert "id -u student" in student and "id -g student" in student
+    assert 'exec setpriv --reuid="$uid" --regid="$gid" --init-groups --reset-env /usr/bin/python3 -I' in student
+    assert student.endswith("--block-ms 500")
+
+
+# -- steps ------------------------------------------------------------------------------------------
+
+def test_steps_round_trip_with_constant_names_and_structured_replies(remote_dir):
+    ssh = LocalGuestSSH(chunk=5)  # every reply arrives in 5-byte pieces
+    try:
+        with local_agent(ssh, remote_dir) as agent:
+            fd = agent.call("socket", family="AF_INET", type="SOCK_STREAM", protocol=0)
+            assert isinstance(fd, AgentReply) and (fd.ret, fd.errno, fd.vm, fd.op) == (3, None, "vm-under-test", "socket")
+            assert fd.t_ns > 0 and fd.dt_ns >= 0 and fd.rtt_ns > fd.dt_ns
+            assert agent.call("bind", fd=3, addr=("127.0.0.1", 0)).ok
+            assert agent.call("listen", fd=3, backlog=-1).ret == 0
+            name = agent.call("getsockname", fd=3).ret
+            assert isinstance(name, tuple) and name[0] == "127.0.0.1"
+            client = agent.call("socket", family="AF_INET", type="SOCK_STREAM|SOCK_NONBLOCK").ret
+            assert agent.call("connect", fd=client, addr=name).errno == "EINPROGRESS"
+            assert agent.call("poll", fds=[(client, "POLLOUT")], timeout_ms=2000).ret == {client: 4}
+            accepted = agent.call("accept4", fd=3, flags="SOCK_CLOEXEC")
+            assert accepted.extra["peer"][0] == "127.0.0.1" and isinstance(accepted.extra["peer"], tuple)
+            assert agent.call("send", fd=client, data=b"\x00hi\xff").ret == 4
+            agent.call("wait_readable", fd=accepted.ret, timeout_ms=2000)
+            received = agent.call("recv", fd=accepted.ret, length=16)
+            assert received.data == b"\x00hi\xff"
+            refused = agent.call("accept", fd=client)
+            assert (refused.ret, refused.errno, refused.ok) == (-1, "EINVAL", False)
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                refused.ret = 0  # type: ignore[misc]
+    finally:
+        ssh.kill_all()
+
+
+def test_large_requests_and_replies_cross_intact(remote_dir):
+    ssh = LocalGuestSSH(chunk=4093)
+    try:
+        with local_agent(ssh, remote_dir) as agent:
+            lfd = agent.call("socket", family="AF_INET", type="SOCK_STREAM").ret
+            agent.call("bind", fd=lfd, addr=("127.0.0.1", 0))
+            agent.call("listen", fd=lfd, backlog=1)
+            port = agent.call("getsockname", fd=lfd).ret[1]
+            cfd = agent.call("socket", family="AF_INET", type="SOCK_STREAM").ret
+            agent.call("connect", fd=cfd, addr=("127.0.0.1", port))
+            afd = agent.call("accept", fd=lfd).ret
+            payload = os.urandom(400_000)
+            sent = agent.call("send", fd=cfd, data=payload, flags="MSG_DONTWAIT").ret
+            assert sent > 100_000
+            got = b""
+            while len(got) < sent:
+                got += agent.call("recv", fd=afd, length=1 << 20, flags="MSG_DONTWAIT").data
+            assert got == payload[:sent]
+    finally:
+        ssh.kill_all()
+
+
+def test_an_unknown_op_raises_naming_the_vm_and_the_step(ssh, remote_dir):
+    with local_agent(ssh, remote_dir) as agent:
+        with pytest.raises(AgentRequestError) as caught:
+            agent.call("bindd", fd=3, addr=("127.0.0.1", 0))
+        text = str(caught.value)
+        assert "vm-under-test" in text and "bindd(fd=3, addr=('127.0.0.1', 0))" in text and "unknown op" in text
+        reply = agent.request("bindd", {"fd": 3}, check=False)
+        assert reply.errno == "ENOSYS" and "unknown op" in reply.error and not reply.ok
+        assert agent.call("socket", family=2, type=1).ret == 3  # the session goes on
+    assert isinstance(caught.value, LabError)
+
+
+def test_an_unknown_constant_name_is_refused_before_sending(ssh, remote_dir):
+    with local_agent(ssh, remote_dir) as agent:
+        with pytest.raises(AgentRequestError, match="SOCK_STREEM"):
+            agent.call("socket", family="AF_INET", type="SOCK_STREEM")
+        assert agent.call("socket", family="AF_INET", type="SOCK_DGRAM").ret == 3
+
+
+def test_a_timeout_names_the_step_and_the_late_reply_is_skipped(ssh, remote_dir):
+    with local_agent(ssh, remote_dir) as agent:
+        started = time.monotonic()
+        with pytest.raises(AgentTimeout) as caught:
+            agent.request("sleep", {"seconds": 1}, timeout=0.2)
+        assert time.monotonic() - started < 0.9
+        assert "vm-under-test" in str(caught.value) and "sleep(seconds=1)" in str(caught.value)
+        assert "0.2 s" in str(caught.value)
+        assert agent.call("socket", family=2, type=2).ret == 3  # the sleep's reply came first and was dropped
+
+
+def test_step_timeouts_stretch_for_steps_that_wait(ssh):
+    agent = Agent(ssh, timeout=10.0, block_ms=2000)
+    assert agent.step_timeout("bind", {}) == 10.0
+    assert agent.step_timeout("sleep", {"seconds": 30}) == 35.0
+    assert agent.step_timeout("poll", {"fds": [3], "timeout_ms": 20000}) == 25.0
+    assert agent.step_timeout("accept", {"fd": 3, "block_ms": 60000}) == 65.0
+
+
+# -- failures ---------------------------------------------------------------------------------------
+
+def test_agent_death_mid_step_names_the_step_and_shows_stderr(ssh, remote_dir, tmp_path):
+    source = fake_agent_source(tmp_path, """
+        import sys
+        print('{"hello": {"protocol": 1, "pid": 1}}', flush=True)
+        sys.stdin.readline()
+        sys.stderr.write("Traceback: simulated crash inside bind\\n")
+        sys.exit(3)
+    """)
+    agent = local_agent(ssh, remote_dir, source=source).start()
+    with pytest.raises(AgentDied) as caught:
+        agent.call("bind", fd=3, addr=("198.51.100.2", 7000))
+    text = str(caught.value)
+    assert "vm-under-test" in text and "bind(fd=3, addr=('198.51.100.2', 7000))" in text
+    assert "simulated crash inside bind" in text and "exit status 3" in text
+    assert not agent.running
+    with pytest.raises(AgentDied, match="not running"):
+        agent.call("close", fd=3)
+
+
+def test_a_killed_agent_is_reported_with_the_step_it_was_running(ssh, remote_dir):
+    agent = local_agent(ssh, remote_dir).start()
+    threading.Timer(0.3, lambda: ssh.transport.channels[-1].proc.kill()).start()
+    with pytest.raises(AgentDied, match=r"sleep\(seconds=20\)"):
+        agent.call("sleep", seconds=20)
+
+
+def test_garbage_on_stdout_is_a_death_not_a_hang(ssh, remote_dir, tmp_path):
+    source = fake_agent_source(tmp_path, """
+        import sys, time
+        print('{"hello": {"protocol": 1}}', flush=True)
+        sys.stdin.readline()
+        print("Segmentation fault (core dumped)", flush=True)
+        time.sleep(30)
+    """)
+    agent = local_agent(ssh, remote_dir, source=source).start()
+    with pytest.raises(AgentDied, match="not JSON.*Segmentation fault"):
+        agent.call("listen", fd=3, backlog=1)
+
+
+def test_an_agent_that_cannot_start_reports_why(ssh, remote_dir):
+    agent = local_agent(ssh, remote_dir, python="/nonexistent/python3")
+    with pytest.raises(AgentDied) as caught:
+        agent.start()
+    assert "vm-under-test" in str(caught.value) and "/nonexistent/python3" in str(caught.value)
+
+
+def test_a_wrong_greeting_is_refused(ssh, remote_dir, tmp_path):
+    source = fake_agent_source(tmp_path, """
+        import sys
+        print('{"hello": {"protocol": 99}}', flush=True)
+        sys.stdin.read()
+    """)
+    with pytest.raises(AgentDied, match="protocol 1 hello"):
+        local_agent(ssh, remote_dir, source=source).start()
+
+
+def test_close_ends_the_agent_which_closes_its_sockets(ssh, remote_dir):
+    agent = local_agent(ssh, remote_dir).start()
+    agent.call("socket", family=2, type=1)
+    agent.call("socket", family=2, type=2)
+    assert agent.close() == 0
+    assert 'cleanup {"closed": [3, 4]' in agent.stderr_tail
+    assert agent.close() == 0  # twice is fine
+    with pytest.raises(AgentDied, match="not running"):
+        agent.call("socket", family=2, type=1)
+
+
+def test_reset_keeps_the_agent_and_frees_the_numbers(ssh, remote_dir):
+    with local_agent(ssh, remote_dir) as agent:
+        agent.call("socket", family=2, type=1)
+        assert agent.reset().extra["closed"] == [3]
+        assert agent.call("socket", family=2, type=1).ret == 3
+
+
+# -- another user -----------------------------------------------------------------------------------
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None or not Path("/usr/bin/python3").exists(),
+                    reason="needs root, setpriv and /usr/bin/python3")
+def test_an_agent_as_another_user_has_no_capabilities(ssh, remote_dir):
+    with local_agent(ssh, remote_dir, user="nobody", python="/usr/bin/python3") as agent:
+        assert agent.hello["uid"] == agent.hello["euid"] != 0
+        assert int(agent.hello["cap_eff"], 16) == 0 and int(agent.hello["cap_prm"], 16) == 0
+        fd = agent.call("socket", family="AF_INET", type="SOCK_STREAM").ret
+        if int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text()) <= 80:
+            pytest.skip("this host lets everyone bind port 80")
+        reply = agent.call("bind", fd=fd, addr=("127.0.0.1", 80))
+        assert (reply.ret, reply.errno, reply.user) == (-1, "EACCES", "nobody")
+
+
+# -- the model's entry point ------------------------------------------------------------------------
+
+def test_agent_host_takes_the_same_steps_as_the_model(ssh, remote_dir):
+    from harness.model import Network
+
+    model = Network().add_host("h", addrs=["198.51.100.9"])
+    real = AgentHost(ssh, python=sys.executable, remote_dir=f"{remote_dir}/run")
+    steps = [
+        ("socket", {"family": "AF_INET", "type": "SOCK_DGRAM"}),
+        ("listen", {"fd": 3, "backlog": 5}),
+        ("socket", {"family": "AF_INET", "type": "SOCK_STREAM|SOCK_NONBLOCK"}),
+        ("bind", {"fd": 4, "addr": ("127.0.0.1", 0), "addrlen": 8}),
+        ("accept", {"fd": 4}),
+        ("getpeername", {"fd": 4}),
+        ("shutdown", {"fd": 4, "how": 7}),
+        ("close", {"fd": 3}),
+        ("close", {"fd": 3}),
+    ]
+    try:
+        for op, args in steps:
+            expected = model.call(op, args)
+            got = real.call(op, args, user="root")
+            assert (got.ret, got.errno) == (expected.ret, expected.errno), (op, args, expected.rule)
+    finally:
+        real.close()
+
+
+# -- pieces -----------------------------------------------------------------------------------------
+
+def test_encode_args_resolves_names_and_wraps_bytes():
+    encoded = encode_args("setsockopt", {"fd": 3, "level": "SOL_SOCKET", "optname": "SO_REUSEADDR", "value": 1})
+    assert encoded == {"fd": 3, "level": 1, "optname": 2, "value": 1}
+    assert encode_args("send", {"fd": 3, "data": b"\x01", "flags": "MSG_ZEROCOPY|MSG_DONTWAIT"}) == {
+        "fd": 3, "data": {"$b64": "AQ=="}, "flags": 0x4000040}
+    assert encode_args("bind", {"fd": 3, "addr": {"family": "AF_INET6", "host": "::1", "port": 1}})["addr"] == {
+        "family": 10, "host": "::1", "port": 1}
+
+
+def test_decode_reply_restores_bytes_tuples_and_int_keys():
+    reply = decode_reply({"id": 4, "op": "poll", "ret": {"3": 1}, "errno": None, "t_ns": 5, "dt_ns": 1,
+                          "extra": {"ready": 1}}, "server", "root", 99)
+    assert reply.ret == {3: 1} and reply.rtt_ns == 99 and reply.vm == "server"
+    recv = decode_reply({"id": 5, "op": "recv", "ret": 2, "errno": None, "t_ns": 6, "dt_ns": 1,
+                         "extra": {"data": {"$b64": "aGk="}, "addr": ["127.0.0.1", 9]}}, "server", "root", 1)
+    assert recv.data == b"hi" and recv.extra["addr"] == ("127.0.0.1", 9)
+    blocked = decode_reply({"id": 6, "op": "accept", "ret": None, "errno": None, "t_ns": 7, "dt_ns": 2,
+                            "extra": {}, "blocked": True}, "server", "root", 1)
+    assert blocked.blocked and not blocked.ok and str(blocked) == "server/root accept: blocks"
+
+
+def test_describe_step_is_bounded():
+    assert describe_step("bind", {"fd": 3}) == "bind(fd=3)"
+    assert len(describe_step("send", {"data": b"x" * 10_000})) == 300
+
+
+def test_measure_latency_times_all_three_paths(remote_dir):
+    ssh = LocalGuestSSH("server")
+
+    class LocalLab:
+        def ssh(self, name):
+            assert name == "server"
+            return ssh
+
+        def ssh_argv(self, name):
+            return [sys.executable, "-c", "pass"]
+
+    try:
+        report = measure_latency(LocalLab(), "server", n=5, n_ssh_process=2, python=sys.executable,
+                                 remote_dir=f"{remote_dir}/run")
+    finally:
+        ssh.kill_all()
+    assert (report.agent_step.n, report.paramiko_exec.n, report.ssh_process.n) == (5, 5, 2)
+    for row in (report.agent_step, report.paramiko_exec, report.ssh_process):
+        assert 0 < row.min_ms <= row.median_ms <= row.max_ms
+    assert "agent step" in report.table() and "new ssh process" in report.table()
