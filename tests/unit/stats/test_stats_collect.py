@@ -10,7 +10,7 @@ import pytest
 
 from harness.stats import (LabSnapshot, StatsCommandFailed, StatsError, StatsFormatError, StatsToolMissing,
                            StatsTruncatedError, collect, collect_many, parse_output)
-from harness.stats.collect import PROCFS_COMMAND, build_command, close_shell, split_sections
+from harness.stats.collect import PROCFS_COMMAND, SHELL_COMMAND, build_command, close_shell, split_sections
 
 from .helpers import LocalGuest, fixture, nonce_of
 
@@ -161,7 +161,7 @@ def guest(tmp_path):
 def test_collect_runs_the_real_command_in_a_kept_open_shell(guest):
     first = collect(guest, nics=("lab0",))
     second = collect(guest, nics=("lab0",))
-    assert len(guest.channels) == 1 and guest.channels[0].commands == ["exec /bin/sh"]
+    assert len(guest.channels) == 1 and guest.channels[0].commands == [SHELL_COMMAND]
     recorded = parse_fixture("snapshot-server-mixed.txt")
     assert first.sockets == recorded.sockets and first.counters == recorded.counters
     assert first.sysctls == recorded.sysctls and first.nic("lab0").features == recorded.nic("lab0").features
