@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 import secrets
 import select
+import shlex
 import threading
 import time
 import weakref
@@ -105,6 +106,12 @@ def build_command(nonce: str, nics: Sequence[str] | None = None) -> str:
     parts.append(f"sec procfs {PROCFS_COMMAND}\n")
     parts.append("m done\n")
     return "".join(parts)
+
+
+def one_shot_command(command: str) -> str:
+    """``command`` for a fresh SSH session, under setarch -R like the kept-open shell when the guest has it."""
+    return (f'if command -v setarch >/dev/null 2>&1; then exec setarch "$(uname -m)" -R /bin/sh -c '
+            f'{shlex.quote(command)}; fi\n{command}')
 
 
 def done_marker(nonce: str) -> str:
@@ -393,7 +400,7 @@ def collect(ssh: "GuestSSH", vm: str | None = None, *, nics: Sequence[str] | Non
     if reuse_shell:
         output = _shell_for(ssh).run(command, done_marker(nonce), timeout)
     else:
-        result = ssh.run(command, timeout=timeout)
+        result = ssh.run(one_shot_command(command), timeout=timeout)
         if not result.ok and done_marker(nonce) not in result.stdout:
             raise StatsCommandFailed(f"{vm}: the stats command exited {result.exit_status}: "
                                      f"{result.stderr.strip()[-300:] or 'no message'}")

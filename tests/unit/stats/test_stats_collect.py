@@ -10,7 +10,8 @@ import pytest
 
 from harness.stats import (LabSnapshot, StatsCommandFailed, StatsError, StatsFormatError, StatsToolMissing,
                            StatsTruncatedError, collect, collect_many, parse_output)
-from harness.stats.collect import PROCFS_COMMAND, SHELL_COMMAND, build_command, close_shell, split_sections
+from harness.stats.collect import (PROCFS_COMMAND, SHELL_COMMAND, build_command, close_shell, one_shot_command,
+                                   split_sections)
 
 from .helpers import LocalGuest, fixture, nonce_of
 
@@ -134,6 +135,8 @@ def test_sections_are_split_with_status_and_stderr():
 def test_command_is_valid_posix_sh():
     for nics in (None, ("lab0", "mgmt0")):
         subprocess.run(["sh", "-n"], input=build_command("ab" * 8, nics), text=True, check=True)
+        subprocess.run(["sh", "-n"], input=one_shot_command(build_command("ab" * 8, nics)), text=True, check=True)
+    subprocess.run(["sh", "-n", "-c", SHELL_COMMAND], check=True)
 
 
 @pytest.mark.parametrize("nic", ["lab0; reboot", "$(id)", "", "a" * 16, "x y"])
