@@ -301,10 +301,13 @@ class _StatsShell:
             raise SSHError(f"{self.ssh.vm}: cannot start the stats shell: {exc}") from exc
         self.channel, self.client = channel, client
         # sshd makes the session's shell a process-group leader: its pid lets a timeout kill the group.
-        first = self._read_until(b"\n", "echo $$\n", timeout)
-        if not first.strip().isdigit():
+        try:
+            first = self._read_until(b"\n", "echo $$\n", timeout)
+            if not first.strip().isdigit():
+                raise StatsError(f"{self.ssh.vm}: the stats shell did not start: {first[:200]!r}")
+        except BaseException:
             self.close()
-            raise StatsError(f"{self.ssh.vm}: the stats shell did not start: {first[:200]!r}")
+            raise
         self.pid = int(first)
         return channel
 

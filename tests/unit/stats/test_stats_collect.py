@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import time
 from types import SimpleNamespace
@@ -263,3 +264,17 @@ def test_bench_measures_parallel_snapshots(tmp_path):
         for guest in guests.values():
             close_shell(guest)
             guest.close()
+
+
+def test_a_shell_that_cannot_start_is_reported_and_dropped(tmp_path, monkeypatch):
+    collect_module = importlib.import_module("harness.stats.collect")  # the package's `collect` is the function
+
+    monkeypatch.setattr(collect_module, "SHELL_COMMAND", "echo 'sh: cannot start' >&2; exit 3")
+    guest = LocalGuest(tmp_path)
+    try:
+        with pytest.raises(StatsError, match=r"server: the stats shell (exited \(3\)|wrote to stderr).*cannot start"):
+            collect(guest, nics=("lab0",), timeout=5)
+        assert guest.channels[0].closed
+    finally:
+        close_shell(guest)
+        guest.close()
