@@ -1,11 +1,4 @@
-"""Host side of the guest agent: push it, keep it running on one SSH channel, and call socket ops step by step.
-
-``Agent(ssh, "server").start()`` copies ``harness/guest/agent.py`` into the guest (only
-when its content hash is new there), runs it as root or, through ``setpriv``, as another
-user, and then ``agent.call("bind", fd=3, addr=("198.51.100.2", 7000))`` costs one JSON
-line each way on the already-open SSH connection. Op and argument names are the reference
-model's (``host.call(op, args, user)``); ``AgentHost`` offers that exact signature.
-"""
+"""Host side of the guest agent: push it, keep it running on one SSH channel, call socket ops step by step."""
 
 from __future__ import annotations
 
@@ -22,7 +15,9 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import paramiko
 
 from .errors import LabError
 
@@ -71,8 +66,9 @@ class AgentReply:
     """One step's outcome on a real kernel, shaped like the model's ``Result``.
 
     ``t_ns`` is the guest's CLOCK_MONOTONIC when the system call started and ``dt_ns`` how
-    long it took; ``rtt_ns`` is the host-measured round trip of the whole step. Clocks of
-    different VMs are not comparable with each other.
+    long it took. Guest clocks of different VMs are not comparable with each other, so
+    ``host_ns`` (the host's CLOCK_MONOTONIC when the request went out) orders steps across
+    VMs, and ``rtt_ns`` is the host-measured round trip of the whole step.
     """
 
     id: int
@@ -85,6 +81,7 @@ class AgentReply:
     vm: str = ""
     user: str = "root"
     rtt_ns: int = 0
+    host_ns: int = 0
     blocked: bool = False
     error: str | None = None
 
@@ -193,7 +190,7 @@ def _address(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def decode_reply(message: Mapping[str, Any], vm: str, user: str, rtt_ns: int) -> AgentReply:
+def decode_reply(message: Mapping[str, Any], vm: str, user: str, rtt_ns: int, host_ns: int = 0) -> AgentReply:
     op = message.get("op") or ""
     ret = _from_json(message.get("ret"))
     extra = _from_json(message.get("extra") or {})
@@ -207,7 +204,7 @@ def decode_reply(message: Mapping[str, Any], vm: str, user: str, rtt_ns: int) ->
     return AgentReply(
         id=message.get("id") or 0, op=op, ret=ret, errno=message.get("errno"),
         t_ns=message.get("t_ns") or 0, dt_ns=message.get("dt_ns") or 0, extra=extra, vm=vm, user=user,
-        rtt_ns=rtt_ns, blocked=bool(message.get("blocked")), error=message.get("error"),
+        rtt_ns=rtt_ns, host_ns=host_ns, blocked=bool(message.get("blocked")), error=message.get("error"),
     )
 
 
@@ -223,7 +220,14 @@ def agent_digest(source: bytes) -> str:
 # -- the client -----------------------------------------------------------------------------------
 
 class Agent:
-    """One guest agent process on ``vm``, running as ``user``, driven over one SSH exec channel."""
+    """One guest agent process on ``vm``, running as ``user``, driven over one SSH exec channel.
+
+    ``start()`` copies ``harness/guest/agent.py`` into the guest (only when the guest lacks
+    that content hash) and runs it as root or, through ``setpriv``, as another user; then
+    ``call("bind", fd=3, addr=("198.51.100.2", 7000))`` costs one JSON line each way on the
+    SSH connection that is already open. Op and argument names are the reference model's.
+    Steps are sequential by design: one thread drives an Agent at a time.
+    """
 
     def __init__(self, ssh: "GuestSSH", vm: str | None = None, user: str = "root", *,
                  timeout: float = DEFAULT_TIMEOUT, block_ms: int = DEFAULT_BLOCK_MS,
@@ -267,13 +271,12 @@ class Agent:
         try:
             channel = client.get_transport().open_session()
             channel.exec_command(self.command(remote))
-        except (OSError, EOFError) as exc:
-            raise AgentDied(f"{self.vm}: cannot start the agent as {self.user}: SSH failed ({exc})") from exc
-        except Exception as exc:  # paramiko.SSHException, without importing paramiko here
-            raise AgentDied(f"{self.vm}: cannot start the agent as {self.user}: {type(exc).__name__}: {exc}") from exc
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise AgentDied(f"{self.vm}: cannot start the agent as {self.user}: SSH failed "
+                            f"({type(exc).__name__}: {exc})") from exc
         self._channel = channel
         try:
-            message = self._read_message(time.monotonic() + self.start_timeout, "start")
+            message = self._read_message(time.monotonic() + self.start_timeout, "start-up")
         except AgentError:
             self._discard()
             raise
@@ -316,7 +319,7 @@ class Agent:
                     sftp.chmod(staging, 0o644)
                     sftp.posix_rename(staging, remote)  # concurrent starts never see half a file
                     self._remove_old_versions(sftp, remote)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, paramiko.SSHException) as exc:
             raise AgentError(f"{self.vm}: cannot copy the agent to {remote}: {exc}") from exc
         known.add(remote)
 
@@ -390,12 +393,16 @@ class Agent:
                             f"cannot run {step}")
         self._next_id += 1
         request_id = self._next_id
-        line = json.dumps({"id": request_id, "op": op, "args": encode_args(op, args)}, separators=(",", ":"))
+        try:
+            line = json.dumps({"id": request_id, "op": op, "args": encode_args(op, args)}, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise AgentRequestError(f"{self.vm}: cannot send {step} to the agent: {exc}") from None
         limit = self.step_timeout(op, args) if timeout is None else timeout
+        sent_at = time.monotonic_ns()
         started = time.perf_counter_ns()
         try:
             self._channel.sendall(line.encode() + b"\n")
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, paramiko.SSHException) as exc:
             self._died(step, f"writing the request failed ({exc})")
         deadline = time.monotonic() + limit
         while True:
@@ -403,7 +410,7 @@ class Agent:
             if message.get("id") == request_id:
                 break
             # A reply to a step that timed out earlier: that step is over for the caller.
-        reply = decode_reply(message, self.vm, self.user, time.perf_counter_ns() - started)
+        reply = decode_reply(message, self.vm, self.user, time.perf_counter_ns() - started, sent_at)
         if reply.error is not None and check:
             raise AgentRequestError(f"{self.vm}: the agent ({self.user}) refused {step}: {reply.error}")
         return reply
@@ -440,10 +447,10 @@ class Agent:
                 try:
                     message = json.loads(line)
                 except ValueError:
-                    self._died(step, f"it wrote a line that is not JSON: {line[:200]!r}", kill=True)
+                    self._died(step, f"it wrote a line that is not JSON: {line[:200]!r}", wait=False)
                 if isinstance(message, dict):
                     return message
-                self._died(step, f"it wrote {message!r} instead of a reply object", kill=True)
+                self._died(step, f"it wrote {message!r} instead of a reply object", wait=False)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 waited = limit if limit is not None else self.start_timeout
@@ -493,12 +500,12 @@ class Agent:
         channel = self._channel
         return bool(channel.exit_status_ready() or channel.eof_received or channel.closed)
 
-    def _died(self, step: str, how: str, kill: bool = False) -> None:
+    def _died(self, step: str, how: str, wait: bool = True) -> NoReturn:
         channel = self._channel
         status = None
         try:
             deadline = time.monotonic() + 1.0  # the exit status and last stderr trail the EOF
-            while not kill and not channel.exit_status_ready() and time.monotonic() < deadline:
+            while wait and not channel.exit_status_ready() and time.monotonic() < deadline:
                 select.select([channel], [], [], 0.1)
                 self._drain_stderr()
             self._drain_stderr()

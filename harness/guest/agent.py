@@ -1,12 +1,4 @@
-"""socklab guest agent: runs socket system calls one JSON line at a time on stdin/stdout (stdlib only).
-
-Pushed into a guest and started on a long-lived SSH exec channel. Each request line
-``{"id": 7, "op": "bind", "args": {"fd": 3, "addr": ["198.51.100.2", 7000]}}`` gets one
-response line ``{"id": 7, "op": "bind", "ret": 0, "errno": null, "t_ns": ..., "dt_ns": ...,
-"extra": {}}``. Calls go through libc with ctypes so the kernel sees what a C program would
-pass: Python's socket module clamps negative listen backlogs and adds SOCK_CLOEXEC to accept.
-Every socket the session opened is closed when stdin ends, on ``reset``, SIGTERM or SIGHUP.
-"""
+"""socklab guest agent: runs socket system calls one JSON line at a time on stdin/stdout (stdlib only)."""
 
 from __future__ import annotations
 
@@ -24,6 +16,7 @@ import struct
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 PROTOCOL = 1
@@ -92,7 +85,6 @@ def load_libc() -> ctypes.CDLL:
         "send": (ssize, [i, vp, size, i]),
         "sendto": (ssize, [i, vp, size, i, vp, u32]),
         "sendmsg": (ssize, [i, ctypes.POINTER(MsgHdr), i]),
-        "recv": (ssize, [i, vp, size, i]),
         "recvfrom": (ssize, [i, vp, size, i, vp, u32p]),
         "recvmsg": (ssize, [i, ctypes.POINTER(MsgHdr), i]),
         "poll": (i, [ctypes.POINTER(PollFd), ctypes.c_ulong, i]),
@@ -107,13 +99,14 @@ class BadRequest(Exception):
     """The request cannot be turned into a system call; the message names the problem."""
 
 
+@dataclass(frozen=True, slots=True)
 class Outcome:
-    """What one op produced: the return value, the errno (0 for none) and extra fields."""
+    """What one op produced: the return value, the errno (0 for none), extra fields, and whether it blocked."""
 
-    __slots__ = ("ret", "errno", "extra", "blocked")
-
-    def __init__(self, ret: Any, errno: int = 0, extra: dict | None = None, blocked: bool = False) -> None:
-        self.ret, self.errno, self.extra, self.blocked = ret, errno, extra or {}, blocked
+    ret: Any
+    errno: int = 0
+    extra: dict = field(default_factory=dict)
+    blocked: bool = False
 
 
 # -- argument decoding --------------------------------------------------------------------------
@@ -214,8 +207,6 @@ def encode_sockaddr(addr: Any, family_override: Any = None) -> tuple[bytes, int]
     A ``family`` override replaces sa_family (and the default length) while the rest keeps the
     layout the address text implies, so a step can hand the kernel a mismatched family.
     """
-    if family_override is not None and (isinstance(family_override, bool) or not isinstance(family_override, int)):
-        raise BadRequest(f"family {family_override!r} must be an integer")
     flowinfo = 0
     if isinstance(addr, dict):
         family_override = addr.get("family", family_override)
@@ -224,6 +215,8 @@ def encode_sockaddr(addr: Any, family_override: Any = None) -> tuple[bytes, int]
             addr = path
         else:
             addr = [addr.get("host", addr.get("addr", "")), addr.get("port", 0)]
+    if family_override is not None and (isinstance(family_override, bool) or not isinstance(family_override, int)):
+        raise BadRequest(f"family {family_override!r} must be an integer")
     if isinstance(addr, str):
         family = AF_UNIX if family_override is None else family_override
         # Abstract names (leading '@') start with a NUL and carry no terminator (unix_mkname).
@@ -305,7 +298,14 @@ class BlockGuard:
 
 
 class Session:
-    """One process's socket calls: the descriptors it opened and everything to undo at the end."""
+    """One process's socket calls: the descriptors it opened and everything to undo at the end.
+
+    Request ``{"id": 7, "op": "bind", "args": {"fd": 3, "addr": ["198.51.100.2", 7000]}}``,
+    response ``{"id": 7, "op": "bind", "ret": 0, "errno": null, "t_ns": ..., "dt_ns": ...,
+    "extra": {}}``. Calls go through libc with ctypes so the kernel sees what a C program
+    would pass: Python's socket module clamps negative listen backlogs to 0 and adds
+    SOCK_CLOEXEC to accept(). Sockets are closed at EOF, on ``reset``, SIGTERM or SIGHUP.
+    """
 
     def __init__(self, reserved_fds: set[int], block_ms: int = DEFAULT_BLOCK_MS) -> None:
         self.libc = load_libc()

@@ -14,7 +14,6 @@ pytestmark = pytest.mark.vm
 SO_ZEROCOPY = 60
 SO_EE_ORIGIN_ZEROCOPY = 5
 SO_EE_CODE_ZEROCOPY_COPIED = 1
-POLLERR = 0x8
 
 
 @pytest.fixture(scope="module")

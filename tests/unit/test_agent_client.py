@@ -43,15 +43,16 @@ class LocalChannel:
         self.status: int | None = None
         self.proc: subprocess.Popen | None = None
         self.readers: list[threading.Thread] = []
+        self.waiter: threading.Thread | None = None
 
     def exec_command(self, command: str) -> None:
         self.proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True)
         self.readers = [threading.Thread(target=self._read, args=(self.proc.stdout, self.out, True), daemon=True),
                         threading.Thread(target=self._read, args=(self.proc.stderr, self.err, False), daemon=True)]
-        for reader in self.readers:
-            reader.start()
-        threading.Thread(target=self._wait, daemon=True).start()
+        self.waiter = threading.Thread(target=self._wait, daemon=True)
+        for thread in (*self.readers, self.waiter):
+            thread.start()
 
     def _read(self, stream, buffer: bytearray, is_stdout: bool) -> None:
         for chunk in iter(lambda: stream.read1(65536), b""):
@@ -127,9 +128,17 @@ class LocalChannel:
             pass
 
     def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
             self.proc.wait()
+            for thread in (*self.readers, self.waiter):
+                thread.join(timeout=5)  # before the event pipe closes under them
+            for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
         for fd in (self.event_r, self.event_w):
             try:
                 os.close(fd)
