@@ -81,22 +81,27 @@ def clean(c, all=False):
     "accel": "auto (probe KVM, fall back to TCG), kvm or tcg",
     "segment": "lab segment: auto (tap as root, else socket), tap or socket",
     "timeout": "seconds to wait for SSH on every guest",
+    "cold": "boot from scratch even when a ready snapshot exists (and save no new one)",
 })
 @_friendly
-def up(c, topology=None, accel=None, segment=None, timeout=120):
-    """Boot the lab: build the image if needed, start the VMs, wait until SSH answers."""
+def up(c, topology=None, accel=None, segment=None, timeout=120, cold=False):
+    """Boot the lab: build the image if needed, start the VMs, wait until SSH answers.
+
+    The first boot saves a ready snapshot of every VM; later ones resume it
+    (about a second) unless --cold is given or the image or VM setup changed.
+    """
     topology, accel = topology or c.config.lab.topology, accel or c.config.lab.accel
     segment = segment or c.config.lab.segment
     check_up_args(topology, accel, segment, float(timeout))
     paths = Paths.default()
     image.build(paths, c.config.images.recipe, _mirror(c, None))
     lab = Lab(paths)
-    state, started = lab.up(topology, accel, segment, boot_timeout=float(timeout))
+    state, started = lab.up(topology, accel, segment, boot_timeout=float(timeout), cold=cold)
     if not started:
         progress.say("a lab is already running; not starting another (`invoke lab.down` stops it)")
     _print_status(lab, state, live=True)
     if started:
-        progress.say(f"[bold]{len(state.vms)} VMs SSH-ready in {state.boot_seconds:.1f} s[/] ({state.accel}, cold boot)")
+        progress.say(f"[bold]{len(state.vms)} VMs SSH-ready in {state.boot_seconds:.1f} s[/] ({state.accel}, {state.boot_mode})")
     lab.close()
 
 

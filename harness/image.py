@@ -36,6 +36,7 @@ KERNEL = "vmlinuz"
 INITRD = "initrd.img"
 HOST_KEY = "ssh_host_ed25519_key.pub"
 MANIFEST = "manifest.json"
+STAMPS = "verified.json"
 
 
 @dataclass(frozen=True)
@@ -107,13 +108,39 @@ class Image:
         except (OSError, ValueError, KeyError) as exc:
             raise ImageError(f"{directory}: unreadable image manifest ({exc}); rebuild with `invoke images.build`") from exc
 
-    def damaged(self) -> list[str]:
-        """Files whose content no longer matches the digest recorded when they were built."""
-        bad = []
+    def damaged(self, full: bool = False) -> list[str]:
+        """Files whose content no longer matches the digest recorded when they were built.
+
+        Hashing the 600 MB root costs most of a second, so unless ``full`` is set a
+        file whose size, mtime and inode are those recorded after its last full
+        check is taken as unchanged: any write to it (truncate, dd, an editor)
+        moves its mtime, and then it is hashed again.
+        """
+        stamps_file = self.directory / STAMPS
+        try:
+            stamps = json.loads(stamps_file.read_text())
+        except (OSError, ValueError):
+            stamps = {}
+        bad, checked = [], {}
         for name, digest in self.sha256.items():
             path = self.directory / name
-            if not path.is_file() or file_sha256(path) != digest:
+            try:
+                info = path.stat()
+            except OSError:
                 bad.append(name)
+                continue
+            stamp = [info.st_size, info.st_mtime_ns, info.st_ino]
+            if not full and stamps.get(name) == stamp:
+                checked[name] = stamp
+            elif file_sha256(path) == digest:
+                checked[name] = stamp
+            else:
+                bad.append(name)
+        if not bad and checked != stamps:
+            try:
+                stamps_file.write_text(json.dumps(checked))
+            except OSError:
+                pass  # a read-only cache still works; it just hashes every time
         return bad
 
 

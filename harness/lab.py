@@ -12,23 +12,26 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import accel as accel_mod
-from . import hostdeps, image, net, progress, qemu
+from . import hostdeps, image, net, progress, qemu, snapshot
 from .console import GuestConsole, log_tail
 from .errors import GuestUnreachable, LabError, SSHError
 from .paths import Paths
 from .ssh import GuestSSH
 
 STATE_VERSION = 1
+# A resumed guest answers within a second or two; past this the snapshot is broken.
+RESTORE_TIMEOUT = 20.0
 SEGMENT_MODES = ("auto", "tap", "socket")
 
 
@@ -108,6 +111,7 @@ class LabState:
     host_key: str = ""
     started_at: float = 0.0
     boot_seconds: float = 0.0
+    boot_mode: str = ""
     ready: bool = False
     owner_pid: int = 0
     vms: list[VMState] = field(default_factory=list)
@@ -197,7 +201,7 @@ class Lab:
     # -- up ------------------------------------------------------------------
 
     def up(self, topology_name: str = "default", accel: str = "auto", segment: str = "auto",
-           boot_timeout: float = 120.0) -> tuple[LabState, bool]:
+           boot_timeout: float = 120.0, cold: bool = False) -> tuple[LabState, bool]:
         """Boot the lab unless it already runs. Returns (state, started_now)."""
         topo = check_up_args(topology_name, accel, segment, boot_timeout)
         with self.locked():
@@ -212,7 +216,7 @@ class Lab:
             state = LabState(lab_id=self.id, topology=topo.name, image=str(img.directory), host_key=img.host_key,
                              owner_pid=os.getpid())
             try:
-                self._up_locked(state, topo, img, accel, segment, boot_timeout)
+                self._up_locked(state, topo, img, accel, segment, boot_timeout, cold)
             except BaseException:
                 # Ctrl-C, a guest that never answers, a QEMU that would not start:
                 # whatever was started so far is stopped before the error goes up.
@@ -221,88 +225,171 @@ class Lab:
             return state, True
 
     def _up_locked(self, state: LabState, topo: Topology, img: image.Image, accel: str, segment: str,
-                   boot_timeout: float) -> None:
-        with progress.step("image digests") as step:
+                   boot_timeout: float, cold: bool) -> None:
+        with progress.step("image digests"):
             damaged = img.damaged()
             if damaged:
                 raise LabError(f"cached image {img.directory.name} is damaged ({', '.join(damaged)} changed since it "
                                "was built); rebuild it with `invoke images.build --force`")
-            step.update("ok")
         choice = accel_mod.choose(accel, img.kernel, self.paths.home / "accel-probe.json")
         state.accel, state.accel_reason = choice.accel, choice.reason
         progress.say(f"accelerator: [bold]{choice.accel}[/] — {choice.reason}")
+        state.segment, state.segment_reason = self._segment_mode(segment, topo)
+        progress.say(f"lab segment: [bold]{state.segment}[/] — {state.segment_reason}")
 
+        plan = self._plan(state, topo, img)
+        store = snapshot.SnapshotStore(img.directory)
+        keys = {spec.name: snapshot.snapshot_key(img.sha256, spec, snapshot.qemu_version()) for spec in plan}
+        snapshots = {} if cold else self._usable_snapshots(store, keys)
+        if snapshots:
+            try:
+                self._boot(state, topo, plan, snapshots, time.monotonic() + RESTORE_TIMEOUT)
+                self._after_restore(state)
+                state.boot_mode = "restored from snapshot"
+            except LabError as exc:
+                progress.say(f"[yellow]warning:[/] restoring the snapshot failed ({exc}); discarding it, booting cold")
+                for key in keys.values():
+                    store.discard(key)
+                self._down_locked(state, quiet=True)
+                state.vms.clear()
+                snapshots = {}
+        if not snapshots:
+            self._boot(state, topo, plan, {}, time.monotonic() + boot_timeout)
+            state.boot_mode = "cold boot"
+        state.ready = True
+        self.save(state)
+        if not snapshots and not cold:
+            self._save_snapshots(state, store, keys)
+
+    def _segment_mode(self, segment: str, topo: Topology) -> tuple[str, str]:
         taps_ok, why = net.can_use_taps()
         if segment == "tap" and not taps_ok:
             raise LabError(f"--segment tap, but {why}")
-        mode = "tap" if (segment == "tap" or (segment == "auto" and taps_ok)) else "socket"
-        if mode == "socket" and len(topo.vms) > 2:
-            raise LabError(f"the socket segment joins two VMs only; topology {topo.name} has {len(topo.vms)}: run as root for taps")
-        state.segment = mode
-        state.segment_reason = (
-            "tap + bridge in netns, vnet_hdr: guest has scatter-gather and checksum offload" if mode == "tap"
-            else f"QEMU socket netdev over 127.0.0.1 ({why if not taps_ok else 'requested'}): no offloads, "
-                 "so MSG_ZEROCOPY completions report COPIED"
-        )
-        progress.say(f"lab segment: [bold]{mode}[/] — {state.segment_reason}")
+        if segment == "tap" or (segment == "auto" and taps_ok):
+            return "tap", "tap + bridge in netns, vnet_hdr: guest has scatter-gather and checksum offload"
+        if len(topo.vms) > 2:
+            raise LabError(f"the socket segment joins two VMs only; topology {topo.name} has {len(topo.vms)}: "
+                           "run as root for taps")
+        return "socket", (f"QEMU socket netdev over 127.0.0.1 ({why if not taps_ok else 'requested'}): "
+                          "no offloads, so MSG_ZEROCOPY completions report COPIED")
 
+    def _plan(self, state: LabState, topo: Topology, img: image.Image) -> list[qemu.VMSpec]:
+        """Each VM's spec, without the host-side details (ports, sockets) a boot fills in."""
+        specs = []
+        for index, name in enumerate(topo.vms):
+            lab_nic = qemu.LabNic(mode=state.segment, mac=net.mac_address(0x5A, index),
+                                  ifname=f"sl{self.id}{index}" if state.segment == "tap" else "")
+            specs.append(qemu.VMSpec(
+                name=name, run_dir=self.run_dir, kernel=img.kernel, initrd=img.initrd,
+                overlay=self.run_dir / f"{name}.qcow2", ssh_port=0, mgmt_mac=net.mac_address(0, index),
+                lab_ip=net.lab_address(index), lab_nic=lab_nic, accel=state.accel, memory_mib=topo.memory_mib,
+            ))
+        return specs
+
+    def _usable_snapshots(self, store: snapshot.SnapshotStore, keys: dict[str, str]) -> dict[str, snapshot.Snapshot]:
+        """Every VM's snapshot if all are valid; a damaged one is discarded with a warning."""
+        found = {}
+        for name, key in keys.items():
+            snap = store.get(key)
+            problem = snap.problem()
+            if problem is None:
+                found[name] = snap
+            elif problem != "missing":
+                progress.say(f"[yellow]warning:[/] snapshot of {name} unusable ({problem}); it will be replaced")
+                store.discard(key)
+        return found if len(found) == len(keys) else {}
+
+    def _boot(self, state: LabState, topo: Topology, plan: list[qemu.VMSpec],
+              snapshots: dict[str, snapshot.Snapshot], deadline: float) -> None:
+        """Start every VM (cold, or resuming its snapshot) and wait until all answer on SSH."""
         self.paths.ensure_private(self.run_dir)
-        segment_obj = None
-        if mode == "tap":
+        segment = None
+        if state.segment == "tap":
             state.netns = f"socklab-{self.id}"
-            segment_obj = net.TapSegment(state.netns)
+            segment = net.TapSegment(state.netns)
             self.save(state)
-            segment_obj.create()
-        socket_port = net.free_port() if mode == "socket" else 0
-
+            segment.create()
+        socket_port = net.free_port() if state.segment == "socket" else 0
         started = time.monotonic()
         state.started_at = time.time()
-        with progress.step(f"start {len(topo.vms)} QEMU ({choice.accel})"):
-            # In socket mode the listening side must exist before the connecting side starts.
-            for index, name in enumerate(topo.vms):
-                vm = VMState(name=name, index=index, ssh_port=0, lab_ip=net.lab_address(index),
-                             mgmt_mac=net.mac_address(0, index), lab_mac=net.mac_address(0x5A, index))
-                if mode == "tap":
-                    vm.tap = f"sl{self.id}{index}"
-                lab_nic = qemu.LabNic(
-                    mode=mode, mac=vm.lab_mac, ifname=vm.tap,
-                    listen_port=socket_port if (mode == "socket" and index == 0) else 0,
-                    connect_port=socket_port if (mode == "socket" and index > 0) else 0,
-                )
-                overlay = self.run_dir / f"{name}.qcow2"
+        how = "resume" if snapshots else "boot"
+        with progress.step(f"{how} {len(plan)} QEMU ({state.accel})"):
+            # In socket mode the listening side (the first VM) must exist before the others connect.
+            for index, spec in enumerate(plan):
+                lab_nic = replace(spec.lab_nic, listen_port=socket_port if index == 0 else 0,
+                                  connect_port=socket_port if index > 0 else 0) if state.segment == "socket" else spec.lab_nic
+                vm = VMState(name=spec.name, index=index, ssh_port=0, lab_ip=spec.lab_ip, mgmt_mac=spec.mgmt_mac,
+                             lab_mac=spec.lab_nic.mac, tap=spec.lab_nic.ifname, overlay=str(spec.overlay))
                 state.vms.append(vm)
-                vm.overlay = str(overlay)
                 self.save(state)
-                qemu.create_overlay(img.rootfs, overlay)
-                self._start_vm(state, vm, img, lab_nic, choice.accel, topo.memory_mib)
-                if segment_obj is not None:
-                    segment_obj.attach(vm.tap)
-
+                snap = snapshots.get(spec.name)
+                if snap is not None:
+                    qemu.create_overlay(snap.disk, spec.overlay, base_format="qcow2")
+                else:
+                    qemu.create_overlay(Path(state.image) / image.ROOTFS, spec.overlay)
+                self._start_vm(state, vm, replace(spec, lab_nic=lab_nic, incoming=snap.state if snap else None))
+                if segment is not None:
+                    segment.attach(vm.tap)
+            for vm in state.vms if snapshots else ():
+                qemu.resume_incoming(Path(vm.qmp))
         with progress.step(f"wait for SSH on {', '.join(topo.vms)}") as step:
-            self._wait_ssh(state, started + boot_timeout, step)
+            self._wait_ssh(state, deadline, step)
         state.boot_seconds = round(time.monotonic() - started, 2)
-        state.ready = True
-        self.save(state)
 
-    def _start_vm(self, state: LabState, vm: VMState, img: image.Image, lab_nic: qemu.LabNic, accel: str,
-                  memory_mib: int) -> None:
+    def _start_vm(self, state: LabState, vm: VMState, spec: qemu.VMSpec) -> None:
         """Start one QEMU, choosing a new SSH port if another process took ours in the meantime."""
         for attempt in range(3):
             vm.ssh_port = net.free_port()
-            spec = qemu.VMSpec(
-                name=vm.name, run_dir=self.run_dir, kernel=img.kernel, initrd=img.initrd, overlay=Path(vm.overlay),
-                ssh_port=vm.ssh_port, mgmt_mac=vm.mgmt_mac, lab_ip=vm.lab_ip, lab_nic=lab_nic, accel=accel,
-                memory_mib=memory_mib,
-            )
+            spec = replace(spec, ssh_port=vm.ssh_port)
             vm.qmp, vm.console, vm.console_log = str(spec.qmp_socket), str(spec.console_socket), str(spec.console_log)
             try:
                 vm.pid = qemu.start(spec)
             except LabError as exc:
-                if "hostfwd" in str(exc) and attempt < 2:
+                if "host forwarding" in str(exc) and attempt < 2:
                     continue
                 raise
             self.save(state)
             return
+
+    def _after_restore(self, state: LabState) -> None:
+        """A resumed guest wakes with the clock and neighbours of the moment it was saved: fix and check."""
+        with progress.step("reseed guest RNGs, set clocks, check the lab segment"):
+            def fix(vm: VMState) -> None:
+                # One round trip per guest: new randomness, the clock, no stale neighbours, every peer reached.
+                # Two restores of one snapshot start with the same crng state; mixing in host
+                # randomness and forcing a reseed (RNDRESEEDCRNG, _IO('R', 7)) makes them
+                # independent. perl-base is in every Debian, and starts faster than python3.
+                seed = secrets.token_hex(32)
+                reseed = (f"perl -e 'open(my $f, \">\", \"/dev/urandom\") or die $!; "
+                          f"syswrite($f, pack(\"H*\", \"{seed}\")); ioctl($f, 0x5207, 0) or die \"reseed: $!\"'")
+                peers = " && ".join(f"timeout 5 bash -c '</dev/tcp/{peer.address}/22'"
+                                    for peer in state.vms if peer.name != vm.name) or "true"
+                self._ssh[vm.name].run(f"{reseed} && date -u -s @{time.time():.6f} >/dev/null && "
+                                       f"ip neigh flush dev lab0 && {peers}", timeout=15, check=True)
+
+            with ThreadPoolExecutor(max_workers=len(state.vms)) as pool:
+                for future in [pool.submit(fix, vm) for vm in state.vms]:
+                    try:
+                        future.result()
+                    except SSHError as exc:
+                        raise LabError(f"restored guests cannot reach each other: {exc}") from exc
+
+    def _save_snapshots(self, state: LabState, store: snapshot.SnapshotStore, keys: dict[str, str]) -> None:
+        """Save every VM's ready state for the next ``lab.up``; a failure only costs the next boot its speed."""
+        with progress.step("save ready snapshots for the next lab.up") as step:
+            self.close()  # no half-open SSH connections inside the saved state
+            try:
+                for vm in state.vms:
+                    step.update(f"saving {vm.name}")
+                    store.save(keys[vm.name], Path(vm.qmp), Path(vm.overlay))
+                    qemu.qmp_command(Path(vm.qmp), "cont")
+            except (LabError, OSError) as exc:
+                for vm in state.vms:
+                    try:
+                        qemu.qmp_command(Path(vm.qmp), "cont")
+                    except Exception:  # noqa: BLE001 - resuming what we paused is best effort here
+                        pass
+                progress.say(f"[yellow]warning:[/] could not save snapshots ({exc}); the next lab.up boots cold")
 
     def _wait_ssh(self, state: LabState, deadline: float, step: progress.Step) -> None:
         def connect(vm: VMState) -> None:

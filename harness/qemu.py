@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -61,6 +62,8 @@ class VMSpec:
     memory_mib: int = 512
     cpus: int = 1
     extra_append: tuple[str, ...] = field(default=())
+    # A migration stream to resume from instead of booting (a ready snapshot).
+    incoming: Path | None = None
 
     @property
     def qmp_socket(self) -> Path:
@@ -101,6 +104,9 @@ def qemu_argv(spec: VMSpec) -> list[str]:
         "-name", f"socklab-{spec.name},process=socklab-{spec.name}",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-accel", spec.accel,
+        # qemu64 has no RDRAND, so sshd sat ~2.5 s in getrandom() waiting for the
+        # crng; with RDRAND (emulated by TCG) the kernel seeds it at once.
+        "-cpu", "host" if spec.accel == "kvm" else "qemu64,+rdrand",
         "-m", str(spec.memory_mib),
         "-smp", str(spec.cpus),
         "-kernel", str(spec.kernel),
@@ -122,13 +128,15 @@ def qemu_argv(spec: VMSpec) -> list[str]:
         "-pidfile", str(spec.pidfile),
         "-daemonize",
     ]
+    if spec.incoming is not None:
+        argv += ["-incoming", f"exec:cat {shlex.quote(str(spec.incoming))}"]
     return argv
 
 
-def create_overlay(base: Path, overlay: Path) -> None:
-    """A qcow2 overlay backed by the read-only raw base: the guest writes only here."""
+def create_overlay(base: Path, overlay: Path, base_format: str = "raw") -> None:
+    """A qcow2 overlay backed by the read-only ``base``: the guest writes only here."""
     result = subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(overlay)],
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(overlay)],
         stdin=subprocess.DEVNULL, capture_output=True, text=True,
     )
     if result.returncode != 0:
@@ -192,6 +200,81 @@ def qmp_command(socket_path: Path, command: str, timeout: float = 5.0, **argumen
             await asyncio.wait_for(client.disconnect(), timeout)
 
     return asyncio.run(exchange())
+
+
+def migrate_to_file(socket_path: Path, target: Path, timeout: float = 60.0) -> None:
+    """Pause the guest, write its whole state to ``target``, and leave it paused.
+
+    The caller copies the disk overlay while the guest is paused (``stop``
+    drains and flushes every block device), then resumes it with ``cont``.
+    """
+    import asyncio
+
+    from qemu.qmp import QMPClient
+
+    async def exchange() -> None:
+        client = QMPClient("socklab-snapshot")
+        await asyncio.wait_for(client.connect(str(socket_path)), 5)
+        try:
+            await client.execute("stop")
+            # The default 128 MiB/s cap would make a paused guest's save crawl.
+            await client.execute("migrate-set-parameters", {"max-bandwidth": 8 << 30})
+            await client.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(target))}"})
+            deadline = time.monotonic() + timeout
+            while True:
+                status = await client.execute("query-migrate")
+                state = status.get("status")
+                if state == "completed":
+                    return
+                if state in ("failed", "cancelled"):
+                    raise LabError(f"saving the guest state failed: {status.get('error-desc', state)}")
+                if time.monotonic() > deadline:
+                    raise LabError(f"saving the guest state took over {timeout:.0f} s")
+                await asyncio.sleep(0.02)
+        finally:
+            await client.disconnect()
+
+    asyncio.run(exchange())
+
+
+def resume_incoming(socket_path: Path, timeout: float = 20.0) -> None:
+    """Run a guest that QEMU is loading from a snapshot once the load is done.
+
+    The snapshot was saved from a paused guest, and QEMU keeps an incoming guest
+    in the state its source was in, so it has to be told to ``cont``.
+    """
+    import asyncio
+
+    from qemu.qmp import QMPClient
+
+    async def exchange() -> None:
+        client = QMPClient("socklab-resume")
+        deadline = time.monotonic() + timeout
+        while True:  # the monitor socket appears as QEMU starts
+            try:
+                await asyncio.wait_for(client.connect(str(socket_path)), 5)
+                break
+            except (OSError, asyncio.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise LabError(f"no QMP monitor at {socket_path} to resume the snapshot") from None
+                await asyncio.sleep(0.02)
+        try:
+            while True:
+                status = (await client.execute("query-status"))["status"]
+                if status == "running":
+                    return
+                if status in ("paused", "postmigrate"):
+                    await client.execute("cont")
+                    return
+                if status not in ("inmigrate", "prelaunch"):
+                    raise LabError(f"the snapshot did not load: the guest is {status}")
+                if time.monotonic() > deadline:
+                    raise LabError(f"loading the snapshot took over {timeout:.0f} s")
+                await asyncio.sleep(0.02)
+        finally:
+            await client.disconnect()
+
+    asyncio.run(exchange())
 
 
 def stop(name: str, pid: int, qmp_socket: Path, timeout: float = 5.0) -> str:

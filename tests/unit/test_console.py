@@ -34,7 +34,10 @@ class FakeTTY:
         buffered = b""
         with conn:
             while True:
-                data = conn.recv(4096)
+                try:
+                    data = conn.recv(4096)
+                except OSError:  # the console client hung up
+                    return
                 if not data:
                     return
                 if self.silent:

@@ -152,3 +152,25 @@ def test_a_failed_build_leaves_no_entry(paths, pubkey, monkeypatch):
 def test_build_tool_failure_quotes_its_last_lines():
     with pytest.raises(ImageError, match="mmdebstrap failed \\(exit 3\\): .*E: cannot find suite"):
         image._run(["sh", "-c", "echo 'I: start'; echo 'E: cannot find suite' >&2; exit 3"], "mmdebstrap")
+
+
+def test_unchanged_files_are_not_hashed_again(paths, pubkey, monkeypatch):
+    img = image.Image.load(fake_entry(paths, pubkey))
+    assert img.damaged() == []
+    monkeypatch.setattr(image, "file_sha256", lambda path: pytest.fail(f"{path.name} hashed again"))
+    assert img.damaged() == []
+
+
+def test_full_check_finds_a_change_that_hid_its_mtime(paths, pubkey):
+    import os
+
+    directory = fake_entry(paths, pubkey)
+    img = image.Image.load(directory)
+    assert img.damaged() == []
+    kernel = directory / image.KERNEL
+    before = kernel.stat()
+    with open(kernel, "r+b") as handle:
+        handle.write(b"X")
+    os.utime(kernel, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert img.damaged() == []  # the quick check trusts size, mtime and inode
+    assert img.damaged(full=True) == [image.KERNEL]

@@ -94,6 +94,7 @@ class FakeImage:
         self.directory = tmp_path / "image"
         self.rootfs = self.kernel = self.initrd = tmp_path / "image" / "file"
         self.host_key = "ssh-ed25519 AAAA"
+        self.sha256 = {"rootfs.ext4": "0" * 64}
 
     def damaged(self):
         return []
@@ -151,3 +152,41 @@ def test_socket_segment_refuses_more_than_two_vms(lab, tmp_path, monkeypatch):
     monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "not root"))
     with pytest.raises(LabError, match="socket segment joins two VMs only"):
         lab.up("trio", "auto", "auto")
+
+
+def test_a_restore_that_fails_falls_back_to_a_cold_boot(lab, tmp_path, monkeypatch):
+    """A snapshot that never reaches SSH is discarded, the lab torn down and booted cold."""
+    from harness import snapshot
+
+    monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
+    monkeypatch.setattr(lab_mod.image, "find", lambda paths: FakeImage(tmp_path))
+    monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
+    monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "test"))
+    monkeypatch.setattr(Lab, "_usable_snapshots", lambda self, store, keys: {n: snapshot.Snapshot(tmp_path) for n in keys})
+    discarded, boots, saved = [], [], []
+    monkeypatch.setattr(snapshot.SnapshotStore, "discard", lambda self, key: discarded.append(key))
+    monkeypatch.setattr(Lab, "_save_snapshots", lambda self, state, store, keys: saved.append(sorted(keys)))
+
+    def boot(self, state, topo, plan, snapshots, deadline):
+        boots.append(bool(snapshots))
+        if snapshots:
+            raise LabError("client never became reachable over SSH")
+
+    monkeypatch.setattr(Lab, "_boot", boot)
+    state, started = lab.up("default", "auto", "socket")
+    assert boots == [True, False]
+    assert len(discarded) == 2
+    assert state.boot_mode == "cold boot" and state.ready
+    assert saved == [["client", "server"]]  # the next up gets a fresh snapshot
+
+
+def test_cold_up_neither_restores_nor_saves(lab, tmp_path, monkeypatch):
+    monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
+    monkeypatch.setattr(lab_mod.image, "find", lambda paths: FakeImage(tmp_path))
+    monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
+    monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "test"))
+    monkeypatch.setattr(Lab, "_usable_snapshots", lambda *a: pytest.fail("--cold must not look for snapshots"))
+    monkeypatch.setattr(Lab, "_save_snapshots", lambda *a: pytest.fail("--cold must not save snapshots"))
+    monkeypatch.setattr(Lab, "_boot", lambda self, state, topo, plan, snapshots, deadline: None)
+    state, _ = lab.up("default", "auto", "socket", cold=True)
+    assert state.boot_mode == "cold boot"

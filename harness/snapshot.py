@@ -1,0 +1,136 @@
+"""Ready snapshots: a booted, SSH-ready guest saved to a file so the next ``lab.up`` resumes it.
+
+A snapshot of one VM is two files: the QEMU migration stream (RAM and device
+state) and a frozen copy of the VM's disk overlay taken while the guest was
+paused. A restore starts QEMU with ``-incoming`` on a fresh overlay whose
+backing file is that frozen copy, so each restored guest starts from the same
+ready state and writes nothing back: two restores in a row are independent.
+
+Snapshots live in the image's cache entry (``snapshots/<key>/``) and go with
+it. The key covers everything a restored guest depends on: the image's
+digests, QEMU's version, and the VM's configuration (memory, CPUs, NICs,
+kernel command line, accelerator). Ports, sockets and tap names are not in
+it: the host side is new on every restore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from . import qemu
+
+SNAPSHOT_FORMAT = 1
+STATE = "state.migration"
+DISK = "disk.qcow2"
+META = "meta.json"
+
+
+@lru_cache(maxsize=1)
+def qemu_version() -> str:
+    try:
+        result = subprocess.run([qemu.QEMU, "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    except OSError:
+        return "unknown"
+    return result.stdout.splitlines()[0].strip() if result.stdout else "unknown"
+
+
+def vm_config(spec: qemu.VMSpec) -> dict:
+    """The parts of a VM's setup a saved guest depends on (not ports, paths or tap names)."""
+    return {
+        "name": spec.name,
+        "memory_mib": spec.memory_mib,
+        "cpus": spec.cpus,
+        "accel": spec.accel,
+        "kernel_append": spec.kernel_append(),
+        "mgmt_mac": spec.mgmt_mac,
+        "lab_nic": None if spec.lab_nic is None else {"mode": spec.lab_nic.mode, "mac": spec.lab_nic.mac},
+    }
+
+
+def snapshot_key(image_digests: dict, spec: qemu.VMSpec, version: str) -> str:
+    payload = json.dumps({"format": SNAPSHOT_FORMAT, "image": image_digests, "qemu": version,
+                          "vm": vm_config(spec)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One VM's saved state in the store."""
+
+    directory: Path
+
+    @property
+    def state(self) -> Path:
+        return self.directory / STATE
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / DISK
+
+    def problem(self) -> str | None:
+        """Why this snapshot cannot be used, or None. A missing one is not a problem worth a warning."""
+        try:
+            meta = json.loads((self.directory / META).read_text())
+        except FileNotFoundError:
+            return "missing"
+        except (OSError, ValueError) as exc:
+            return f"unreadable metadata ({exc})"
+        for path, key in ((self.state, "state"), (self.disk, "disk")):
+            if not path.is_file():
+                return f"{path.name} is missing"
+            if path.stat().st_size != meta.get(f"{key}_size"):
+                return f"{path.name} has {path.stat().st_size} bytes, {meta.get(f'{key}_size')} were saved"
+        if _sha256(self.state) != meta.get("state_sha256"):
+            return f"{self.state.name} does not match its recorded digest"
+        return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class SnapshotStore:
+    """Snapshots of one image, under ``<image entry>/snapshots/``."""
+
+    def __init__(self, image_dir: Path) -> None:
+        self.root = image_dir / "snapshots"
+
+    def get(self, key: str) -> Snapshot:
+        return Snapshot(self.root / key)
+
+    def save(self, key: str, qmp_socket: Path, overlay: Path) -> Snapshot:
+        """Save a running guest (paused meanwhile, resumed by the caller) under ``key``.
+
+        Files are written into a temporary directory and renamed into place, so a
+        save that fails or is interrupted never leaves a snapshot that looks whole.
+        """
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        final = self.root / key
+        work = self.root / f".tmp-{key}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(mode=0o700)
+        try:
+            qemu.migrate_to_file(qmp_socket, work / STATE)
+            # The guest is paused and its disks flushed: the overlay is consistent.
+            shutil.copyfile(overlay, work / DISK)
+            meta = {"format": SNAPSHOT_FORMAT, "state_size": (work / STATE).stat().st_size,
+                    "disk_size": (work / DISK).stat().st_size, "state_sha256": _sha256(work / STATE)}
+            (work / META).write_text(json.dumps(meta, indent=2) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            work.rename(final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return Snapshot(final)
+
+    def discard(self, key: str) -> None:
+        shutil.rmtree(self.root / key, ignore_errors=True)

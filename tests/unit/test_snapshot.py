@@ -1,0 +1,95 @@
+"""Ready snapshots: the key follows everything a saved guest depends on; damaged ones are refused."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from harness import qemu, snapshot
+
+
+@pytest.fixture
+def spec(tmp_path) -> qemu.VMSpec:
+    return qemu.VMSpec(
+        name="server", run_dir=tmp_path, kernel=tmp_path / "vmlinuz", initrd=tmp_path / "initrd.img",
+        overlay=tmp_path / "server.qcow2", ssh_port=40022, mgmt_mac="52:54:00:00:00:02",
+        lab_ip="198.51.100.2/24", lab_nic=qemu.LabNic("tap", "52:54:00:5a:00:02", ifname="slabc1231"),
+    )
+
+
+DIGESTS = {"rootfs.ext4": "a" * 64, "vmlinuz": "b" * 64, "initrd.img": "c" * 64}
+
+
+def key(spec, digests=DIGESTS, version="QEMU emulator version 7.2.22"):
+    return snapshot.snapshot_key(digests, spec, version)
+
+
+def test_host_side_details_do_not_change_the_key(spec, tmp_path):
+    moved = replace(spec, ssh_port=50000, run_dir=tmp_path / "elsewhere",
+                    lab_nic=replace(spec.lab_nic, ifname="slffffff1"), incoming=tmp_path / "x")
+    assert key(moved) == key(spec)
+
+
+@pytest.mark.parametrize("change", [
+    lambda s: replace(s, memory_mib=1024),
+    lambda s: replace(s, cpus=2),
+    lambda s: replace(s, accel="kvm"),
+    lambda s: replace(s, lab_ip="198.51.100.9/24"),
+    lambda s: replace(s, mgmt_mac="52:54:00:00:00:09"),
+    lambda s: replace(s, lab_nic=replace(s.lab_nic, mode="socket")),
+    lambda s: replace(s, extra_append=("debug",)),
+    lambda s: replace(s, lab_nic=None),
+])
+def test_vm_configuration_changes_the_key(spec, change):
+    assert key(change(spec)) != key(spec)
+
+
+def test_image_or_qemu_changes_the_key(spec):
+    assert key(spec, digests={**DIGESTS, "vmlinuz": "d" * 64}) != key(spec)
+    assert key(spec, version="QEMU emulator version 8.2.0") != key(spec)
+
+
+def write_snapshot(directory: Path, state=b"S" * 1000, disk=b"D" * 300) -> snapshot.Snapshot:
+    directory.mkdir(parents=True)
+    (directory / snapshot.STATE).write_bytes(state)
+    (directory / snapshot.DISK).write_bytes(disk)
+    meta = {"format": 1, "state_size": len(state), "disk_size": len(disk),
+            "state_sha256": snapshot._sha256(directory / snapshot.STATE)}
+    (directory / snapshot.META).write_text(json.dumps(meta))
+    return snapshot.Snapshot(directory)
+
+
+def test_whole_snapshot_is_usable(tmp_path):
+    assert write_snapshot(tmp_path / "k").problem() is None
+
+
+def test_missing_snapshot_is_just_missing(tmp_path):
+    assert snapshot.Snapshot(tmp_path / "none").problem() == "missing"
+
+
+def test_truncated_state_is_refused(tmp_path):
+    snap = write_snapshot(tmp_path / "k")
+    snap.state.write_bytes(b"S" * 10)
+    assert "has 10 bytes, 1000 were saved" in snap.problem()
+
+
+def test_corrupt_state_of_the_same_size_is_refused(tmp_path):
+    snap = write_snapshot(tmp_path / "k")
+    snap.state.write_bytes(b"X" * 1000)
+    assert "does not match its recorded digest" in snap.problem()
+
+
+def test_missing_disk_is_refused(tmp_path):
+    snap = write_snapshot(tmp_path / "k")
+    snap.disk.unlink()
+    assert snap.problem() == "disk.qcow2 is missing"
+
+
+def test_store_discard_removes_it(tmp_path):
+    store = snapshot.SnapshotStore(tmp_path)
+    write_snapshot(store.root / "abc")
+    store.discard("abc")
+    assert store.get("abc").problem() == "missing"
