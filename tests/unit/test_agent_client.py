@@ -474,29 +474,33 @@ def test_an_agent_as_another_user_has_no_capabilities(ssh, remote_dir):
 
 # -- the model's entry point ------------------------------------------------------------------------
 
-def test_agent_host_takes_the_same_steps_as_the_model(ssh, remote_dir):
-    from harness.model import Network
+def test_one_step_list_drives_the_model_and_the_agent_alike(ssh, remote_dir):
+    from harness.model import Network, Step
+    from harness.model import run_steps as run_on_model
 
-    model = Network().add_host("h", addrs=["198.51.100.9"])
-    real = AgentHost(ssh, python=sys.executable, remote_dir=f"{remote_dir}/run")
     steps = [
-        ("socket", {"family": "AF_INET", "type": "SOCK_DGRAM"}),
-        ("listen", {"fd": 3, "backlog": 5}),
-        ("socket", {"family": "AF_INET", "type": "SOCK_STREAM|SOCK_NONBLOCK"}),
-        ("bind", {"fd": 4, "addr": ("127.0.0.1", 0), "addrlen": 8}),
-        ("accept", {"fd": 4}),
-        ("getpeername", {"fd": 4}),
-        ("shutdown", {"fd": 4, "how": 7}),
-        ("close", {"fd": 3}),
-        ("close", {"fd": 3}),
+        Step("h", "socket", {"family": "AF_INET", "type": "SOCK_DGRAM"}, save="udp"),
+        Step("h", "listen", {"fd": "$udp", "backlog": 5}),
+        Step("h", "socket", {"family": "AF_INET", "type": "SOCK_STREAM|SOCK_NONBLOCK"}, save="tcp"),
+        Step("h", "bind", {"fd": "$tcp", "addr": ("127.0.0.1", 0), "addrlen": 8}),
+        Step("h", "accept", {"fd": "$tcp"}),
+        Step("h", "getpeername", {"fd": "$tcp"}),
+        Step("h", "shutdown", {"fd": "$tcp", "how": 7}),
+        Step("h", "setsockopt", {"fd": "$tcp", "level": "SOL_SOCKET", "optname": "SO_ZEROCOPY", "value": 1}),
+        Step("h", "close", {"fd": "$udp"}),
+        Step("h", "close", {"fd": "$udp"}),
     ]
+    modelled = run_on_model({"h": Network().add_host("h", addrs=["198.51.100.9"])}, steps)
+    real = AgentHost(ssh, python=sys.executable, remote_dir=f"{remote_dir}/run")
     try:
-        for op, args in steps:
-            expected = model.call(op, args)
-            got = real.call(op, args, user="root")
-            assert (got.ret, got.errno) == (expected.ret, expected.errno), (op, args, expected.rule)
+        replies = agent_mod.run_steps({"h": real}, steps)
+        with pytest.raises(AgentRequestError, match="names host 'elsewhere'"):
+            agent_mod.run_steps({"h": real}, [Step("elsewhere", "socket", {"family": 2, "type": 1})])
     finally:
         real.close()
+    assert [(r.ret, r.errno) for r in replies] == [(m.ret, m.errno) for m in modelled]
+    assert [r.errno for r in replies] == [None, "EOPNOTSUPP", None, "EINVAL", "EINVAL", "ENOTCONN", "EINVAL",
+                                          None, None, "EBADF"]
 
 
 # -- pieces -----------------------------------------------------------------------------------------
