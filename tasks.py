@@ -165,6 +165,107 @@ def exec_(c, name, timeout=60):
         raise Exit(code=result.exit_status)
 
 
+def _results_dir(name: str):
+    import time
+    from harness.paths import REPO_ROOT
+
+    directory = REPO_ROOT / "results" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def _running_lab(topology: str):
+    """The running lab (booted here if none runs; it is left running for the next check)."""
+    lab = Lab()
+    state = lab.load()
+    if state is None or not all(lab.alive(state).values()):
+        progress.say(f"no lab is running; booting one ({topology}) and leaving it up for the next check")
+        image.build(lab.paths, "bookworm")
+        lab.up(topology)
+    elif state.topology != topology:
+        raise SocklabError(f"the running lab is {state.topology!r} but this needs {topology!r}: `invoke lab.down` first")
+    return lab
+
+
+def _show_and_save(report, name: str) -> None:
+    from harness.report import assertion_table, markdown, step_table, write_junit
+
+    for result in report.runs:
+        progress.console.print(step_table(result, kernel=report.kernel))
+    if report.assertions:
+        progress.console.print(assertion_table(report.assertions))
+    for note in report.notes:
+        progress.say(f"note: {note}")
+    directory = _results_dir(name)
+    write_junit(report, directory / "junit.xml")
+    (directory / "report.md").write_text(markdown(report))
+    counts = report.counts
+    verdict = "[green]PASS[/]" if report.ok else "[red]FAIL[/]"
+    progress.say(f"{verdict}: {counts['steps'] - counts['step_failures']}/{counts['steps']} steps agree, "
+                 f"{counts['assertions'] - counts['assertion_failures']}/{counts['assertions']} expectations hold; "
+                 f"report in {directory}")
+    if not report.ok:
+        raise Exit(code=1)
+
+
+@task(name="check", iterable=["param"], help={
+    "name": "the lab, e.g. 03-listen (see labs/README.md)",
+    "param": "override a scenario parameter, e.g. --param backlog=4 (repeatable)",
+    "model_only": "run on the reference model alone (no VM; the kernel expectations are skipped)",
+})
+@_friendly
+def check_(c, name, param=None, model_only=False):
+    """Check a lab: its scenarios on the live kernels and the model, then its expectations. Exit 0 only if all agree."""
+    from harness.scenario.check import LabSpec, check
+    from harness.scenario.format import parse_params
+
+    spec = LabSpec.load(name)
+    overrides = parse_params(param or [])
+    lab = None if model_only else _running_lab(spec.topology)
+    report = check(spec, lab, overrides)
+    if lab is not None:
+        lab.close()
+    _show_and_save(report, spec.name)
+
+
+@task(name="run", iterable=["param"], help={
+    "file": "a scenario file (YAML)",
+    "param": "override a scenario parameter, e.g. --param port=7001 (repeatable)",
+})
+@_friendly
+def run_(c, file, param=None):
+    """Run any scenario file on the live kernels and the model, step by step."""
+    from pathlib import Path
+
+    from harness.scenario.check import CheckReport, run_scenario
+    from harness.scenario.format import load, parse_params
+
+    path = Path(file)
+    lab = _running_lab("default")
+    scenario = load(path, parse_params(param or []), known_hosts=tuple(vm.name for vm in lab.require().vms))
+    report = CheckReport(scenario.name, runs=[run_scenario(scenario, lab)])
+    lab.close()
+    _show_and_save(report, path.stem)
+
+
+@task(name="model", iterable=["param"], help={
+    "file": "a scenario file (YAML)",
+    "param": "override a scenario parameter (repeatable)",
+    "no_sg": "model a lab NIC without scatter-gather (as in socket-segment mode)",
+})
+@_friendly
+def model_(c, file, param=None, no_sg=False):
+    """Run a scenario on the reference model alone (no VM): predict, then check on the lab."""
+    from pathlib import Path
+
+    from harness.scenario.check import CheckReport, run_scenario
+    from harness.scenario.format import load, parse_params
+
+    scenario = load(Path(file), parse_params(param or []))
+    report = CheckReport(scenario.name, runs=[run_scenario(scenario, None, scatter_gather=not no_sg)], kernel=False)
+    _show_and_save(report, Path(file).stem)
+
+
 @task(name="test", help={
     "unit": "only the unit tests (no VM)",
     "live": "only the live tests (marker vm)",
@@ -179,7 +280,7 @@ def test_(c, unit=False, live=False, pytest_args=""):
 
 
 images = Collection("images", build, clean)
-lab = Collection("lab", up, down, status, ssh, console, exec_)
+lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_)
 ns = Collection(images, lab, test_)
 ns.configure({
     "images": {"recipe": "bookworm", "mirror": None},

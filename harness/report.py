@@ -38,3 +38,113 @@ def status_table(lab, state, live: bool = True) -> Table:
                      + (f"\nnetns {state.netns}" if state.netns else ""))
     table.caption_justify = "left"
     return table
+
+
+# -- lab checks ------------------------------------------------------------------------------
+
+
+def _verdict_text(record) -> str:
+    if record.verdict is None:
+        return ""
+    if record.verdict.ok:
+        return "[green]ok[/]" + (f" ({record.verdict.notes[0]})" if record.verdict.notes else "")
+    return "[red]FAIL[/] " + "; ".join(record.verdict.problems)
+
+
+def step_table(result, kernel: bool = True) -> Table:
+    """One row per step: host, call, kernel result, model result, expected, verdict."""
+    table = Table(title=f"{result.scenario.name}: {result.scenario.description}".rstrip(": "), title_justify="left")
+    for column in ("#", "host", "call", *(["kernel"] if kernel else []), "model", "expected", "verdict"):
+        table.add_column(column, overflow="fold")
+    for record in result.records:
+        step = record.step
+        if step.kind != "call":
+            table.add_row(str(step.index), "", f"[dim]{step.describe()}[/]", *([""] if kernel else []), "", "", "")
+            continue
+        model_cell = record.model.describe() if record.model else ""
+        if record.model and record.model.kernel_fn and not (record.verdict and record.verdict.ok):
+            model_cell += f"\n[dim]{record.model.kernel_fn}: {record.model.rule}[/]"
+        user = f" ({step.user})" if step.user != "root" else ""
+        table.add_row(str(step.index), step.host + user, step.describe(),
+                      *([record.kernel.describe() if record.kernel else "-"] if kernel else []),
+                      model_cell, step.expect.describe() if step.expect else "", _verdict_text(record))
+    if result.error:
+        table.caption = f"[red]aborted:[/] {result.error}"
+    return table
+
+
+def assertion_table(outcomes) -> Table:
+    table = Table(title="expectations", title_justify="left")
+    for column in ("expectation", "value", "wanted", "verdict"):
+        table.add_column(column, overflow="fold")
+    for outcome in outcomes:
+        verdict = "[green]ok[/]" if outcome.ok else f"[red]FAIL[/] {outcome.error}".rstrip()
+        if not outcome.ok and outcome.assertion.why:
+            verdict += f"\n[dim]{outcome.assertion.why}[/]"
+        table.add_row(outcome.assertion.name, repr(outcome.value), outcome.assertion.describe(), verdict)
+    return table
+
+
+def write_junit(report, path) -> None:
+    """JUnit XML: one test suite per scenario (a test case per call step) and one for the expectations."""
+    import xml.etree.ElementTree as ET
+
+    suites = ET.Element("testsuites", name=report.title)
+    for result in report.runs:
+        cases = [r for r in result.records if r.verdict is not None]
+        suite = ET.SubElement(suites, "testsuite", name=result.scenario.name, tests=str(len(cases)),
+                              failures=str(sum(not r.verdict.ok for r in cases)), errors="1" if result.error else "0")
+        for record in cases:
+            case = ET.SubElement(suite, "testcase", classname=result.scenario.name,
+                                 name=f"{record.step.index} {record.step.host}: {record.step.describe()}",
+                                 time=f"{record.seconds:.3f}")
+            if not record.verdict.ok:
+                ET.SubElement(case, "failure", message="; ".join(record.verdict.problems))
+        if result.error:
+            ET.SubElement(ET.SubElement(suite, "testcase", classname=result.scenario.name, name="run"), "error",
+                          message=result.error)
+    if report.assertions:
+        suite = ET.SubElement(suites, "testsuite", name="expectations", tests=str(len(report.assertions)),
+                              failures=str(sum(not a.ok for a in report.assertions)), errors="0")
+        for outcome in report.assertions:
+            case = ET.SubElement(suite, "testcase", classname="expectations", name=outcome.assertion.name)
+            if not outcome.ok:
+                ET.SubElement(case, "failure", message=f"value {outcome.value!r}, wanted {outcome.assertion.describe()} "
+                                                       f"{outcome.error}".strip())
+    ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
+
+
+def markdown(report) -> str:
+    """The check as Markdown: a verdict line, each scenario's steps, the expectations."""
+    def cell(text: object) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    counts = report.counts
+    lines = [f"# {report.title}", "",
+             f"**{'PASS' if report.ok else 'FAIL'}**: {counts['steps'] - counts['step_failures']}/{counts['steps']} "
+             f"steps agree, {counts['assertions'] - counts['assertion_failures']}/{counts['assertions']} expectations "
+             f"hold{'' if report.kernel else ' (model only)'}.", ""]
+    for result in report.runs:
+        lines += [f"## {result.scenario.name}", "", result.scenario.description, "",
+                  "| # | host | call | kernel | model | expected | verdict |", "|---|---|---|---|---|---|---|"]
+        for record in result.records:
+            step = record.step
+            verdict = "" if record.verdict is None else ("ok" if record.verdict.ok else
+                                                          "FAIL: " + "; ".join(record.verdict.problems))
+            lines.append("| " + " | ".join(cell(x) for x in (
+                step.index, step.host, step.describe(), record.kernel.describe() if record.kernel else "",
+                (f"{record.model.describe()} ({record.model.kernel_fn})" if record.model and record.model.kernel_fn
+                 else record.model.describe() if record.model else ""),
+                step.expect.describe() if step.expect else "", verdict)) + " |")
+        if result.error:
+            lines += ["", f"Aborted: {result.error}"]
+        lines.append("")
+    if report.assertions:
+        lines += ["## Expectations", "", "| expectation | value | wanted | verdict |", "|---|---|---|---|"]
+        for outcome in report.assertions:
+            lines.append("| " + " | ".join(cell(x) for x in (
+                outcome.assertion.name, repr(outcome.value), outcome.assertion.describe(),
+                "ok" if outcome.ok else f"FAIL {outcome.error}".strip())) + " |")
+    for note in report.notes:
+        lines += ["", f"Note: {note}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,135 @@
+"""A lab check: run a lab's scenarios on the kernel and the model, then its expectation template."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..paths import REPO_ROOT
+from . import expect
+from .format import Scenario, ScenarioError, declared_params, load
+from .runner import ModelBackend, RunAborted, RunResult, StepRecord, run
+
+LABS_DIR = REPO_ROOT / "labs"
+
+
+@dataclass(frozen=True)
+class LabSpec:
+    """``labs/<name>/lab.yaml``: a title, the topology, the scenarios and the expectation template."""
+
+    name: str
+    directory: Path
+    title: str
+    topology: str
+    scenarios: tuple[Path, ...]
+    expected: Path | None
+
+    @classmethod
+    def load(cls, name: str, labs_dir: Path = LABS_DIR) -> "LabSpec":
+        directory = labs_dir / name
+        path = directory / "lab.yaml"
+        if not path.is_file():
+            known = ", ".join(known_labs(labs_dir)) or "none"
+            raise ScenarioError(f"unknown lab {name!r}; known: {known}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            raise ScenarioError(f"{path}:{mark.line + 1 if mark else 1}: malformed YAML") from None
+        if not isinstance(data, dict) or not data.get("scenarios"):
+            raise ScenarioError(f"{path}:1: lab.yaml needs `title:` and a list of `scenarios:`")
+        unknown = set(data) - {"title", "topology", "scenarios", "expected", "minutes", "article"}
+        if unknown:
+            raise ScenarioError(f"{path}:1: unknown key(s) {', '.join(sorted(unknown))}")
+        scenarios = tuple(directory / str(item) for item in data["scenarios"])
+        for scenario in scenarios:
+            if not scenario.is_file():
+                raise ScenarioError(f"{path}: scenario {scenario.name} does not exist")
+        expected = directory / str(data["expected"]) if data.get("expected") else None
+        if expected is not None and not expected.is_file():
+            raise ScenarioError(f"{path}: expectation template {expected.name} does not exist")
+        return cls(name, directory, str(data.get("title", name)), str(data.get("topology", "default")), scenarios,
+                   expected)
+
+
+def known_labs(labs_dir: Path = LABS_DIR) -> list[str]:
+    return sorted(p.parent.name for p in labs_dir.glob("*/lab.yaml"))
+
+
+@dataclass
+class CheckReport:
+    """Everything a check found: each scenario's run and each assertion's outcome."""
+
+    title: str
+    runs: list[RunResult] = field(default_factory=list)
+    assertions: list[expect.Outcome] = field(default_factory=list)
+    kernel: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.runs) and all(a.ok for a in self.assertions)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        steps = [rec for run in self.runs for rec in run.records if rec.verdict is not None]
+        return {"steps": len(steps), "step_failures": sum(not rec.verdict.ok for rec in steps),
+                "assertions": len(self.assertions), "assertion_failures": sum(not a.ok for a in self.assertions)}
+
+
+def run_scenario(scenario: Scenario, lab: Any | None, on_step: Callable[[StepRecord], None] | None = None,
+                 scatter_gather: bool | None = None) -> RunResult:
+    """One scenario on the model, and on the lab's kernels too when ``lab`` is given."""
+    kernel = None
+    if lab is not None:
+        from .live import LabBackend
+
+        kernel = LabBackend(lab, scenario)
+        if scatter_gather is None:
+            scatter_gather = lab.require().segment == "tap"
+    model = ModelBackend(scenario, scatter_gather=True if scatter_gather is None else scatter_gather)
+    try:
+        if kernel is not None:
+            kernel.apply_sysctls()
+        return run(scenario, kernel, model, on_step)
+    except RunAborted as exc:
+        return exc.result
+    finally:
+        if kernel is not None:
+            kernel.close()
+
+
+def check(spec: LabSpec, lab: Any | None, overrides: Mapping[str, Any] | None = None,
+          on_step: Callable[[StepRecord], None] | None = None) -> CheckReport:
+    """Run every scenario of ``spec``; with a lab, evaluate the expectation template over the kernel's run."""
+    report = CheckReport(spec.title, kernel=lab is not None)
+    hosts = tuple(vm.name for vm in lab.require().vms) if lab is not None else None
+    scenarios = [load(path, _overrides_for(path, overrides), known_hosts=hosts) for path in spec.scenarios]
+    unused = set(overrides or {}) - {key for scenario in scenarios for key in scenario.params}
+    if unused:
+        raise ScenarioError(f"--param {', '.join(sorted(unused))}: no scenario of lab {spec.name} has it")
+    for scenario in scenarios:
+        report.runs.append(run_scenario(scenario, lab, on_step))
+    if spec.expected is None:
+        return report
+    if lab is None:
+        report.notes.append(f"{spec.expected.name} is about the kernel's stats: run with the lab up to check it")
+        return report
+    for scenario, result in zip(scenarios, report.runs):
+        if result.error:
+            continue
+        sysctls = {host: snap.sysctls for host, snap in next(iter(result.kernel_snapshots.values()), {}).items()}
+        variables = {**scenario.params, "sysctl": sysctls}
+        assertions = expect.load(spec.expected, variables)
+        report.assertions += expect.evaluate(assertions, expect.context(result, scenario.params, sysctls))
+    return report
+
+
+def _overrides_for(path: Path, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Only the overrides this scenario declares (a lab's scenarios may take different params)."""
+    declared = declared_params(path)
+    return {key: value for key, value in (overrides or {}).items() if key in declared}
