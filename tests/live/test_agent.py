@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from harness.agent import Agent, AgentDied, measure_latency
+from harness.agent import Agent, AgentDied, AgentHost, measure_latency, run_steps
+from harness.model import Network, Step
+from harness.model import run_steps as run_on_model
 
 pytestmark = pytest.mark.vm
 
@@ -166,6 +168,37 @@ def test_an_agent_killed_mid_step_is_reported_with_the_step(server):
     with pytest.raises(AgentDied) as caught:
         agent.call("sleep", seconds=30)
     assert "server" in str(caught.value) and "sleep(seconds=30)" in str(caught.value)
+
+
+def test_one_step_list_interleaves_on_both_guests_and_the_model(server, client):
+    steps = [
+        Step("server", "socket", {"family": "AF_INET", "type": "SOCK_STREAM"}, save="lfd"),
+        Step("server", "bind", {"fd": "$lfd", "addr": ("198.51.100.2", 7002)}),
+        Step("server", "listen", {"fd": "$lfd", "backlog": -1}),
+        Step("client", "socket", {"family": "AF_INET", "type": "SOCK_STREAM|SOCK_NONBLOCK"}, user="student",
+             save="cfd"),
+        Step("client", "connect", {"fd": "$cfd", "addr": ("198.51.100.2", 7002)}, user="student"),
+        # fd 3 literally: the model's resolve_args does not look for $names inside lists.
+        Step("client", "poll", {"fds": [3], "events": "POLLOUT", "timeout": 5000}, user="student"),
+        Step("server", "accept4", {"fd": "$lfd", "flags": "SOCK_NONBLOCK"}, save="afd"),
+        Step("server", "accept", {"fd": "$lfd"}, user="student"),
+        Step("server", "recv", {"fd": "$afd", "length": 10}),
+    ]
+    hosts = {"server": AgentHost(server, "server"), "client": AgentHost(client, "client")}
+    try:
+        real = run_steps(hosts, steps)
+    finally:
+        for host in hosts.values():
+            host.close()
+    net = Network()
+    net.add_host("server", addrs=["198.51.100.2"])
+    net.add_host("client", addrs=["198.51.100.1"])
+    modelled = run_on_model(net, steps)
+    assert [(r.errno, r.blocked) for r in real] == [(m.errno, m.blocked) for m in modelled]
+    assert [r.errno for r in real] == [None, None, None, None, "EINPROGRESS", None, None, "EBADF", "EAGAIN"]
+    assert [r.user for r in real][3:6] == ["student"] * 3 and real[6].extra["peer"][0] == "198.51.100.1"
+    # Each reply carries the host's send time, so the trace keeps the scenario's order across VMs.
+    assert [r.host_ns for r in real] == sorted(r.host_ns for r in real)
 
 
 def test_agent_steps_are_much_cheaper_than_ssh_execs(lab, record_property):
