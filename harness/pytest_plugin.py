@@ -47,3 +47,14 @@ def client(lab: Lab):
 def server(lab: Lab):
     """SSH session to the ``server`` VM."""
     return lab.ssh("server")
+
+
+@pytest.fixture
+def model():
+    """A fresh reference model with the lab's two hosts (client 198.51.100.1, server 198.51.100.2)."""
+    from .model import Network
+
+    net = Network()
+    net.add_host("client", addrs=["198.51.100.1"])
+    net.add_host("server", addrs=["198.51.100.2"])
+    return net

@@ -102,8 +102,15 @@ class Step:
             return f"sleep {self.seconds:g} s"
         if self.kind == "snapshot":
             return f"snapshot {self.snapshot}"
-        shown = ", ".join(f"{k}={v}" for k, v in self.args.items())
-        return f"{self.call}({shown})"
+        parts = []
+        for key, value in self.args.items():
+            if key == "addr" and isinstance(value, list) and len(value) == 2:
+                value = f"{value[0]}:{value[1]}"
+            elif isinstance(value, list):
+                value = "[" + ", ".join(str(v) for v in value) + "]"
+            # The descriptor and the address read best without their names, as in C.
+            parts.append(str(value) if key in ("fd", "addr", "fds") else f"{key}={value}")
+        return f"{self.call}({', '.join(parts)})"
 
 
 @dataclass(frozen=True)
