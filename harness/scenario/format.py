@@ -145,14 +145,14 @@ def _split(text: str) -> tuple[str, str, int]:
     return "", text, 1
 
 
-def _yaml(text: str, where: str, line_offset: int) -> Any:
+def _yaml(text: str, where: str, line_offset: int, note: str = "") -> Any:
     try:
         return yaml.load(text, Loader=_LineLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = (mark.line + line_offset) if mark else line_offset
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ScenarioError(f"{where}:{line}: malformed YAML: {problem}") from None
+        raise ScenarioError(f"{where}:{line}{note}: malformed YAML: {problem}") from None
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -230,7 +230,7 @@ def load(path: Path, overrides: Mapping[str, Any] | None = None, known_hosts: tu
             raise ScenarioError(f"--param {key}: {where} has no parameter {key!r} (it has: {known})")
     params.update(overrides or {})
     rendered = render(body_text, params, where, body_line)
-    body = _yaml(rendered, f"{where} (rendered)", body_line)
+    body = _yaml(rendered, where, body_line, " (line of the rendered body)")
     if not isinstance(body, dict) or "steps" not in body:
         raise ScenarioError(f"{where}:{body_line}: the body must be a mapping with `steps:`")
     hosts = tuple(header.get("hosts") or ())
