@@ -266,6 +266,35 @@ def model_(c, file, param=None, no_sg=False):
     _show_and_save(report, Path(file).stem)
 
 
+@task(iterable=["only"], help={
+    "student": "the name on the report (default: $USER)",
+    "only": "grade just this lab (repeatable); default: every lab in labs/",
+})
+@_friendly
+def grade(c, student=None, only=None):
+    """Run every lab's check on the live lab and write a per-student grade report (Markdown and CSV)."""
+    import getpass
+
+    from harness import grade as grading
+
+    student = student or os.environ.get("USER") or getpass.getuser()
+    lab = _running_lab("default")
+
+    def show(name, report):
+        verdict = "[red]cannot run[/]" if report is None else "[green]pass[/]" if report.ok else "[red]FAIL[/]"
+        progress.say(f"{name}: {verdict}")
+
+    grades, reports = grading.grade(lab, list(only or []) or None, on_lab=show)
+    kernel = lab.ssh(lab.require().vms[0].name).run("uname -r").stdout.strip()
+    lab.close()
+    directory = _results_dir(f"grade-{student}")
+    grading.write(student, grades, reports, directory, kernel)
+    progress.say(f"{sum(g.passed for g in grades)}/{len(grades)} labs pass; report: {directory / 'grade.md'}, "
+                 f"{directory / 'grade.csv'}")
+    if not all(g.passed for g in grades):
+        raise Exit(code=1)
+
+
 @task(name="test", help={
     "unit": "only the unit tests (no VM)",
     "live": "only the live tests (marker vm)",
@@ -280,7 +309,7 @@ def test_(c, unit=False, live=False, pytest_args=""):
 
 
 images = Collection("images", build, clean)
-lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_)
+lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, grade)
 ns = Collection(images, lab, test_)
 ns.configure({
     "images": {"recipe": "bookworm", "mirror": None},

@@ -178,11 +178,18 @@ class GuestSSH:
                 channel = self.client.get_transport().open_session()
                 # sshd makes the command's shell a session (and group) leader, and the
                 # exec keeps its pid: killing the group takes its children too.
-                channel.exec_command(f"kill -KILL -- -{int(pid)} 2>/dev/null || kill -KILL {int(pid)}")
+                # (`kill -KILL -PID`, not `kill -- -PID`: dash, a possible login shell, rejects the latter.)
+                channel.exec_command(f"kill -KILL -{int(pid)} 2>/dev/null || kill -KILL {int(pid)}")
                 channel.recv_exit_status()
                 channel.close()
             except (paramiko.SSHException, OSError, EOFError, SSHError):
                 pass
+
+    def stats(self, **options):
+        """A stats snapshot of this guest (ss, ethtool, /proc/net, sysctls) in one round trip: ``vm.stats()``."""
+        from .stats.collect import collect
+
+        return collect(self, self.vm, **options)
 
     def put(self, local: Path, remote: str, mode: int | None = None) -> None:
         with self.client.open_sftp() as sftp:
