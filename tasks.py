@@ -295,6 +295,27 @@ def grade(c, student=None, only=None):
         raise Exit(code=1)
 
 
+@task(name="bench", iterable=["only"], help={
+    "repeats": "runs per figure (each figure is the median); default 3",
+    "only": "measure just this section (repeatable): build, boot, latency, stats, model, check, memory",
+})
+@_friendly
+def bench_(c, repeats=3, only=None):
+    """Measure socklab: image build, cold boot vs restore, command latency, stats, model, lab checks, memory."""
+    from harness import bench as benching
+    from harness.paths import REPO_ROOT
+
+    sections = tuple(only or benching.SECTIONS)
+    unknown = set(sections) - set(benching.SECTIONS)
+    if unknown:
+        raise SocklabError(f"--only {', '.join(sorted(unknown))}: sections are {', '.join(benching.SECTIONS)}")
+    if int(repeats) < 1:
+        raise SocklabError(f"--repeats must be at least 1, not {repeats}")
+    result = benching.run(Paths.default(), int(repeats), sections)
+    progress.console.print(benching.table(result))
+    progress.say(f"JSON: {benching.save(result, REPO_ROOT / 'results')}")
+
+
 @task(name="test", help={
     "unit": "only the unit tests (no VM)",
     "live": "only the live tests (marker vm)",
@@ -310,7 +331,7 @@ def test_(c, unit=False, live=False, pytest_args=""):
 
 images = Collection("images", build, clean)
 lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, grade)
-ns = Collection(images, lab, test_)
+ns = Collection(images, lab, test_, bench_)
 ns.configure({
     "images": {"recipe": "bookworm", "mirror": None},
     "lab": {"topology": "default", "accel": "auto", "segment": "auto"},

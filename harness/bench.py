@@ -1,0 +1,235 @@
+"""``invoke bench``: the figures socklab promises, each the median of several runs, with the alternative beside it.
+
+Every figure is measured here, in this run; nothing is copied from elsewhere.
+The lab-level figures use a lab of their own (own home, netns and taps; the
+same image and snapshots), so a running lab is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import image, progress
+from .lab import Lab
+from .paths import Paths
+
+SECTIONS = ("build", "boot", "latency", "stats", "model", "check", "memory")
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measured quantity: its samples, and (optionally) the alternative measured beside it."""
+
+    name: str
+    unit: str
+    samples: tuple[float, ...]
+    alternative: str = ""
+    alternative_samples: tuple[float, ...] = ()
+    note: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def alternative_median(self) -> float | None:
+        return statistics.median(self.alternative_samples) if self.alternative_samples else None
+
+    @property
+    def ratio(self) -> float | None:
+        """How many times the alternative's median this figure's median is (below 1: faster)."""
+        other = self.alternative_median
+        return self.median / other if other else None
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(median=self.median, min=min(self.samples), max=max(self.samples),
+                    alternative_median=self.alternative_median, ratio=self.ratio)
+        return data
+
+
+@dataclass
+class Bench:
+    """A bench run: its figures in order, and where it ran."""
+
+    figures: list[Figure] = field(default_factory=list)
+    host: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, figure: Figure) -> None:
+        self.figures.append(figure)
+        alt = f"; {figure.alternative} {figure.alternative_median:.4g} {figure.unit}" if figure.alternative else ""
+        progress.say(f"  {figure.name}: {figure.median:.4g} {figure.unit}{alt}")
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def host_facts() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "load_1min": os.getloadavg()[0], "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def own_lab(paths: Paths, home: Path) -> Lab:
+    """A lab of the bench's own: same image and snapshots, its own netns, taps and run dir."""
+    own = Lab(Paths(images=paths.images, home=home))
+    shutil.copytree(paths.keys, own.paths.keys, dirs_exist_ok=True)
+    probe = paths.home / "accel-probe.json"
+    if probe.exists():
+        shutil.copy(probe, own.paths.home / "accel-probe.json")
+    return own
+
+
+def bench_build(bench: Bench, paths: Paths, repeats: int) -> None:
+    """Cold image builds into a scratch cache, and the no-op build of the real cache, side by side."""
+    cached = [_timed(lambda: image.build(paths)) for _ in range(max(repeats, 5))]
+    cold = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory(prefix="socklab-bench-cache-", dir=paths.images) as scratch:
+            os.environ["SOCKLAB_CACHE"] = scratch
+            try:
+                cold.append(_timed(lambda: image.build(paths)))
+            finally:
+                del os.environ["SOCKLAB_CACHE"]
+    bench.add(Figure("image build, cached (no-op)", "s", tuple(cached), "cold build", tuple(cold)))
+
+
+def bench_boot(bench: Bench, lab: Lab, repeats: int) -> None:
+    """Both VMs to SSH-ready: a resumed snapshot against a cold boot, alternating."""
+    cold, warm = [], []
+    lab.up("default")  # makes sure a snapshot exists
+    lab.down()
+    for _ in range(repeats):
+        state, _ = lab.up("default", cold=True)
+        cold.append(state.boot_seconds)
+        lab.down()
+        state, _ = lab.up("default")
+        if state.boot_mode != "restored from snapshot":
+            raise RuntimeError(f"expected a restore, got a {state.boot_mode}")
+        warm.append(state.boot_seconds)
+        lab.down()
+    bench.add(Figure("both VMs SSH-ready, restored from snapshot", "s", tuple(warm), "cold boot", tuple(cold),
+                     note="from the first QEMU start to SSH answering on both; TCG"))
+
+
+def bench_latency(bench: Bench, lab: Lab, repeats: int) -> None:
+    """One guest call three ways: an agent step, an exec on the kept SSH connection, a new ssh process."""
+    import subprocess
+
+    from .agent import Agent
+
+    ssh = lab.ssh("server")
+    n = max(20, repeats * 10)
+    with Agent(ssh, "server") as agent:
+        fd = agent.call("socket", family=2, type=1).ret
+        for _ in range(3):
+            agent.call("getsockopt", fd=fd, level=1, optname=3)
+        agent_ms = [_timed(lambda: agent.call("getsockopt", fd=fd, level=1, optname=3)) * 1000 for _ in range(n)]
+    exec_ms = [_timed(lambda: ssh.run("true", check=True)) * 1000 for _ in range(n)]
+    argv = lab.ssh_argv("server") + ["-o", "BatchMode=yes", "true"]
+    spawn_ms = [_timed(lambda: subprocess.run(argv, capture_output=True, check=True, stdin=subprocess.DEVNULL)) * 1000
+                for _ in range(max(5, repeats * 3))]
+    bench.add(Figure("agent step round trip", "ms", tuple(agent_ms), "paramiko exec of `true`", tuple(exec_ms)))
+    bench.add(Figure("paramiko exec of `true`, kept connection", "ms", tuple(exec_ms),
+                     "new ssh process per command", tuple(spawn_ms)))
+
+
+def bench_stats(bench: Bench, lab: Lab, repeats: int) -> None:
+    from .stats.bench import measure
+
+    result = measure(lab, repeats=max(7, repeats))
+    bench.add(Figure("stats snapshot of both VMs", "ms", tuple(result.samples)))
+
+
+def bench_model(bench: Bench, repeats: int) -> None:
+    from .model.bench import measure
+
+    samples = tuple(measure(n_calls=100_000, repeats=1)["median"] for _ in range(max(3, repeats)))
+    bench.add(Figure("model throughput (CPU time)", "syscalls/s", samples))
+
+
+def bench_check(bench: Bench, lab: Lab, repeats: int) -> None:
+    from .scenario.check import LabSpec, check, known_labs
+
+    for name in known_labs():
+        spec = LabSpec.load(name)
+        samples = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            report = check(spec, lab)
+            samples.append(time.perf_counter() - started)
+            if not report.ok:
+                raise RuntimeError(f"lab.check {name} failed during the bench")
+        bench.add(Figure(f"lab.check {name}, end to end", "s", tuple(samples)))
+
+
+def bench_memory(bench: Bench, lab: Lab) -> None:
+    state = lab.require()
+    rss = []
+    for vm in state.vms:
+        for line in Path(f"/proc/{vm.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss.append(int(line.split()[1]) / 1024)
+    bench.add(Figure("host memory (RSS) per VM", "MiB", tuple(rss), note=f"guest RAM {512} MiB, TCG"))
+
+
+def run(paths: Paths, repeats: int = 3, only: tuple[str, ...] = SECTIONS) -> Bench:
+    bench = Bench(host=host_facts())
+    if "build" in only:
+        progress.say("image builds")
+        bench_build(bench, paths, 1 if repeats < 3 else repeats)
+    if "model" in only:
+        progress.say("model")
+        bench_model(bench, repeats)
+    lab_sections = [s for s in only if s in ("boot", "latency", "stats", "check", "memory")]
+    if not lab_sections:
+        return bench
+    with tempfile.TemporaryDirectory(prefix="socklab-bench-") as home:
+        lab = own_lab(paths, Path(home))
+        try:
+            if "boot" in lab_sections:
+                progress.say("boot vs restore")
+                bench_boot(bench, lab, repeats)
+            lab.up("default")
+            for section in ("latency", "stats", "check", "memory"):
+                if section in lab_sections:
+                    progress.say(section)
+                    {"latency": lambda: bench_latency(bench, lab, repeats),
+                     "stats": lambda: bench_stats(bench, lab, repeats),
+                     "check": lambda: bench_check(bench, lab, repeats),
+                     "memory": lambda: bench_memory(bench, lab)}[section]()
+        finally:
+            lab.down()
+    return bench
+
+
+def save(bench: Bench, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"host": bench.host, "figures": [f.as_dict() for f in bench.figures]}, indent=2) + "\n")
+    return path
+
+
+def table(bench: Bench):
+    from rich.table import Table
+
+    out = Table(title=f"socklab bench ({bench.host.get('cpus')} CPUs, load {bench.host.get('load_1min', 0):.1f})",
+                title_justify="left")
+    for column in ("figure", "median", "min", "max", "n", "alternative (median)", "ratio"):
+        out.add_column(column)
+    for figure in bench.figures:
+        alt = f"{figure.alternative}: {figure.alternative_median:.4g} {figure.unit}" if figure.alternative else ""
+        out.add_row(figure.name, f"{figure.median:.4g} {figure.unit}", f"{min(figure.samples):.4g}",
+                    f"{max(figure.samples):.4g}", str(len(figure.samples)), alt,
+                    f"{figure.ratio:.2f}×" if figure.ratio else "")
+    return out
