@@ -30,7 +30,9 @@ class LabSpec:
 
     @classmethod
     def load(cls, name: str, labs_dir: Path = LABS_DIR) -> "LabSpec":
-        directory = labs_dir / name
+        """A lab by name (``03-listen``) or, when ``name`` contains a slash, by its directory."""
+        directory = Path(name) if "/" in name else labs_dir / name
+        name = directory.name
         path = directory / "lab.yaml"
         if not path.is_file():
             known = ", ".join(known_labs(labs_dir)) or "none"
@@ -112,6 +114,9 @@ def check(spec: LabSpec, lab: Any | None, overrides: Mapping[str, Any] | None = 
     unused = set(overrides or {}) - {key for scenario in scenarios for key in scenario.params}
     if unused:
         raise ScenarioError(f"--param {', '.join(sorted(unused))}: no scenario of lab {spec.name} has it")
+    if spec.expected is not None:
+        for scenario in scenarios:  # a broken template stops the check before anything runs
+            expect.precheck(spec.expected, scenario.params, scenario.hosts)
     for scenario in scenarios:
         report.runs.append(run_scenario(scenario, lab, on_step))
     if spec.expected is None:

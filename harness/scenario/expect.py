@@ -157,6 +157,29 @@ def load(path: Path, variables: Mapping[str, Any]) -> list[Assertion]:
     return assertions
 
 
+def default_sysctls() -> Any:
+    """The guest's default socket sysctls as a stats ``Sysctls`` (from the model's table of 6.1 defaults).
+
+    Used to render a template before the run, so that its mistakes stop the
+    check before any VM is touched; the real values come from the run.
+    """
+    from ..model import DEFAULT_SYSCTLS
+    from ..stats import Sysctls
+    from ..stats.sysctl import SYSCTLS
+
+    values = {}
+    for spec in SYSCTLS:
+        value = DEFAULT_SYSCTLS.get(spec.name, 0)
+        values[spec.attr] = spec.kind(list(value) if isinstance(value, (tuple, list)) else [int(value)])
+    return Sysctls(**values)
+
+
+def precheck(path: Path, params: Mapping[str, Any], hosts: tuple[str, ...]) -> list[Assertion]:
+    """Render and parse the template with default sysctls: syntax, undefined names and shape, before any run."""
+    defaults = default_sysctls()
+    return load(path, {**params, "sysctl": _ByHost("sysctl", {host: defaults for host in hosts})})
+
+
 def context(result: RunResult, params: Mapping[str, Any], sysctls: Mapping[str, Any]) -> dict[str, Any]:
     """The names a value expression can use."""
     snapshots = {name: _ByHost(name, hosts) for name, hosts in result.kernel_snapshots.items()}
