@@ -254,13 +254,23 @@ def _used_bytes(root: Path) -> int:
 
 
 def _complete(directory: Path) -> Image | None:
-    """The entry at ``directory`` if it looks whole (a cheap check; digests are checked before a boot)."""
+    """The entry at ``directory`` if it is whole and its files still match their recorded digests.
+
+    A damaged entry (a truncated or altered root, kernel or initrd) is reported
+    and treated as absent, so it is rebuilt and never booted.
+    """
     if not (directory / MANIFEST).is_file():
         return None
-    image = Image.load(directory)
-    if all((directory / name).is_file() for name in image.sha256) and image.rootfs.stat().st_size > 0:
-        return image
-    return None
+    try:
+        image = Image.load(directory)
+    except ImageError:
+        return None
+    damaged = image.damaged()
+    if damaged:
+        progress.say(f"[yellow]warning:[/] cached image {directory.name} is damaged ({', '.join(damaged)} no longer "
+                     "match the digests recorded at build time); rebuilding it")
+        return None
+    return image
 
 
 def build(paths: Paths, recipe_name: str = "bookworm", mirror: str | None = None, force: bool = False) -> tuple[Image, bool]:

@@ -174,3 +174,15 @@ def test_full_check_finds_a_change_that_hid_its_mtime(paths, pubkey):
     os.utime(kernel, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert img.damaged() == []  # the quick check trusts size, mtime and inode
     assert img.damaged(full=True) == [image.KERNEL]
+
+
+def test_damaged_entry_is_rebuilt_not_used(paths, pubkey, monkeypatch):
+    directory = fake_entry(paths, pubkey)
+    with open(directory / image.ROOTFS, "r+b") as handle:
+        handle.truncate(10)
+    rebuilt = []
+    monkeypatch.setattr(image, "_build_locked", lambda *a: rebuilt.append(a) or "new")
+    monkeypatch.setattr(image.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(image.hostdeps, "ensure", lambda *a, **k: None)
+    assert image.build(paths) == ("new", True)
+    assert len(rebuilt) == 1
