@@ -24,6 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from . import qemu
+from .image import file_sha256
 
 SNAPSHOT_FORMAT = 1
 STATE = "state.migration"
@@ -86,17 +87,9 @@ class Snapshot:
                 return f"{path.name} is missing"
             if path.stat().st_size != meta.get(f"{key}_size"):
                 return f"{path.name} has {path.stat().st_size} bytes, {meta.get(f'{key}_size')} were saved"
-        if _sha256(self.state) != meta.get("state_sha256"):
+        if file_sha256(self.state) != meta.get("state_sha256"):
             return f"{self.state.name} does not match its recorded digest"
         return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class SnapshotStore:
@@ -124,7 +117,7 @@ class SnapshotStore:
             # The guest is paused and its disks flushed: the overlay is consistent.
             shutil.copyfile(overlay, work / DISK)
             meta = {"format": SNAPSHOT_FORMAT, "state_size": (work / STATE).stat().st_size,
-                    "disk_size": (work / DISK).stat().st_size, "state_sha256": _sha256(work / STATE)}
+                    "disk_size": (work / DISK).stat().st_size, "state_sha256": file_sha256(work / STATE)}
             (work / META).write_text(json.dumps(meta, indent=2) + "\n")
             shutil.rmtree(final, ignore_errors=True)
             work.rename(final)

@@ -57,7 +57,7 @@ def write_snapshot(directory: Path, state=b"S" * 1000, disk=b"D" * 300) -> snaps
     (directory / snapshot.STATE).write_bytes(state)
     (directory / snapshot.DISK).write_bytes(disk)
     meta = {"format": 1, "state_size": len(state), "disk_size": len(disk),
-            "state_sha256": snapshot._sha256(directory / snapshot.STATE)}
+            "state_sha256": snapshot.file_sha256(directory / snapshot.STATE)}
     (directory / snapshot.META).write_text(json.dumps(meta))
     return snapshot.Snapshot(directory)
 
