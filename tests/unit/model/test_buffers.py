@@ -77,15 +77,31 @@ def test_custom_wmem_max(net):
 
 
 def test_established_tcp_sndbuf_expands(a, b):
-    """Rule: tcp_sndbuf_expand: 2 * 10 segments * per-MSS truesize: 87040 on MTU 1500, 2626560 on loopback."""
+    """Rule: tcp_sndbuf_expand: 2 * 10 segments * per-MSS truesize: 46080 on MTU 1500, 2626560 on loopback."""
     listener(a, 7000)
     fd = tcp(b)
     assert b.call("connect", {"fd": fd, "addr": ("198.51.100.1", 7000)}).ok
-    assert getopt(b, fd, SNDBUF) == 87040
+    assert getopt(b, fd, SNDBUF) == 46080
     lo = tcp(a)
     assert a.call("connect", {"fd": lo, "addr": ("127.0.0.1", 7000)}).ok
     assert getopt(a, lo, SNDBUF) == 2626560
     assert getopt(a, lo, RCVBUF) == 131072
+
+
+def test_sndbuf_expand_per_mss_fits_a_2048_slab_at_mtu_1500():
+    """Rule: tcp_sndbuf_expand: per_mss = roundup_pow_of_two(mss 1460 + MAX_TCP_HEADER + 320) + 256.
+
+    MAX_TCP_HEADER is L1_CACHE_ALIGN(128 + MAX_HEADER) = 256 on the Debian 6.1 cloud kernel
+    (LL_MAX_HEADER 32: CONFIG_HYPERV_NET is a module, and netdevice.h tests it with defined();
+    +48 for the tunnel modules). 1460 + 256 + 320 = 2036 fits 2048, so per_mss = 2304 and a new
+    MTU-1500 connection gets 2 * 10 * 2304 = 46080: what getsockopt(SO_SNDBUF) returned on the lab
+    guests (labs/06-buffers, fill.yaml). With 320 the sum would pass 2048 and double per_mss.
+    """
+    from harness.model.kmem import MAX_TCP_HEADER, tcp_sndbuf_expand
+
+    assert MAX_TCP_HEADER == 256
+    assert tcp_sndbuf_expand(1460, 1448, 4194304, 16384) == 46080
+    assert tcp_sndbuf_expand(65483, 65471, 4194304, 16384) == 2626560  # loopback: unchanged
 
 
 def test_locked_sndbuf_does_not_expand(a, b):
