@@ -1,0 +1,304 @@
+"""The bad-input corpus (tests/badinput/cases.yaml): each malformed input gives one line, exit 2, and starts nothing.
+
+Every case runs the real CLI (invoke's own entry point, from the repo root) with its own SOCKLAB_HOME
+and an empty SOCKLAB_IMAGES: with no image recipe at all, a CLI that tried to build or boot before
+validating fails (and the case with it) instead of booting anything.
+
+A hundred `python -m invoke` starts cost a second of imports each on a loaded two-core machine, so
+the cases run in forks of a few pre-imported servers (this file run as a script with --serve): each
+case is still a process of its own with its own environment, stdio and exit status, running invoke's
+`program.run()` exactly as `python -m invoke` does. test_forked_runs_match_python_m_invoke checks
+that the two agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CORPUS = REPO_ROOT / "tests" / "badinput"
+CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text())
+TIMEOUT = 120.0
+CATEGORIES = {"lab.yaml", "scenario", "template", "expectation", "param", "cli", "security"}
+
+
+def _params():
+    for case in CASES:
+        marks = [pytest.mark.xfail(strict=True, reason=" ".join(case["bug"].split()))] if case.get("bug") else []
+        yield pytest.param(case, id=case["id"], marks=marks)
+
+
+@dataclass
+class Outcome:
+    argv: list[str]
+    returncode: int
+    stderr: str
+    stdout: str
+    home: Path
+    tmp: Path
+    leftovers: list[str]  # what the run started or left behind
+
+
+def _case_path(case: dict) -> str:
+    return str((CORPUS / case["case"]).relative_to(REPO_ROOT)) if case.get("case") else ""
+
+
+def _qemu_using(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmdline and marker.encode() in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _results_for(case: dict) -> set[Path]:
+    """Report directories a check of this case would write (results/<lab or scenario stem>-<time>)."""
+    results = REPO_ROOT / "results"
+    if not case.get("case") or not results.is_dir():
+        return set()
+    path = Path(case["case"])
+    return {p for stem in {path.name, path.stem} for p in results.glob(f"{stem}-2*")}
+
+
+def _subprocess(argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """`python -m invoke ARGV`, the way a user runs it."""
+    try:
+        result = subprocess.run([sys.executable, "-m", "invoke", *argv], cwd=REPO_ROOT, env=env, capture_output=True,
+                                text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        return -1, "", f"timed out after {TIMEOUT:.0f} s"
+    return result.returncode, result.stdout, result.stderr
+
+
+class Forker:
+    """A server process that has imported invoke and the harness once and forks one child per command."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve"], cwd=REPO_ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def __call__(self, argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+        with tempfile.TemporaryDirectory(prefix="socklab-badinput-io-") as io:
+            out, err = Path(io, "stdout"), Path(io, "stderr")
+            self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "out": str(out), "err": str(err)}) + "\n")
+            self.proc.stdin.flush()
+            reply = self.proc.stdout.readline()
+            if not reply:
+                raise RuntimeError("the fork server died")
+            return json.loads(reply)["rc"], out.read_text(errors="replace"), err.read_text(errors="replace")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def _serve() -> None:
+    """--serve: read one JSON command a line, run it in a fork, answer its exit status."""
+    sys.path.insert(0, str(REPO_ROOT))
+    import invoke.main  # noqa: F401 - everything tasks.py imports, imported once here
+    import harness.lab, harness.image, harness.scenario.check, harness.scenario.format  # noqa: E401,F401
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            _child(request)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                continue
+            time.sleep(0.005)
+        rc = os.waitstatus_to_exitcode(status)
+        sys.stdout.write(json.dumps({"rc": rc}) + "\n")
+        sys.stdout.flush()
+
+
+def _child(request: dict) -> None:
+    code = 1
+    try:
+        os.environ.clear()
+        os.environ.update(request["env"])
+        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["out"], os.O_WRONLY | os.O_CREAT),
+                                (2, request["err"], os.O_WRONLY | os.O_CREAT)):
+            os.dup2(os.open(path, flags, 0o600), fd)
+        sys.argv = ["invoke", *request["argv"]]
+        from invoke.main import program
+
+        try:
+            program.run()
+            code = 0
+        except SystemExit as exc:  # what the interpreter would do with it
+            if exc.code is None or isinstance(exc.code, int):
+                code = exc.code or 0
+            else:
+                print(exc.code, file=sys.stderr)
+        except BaseException:  # noqa: BLE001 - an uncaught exception: traceback and exit 1, as python does
+            import traceback
+
+            traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _run(case: dict, runner=_subprocess) -> Outcome:
+    tmp = Path(tempfile.mkdtemp(prefix=f"socklab-badinput-{case['id']}-"))
+    home, images = tmp / "home", tmp / "images"
+    home.mkdir()
+    images.mkdir()
+    path = _case_path(case)
+    argv = [arg.replace("{case}", path).replace("{tmp}", str(tmp)) for arg in case["argv"]]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOCKLAB_")}
+    env.update(SOCKLAB_HOME=str(home), SOCKLAB_IMAGES=str(images), SOCKLAB_CACHE=str(tmp / "cache"),
+               COLUMNS="200", TERM="dumb")
+    before = _results_for(case)
+    returncode, stdout, stderr = runner(argv, env)
+    leftovers = []
+    if (home / "run").exists():
+        leftovers.append(f"{home / 'run'} exists")
+    if (tmp / "pwned").exists():
+        leftovers.append(f"{tmp / 'pwned'} was created: a shell ran user input")
+    if any(images.iterdir()) or (tmp / "cache").exists():
+        leftovers.append("something was written to the image dirs")
+    pids = _qemu_using(str(tmp))
+    if pids:
+        leftovers.append(f"QEMU started: pids {pids}")
+    from harness.lab import lab_id
+    from harness.paths import Paths
+
+    netns = f"socklab-{lab_id(Paths(images=images, home=home))}"
+    if Path("/run/netns", netns).exists():
+        leftovers.append(f"netns {netns} exists")
+    for stray in _results_for(case) - before:
+        leftovers.append(f"{stray} was written: the check ran")
+        shutil.rmtree(stray, ignore_errors=True)
+    return Outcome(argv, returncode, stderr, stdout, home, tmp, leftovers)
+
+
+@pytest.fixture(scope="session")
+def outcomes(request) -> dict[str, Outcome]:
+    """Run every selected case once, in parallel; clean up whatever a case left behind."""
+    selected = [item.callspec.params["case"] for item in request.session.items
+                if getattr(item, "callspec", None) and "case" in item.callspec.params
+                and item.module.__name__ == __name__]
+    workers = max(2, os.cpu_count() or 2)
+
+    def run_chunk(chunk: list[dict]) -> list[Outcome]:
+        if not chunk:
+            return []
+        forker = Forker()
+        try:
+            return [_run(case, forker) for case in chunk]
+        finally:
+            forker.close()
+
+    chunks = [selected[i::workers] for i in range(workers)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        done = {case["id"]: outcome for chunk, outcomes in zip(chunks, pool.map(run_chunk, chunks))
+                for case, outcome in zip(chunk, outcomes)}
+    yield done
+    for outcome in done.values():
+        for pid in _qemu_using(str(outcome.tmp)):  # only ever ours: their command lines name our tmp dir
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(outcome.tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("case", list(_params()))
+def test_bad_input_gives_one_line_and_starts_nothing(case, outcomes):
+    outcome = outcomes[case["id"]]
+    lines = [line for line in outcome.stderr.splitlines() if line.strip()]
+    shown = f"$ invoke {' '.join(outcome.argv)}\nexit {outcome.returncode}\nstderr:\n{outcome.stderr[-3000:]}"
+    assert outcome.returncode == 2, shown
+    assert len(lines) == 1, shown
+    assert lines[0].startswith("socklab: "), shown
+    pattern = case["error"].replace("{case}", re.escape(_case_path(case)))
+    assert re.search(pattern, lines[0]), f"{shown}\nwanted: {pattern}"
+    assert not outcome.leftovers, f"{shown}\nleft behind: {outcome.leftovers}"
+
+
+def test_the_corpus_is_well_formed():
+    ids = [case["id"] for case in CASES]
+    assert len(ids) == len(set(ids)), "duplicate ids"
+    assert len(CASES) >= 40
+    for case in CASES:
+        assert set(case) <= {"id", "category", "case", "argv", "error", "bug"}, case["id"]
+        assert case["category"] in CATEGORIES, case["id"]
+        assert case["error"].startswith("^socklab: "), case["id"]
+        re.compile(case["error"].replace("{case}", "x"))
+        if case.get("case"):
+            assert (CORPUS / case["case"]).exists(), case["id"]
+            assert any("{case}" in arg for arg in case["argv"]), case["id"]
+    assert {case["category"] for case in CASES} == CATEGORIES
+
+
+def test_every_corpus_file_is_used():
+    used = {CORPUS / case["case"] for case in CASES if case.get("case")}
+    for path in CORPUS.rglob("*"):
+        if path.is_file() and path.name != "cases.yaml" and path.parent.parent.name != "labs":
+            assert path in used, f"{path} belongs to no case"
+    for lab in (CORPUS / "labs").iterdir():
+        assert lab in used or any(lab in p.parents for p in used), f"{lab} belongs to no case"
+
+
+def test_the_good_baseline_is_good():
+    """The cases that vary one thing of tests/badinput/labs/good fail for that thing, not another."""
+    from harness.scenario import expect
+    from harness.scenario.check import LabSpec
+    from harness.scenario.format import load
+
+    spec = LabSpec.load(str(CORPUS / "labs" / "good"))
+    scenario = load(spec.scenarios[0])
+    assert scenario.params == {"port": 7000, "backlog": 2}
+    assert len(expect.precheck(spec.expected, scenario.params, scenario.hosts)) == 1
+
+
+@pytest.mark.parametrize("case_id", ["scenario-unknown-call", "cli-timeout-not-a-number", "cli-exec-without-vm",
+                                     "scenario-bad-addr-port"])
+def test_forked_runs_match_python_m_invoke(case_id):
+    """The fork server gives what `python -m invoke` gives: status and stderr (tracebacks aside), for good and bad."""
+    case = next(c for c in CASES if c["id"] == case_id)
+    forker = Forker()
+    try:
+        forked = _run(case, forker)
+    finally:
+        forker.close()
+    real = _run(case, _subprocess)
+    for outcome in (forked, real):
+        shutil.rmtree(outcome.tmp, ignore_errors=True)
+    assert forked.returncode == real.returncode
+    first = lambda text: text.replace(str(forked.tmp), "TMP").replace(str(real.tmp), "TMP").splitlines()[-1:]  # noqa: E731
+    assert first(forked.stderr) == first(real.stderr)
+    assert forked.leftovers == real.leftovers == []
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
+    _serve()
