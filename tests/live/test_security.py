@@ -451,6 +451,28 @@ def test_scenario_strings_reach_the_kernel_as_data(lab, tmp_path):
         server.run(f"rm -f -- {shlex.quote(sock_path)}", timeout=30)
 
 
+@vm
+def test_student_steps_cannot_change_what_root_runs(lab):
+    """`user: student` steps run as uid 1000 without capabilities; the agent root runs is root's, 0644, in a 0755 dir."""
+    from harness.agent import Agent
+
+    server = lab.ssh("server")
+    agent = Agent(server, "server", "student").start()
+    try:
+        assert agent.request("socket", {"family": "AF_INET", "type": "SOCK_RAW", "protocol": 6}).errno == "EPERM"
+    finally:
+        agent.close()
+    listing = server.run("stat -c '%U %a %n' /run/socklab/agent /run/socklab/agent/*.py", check=True).stdout
+    for line in listing.splitlines():
+        owner, mode, name = line.split(" ", 2)
+        assert owner == "root" and mode in ("755", "644"), line
+    as_student = ("setpriv --reuid=1000 --regid=1000 --init-groups --reset-env sh -c "
+                  "'for f in /run/socklab/agent /run/socklab/agent/*.py; do touch \"$f\" 2>/dev/null && echo \"$f\"; done; "
+                  "echo x > /run/socklab/agent/new 2>/dev/null && echo created; id -u; grep CapEff /proc/self/status'")
+    result = server.run(as_student, check=True).stdout.split()
+    assert result == ["1000", "CapEff:", "0000000000000000"], result
+
+
 # -------------------------------------------------------------------------------------------- private files
 
 @vm
