@@ -24,15 +24,43 @@ SHELL_PROMPT = re.compile(rb"[#$] ?$", re.M)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def log_tail(log: Path, lines: int = 15) -> str:
-    """The last ``lines`` lines the guest printed on its console, cleaned for an error message."""
+def _log_lines(log: Path) -> list[str] | None:
     try:
         text = log.read_text(errors="replace")
     except OSError:
-        return "(no console log)"
+        return None
     cleaned = [_ANSI.sub("", line).rstrip() for line in text.replace("\r", "").splitlines()]
-    kept = [line for line in cleaned if line.strip()][-lines:]
+    return [line for line in cleaned if line.strip()]
+
+
+def log_tail(log: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines the guest printed on its console, cleaned for an error message."""
+    kept = _log_lines(log)
+    if kept is None:
+        return "(no console log)"
+    kept = kept[-lines:]
     return "\n".join(kept) if kept else "(the guest printed nothing)"
+
+
+PANIC = re.compile(r"Kernel panic - not syncing")
+
+
+def panic_lines(log: Path, before: int = 2, after: int = 9) -> str | None:
+    """The kernel's panic as the console showed it, for an error message; None if it has none.
+
+    The guest runs with ``panic=-1`` under ``-no-reboot``: after a panic QEMU
+    exits, and the reason is only in the console log. The last lines of that
+    log are a register dump; the lines that say what happened come first: the
+    line before the panic (the oops or sysrq that caused it), the panic, the
+    task and the top of the call trace.
+    """
+    kept = _log_lines(log)
+    if not kept:
+        return None
+    for index, line in enumerate(kept):
+        if PANIC.search(line):
+            return "\n".join(kept[max(0, index - before):index + after + 1])
+    return None
 
 
 def parse_marked_output(text: str, token: str) -> tuple[str, int]:

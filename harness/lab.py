@@ -15,6 +15,9 @@ import os
 import secrets
 import shutil
 import signal
+import socket
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +27,7 @@ from pathlib import Path
 
 from . import accel as accel_mod
 from . import hostdeps, image, net, progress, qemu, snapshot
-from .console import GuestConsole, log_tail
+from .console import GuestConsole, log_tail, panic_lines
 from .errors import GuestUnreachable, LabError, SSHError
 from .paths import Paths
 from .ssh import GuestSSH
@@ -32,6 +35,8 @@ from .ssh import GuestSSH
 STATE_VERSION = 1
 # A resumed guest answers within a second or two; past this the snapshot is broken.
 RESTORE_TIMEOUT = 20.0
+# Console logs of earlier labs kept in home/logs, per VM, beside the latest.
+KEPT_LOGS = 5
 SEGMENT_MODES = ("auto", "tap", "socket")
 
 
@@ -184,11 +189,13 @@ class Lab:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise LabError(f"another socklab command is changing this lab ({holder}); wait for it or stop it") from None
+                holder, _, details = handle.read().strip().partition("\n")
+                raise LabError(f"another socklab command is changing this lab ({holder or 'another process'})"
+                               f"{_describe_holder(details)}; wait for it or stop it") from None
             handle.seek(0)
             handle.truncate()
-            handle.write(f"pid {os.getpid()}")
+            # First line: who (the error quotes it); then what it runs and since when.
+            handle.write(f"pid {os.getpid()}\n{time.time():.0f} {_command_line()}")
             handle.flush()
             try:
                 yield
@@ -197,6 +204,105 @@ class Lab:
 
     def alive(self, state: LabState) -> dict[str, bool]:
         return {vm.name: bool(vm.pid) and qemu.is_running(vm.pid, vm.name) for vm in state.vms}
+
+    # -- what went wrong -----------------------------------------------------
+
+    def vm_fault(self, name: str, settle: float = 3.0) -> str | None:
+        """Why VM ``name`` cannot be used, as a sentence for an error message; None if its QEMU runs and SSH works.
+
+        Called after a step, an SSH command or an agent failed: it tells a
+        QEMU that died (killed, crashed) from a guest kernel that panicked
+        (its QEMU exits after printing the panic: ``panic=-1``, ``-no-reboot``)
+        from an sshd that is gone while the guest still runs.
+        """
+        state = self.load()
+        if state is None:
+            return f"{name}: the lab is gone (no {self.state_file}; was `invoke lab.down` run meanwhile?)"
+        try:
+            vm = state.vm(name)
+        except LabError as exc:
+            return str(exc)
+        log = Path(vm.console_log) if vm.console_log else self.run_dir / f"{name}.console.log"
+        running = bool(vm.pid) and qemu.is_running(vm.pid, vm.name)
+        panic = panic_lines(log) if log.exists() else None
+        # A panicking guest's QEMU exits once the panic is printed; wait a moment for it.
+        deadline = time.monotonic() + settle
+        while running and panic is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            running = qemu.is_running(vm.pid, vm.name)
+        where = f"console log {log} (moved to {self.paths.home / 'logs'} by `invoke lab.down`)"
+        if panic is not None:
+            how = "is still stopping" if running else "exited"
+            return (f"the kernel of {name} panicked; its QEMU (pid {vm.pid}) {how}. Panic on the console:\n"
+                    f"{panic}\n{where}")
+        if not running:
+            tail = log_tail(log, 8)
+            shown = f"Console's last lines:\n{tail}" if not tail.startswith("(") else f"Console: {tail}."
+            return f"QEMU of {name} (pid {vm.pid}) exited: the VM is gone (killed, or QEMU crashed). {shown}\n{where}"
+        guest = self._ssh.get(name)
+        if guest is not None:
+            try:
+                guest.client  # raises when the connection is gone
+                return None
+            except SSHError:
+                pass
+        banner = _ssh_banner(vm.ssh_port)
+        if banner:
+            return (f"the SSH connection to {name} is gone, but its QEMU (pid {vm.pid}) runs and sshd answers again "
+                    f"on 127.0.0.1:{vm.ssh_port} ({banner}): sshd was restarted, or the connection was cut")
+        return (f"SSH to {name} is gone: its QEMU (pid {vm.pid}) runs, but no sshd answers on 127.0.0.1:{vm.ssh_port} "
+                f"(sshd killed or hung?); the console still reaches the guest: `invoke lab.console {name}`")
+
+    def segment_faults(self, probe_timeout: float = 2.0) -> list[str]:
+        """What is wrong with the lab segment, one sentence per fault naming the VM; [] if it carries traffic.
+
+        Looks at each guest's ``lab0`` (administratively up, carrier, its
+        address), at each VM's tap on the host bridge (tap mode), and, when
+        all of that is fine, whether the first VM reaches the others' port 22.
+        """
+        state = self.require()
+        faults = []
+        for vm in state.vms:
+            try:
+                out = self.ssh(vm.name, timeout=10).run(
+                    "cat /sys/class/net/lab0/flags /sys/class/net/lab0/operstate; ip -o -4 addr show dev lab0",
+                    timeout=10).stdout.split("\n", 2)
+            except LabError as exc:
+                faults.append(f"cannot look at lab0 on {vm.name}: {exc}")
+                continue
+            flags, operstate, addresses = (out + ["", "", ""])[:3]
+            try:
+                up = int(flags.strip(), 16) & 0x1  # IFF_UP
+            except ValueError:
+                faults.append(f"{vm.name} has no lab0 (`ip link` shows none)")
+                continue
+            if not up:
+                faults.append(f"lab0 on {vm.name} is DOWN (set down inside the guest; "
+                              f"`invoke lab.exec {vm.name} -- ip link set lab0 up` brings it back)")
+            elif operstate.strip() != "up":
+                faults.append(f"lab0 on {vm.name} is up but has no carrier (operstate {operstate.strip()}): "
+                              "its host side is down")
+            if f" {vm.lab_ip} " not in addresses:
+                faults.append(f"lab0 on {vm.name} lacks its address {vm.lab_ip}")
+        if state.segment == "tap" and state.netns:
+            for vm in state.vms:
+                fault = _tap_fault(state.netns, vm)
+                if fault:
+                    faults.append(fault)
+        if not faults and len(state.vms) > 1:
+            first = state.vms[0]
+            probes = " ; ".join(f"timeout {probe_timeout:g} bash -c '</dev/tcp/{peer.address}/22' 2>/dev/null "
+                                f"|| echo {peer.name}"
+                                for peer in state.vms[1:])
+            try:
+                unreached = self.ssh(first.name, timeout=10).run(probes, timeout=10 + probe_timeout * len(state.vms))
+            except LabError as exc:
+                return [f"cannot probe the lab segment from {first.name}: {exc}"]
+            for name in unreached.stdout.split():
+                peer = state.vm(name)
+                faults.append(f"{first.name} cannot reach {name} ({peer.address}) over the lab segment within "
+                              f"{probe_timeout:g} s, although every lab0 is up")
+        return faults
 
     # -- up ------------------------------------------------------------------
 
@@ -367,12 +473,10 @@ class Lab:
                 self._ssh[vm.name].run(f"{reseed} && date -u -s @{time.time():.6f} >/dev/null && "
                                        f"ip neigh flush dev lab0 && {peers}", timeout=15, check=True)
 
-            with ThreadPoolExecutor(max_workers=len(state.vms)) as pool:
-                for future in [pool.submit(fix, vm) for vm in state.vms]:
-                    try:
-                        future.result()
-                    except SSHError as exc:
-                        raise LabError(f"restored guests cannot reach each other: {exc}") from exc
+            try:
+                self._in_parallel(fix, state.vms, threading.Event())
+            except SSHError as exc:
+                raise LabError(f"restored guests cannot reach each other: {exc}") from exc
 
     def _save_snapshots(self, state: LabState, store: snapshot.SnapshotStore, keys: dict[str, str]) -> None:
         """Save every VM's ready state for the next ``lab.up``; a failure only costs the next boot its speed."""
@@ -392,44 +496,88 @@ class Lab:
                 progress.say(f"[yellow]warning:[/] could not save snapshots ({exc}); the next lab.up boots cold")
 
     def _wait_ssh(self, state: LabState, deadline: float, step: progress.Step) -> None:
+        abandon = threading.Event()
+
         def connect(vm: VMState) -> None:
             remaining = deadline - time.monotonic()
             guest = GuestSSH(vm.name, vm.ssh_port, self.paths.client_key, state.host_key)
             try:
-                self._connect_watching(guest, vm, remaining)
+                self._connect_watching(guest, vm, remaining, abandon)
             except SSHError as exc:
                 raise GuestUnreachable(f"{vm.name} never became reachable over SSH ({exc}); "
                                        f"console's last lines:\n{log_tail(Path(vm.console_log))}") from exc
             self._ssh[vm.name] = guest
+            if abandon.is_set():  # the lab is being stopped: no connection may outlive it
+                guest.close()
 
-        with ThreadPoolExecutor(max_workers=len(state.vms)) as pool:
-            for future in [pool.submit(connect, vm) for vm in state.vms]:
-                future.result()
+        self._in_parallel(connect, state.vms, abandon)
         step.update("all guests answer")
 
-    def _connect_watching(self, guest: GuestSSH, vm: VMState, timeout: float) -> None:
+    @staticmethod
+    def _in_parallel(work, vms: list[VMState], abandon: threading.Event) -> None:
+        """``work(vm)`` for every VM at once; the first error (or Ctrl-C) goes up without waiting for the rest.
+
+        Waiting would keep a Ctrl-C from stopping anything until every guest
+        had answered or timed out: the other threads are told to give up
+        (``abandon``) and end by themselves once ``up`` has stopped the VMs.
+        """
+        pool = ThreadPoolExecutor(max_workers=len(vms), thread_name_prefix="socklab-up")
+        try:
+            for future in [pool.submit(work, vm) for vm in vms]:
+                future.result()
+        except BaseException:
+            abandon.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+
+    def _connect_watching(self, guest: GuestSSH, vm: VMState, timeout: float,
+                          abandon: threading.Event | None = None) -> None:
         """Connect while checking QEMU is still alive, so a crashed guest fails fast, not at the deadline."""
         deadline = time.monotonic() + timeout
+        abandon = abandon or threading.Event()
         while True:
+            if abandon.is_set():
+                raise SSHError(f"{vm.name}: gave up waiting for SSH (lab.up was interrupted or failed)")
             if not qemu.is_running(vm.pid, vm.name):
-                raise SSHError(f"QEMU of {vm.name} (pid {vm.pid}) exited during boot")
+                raise SSHError(f"QEMU of {vm.name} (pid {vm.pid}) exited")
             try:
-                guest.connect(timeout=min(5.0, max(0.5, deadline - time.monotonic())))
-                return
+                guest.connect(timeout=min(2.0, max(0.5, deadline - time.monotonic())))
             except SSHError:
                 if time.monotonic() >= deadline:
                     raise
+                continue
+            if abandon.is_set():
+                guest.close()
+                continue
+            return
 
     # -- using a running lab -------------------------------------------------
 
     def ssh(self, name: str, timeout: float = 30.0) -> GuestSSH:
-        """A connected SSH session to VM ``name`` (kept for reuse)."""
+        """A connected SSH session to VM ``name`` (kept for reuse; made again if it broke).
+
+        A VM whose QEMU is gone is reported at once, with its console's last
+        lines, instead of after ``timeout`` seconds of connection attempts.
+        """
         state = self.require()
         vm = state.vm(name)
         guest = self._ssh.get(name)
-        if guest is None or guest.port != vm.ssh_port:
-            guest = GuestSSH(vm.name, vm.ssh_port, self.paths.client_key, state.host_key).connect(timeout)
-            self._ssh[name] = guest
+        if guest is not None and guest.port == vm.ssh_port:
+            try:
+                guest.client  # raises when the connection is gone: sshd restarted, the guest rebooted
+                return guest
+            except SSHError:
+                guest.close()
+        if not (vm.pid and qemu.is_running(vm.pid, vm.name)):
+            raise GuestUnreachable(self.vm_fault(name, settle=0) or f"QEMU of {name} (pid {vm.pid}) is not running")
+        guest = GuestSSH(vm.name, vm.ssh_port, self.paths.client_key, state.host_key)
+        try:
+            self._connect_watching(guest, vm, timeout)
+        except SSHError as exc:
+            fault = self.vm_fault(name)
+            raise GuestUnreachable(f"{exc}" + (f"\n{fault}" if fault else "")) from exc
+        self._ssh[name] = guest
         return guest
 
     def ssh_argv(self, name: str) -> list[str]:
@@ -490,7 +638,7 @@ class Lab:
             logs = self.paths.home / "logs"
             logs.mkdir(exist_ok=True, mode=0o700)
             for log in self.run_dir.glob("*.console.log"):
-                shutil.move(str(log), logs / log.name)
+                _keep_log(log, logs)
             shutil.rmtree(self.run_dir)
             done.append("state, overlays and sockets: removed")
         if not quiet:
@@ -513,3 +661,72 @@ def _qemu_pids_using(run_dir: Path) -> list[int]:
         if cmdline.startswith(qemu.QEMU.encode()) and marker in cmdline:
             pids.append(int(entry.name))
     return pids
+
+
+def _command_line() -> str:
+    """This process's command, short: ``invoke lab.up`` (``python -m invoke`` included), ``pytest -m vm``."""
+    argv = list(sys.argv) or ["python"]
+    program = Path(argv[0])
+    name = program.parent.name if program.name == "__main__.py" else program.name
+    text = " ".join([name or "python", *argv[1:]]).replace("\n", " ")
+    return text if len(text) <= 80 else text[:79] + "…"
+
+
+def _describe_holder(details: str) -> str:
+    """``, running `invoke lab.up` for 3 s`` from the lock file's second line, or nothing."""
+    since, _, command = details.strip().partition(" ")
+    try:
+        age = max(0.0, time.time() - float(since))
+    except ValueError:
+        return ""
+    return f", running `{command}` for {age:.0f} s" if command else f", for {age:.0f} s"
+
+
+def _ssh_banner(port: int, timeout: float = 2.0) -> str | None:
+    """The SSH banner on 127.0.0.1:``port`` (QEMU's forward to the guest's sshd), or None if none comes."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            data = sock.recv(256)
+    except OSError:
+        return None
+    line = data.split(b"\n", 1)[0].strip().decode(errors="replace")
+    return line if line.startswith("SSH-") else None
+
+
+def _keep_log(log: Path, logs: Path, kept: int = KEPT_LOGS) -> None:
+    """Move a console log into ``logs``; earlier ones become ``NAME.1`` (newest) to ``NAME.<kept>``.
+
+    A log the guest wrote nothing to (a restored guest that printed nothing)
+    is dropped, so it never pushes out one that shows a panic.
+    """
+    target = logs / log.name
+    try:
+        empty = log.stat().st_size == 0
+    except OSError:
+        return
+    if empty and target.exists():
+        log.unlink(missing_ok=True)
+        return
+    if target.exists() and target.stat().st_size > 0:
+        for index in range(kept - 1, 0, -1):
+            older = logs / f"{log.name}.{index}"
+            if older.exists():
+                older.replace(logs / f"{log.name}.{index + 1}")
+        target.replace(logs / f"{log.name}.1")
+    shutil.move(str(log), target)
+
+
+def _tap_fault(netns: str, vm: VMState) -> str | None:
+    """What is wrong with ``vm``'s tap on the lab bridge, seen from the host; None if it is up and attached."""
+    if not vm.tap:
+        return None
+    result = net._run_ip(["ip", "-n", netns, "-o", "link", "show", "dev", vm.tap])
+    if result.returncode != 0:
+        return f"the tap {vm.tap} of {vm.name} is not on the lab bridge in netns {netns}"
+    line = result.stdout
+    if f"master {net.BRIDGE}" not in line:
+        return f"the tap {vm.tap} of {vm.name} is not attached to the bridge {net.BRIDGE} in netns {netns}"
+    if ",UP" not in line and "<UP" not in line:
+        return f"the tap {vm.tap} of {vm.name} is DOWN on the host (netns {netns})"
+    return None

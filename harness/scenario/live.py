@@ -6,11 +6,22 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from ..agent import Agent
-from ..errors import LabError
+import paramiko
+
+from ..agent import Agent, AgentError, AgentRequestError, AgentTimeout
+from ..errors import LabError, SocklabError, SSHError
 from ..stats import collect_many
 from .compare import Outcome
 from .format import Scenario
+
+# (Re)connecting SSH during a run: a guest whose sshd is gone is reported, not waited for.
+SSH_TIMEOUT = 10.0
+# Looking into a guest after its agent failed; the whole report stays within seconds.
+EVIDENCE_TIMEOUT = 3.0
+
+
+class GuestFault(LabError):
+    """A step could not run because its VM, its kernel, its sshd or its agent failed; the message says which."""
 
 
 class LabBackend:
@@ -18,6 +29,11 @@ class LabBackend:
 
     Closing an agent closes every socket it opened and restores the sysctls it
     set, so a scenario leaves the lab as it found it, whatever happened.
+
+    When a step fails because of the guest rather than the kernel's answer
+    (the agent or SSH went away, or did not answer), the error says what
+    happened to the VM: its QEMU exited, its kernel panicked (with the panic
+    from the console), its sshd is gone, or only the agent process ended.
     """
 
     def __init__(self, lab: Any, scenario: Scenario) -> None:
@@ -31,18 +47,64 @@ class LabBackend:
     def agent(self, host: str, user: str) -> Agent:
         key = (host, user)
         if key not in self.agents:
-            self.agents[key] = Agent(self.lab.ssh(host), host, user).start()
+            try:
+                self.agents[key] = Agent(self.lab.ssh(host, timeout=SSH_TIMEOUT), host, user).start()
+            except AgentRequestError:
+                raise
+            except (AgentError, SSHError) as exc:
+                raise self.explain(host, exc) from exc
         return self.agents[key]
+
+    def _request(self, host: str, user: str, op: str, args: Mapping[str, Any]):
+        agent = self.agent(host, user)
+        try:
+            return agent.request(op, args)
+        except AgentRequestError:
+            raise
+        except (AgentError, SSHError) as exc:
+            raise self.explain(host, exc) from exc
+
+    def explain(self, host: str, exc: Exception) -> GuestFault:
+        """``exc`` (an agent or SSH failure on ``host``) with what happened to the VM."""
+        vm_fault = getattr(self.lab, "vm_fault", None)
+        fault = vm_fault(host) if vm_fault is not None else None
+        if fault is not None:
+            return GuestFault(f"{fault}\n(what the step saw: {exc})")
+        answers, logged = self._guest_evidence(host)
+        if not answers:
+            return GuestFault(f"{exc}\nQEMU of {host} runs and its SSH connection is up, but the guest does not run "
+                              f"a command within {EVIDENCE_TIMEOUT:g} s: it is hung or starved "
+                              f"(`invoke lab.console {host}` shows its console)")
+        if isinstance(exc, AgentTimeout):
+            return GuestFault(f"{exc}\nQEMU of {host} runs and SSH to it works: the agent is stuck "
+                              "(a system call that does not return)" + (f"; the guest kernel logged:\n{logged}"
+                                                                        if logged else ""))
+        if isinstance(exc, AgentError):
+            return GuestFault(f"{exc}\nQEMU of {host} runs and SSH to it works, so the agent process itself ended"
+                              + (f"; the guest kernel logged:\n{logged}" if logged else
+                                 ": killed by a signal (a SIGKILL leaves no stderr), or it exited; the guest kernel "
+                                 "logged no OOM kill or crash"))
+        return GuestFault(str(exc))
+
+    def _guest_evidence(self, host: str) -> tuple[bool, str]:
+        """Whether the guest runs a command at all, and what its kernel logged about dying processes."""
+        try:
+            result = self.lab.ssh(host, timeout=EVIDENCE_TIMEOUT).run(
+                "dmesg | grep -iE 'killed process|out of memory|segfault|traps:|hung_task|soft lockup' | tail -n 3",
+                timeout=EVIDENCE_TIMEOUT)
+        except (SocklabError, OSError, EOFError, paramiko.SSHException):
+            return False, ""
+        return True, result.stdout.strip()
 
     def apply_sysctls(self) -> None:
         for host, settings in self.scenario.sysctls.items():
             for name, value in settings.items():
-                reply = self.agent(host, "root").call("sysctl_set", name=name, value=value)
+                reply = self._request(host, "root", "sysctl_set", {"name": name, "value": value})
                 if not reply.ok:
                     raise LabError(f"{host}: cannot set {name} = {value}: {reply.errno or reply.error}")
 
     def call(self, host: str, user: str, op: str, args: dict[str, Any]) -> Outcome:
-        reply = self.agent(host, user).call(op, **args)
+        reply = self._request(host, user, op, args)
         if reply.error and reply.errno is None:
             raise LabError(f"{host}: the agent refused {op}: {reply.error}")
         return Outcome(ret=reply.ret, errno=reply.errno, blocked=reply.blocked, extra=dict(reply.extra))
@@ -50,20 +112,42 @@ class LabBackend:
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
+    def _collect(self, what: str) -> Mapping[str, Any]:
+        hosts = list(self.scenario.hosts)
+        try:
+            return collect_many(self.lab, hosts)
+        except SocklabError as exc:
+            vm_fault = getattr(self.lab, "vm_fault", None)
+            faults = [fault for fault in (vm_fault(host) for host in hosts) if fault] if vm_fault else []
+            if faults:
+                raise GuestFault("\n".join(faults) + f"\n(what {what} saw: {exc})") from exc
+            # A LabError, so the run stops with what it has so far instead of losing it.
+            raise LabError(f"{what} failed: {exc}") from exc
+
     def snapshot(self, name: str) -> Mapping[str, Any]:
-        return collect_many(self.lab, list(self.scenario.hosts))
+        return self._collect(f"stats snapshot {name!r}")
 
     def sysctls(self) -> dict[str, Any]:
         """Each host's socket sysctls right now (for rendering expectation templates)."""
-        snaps = collect_many(self.lab, list(self.scenario.hosts))
+        snaps = self._collect("reading the sysctls")
         return {host: snaps[host].sysctls for host in self.scenario.hosts}
+
+    def segment_faults(self) -> list[str]:
+        """What is wrong with the lab segment ([] when it is fine); asked after a cross-host step failed."""
+        faults = getattr(self.lab, "segment_faults", None)
+        if faults is None:
+            return []
+        try:
+            return faults()
+        except SocklabError as exc:
+            return [f"the lab segment could not be checked: {exc}"]
 
     def close(self) -> None:
         errors = []
         for (host, user), agent in self.agents.items():
             try:
                 agent.close()
-            except LabError as exc:
+            except (LabError, OSError, EOFError, paramiko.SSHException) as exc:
                 errors.append(f"{host}/{user}: {exc}")
         self.agents.clear()
         if errors:

@@ -48,6 +48,8 @@ class RunResult:
     kernel_snapshots: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     model_snapshots: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     error: str | None = None
+    # What socklab found wrong with the lab itself during the run (e.g. a lab NIC that is down).
+    diagnosis: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -157,12 +159,29 @@ def _port(address: Any) -> int | None:
     return None
 
 
+def crosses_hosts(step: Step, addresses: Mapping[str, str] = LAB_ADDRESSES) -> bool:
+    """Whether ``step`` sends to another VM over the lab segment (an address of another host of the lab)."""
+    if step.kind != "call":
+        return False
+    others = {address for host, address in addresses.items() if host != step.host}
+    value = step.args.get("addr")
+    return isinstance(value, (list, tuple)) and bool(value) and value[0] in others
+
+
 def run(scenario: Scenario, kernel: Backend | None, model: ModelBackend | None,
         on_step: Callable[[StepRecord], None] | None = None) -> RunResult:
-    """Run every step on both sides (either may be None), judging each call step as it completes."""
+    """Run every step on both sides (either may be None), judging each call step as it completes.
+
+    Once a step has crossed the lab segment, the first call step that fails
+    makes the kernel side check the segment (``segment_faults``, when it has
+    one): a NIC that is down shows up on that step and in ``diagnosis``
+    instead of as a puzzling disagreement with the model.
+    """
     result = RunResult(scenario)
     kernel_names: dict[str, int] = {}
     model_names: dict[str, int] = {}
+    crossed = False
+    segment_checked = False
     for step in scenario.steps:
         record = StepRecord(step)
         started = time.monotonic()
@@ -184,6 +203,15 @@ def run(scenario: Scenario, kernel: Backend | None, model: ModelBackend | None,
                     record.model = _call(model, step, model_names)
                 port_range = model.port_range(step.host) if model is not None else (32768, 60999)
                 record.verdict = judge(step, record.kernel, record.model, port_range)
+                crossed = crossed or crosses_hosts(step)
+                if (crossed and not segment_checked and not record.verdict.ok
+                        and hasattr(kernel, "segment_faults")):
+                    segment_checked = True
+                    faults = kernel.segment_faults()
+                    if faults:
+                        result.diagnosis += [f"lab segment: {fault}" for fault in faults]
+                        record.verdict = replace(record.verdict, problems=record.verdict.problems + tuple(
+                            f"lab segment: {fault}" for fault in faults))
         except LabError as exc:
             record.seconds = time.monotonic() - started
             result.records.append(record)
