@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from ..errors import LabError
 from ..paths import REPO_ROOT
 from . import expect
 from .format import Scenario, ScenarioError, declared_params, load
@@ -94,15 +95,36 @@ def run_scenario(scenario: Scenario, lab: Any | None, on_step: Callable[[StepRec
         if scatter_gather is None:
             scatter_gather = lab.require().segment == "tap"
     model = ModelBackend(scenario, scatter_gather=True if scatter_gather is None else scatter_gather)
+    result: RunResult | None = None
+    closing = None
     try:
         if kernel is not None:
-            kernel.apply_sysctls()
-        return run(scenario, kernel, model, on_step)
-    except RunAborted as exc:
-        return exc.result
+            try:
+                kernel.apply_sysctls()
+            except LabError as exc:
+                # Nothing ran yet; the run is reported as aborted like any other.
+                result = RunResult(scenario, error=f"setting the scenario's sysctls: {exc}")
+        if result is None:
+            try:
+                result = run(scenario, kernel, model, on_step)
+            except RunAborted as exc:
+                result = exc.result
     finally:
         if kernel is not None:
-            kernel.close()
+            closing = _close(kernel)
+    if closing:
+        # Not the run's error (its result stands), but the lab may keep what the scenario changed.
+        result.diagnosis.append(f"{closing} (sockets and sysctls of the scenario may be left on the guest)")
+    return result
+
+
+def _close(kernel: Any) -> str | None:
+    """Close the agents; what went wrong, if anything (a dead VM's agent cannot be closed cleanly)."""
+    try:
+        kernel.close()
+    except LabError as exc:
+        return str(exc)
+    return None
 
 
 def check(spec: LabSpec, lab: Any | None, overrides: Mapping[str, Any] | None = None,
@@ -117,8 +139,16 @@ def check(spec: LabSpec, lab: Any | None, overrides: Mapping[str, Any] | None = 
     if spec.expected is not None:
         for scenario in scenarios:  # a broken template stops the check before anything runs
             expect.precheck(spec.expected, scenario.params, scenario.hosts)
-    for scenario in scenarios:
-        report.runs.append(run_scenario(scenario, lab, on_step))
+    for index, scenario in enumerate(scenarios):
+        result = run_scenario(scenario, lab, on_step)
+        report.runs.append(result)
+        report.notes += [f"{scenario.name}: {finding}" for finding in result.diagnosis]
+        gone = _gone_vms(lab) if result.error else []
+        if gone and index + 1 < len(scenarios):
+            # Every further scenario would fail the same way; say so once.
+            report.notes.append(f"not run: {', '.join(s.name for s in scenarios[index + 1:])} "
+                                f"({', '.join(gone)} no longer running; `invoke lab.down` then `invoke lab.up`)")
+            break
     if spec.expected is None:
         return report
     if lab is None:
@@ -132,6 +162,14 @@ def check(spec: LabSpec, lab: Any | None, overrides: Mapping[str, Any] | None = 
         assertions = expect.load(spec.expected, variables)
         report.assertions += expect.evaluate(assertions, expect.context(result, scenario.params, sysctls))
     return report
+
+
+def _gone_vms(lab: Any) -> list[str]:
+    """The lab's VMs whose QEMU is no longer running."""
+    try:
+        return [name for name, up in lab.alive(lab.require()).items() if not up]
+    except (AttributeError, LabError):
+        return []
 
 
 def _overrides_for(path: Path, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
