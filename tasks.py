@@ -12,10 +12,11 @@ import signal
 import sys
 
 from invoke import Collection, Exit, task
+from rich.markup import escape
 
 from harness import image, progress
 from harness.errors import SocklabError
-from harness.lab import Lab, check_up_args
+from harness.lab import Lab, check_up_args, topology
 from harness.paths import Paths
 
 
@@ -39,13 +40,31 @@ def _friendly(fn):
         try:
             return fn(c, *args, **kwargs)
         except SocklabError as exc:
-            progress.console.print(f"[red]socklab:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            # The message is data: "[ip, port]" in it must not be read as rich markup.
+            progress.console.print(f"[red]socklab:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise Exit(code=exc.exit_code) from None
         except KeyboardInterrupt:
             progress.console.print("[yellow]socklab: interrupted; everything started was stopped[/]")
             raise Exit(code=130) from None
 
     return wrapper
+
+
+def _number(text, option: str, what: str, kind=float):
+    """A number given on the command line; invoke would otherwise turn a typo into a traceback."""
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise SocklabError(f"{option} must be {what}, not {text!r}") from None
+    if value <= 0:
+        raise SocklabError(f"{option} must be {what}, not {text}")
+    return value
+
+
+def _vm_name(name) -> str:
+    if not name:
+        raise SocklabError("name a VM: client or server (e.g. `invoke lab.ssh server`)")
+    return name
 
 
 def _mirror(c, mirror):
@@ -84,7 +103,7 @@ def clean(c, all=False):
     "cold": "boot from scratch even when a ready snapshot exists (and save no new one)",
 })
 @_friendly
-def up(c, topology=None, accel=None, segment=None, timeout=120, cold=False):
+def up(c, topology=None, accel=None, segment=None, timeout="120", cold=False):
     """Boot the lab: build the image if needed, start the VMs, wait until SSH answers.
 
     The first boot saves a ready snapshot of every VM; later ones resume it
@@ -92,11 +111,12 @@ def up(c, topology=None, accel=None, segment=None, timeout=120, cold=False):
     """
     topology, accel = topology or c.config.lab.topology, accel or c.config.lab.accel
     segment = segment or c.config.lab.segment
-    check_up_args(topology, accel, segment, float(timeout))
+    timeout = _number(timeout, "--timeout", "a positive number of seconds")
+    check_up_args(topology, accel, segment, timeout)
     paths = Paths.default()
     image.build(paths, c.config.images.recipe, _mirror(c, None))
     lab = Lab(paths)
-    state, started = lab.up(topology, accel, segment, boot_timeout=float(timeout), cold=cold)
+    state, started = lab.up(topology, accel, segment, boot_timeout=timeout, cold=cold)
     if not started:
         progress.say("a lab is already running; not starting another (`invoke lab.down` stops it)")
     _print_status(lab, state, live=True)
@@ -131,33 +151,35 @@ def _print_status(lab, state, live):
     progress.console.print(status_table(lab, state, live=live))
 
 
-@task(help={"name": "VM name, e.g. client or server"})
+@task(positional=["name"], help={"name": "VM name, e.g. client or server"})
 @_friendly
-def ssh(c, name):
+def ssh(c, name=None):
     """Open an interactive SSH session to a VM (host key pinned, project key only)."""
-    argv = Lab().ssh_argv(name)
+    argv = Lab().ssh_argv(_vm_name(name))
     os.execvp(argv[0], argv)
 
 
-@task(help={"name": "VM name, e.g. client or server"})
+@task(positional=["name"], help={"name": "VM name, e.g. client or server"})
 @_friendly
-def console(c, name):
+def console(c, name=None):
     """Attach to a VM's serial console (Ctrl-] leaves)."""
     from harness.console import interact
 
-    vm = Lab().require().vm(name)
+    vm = Lab().require().vm(_vm_name(name))
     interact(vm.console_path, name)
 
 
-@task(name="exec", help={"name": "VM name; the command follows `--`, e.g. invoke lab.exec server -- ss -ltn"})
+@task(name="exec", positional=["name"], help={"name": "VM name; the command follows `--`, e.g. invoke lab.exec server -- ss -ltn"})
 @_friendly
-def exec_(c, name, timeout=60):
+def exec_(c, name=None, timeout="60"):
     """Run one command on a VM over SSH and print its output; exits with its status."""
+    name = _vm_name(name)
+    timeout = _number(timeout, "--timeout", "a positive number of seconds")
     command = c.remainder.strip()
     if not command:
         raise SocklabError("no command: put it after --, e.g. `invoke lab.exec server -- ss -ltn`")
     lab = Lab()
-    result = lab.ssh(name).run(command, timeout=float(timeout))
+    result = lab.ssh(name).run(command, timeout=timeout)
     sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)
     lab.close()
@@ -216,11 +238,12 @@ def _show_and_save(report, name: str) -> None:
 @_friendly
 def check_(c, name, param=None, model_only=False):
     """Check a lab: its scenarios on the live kernels and the model, then its expectations. Exit 0 only if all agree."""
-    from harness.scenario.check import LabSpec, check
+    from harness.scenario.check import LabSpec, check, prepare
     from harness.scenario.format import parse_params
 
     spec = LabSpec.load(name)
     overrides = parse_params(param or [])
+    prepare(spec, overrides)  # every input checked before a VM is booted or touched
     lab = None if model_only else _running_lab(spec.topology)
     report = check(spec, lab, overrides)
     if lab is not None:
@@ -241,8 +264,8 @@ def run_(c, file, param=None):
     from harness.scenario.format import load, parse_params
 
     path = Path(file)
+    scenario = load(path, parse_params(param or []), known_hosts=topology("default").vms)
     lab = _running_lab("default")
-    scenario = load(path, parse_params(param or []), known_hosts=tuple(vm.name for vm in lab.require().vms))
     report = CheckReport(scenario.name, runs=[run_scenario(scenario, lab)])
     lab.close()
     _show_and_save(report, path.stem)
@@ -261,7 +284,7 @@ def model_(c, file, param=None, no_sg=False):
     from harness.scenario.check import CheckReport, run_scenario
     from harness.scenario.format import load, parse_params
 
-    scenario = load(Path(file), parse_params(param or []))
+    scenario = load(Path(file), parse_params(param or []), known_hosts=topology("default").vms)
     report = CheckReport(scenario.name, runs=[run_scenario(scenario, None, scatter_gather=not no_sg)], kernel=False)
     _show_and_save(report, Path(file).stem)
 
@@ -277,7 +300,11 @@ def grade(c, student=None, only=None):
 
     from harness import grade as grading
 
+    from harness.scenario.check import LabSpec, prepare
+
     student = student or os.environ.get("USER") or getpass.getuser()
+    for name in only or []:
+        prepare(LabSpec.load(name))  # a misspelt --only stops here, before a boot
     lab = _running_lab("default")
 
     def show(name, report):
@@ -300,7 +327,7 @@ def grade(c, student=None, only=None):
     "only": "measure just this section (repeatable): build, boot, latency, stats, model, check, memory",
 })
 @_friendly
-def bench_(c, repeats=3, only=None):
+def bench_(c, repeats="3", only=None):
     """Measure socklab: image build, cold boot vs restore, command latency, stats, model, lab checks, memory."""
     from harness import bench as benching
     from harness.paths import REPO_ROOT
@@ -309,9 +336,8 @@ def bench_(c, repeats=3, only=None):
     unknown = set(sections) - set(benching.SECTIONS)
     if unknown:
         raise SocklabError(f"--only {', '.join(sorted(unknown))}: sections are {', '.join(benching.SECTIONS)}")
-    if int(repeats) < 1:
-        raise SocklabError(f"--repeats must be at least 1, not {repeats}")
-    result = benching.run(Paths.default(), int(repeats), sections)
+    repeats = _number(repeats, "--repeats", "at least 1", kind=int)
+    result = benching.run(Paths.default(), repeats, sections)
     progress.console.print(benching.table(result))
     progress.say(f"JSON: {benching.save(result, REPO_ROOT / 'results')}")
 

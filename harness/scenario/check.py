@@ -45,6 +45,12 @@ class LabSpec:
             raise ScenarioError(f"{path}:{mark.line + 1 if mark else 1}: malformed YAML") from None
         if not isinstance(data, dict) or not data.get("scenarios"):
             raise ScenarioError(f"{path}:1: lab.yaml needs `title:` and a list of `scenarios:`")
+        if not isinstance(data["scenarios"], list):
+            raise ScenarioError(f"{path}:1: `scenarios:` must be a list of scenario files, not {data['scenarios']!r}")
+        from ..lab import TOPOLOGIES
+
+        if str(data.get("topology", "default")) not in TOPOLOGIES:
+            raise ScenarioError(f"{path}:1: unknown topology {data['topology']!r}; known: {', '.join(TOPOLOGIES)}")
         unknown = set(data) - {"title", "topology", "scenarios", "expected", "minutes", "article"}
         if unknown:
             raise ScenarioError(f"{path}:1: unknown key(s) {', '.join(sorted(unknown))}")
@@ -127,11 +133,11 @@ def _close(kernel: Any) -> str | None:
     return None
 
 
-def check(spec: LabSpec, lab: Any | None, overrides: Mapping[str, Any] | None = None,
-          on_step: Callable[[StepRecord], None] | None = None) -> CheckReport:
-    """Run every scenario of ``spec``; with a lab, evaluate the expectation template over the kernel's run."""
-    report = CheckReport(spec.title, kernel=lab is not None)
-    hosts = tuple(vm.name for vm in lab.require().vms) if lab is not None else None
+def prepare(spec: LabSpec, overrides: Mapping[str, Any] | None = None) -> list[Scenario]:
+    """Load and check everything a lab check will use, before any VM is touched (or booted)."""
+    from ..lab import topology
+
+    hosts = topology(spec.topology).vms
     scenarios = [load(path, _overrides_for(path, overrides), known_hosts=hosts) for path in spec.scenarios]
     unused = set(overrides or {}) - {key for scenario in scenarios for key in scenario.params}
     if unused:
@@ -139,6 +145,14 @@ def check(spec: LabSpec, lab: Any | None, overrides: Mapping[str, Any] | None = 
     if spec.expected is not None:
         for scenario in scenarios:  # a broken template stops the check before anything runs
             expect.precheck(spec.expected, scenario.params, scenario.hosts)
+    return scenarios
+
+
+def check(spec: LabSpec, lab: Any | None, overrides: Mapping[str, Any] | None = None,
+          on_step: Callable[[StepRecord], None] | None = None) -> CheckReport:
+    """Run every scenario of ``spec``; with a lab, evaluate the expectation template over the kernel's run."""
+    report = CheckReport(spec.title, kernel=lab is not None)
+    scenarios = prepare(spec, overrides)
     for index, scenario in enumerate(scenarios):
         result = run_scenario(scenario, lab, on_step)
         report.runs.append(result)

@@ -79,7 +79,10 @@ class _ByHost:
             raise AttributeError(f"snapshot {self._label!r} has no host {host!r}") from None
 
     def __getitem__(self, host: str) -> Any:
-        return self.__getattr__(host)
+        try:
+            return self._hosts[host]
+        except KeyError:
+            raise KeyError(f"{self._label!r} has no host {host!r}") from None
 
 
 class Trace:

@@ -217,7 +217,10 @@ def load(path: Path, overrides: Mapping[str, Any] | None = None, known_hosts: tu
     except OSError as exc:
         raise ScenarioError(f"{where}: cannot read the scenario: {exc.strerror}") from None
     header_text, body_text, body_line = _split(text)
-    header = _strip_lines(_yaml(header_text, where, 1)) if header_text.strip() else {}
+    if not header_text.strip():
+        raise ScenarioError(f"{where}:1: no `---` line: a scenario is a header (name, hosts, params), "
+                            "a line `---`, then the steps")
+    header = _strip_lines(_yaml(header_text, where, 1))
     if not isinstance(header, dict):
         raise ScenarioError(f"{where}:1: the header must be a mapping (name, hosts, params)")
     unknown = set(header) - {"name", "description", "hosts", "params"}
@@ -243,9 +246,20 @@ def load(path: Path, overrides: Mapping[str, Any] | None = None, known_hosts: tu
     sysctls = _strip_lines(body.get("sysctls") or {})
     if not isinstance(sysctls, dict) or any(h not in hosts for h in sysctls):
         raise ScenarioError(f"{where}:{body_line}: `sysctls:` maps hosts of the header to settings")
-    steps = _steps(body["steps"], where, body_line, hosts)
+    steps = _steps(body["steps"], where, body_line, hosts, _item_lines(rendered))
     return Scenario(path=path, name=str(header.get("name", path.stem)), description=str(header.get("description", "")),
                     hosts=hosts, params=params, sysctls=sysctls, steps=steps)
+
+
+def _template_line(exc: BaseException) -> int | None:
+    """The template line an error was raised at: jinja2 gives template frames the name ``<template>``."""
+    line = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
 
 
 def render(text: str, params: Mapping[str, Any], where: str, line_offset: int = 1) -> str:
@@ -255,21 +269,42 @@ def render(text: str, params: Mapping[str, Any], where: str, line_offset: int = 
         return env.from_string(text).render(**params)
     except jinja2.TemplateSyntaxError as exc:
         raise ScenarioError(f"{where}:{(exc.lineno or 1) + line_offset - 1}: template syntax: {exc.message}") from None
-    except jinja2.UndefinedError as exc:
-        raise ScenarioError(f"{where}: template: {exc.message} (params: {', '.join(sorted(params)) or 'none'})") from None
-    except jinja2.exceptions.SecurityError as exc:
-        raise ScenarioError(f"{where}: template tried something unsafe: {exc}") from None
-    except (TypeError, ValueError, ArithmeticError) as exc:
-        raise ScenarioError(f"{where}: template: {exc}") from None
+    except (jinja2.UndefinedError, jinja2.exceptions.SecurityError, TypeError, ValueError, ArithmeticError,
+            LookupError, AttributeError) as exc:
+        line = _template_line(exc)
+        at = f"{where}:{line + line_offset - 1}" if line else where
+        if isinstance(exc, jinja2.exceptions.SecurityError):
+            raise ScenarioError(f"{at}: template tried something unsafe: {exc}") from None
+        if isinstance(exc, jinja2.UndefinedError):
+            message = f"{exc.message} (params: {', '.join(sorted(params)) or 'none'})"
+        else:  # a KeyError's str() is the repr of its key; its argument reads better
+            message = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc) or type(exc).__name__
+        raise ScenarioError(f"{at}: template: {message}") from None
 
 
-def _steps(raw: Any, where: str, line_offset: int, hosts: tuple[str, ...]) -> tuple[Step, ...]:
+def _item_lines(rendered: str) -> list[int]:
+    """The line of every entry of ``steps:`` in the rendered body, mappings or not (for error messages)."""
+    try:
+        root = yaml.compose(rendered, Loader=_LineLoader)
+    except yaml.YAMLError:
+        return []
+    for key, value in getattr(root, "value", []):
+        if getattr(key, "value", None) == "steps" and isinstance(value, yaml.SequenceNode):
+            return [item.start_mark.line for item in value.value]
+    return []
+
+
+def _steps(raw: Any, where: str, line_offset: int, hosts: tuple[str, ...],
+           item_lines: list[int] | None = None) -> tuple[Step, ...]:
     if not isinstance(raw, list):
         raise ScenarioError(f"{where}:{line_offset}: `steps:` must be a list")
     names: dict[str, str] = {}  # socket name -> host it lives on
     steps = []
     for index, item in enumerate(raw, start=1):
-        line = (item.get("__line__", 0) if isinstance(item, dict) else 0) + line_offset
+        if item_lines and len(item_lines) == len(raw):
+            line = item_lines[index - 1] + line_offset
+        else:
+            line = (item.get("__line__", 0) if isinstance(item, dict) else 0) + line_offset
         at = f"{where}:{line}: step {index}"
         if not isinstance(item, dict):
             raise ScenarioError(f"{at}: a step is a mapping, not {item!r}")

@@ -315,7 +315,17 @@ class _StatsShell:
         channel = self.channel
         out, err = bytearray(), bytearray()
         deadline = time.monotonic() + timeout
-        channel.sendall(command.encode())
+        try:
+            channel.sendall(command.encode())
+        except (OSError, EOFError) as exc:
+            # The shell died before it read the command (it could not start): say why, from its stderr.
+            while not channel.exit_status_ready() and time.monotonic() < deadline:
+                select.select([channel], [], [], 0.1)
+            while channel.recv_stderr_ready():
+                err += channel.recv_stderr(65536)
+            status = channel.recv_exit_status() if channel.exit_status_ready() else "?"
+            raise StatsError(f"{self.ssh.vm}: the stats shell exited ({status}) before reading its command "
+                             f"({exc}): {bytes(err).decode(errors='replace').strip()[-300:]}") from exc
         while not out.endswith(end):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
