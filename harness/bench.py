@@ -163,14 +163,15 @@ def bench_check(bench: Bench, lab: Lab, repeats: int) -> None:
 
     for name in known_labs():
         spec = LabSpec.load(name)
-        samples = []
+        samples, failed = [], 0
         for _ in range(repeats):
             started = time.perf_counter()
             report = check(spec, lab)
             samples.append(time.perf_counter() - started)
-            if not report.ok:
-                raise RuntimeError(f"lab.check {name} failed during the bench")
-        bench.add(Figure(f"lab.check {name}, end to end", "s", tuple(samples)))
+            failed += not report.ok
+        # A failing check still took its time; the figure says so rather than stopping the bench.
+        bench.add(Figure(f"lab.check {name}, end to end", "s", tuple(samples),
+                         note=f"{failed} of {repeats} runs FAILED" if failed else ""))
 
 
 def bench_memory(bench: Bench, lab: Lab) -> None:
@@ -180,7 +181,7 @@ def bench_memory(bench: Bench, lab: Lab) -> None:
         for line in Path(f"/proc/{vm.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 rss.append(int(line.split()[1]) / 1024)
-    bench.add(Figure("host memory (RSS) per VM", "MiB", tuple(rss), note=f"guest RAM {512} MiB, TCG"))
+    bench.add(Figure("host memory (RSS) per VM", "MiB", tuple(rss), note="guest RAM 512 MiB, TCG"))
 
 
 def run(paths: Paths, repeats: int = 3, only: tuple[str, ...] = SECTIONS) -> Bench:
