@@ -64,6 +64,7 @@ class Sock:
     orphan = False  # SOCK_DEAD: no file refers to it any more
     parent: "Sock | None" = None  # the listener while queued for accept
     zckey = 0  # sk_zckey: next MSG_ZEROCOPY id
+    zc_tail: "list[int] | None" = None  # uarg of the unsent zerocopy data at the write queue's tail (TCP)
     omem = 0  # sk_omem_alloc
     device: "Device | None" = None
     mss_clamp = 0
@@ -91,7 +92,7 @@ class Sock:
         self.accept_queue: "deque[Sock] | tuple" = ()
         self.datagrams: "deque[tuple[bytes, Any, int]] | tuple" = ()  # (payload, source, truesize)
         self.errqueue: "list[list[int]] | tuple" = ()  # [code, lo, hi] per queued notification skb
-        self.zc_inflight: "list[list[int]] | tuple" = ()  # uargs not yet completed: [id, len, zerocopy_ok]
+        self.zc_inflight: "list[list[int]] | tuple" = ()  # uargs not yet completed: [id, len, zerocopy_ok, bytelen]
 
     @property
     def is_v6(self) -> bool:

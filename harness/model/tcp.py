@@ -480,17 +480,19 @@ def sendmsg(op: str, host: "Host", creds, f: OpenFile, payload: bytes, flags: in
     sk = f.sock
     nonblock = f.nonblock or bool(flags & MSG_DONTWAIT)
     size = len(payload)
-    uarg = zerocopy.alloc_notification(host, sk) if zerocopy.wants_zerocopy(sk, flags, size) else None
+    uarg, extended = None, False
+    if zerocopy.wants_zerocopy(sk, flags, size):
+        uarg, extended = zerocopy.realloc_notification(host, sk, size)
     try:
-        result = _send_checked(op, host, sk, payload, flags, nonblock, uarg)
+        result = _send_checked(op, host, sk, payload, flags, nonblock, uarg, extended)
     except SyscallError:
         if uarg is not None:
-            zerocopy.abort_notification(sk)
+            zerocopy.abort_notification(sk, uarg, extended)
         raise
     return result
 
 
-def _send_checked(op, host, sk: Sock, payload: bytes, flags: int, nonblock: bool, uarg) -> Result:
+def _send_checked(op, host, sk: Sock, payload: bytes, flags: int, nonblock: bool, uarg, extended: bool = False) -> Result:
     if sk.sk_state not in (TCP_ESTABLISHED, TCP_CLOSE_WAIT):
         # sk_stream_wait_connect()
         error = sk.take_error()
@@ -528,14 +530,17 @@ def _send_checked(op, host, sk: Sock, payload: bytes, flags: int, nonblock: bool
     if taken < size and not nonblock:
         sk.tx_pending += payload[:taken]
         _flush(sk)
-        _attach(host, sk, uarg)
+        _attach(host, sk, uarg, extended)
         return Result(op, None, None, f"queued {taken} of {size} bytes, then sleeps for buffer space",
                       "sk_stream_wait_memory", blocked=True, approx=True)
     sk.tx_pending += payload[:taken]
     _flush(sk)
-    _attach(host, sk, uarg)
+    _attach(host, sk, uarg, extended)
     zc = ""
-    if uarg is not None:
+    if extended:
+        zc = (f"; zerocopy id {(sk.zckey - 1) % zerocopy.U32} joins the unsent tail's notification "
+              f"(ids {uarg[0]}..{(uarg[0] + uarg[1] - 1) % zerocopy.U32}; msg_zerocopy_realloc)")
+    elif uarg is not None:
         zc = f"; zerocopy id {uarg[0]}{' (will report COPIED)' if not uarg[2] else ''}"
     elif flags & MSG_ZEROCOPY:
         zc = "; " + _ZC_IGNORED
@@ -547,11 +552,18 @@ def _send_checked(op, host, sk: Sock, payload: bytes, flags: int, nonblock: bool
 _ZC_IGNORED = "MSG_ZEROCOPY ignored: SO_ZEROCOPY not set, data copied, no notification"
 
 
-def _attach(host: "Host", sk: Sock, uarg) -> None:
+def _attach(host: "Host", sk: Sock, uarg, extended: bool = False) -> None:
+    """Hand the send's uarg on; remember it while its data sits unsent at the tail (a later send may join it)."""
     if uarg is None:
+        if sk.tx_pending:
+            sk.zc_tail = None  # copied data now ends the write queue: the next zerocopy send allocates
         return
     if _zerocopy_copied(sk):
         zerocopy.mark_copied(uarg)
+    if sk.tx_pending:
+        sk.zc_tail = uarg
+    if extended:
+        return  # already in flight (or already completed with the data it joined)
     zerocopy.finish_send(host, sk, uarg, in_flight=bool(sk.tx_pending))
 
 

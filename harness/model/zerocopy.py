@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from .host import Host
 
 U32 = 1 << 32
+USHRT_MAX = 0xFFFF
+UARG_BYTE_LIMIT = 1 << 19  # msg_zerocopy_realloc(): "limit to a few TSO"
 ZEROCOPY_IMMEDIATE = "immediate"
 ZEROCOPY_DEFERRED = "deferred"
 
@@ -22,7 +24,26 @@ def wants_zerocopy(sk: Sock, flags: int, length: int) -> bool:
     return bool(flags & MSG_ZEROCOPY) and length > 0 and sk.zerocopy
 
 
-def alloc_notification(host: "Host", sk: Sock) -> list[int]:
+def realloc_notification(host: "Host", sk: Sock, size: int) -> tuple[list[int], bool]:
+    """msg_zerocopy_realloc() for TCP: (uarg, extended).
+
+    While the write queue's tail still holds unsent data of an earlier MSG_ZEROCOPY send
+    (``skb_zcopy(tcp_write_queue_tail(sk))``), a send whose id follows that uarg's range joins it:
+    ``uarg->len++``, no new notification, no option memory. Past USHRT_MAX - 1 ids or 512 KiB the
+    stream gets a new uarg. Anything else allocates (and may hit ENOBUFS).
+    """
+    tail = sk.zc_tail
+    if tail is not None and sk.tx_pending:
+        lo, length, _zc_ok, bytelen = tail
+        if length < USHRT_MAX - 1 and bytelen + size <= UARG_BYTE_LIMIT and (lo + length) % U32 == sk.zckey:
+            tail[1] += 1
+            tail[3] = bytelen + size
+            sk.zckey = (sk.zckey + 1) % U32
+            return tail, True
+    return alloc_notification(host, sk, size), False
+
+
+def alloc_notification(host: "Host", sk: Sock, size: int = 0) -> list[int]:
     """msg_zerocopy_alloc() -> sock_omalloc(sk, 0): ENOBUFS once option memory would pass optmem_max."""
     optmem_max = host.sysctls["net.core.optmem_max"]
     if sk.omem + ZC_NOTIFY_CHECK > optmem_max:
@@ -34,14 +55,20 @@ def alloc_notification(host: "Host", sk: Sock) -> list[int]:
             "sock_omalloc",
         )
     sk.omem += ZC_NOTIFY_TRUESIZE
-    uarg = [sk.zckey, 1, 1]  # id, len, zerocopy-still-possible
+    uarg = [sk.zckey, 1, 1, size]  # id, len, zerocopy-still-possible, bytelen
     sk.zckey = (sk.zckey + 1) % U32
     return uarg
 
 
-def abort_notification(sk: Sock) -> None:
-    """msg_zerocopy_put_abort(): a failed send gives its id back and queues nothing."""
+def abort_notification(sk: Sock, uarg: list[int] | None = None, extended: bool = False) -> None:
+    """msg_zerocopy_put_abort(): a failed send gives its id back and queues nothing.
+
+    An extended uarg only shrinks by the id it had just taken (``uarg->len--``); a fresh one is freed.
+    """
     sk.zckey = (sk.zckey - 1) % U32
+    if extended and uarg is not None:
+        uarg[1] -= 1
+        return
     sk.omem -= ZC_NOTIFY_TRUESIZE
 
 
@@ -64,6 +91,7 @@ def finish_send(host: "Host", sk: Sock, uarg: list[int], in_flight: bool) -> Non
 
 def complete_acked(sk: Sock) -> None:
     """All queued stream data was taken by the peer: the in-flight uargs (not deferred ones) complete in order."""
+    sk.zc_tail = None  # the write queue is empty: nothing left for a later send to join
     if not sk.zc_inflight:
         return
     deferred = {id(uarg) for owner, uarg in sk.host.net.zc_waiting if owner is sk}
@@ -78,7 +106,7 @@ def complete_acked(sk: Sock) -> None:
 
 def complete(sk: Sock, uarg: list[int]) -> None:
     """__msg_zerocopy_callback(): queue [lo, hi], or extend the tail notification when contiguous."""
-    lo, length, zc_ok = uarg
+    lo, length, zc_ok = uarg[:3]
     if sk.orphan:
         sk.omem -= ZC_NOTIFY_TRUESIZE  # SOCK_DEAD: no notification
         return

@@ -243,3 +243,74 @@ def test_closed_socket_gets_no_notification():
     assert sk_view.zerocopy_inflight == 1
     host.call("close", {"fd": fd})
     assert net.complete_zerocopy() == 1
+
+
+def stuck_stream(a, b, sndbuf=1 << 21, rcvbuf=2000):
+    """a sends to b across the segment; b's small locked receive buffer closes the window and b never reads."""
+    lfd = tcp(b)
+    assert b.call("setsockopt", {"fd": lfd, "level": 1, "optname": 8, "value": rcvbuf}).ok  # SO_RCVBUF
+    assert b.call("bind", {"fd": lfd, "addr": ("0.0.0.0", 7000)}).ok
+    assert b.call("listen", {"fd": lfd, "backlog": 4}).ok
+    fd = tcp(a)
+    enable(a, fd)
+    assert a.call("setsockopt", {"fd": fd, "level": 1, "optname": 32, "value": sndbuf}).ok  # SO_SNDBUFFORCE
+    assert a.call("connect", {"fd": fd, "addr": ("198.51.100.2", 7000)}).ok
+    return fd, b.call("accept", {"fd": lfd}).ret
+
+
+def test_sends_behind_unsent_zerocopy_data_join_its_notification(a, b):
+    """Rule: msg_zerocopy_realloc(): while the write queue's tail holds unsent MSG_ZEROCOPY data, the next send
+    whose id follows that uarg extends it (uarg->len++) instead of allocating a notification, so a stuck
+    connection does not run out of option memory.
+
+    Measured on the lab guests (6.1.0-56): 40 sends of 500 bytes with MSG_ZEROCOPY|MSG_DONTWAIT into a closed
+    window, SO_SNDBUFFORCE 2 MiB: all 40 succeeded, and ss -m showed o1536 on the sender: one completion for the
+    ids that got through, one uarg for all the stuck ones. (The model had answered ENOBUFS from the 27th send.)
+    """
+    fd, rx = stuck_stream(a, b)
+    results = [zc_send(a, fd, length=500, flags=MSG_ZEROCOPY | 0x40).errno for _ in range(40)]
+    assert results == [None] * 40
+    view = a.socket(fd)
+    assert view.omem == 2 * 768 and view.zerocopy_inflight == 1 and view.zerocopy_next_id == 40
+    [first] = read_err(a, fd).ret
+    assert first["lo"] == 0
+    # The reader drains; once every stuck byte is acknowledged the joined uarg completes as one range.
+    while b.call("recv", {"fd": rx, "length": 1 << 20, "flags": 0x40}).ok:
+        pass
+    [rest] = read_err(a, fd).ret
+    assert (rest["lo"], rest["hi"]) == (first["hi"] + 1, 39)
+    assert a.socket(fd).omem == 0
+
+
+def test_a_copied_send_ends_the_joinable_tail(a, b):
+    """Rule: msg_zerocopy_realloc() extends only skb_zcopy(tail); a plain send queued behind it makes the next
+    MSG_ZEROCOPY send allocate a notification of its own."""
+    fd, _ = stuck_stream(a, b)
+    for _ in range(6):
+        assert zc_send(a, fd, length=500, flags=MSG_ZEROCOPY | 0x40).ok
+    omem = a.socket(fd).omem
+    assert a.call("send", {"fd": fd, "length": 500, "flags": 0x40}).ok
+    assert zc_send(a, fd, length=500, flags=MSG_ZEROCOPY | 0x40).ok
+    assert a.socket(fd).omem == omem + 768
+
+
+def test_the_joined_range_is_limited_to_512_kib(a, b):
+    """Rule: msg_zerocopy_realloc(): past 1 << 19 bytes in one uarg, TCP allocates a new one."""
+    fd, _ = stuck_stream(a, b, sndbuf=1 << 24)
+    assert zc_send(a, fd, length=1000, flags=MSG_ZEROCOPY | 0x40).ok  # fits the window: completes
+    for _ in range(3):
+        assert zc_send(a, fd, length=200_000, flags=MSG_ZEROCOPY | 0x40).ok
+    # 1000 in the window, then 200000 (new uarg), 400000 (joined), 600000 > 524288 (new uarg)
+    assert a.socket(fd).zerocopy_inflight == 2
+
+
+def test_a_failed_send_gives_back_the_id_it_joined(a, b):
+    """Rule: msg_zerocopy_put_abort() on an extended uarg: sk_zckey-- and uarg->len--, no option memory freed."""
+    fd, _ = stuck_stream(a, b, sndbuf=4608)  # SO_SNDBUFFORCE 4608: the queue fills quickly
+    while zc_send(a, fd, length=500, flags=MSG_ZEROCOPY | 0x40).ok:
+        pass
+    view = a.socket(fd)
+    r = zc_send(a, fd, length=500, flags=MSG_ZEROCOPY | 0x40)
+    assert r.errno == "EAGAIN"
+    after = a.socket(fd)
+    assert after.zerocopy_next_id == view.zerocopy_next_id and after.omem == view.omem
