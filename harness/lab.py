@@ -568,7 +568,7 @@ class Lab:
                 guest.client  # raises when the connection is gone: sshd restarted, the guest rebooted
                 return guest
             except SSHError:
-                guest.close()
+                _close_guest(guest)
         if not (vm.pid and qemu.is_running(vm.pid, vm.name)):
             raise GuestUnreachable(self.vm_fault(name, settle=0) or f"QEMU of {name} (pid {vm.pid}) is not running")
         guest = GuestSSH(vm.name, vm.ssh_port, self.paths.client_key, state.host_key)
@@ -600,7 +600,7 @@ class Lab:
 
     def close(self) -> None:
         for guest in self._ssh.values():
-            guest.close()
+            _close_guest(guest)
         self._ssh.clear()
 
     # -- down ----------------------------------------------------------------
@@ -730,3 +730,16 @@ def _tap_fault(netns: str, vm: VMState) -> str | None:
     if ",UP" not in line and "<UP" not in line:
         return f"the tap {vm.tap} of {vm.name} is DOWN on the host (netns {netns})"
     return None
+
+
+def _close_guest(guest: GuestSSH) -> None:
+    """Close an SSH connection and the stats shell kept open on it.
+
+    Closing the connection alone leaves the shell's channel, and with it the
+    pipe paramiko made when the channel was first ``select()``-ed: two open
+    descriptors per VM and lab, for as long as the process lives.
+    """
+    from .stats import close_shell
+
+    close_shell(guest)
+    guest.close()
