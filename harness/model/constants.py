@@ -179,9 +179,13 @@ TCP_STATE_NAMES = {
     TCP_CLOSING: "CLOSING",
 }
 
+# fcntl(2) commands and descriptor flags (include/uapi/asm-generic/fcntl.h), so scenarios can name them.
+F_GETFD, F_SETFD, F_GETFL, F_SETFL = 1, 2, 3, 4
+FD_CLOEXEC = 1
+
 _PREFIXES = (
     "AF_", "PF_", "SOCK_", "IPPROTO_", "SOL_", "SO_", "IP_", "IPV6_", "TCP_", "MSG_", "SHUT_",
-    "POLL", "SS_", "O_", "S_IF", "CAP_",
+    "POLL", "SS_", "O_", "S_IF", "CAP_", "F_", "FD_",
 )
 
 NAMES: dict[str, int] = {

@@ -17,7 +17,7 @@ from .sock import OpenFile, Sock
 if TYPE_CHECKING:
     from .host import Host, Process
 
-F_GETFD, F_SETFD, F_GETFL, F_SETFL = 1, 2, 3, 4
+from .constants import F_GETFD, F_GETFL, F_SETFD, F_SETFL  # noqa: E402 - the fcntl commands, named once
 FD_CLOEXEC = 1
 
 

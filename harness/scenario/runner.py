@@ -178,8 +178,8 @@ def run(scenario: Scenario, kernel: Backend | None, model: ModelBackend | None,
     instead of as a puzzling disagreement with the model.
     """
     result = RunResult(scenario)
-    kernel_names: dict[str, int] = {}
-    model_names: dict[str, int] = {}
+    kernel_names: dict[str, tuple[str, str, int]] = {}
+    model_names: dict[str, tuple[str, str, int]] = {}
     crossed = False
     segment_checked = False
     for step in scenario.steps:
@@ -224,10 +224,13 @@ def run(scenario: Scenario, kernel: Backend | None, model: ModelBackend | None,
     return result
 
 
-def _call(backend: Backend, step: Step, names: dict[str, int]) -> Outcome:
-    outcome = backend.call(step.host, step.user, step.call, resolve_args(step.call, step.args, names))
+def _call(backend: Backend, step: Step, names: dict[str, tuple[str, str, int]]) -> Outcome:
+    """One call on one side; ``names`` maps each socket name to (host, user, descriptor) on that side."""
+    # Descriptor numbers belong to one process: only this host's and this user's names apply.
+    mine = {name: fd for name, (host, user, fd) in names.items() if host == step.host and user == step.user}
+    outcome = backend.call(step.host, step.user, step.call, resolve_args(step.call, step.args, mine))
     if step.call == "poll":
-        outcome = replace(outcome, ret=_fds_to_names(outcome.ret, names))
+        outcome = replace(outcome, ret=_fds_to_names(outcome.ret, mine))
     if step.save_as and outcome.errno is None and isinstance(outcome.ret, int) and outcome.ret >= 0:
-        names[step.save_as] = outcome.ret
+        names[step.save_as] = (step.host, step.user, outcome.ret)
     return outcome

@@ -99,3 +99,21 @@ def test_a_dying_guest_aborts_with_the_step(scenario):
 def test_model_only_run(scenario):
     result = run(scenario, None, ModelBackend(scenario))
     assert result.ok and all(r.kernel is None for r in result.records)
+
+
+def test_poll_names_come_from_the_polling_host_only(tmp_path):
+    """Both hosts' first socket is fd 3; a poll on the server must name the server's socket."""
+    path = tmp_path / "two.yaml"
+    path.write_text(textwrap.dedent("""\
+        name: two
+        hosts: [server, client]
+        ---
+        steps:
+          - {on: client, call: socket, args: {family: AF_INET, type: SOCK_DGRAM}, as: theirs}
+          - {on: server, call: socket, args: {family: AF_INET, type: SOCK_DGRAM}, as: mine}
+          - {on: server, call: poll, args: {fds: [$mine], events: POLLOUT}}
+        """))
+    scenario = load(path)
+    result = run(scenario, Replay([Outcome(3), Outcome(3), Outcome({"3": 4})]), ModelBackend(scenario))
+    assert result.records[2].kernel.ret == {"$mine": 4}
+    assert result.records[2].model.ret == {"$mine": 4}
