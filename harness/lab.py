@@ -506,8 +506,12 @@ class Lab:
             except SSHError as exc:
                 raise GuestUnreachable(f"{vm.name} never became reachable over SSH ({exc}); "
                                        f"console's last lines:\n{log_tail(Path(vm.console_log))}") from exc
-            self._ssh[vm.name] = guest
-            if abandon.is_set():  # the lab is being stopped: no connection may outlive it
+            # The lab may be being stopped meanwhile (Ctrl-C, another VM failed): no connection may outlive it.
+            if not abandon.is_set():
+                self._ssh[vm.name] = guest
+            if abandon.is_set():
+                if self._ssh.get(vm.name) is guest:
+                    del self._ssh[vm.name]
                 guest.close()
 
         self._in_parallel(connect, state.vms, abandon)
@@ -562,13 +566,16 @@ class Lab:
         """
         state = self.require()
         vm = state.vm(name)
-        guest = self._ssh.get(name)
+        guest = self._ssh.pop(name, None)
         if guest is not None and guest.port == vm.ssh_port:
             try:
                 guest.client  # raises when the connection is gone: sshd restarted, the guest rebooted
+                self._ssh[name] = guest
                 return guest
             except SSHError:
-                _close_guest(guest)
+                pass
+        if guest is not None:  # broken, or to a VM of an earlier lab
+            _close_guest(guest)
         if not (vm.pid and qemu.is_running(vm.pid, vm.name)):
             raise GuestUnreachable(self.vm_fault(name, settle=0) or f"QEMU of {name} (pid {vm.pid}) is not running")
         guest = GuestSSH(vm.name, vm.ssh_port, self.paths.client_key, state.host_key)
