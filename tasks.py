@@ -342,6 +342,21 @@ def bench_(c, repeats="3", only=None):
     progress.say(f"JSON: {benching.save(result, REPO_ROOT / 'results')}")
 
 
+@task(name="soak", help={
+    "cycles": "how many up -> check -> down cycles (default 30)",
+    "lab_name": "the lab each cycle checks, by name or directory (default 03-listen)",
+})
+@_friendly
+def soak_(c, cycles="30", lab_name="03-listen"):
+    """Leak check: cycles of lab.up -> lab.check -> lab.down, counting QEMUs, taps, netns, fds, threads, run files."""
+    from harness.soak import soak
+
+    cycles = _number(cycles, "--cycles", "at least 1", kind=int)
+    report = soak(Paths.default(), cycles=cycles, lab_name=lab_name, say=lambda line: print(line, flush=True))
+    if not report.ok:
+        raise Exit(code=1)
+
+
 @task(name="test", help={
     "unit": "only the unit tests (no VM)",
     "live": "only the live tests (marker vm)",
@@ -356,7 +371,7 @@ def test_(c, unit=False, live=False, pytest_args=""):
 
 
 images = Collection("images", build, clean)
-lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, grade)
+lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, grade, soak_)
 ns = Collection(images, lab, test_, bench_)
 ns.configure({
     "images": {"recipe": "bookworm", "mirror": None},

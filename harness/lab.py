@@ -575,7 +575,7 @@ class Lab:
             except SSHError:
                 pass
         if guest is not None:  # broken, or to a VM of an earlier lab
-            _close_guest(guest)
+            guest.close()  # also closes the stats shell kept on the connection
         if not (vm.pid and qemu.is_running(vm.pid, vm.name)):
             raise GuestUnreachable(self.vm_fault(name, settle=0) or f"QEMU of {name} (pid {vm.pid}) is not running")
         guest = GuestSSH(vm.name, vm.ssh_port, self.paths.client_key, state.host_key)
@@ -607,7 +607,7 @@ class Lab:
 
     def close(self) -> None:
         for guest in self._ssh.values():
-            _close_guest(guest)
+            guest.close()  # also closes the stats shell kept on the connection
         self._ssh.clear()
 
     # -- down ----------------------------------------------------------------
@@ -739,14 +739,3 @@ def _tap_fault(netns: str, vm: VMState) -> str | None:
     return None
 
 
-def _close_guest(guest: GuestSSH) -> None:
-    """Close an SSH connection and the stats shell kept open on it.
-
-    Closing the connection alone leaves the shell's channel, and with it the
-    pipe paramiko made when the channel was first ``select()``-ed: two open
-    descriptors per VM and lab, for as long as the process lives.
-    """
-    from .stats import close_shell
-
-    close_shell(guest)
-    guest.close()

@@ -203,6 +203,10 @@ class GuestSSH:
 
     def close(self) -> None:
         if self._client is not None:
+            # The stats shell kept on this connection holds a channel (and its select pipe) of its own.
+            from .stats.collect import close_shell
+
+            close_shell(self)
             self._client.close()
             self._client = None
 

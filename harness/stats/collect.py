@@ -390,7 +390,7 @@ def _shell_for(ssh: "GuestSSH") -> _StatsShell:
 
 
 def close_shell(ssh: "GuestSSH") -> None:
-    """Stop the kept-open stats shell of this connection, if any (closing the connection does it too)."""
+    """Stop the kept-open stats shell of this connection, if any (``GuestSSH.close`` calls this)."""
     with _shells_lock:
         shell = _shells.pop(ssh, None)
     if shell is not None:
