@@ -628,7 +628,7 @@ class Lab:
                     done.append(f"{vm.name}: {how}")
             netns = state.netns or netns
         # QEMUs of this lab that the state file does not know (killed mid-save).
-        for pid in _qemu_pids_using(self.run_dir):
+        for pid in qemu_pids_using(self.run_dir):
             try:
                 os.kill(pid, signal.SIGKILL)
                 done.append(f"pid {pid}: killed (not in state)")
@@ -654,8 +654,8 @@ class Lab:
         return done
 
 
-def _qemu_pids_using(run_dir: Path) -> list[int]:
-    """Pids of QEMU processes whose command line points into ``run_dir``."""
+def qemu_pids_using(run_dir: Path) -> list[int]:
+    """Pids of QEMU processes whose command line points into ``run_dir`` (a lab's, even if its state is lost)."""
     marker = str(run_dir).encode()
     pids = []
     for entry in Path("/proc").iterdir():

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from harness import image, qemu
-from harness.lab import Lab
+from harness.lab import Lab, qemu_pids_using
 from harness.paths import Paths
 from harness.scenario.check import CheckReport, LabSpec, check
 from harness.ssh import GuestSSH
@@ -68,18 +68,8 @@ def _image_dir(lab: Lab) -> Path:
 
 
 def _qemu_pids(run_dir: Path) -> list[int]:
-    marker = str(run_dir).encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if cmdline.startswith(qemu.QEMU.encode()) and marker in cmdline and qemu.is_running(int(entry.name)):
-            pids.append(int(entry.name))
-    return pids
+    """The lab's QEMUs that are alive (a killed one may linger as a zombie for a moment)."""
+    return [pid for pid in qemu_pids_using(run_dir) if qemu.is_running(pid)]
 
 
 def side_channel(lab: Lab, vm: str) -> GuestSSH:
