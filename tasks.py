@@ -117,12 +117,21 @@ def up(c, topology=None, accel=None, segment=None, timeout="120", cold=False):
     image.build(paths, c.config.images.recipe, _mirror(c, None))
     lab = Lab(paths)
     state, started = lab.up(topology, accel, segment, boot_timeout=timeout, cold=cold)
-    if not started:
-        progress.say("a lab is already running; not starting another (`invoke lab.down` stops it)")
-    _print_status(lab, state, live=True)
-    if started:
-        progress.say(f"[bold]{len(state.vms)} VMs SSH-ready in {state.boot_seconds:.1f} s[/] ({state.accel}, {state.boot_mode})")
-    lab.close()
+    try:
+        if not started:
+            progress.say("a lab is already running; not starting another (`invoke lab.down` stops it)")
+        _print_status(lab, state, live=True)
+        if started:
+            progress.say(f"[bold]{len(state.vms)} VMs SSH-ready in {state.boot_seconds:.1f} s[/] "
+                         f"({state.accel}, {state.boot_mode})")
+    except KeyboardInterrupt:
+        # Ctrl-C after the VMs came up but before lab.up finished: the user stopped lab.up, so
+        # what it started goes too (a lab that was already running stays).
+        if started:
+            lab.down()
+        raise
+    finally:
+        lab.close()
 
 
 @task
