@@ -84,7 +84,7 @@ def _subprocess(argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
     try:
         result = subprocess.run([sys.executable, "-m", "invoke", *argv], cwd=REPO_ROOT, env=env, capture_output=True,
                                 text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as exc:
+    except subprocess.TimeoutExpired:
         return -1, "", f"timed out after {TIMEOUT:.0f} s"
     return result.returncode, result.stdout, result.stderr
 
