@@ -91,6 +91,7 @@ class GuestSSH:
         self.host_key = host_key
         self.user = user
         self._client: paramiko.SSHClient | None = None
+        self._probe_timeout = 0.5
 
     def connect(self, timeout: float = 30.0) -> "GuestSSH":
         """Connect, retrying while the guest boots, until ``timeout`` seconds have passed."""
@@ -109,6 +110,11 @@ class GuestSSH:
     def _connect_once(self) -> paramiko.SSHClient:
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self._peek_banner(sock)
+        except BaseException:
+            sock.close()
+            raise
         client = paramiko.SSHClient()
         client.get_host_keys().add(f"[127.0.0.1]:{self.port}", "ssh-ed25519", parse_host_key(self.host_key))
         client.set_missing_host_key_policy(_PinnedKeyPolicy())
@@ -123,6 +129,25 @@ class GuestSSH:
             sock.close()
             raise
         return client
+
+    def _peek_banner(self, sock: socket.socket) -> None:
+        """Wait a short while for sshd's banner without consuming it.
+
+        QEMU's user networking accepts the host side of the forward at once, even
+        while the booting guest cannot answer yet; paramiko would then sit out its
+        whole banner timeout (5 s) before the next try. A short peek lets a boot
+        be noticed within a fraction of a second. The peek's patience grows after
+        each miss, so a slow but working sshd (a loaded host) is still reached.
+        """
+        sock.settimeout(self._probe_timeout)
+        try:
+            head = sock.recv(4, socket.MSG_PEEK)
+        except socket.timeout:
+            self._probe_timeout = min(self._probe_timeout * 1.5, 5.0)
+            raise
+        if not head:
+            raise EOFError("the forward closed before sshd answered (the guest is not up yet)")
+        sock.settimeout(5)
 
     @property
     def client(self) -> paramiko.SSHClient:

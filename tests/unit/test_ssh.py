@@ -148,3 +148,35 @@ def test_commands_need_a_connection(keys):
     guest = GuestSSH("server", 1, keys["client"], keys["host_pub"])
     with pytest.raises(SSHError, match="not connected"):
         guest.run("true")
+
+
+def test_a_silent_forward_is_retried_quickly_with_growing_patience(keys):
+    """QEMU's forward accepts before the guest can answer: each try gives up fast, then waits longer."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted = []
+
+    def accept_and_stay_silent():
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_and_stay_silent, daemon=True).start()
+    guest = GuestSSH("server", listener.getsockname()[1], keys["client"], keys["host_pub"])
+    started = time.monotonic()
+    try:
+        with pytest.raises(SSHError, match="no SSH after waiting"):
+            guest.connect(timeout=3)
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
+    assert time.monotonic() - started < 6
+    assert len(accepted) >= 3  # several short tries, not one 5 s banner wait
+    assert guest._probe_timeout > 0.5
