@@ -113,11 +113,12 @@ class LatencyStats:
     median_ms: float
     min_ms: float
     max_ms: float
+    samples_ms: tuple[float, ...] = ()
 
     @classmethod
     def of(cls, what: str, samples_ns: list[int]) -> "LatencyStats":
         ms = [sample / 1e6 for sample in samples_ns]
-        return cls(what, len(ms), round(statistics.median(ms), 3), round(min(ms), 3), round(max(ms), 3))
+        return cls(what, len(ms), round(statistics.median(ms), 3), round(min(ms), 3), round(max(ms), 3), tuple(ms))
 
 
 @dataclass(frozen=True)

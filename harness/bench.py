@@ -124,24 +124,13 @@ def bench_boot(bench: Bench, lab: Lab, repeats: int) -> None:
 
 def bench_latency(bench: Bench, lab: Lab, repeats: int) -> None:
     """One guest call three ways: an agent step, an exec on the kept SSH connection, a new ssh process."""
-    import subprocess
+    from .agent import measure_latency
 
-    from .agent import Agent
-
-    ssh = lab.ssh("server")
-    n = max(20, repeats * 10)
-    with Agent(ssh, "server") as agent:
-        fd = agent.call("socket", family=2, type=1).ret
-        for _ in range(3):
-            agent.call("getsockopt", fd=fd, level=1, optname=3)
-        agent_ms = [_timed(lambda: agent.call("getsockopt", fd=fd, level=1, optname=3)) * 1000 for _ in range(n)]
-    exec_ms = [_timed(lambda: ssh.run("true", check=True)) * 1000 for _ in range(n)]
-    argv = lab.ssh_argv("server") + ["-o", "BatchMode=yes", "true"]
-    spawn_ms = [_timed(lambda: subprocess.run(argv, capture_output=True, check=True, stdin=subprocess.DEVNULL)) * 1000
-                for _ in range(max(5, repeats * 3))]
-    bench.add(Figure("agent step round trip", "ms", tuple(agent_ms), "paramiko exec of `true`", tuple(exec_ms)))
-    bench.add(Figure("paramiko exec of `true`, kept connection", "ms", tuple(exec_ms),
-                     "new ssh process per command", tuple(spawn_ms)))
+    report = measure_latency(lab, "server", n=max(20, repeats * 10), n_ssh_process=max(5, repeats * 3))
+    agent, exec_, spawn = report.agent_step, report.paramiko_exec, report.ssh_process
+    bench.add(Figure("agent step round trip", "ms", agent.samples_ms, "paramiko exec of `true`", exec_.samples_ms))
+    bench.add(Figure("paramiko exec of `true`, kept connection", "ms", exec_.samples_ms,
+                     "new ssh process per command", spawn.samples_ms))
 
 
 def bench_stats(bench: Bench, lab: Lab, repeats: int) -> None:

@@ -10,16 +10,19 @@ from .errors import SocklabError
 
 
 def offloads(lab, name: str) -> tuple[str, str]:
-    """(scatter-gather, tx-checksumming) of the guest's lab NIC, from its own ethtool -k."""
+    """(scatter-gather, tx-checksumming) of the guest's lab NIC, from its own ethtool -k (the stats parser)."""
+    from .stats.ethtool import parse_ethtool_features
+
     try:
-        result = lab.ssh(name, timeout=5).run("ethtool -k lab0", timeout=10)
+        result = lab.ssh(name, timeout=5).run("ethtool -k lab0", timeout=10, check=True)
+        features = parse_ethtool_features(result.stdout).get("lab0", {})
     except SocklabError:
         return "?", "?"
-    features = {}
-    for line in result.stdout.splitlines():
-        key, _, value = line.partition(":")
-        features[key.strip()] = value.strip()
-    return features.get("scatter-gather", "?"), features.get("tx-checksumming", "?")
+
+    def shown(feature: str) -> str:
+        return ("on" if features[feature].enabled else "off") if feature in features else "?"
+
+    return shown("scatter-gather"), shown("tx-checksumming")
 
 
 def status_table(lab, state, live: bool = True) -> Table:

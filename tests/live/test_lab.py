@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from harness import qemu
-from harness.lab import Lab
+from harness.lab import Lab, qemu_pids_using
 from harness.paths import Paths
 
 pytestmark = pytest.mark.vm
@@ -76,8 +75,7 @@ def test_management_nic_has_no_route_out(server):
 
 
 def _leftovers(lab: Lab, netns: str, taps: list[str]) -> dict[str, object]:
-    qemus = [pid for pid in (p for p in Path("/proc").iterdir() if p.name.isdigit())
-             if str(lab.run_dir).encode() in _cmdline(pid)]
+    qemus = [pid for pid in qemu_pids_using(lab.run_dir) if qemu.is_running(pid)]
     netns_list = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     return {
@@ -86,13 +84,6 @@ def _leftovers(lab: Lab, netns: str, taps: list[str]) -> dict[str, object]:
         "taps": [tap for tap in taps if f" {tap}:" in links or f" {tap}@" in links],
         "run_dir": lab.run_dir.exists(),
     }
-
-
-def _cmdline(pid: Path) -> bytes:
-    try:
-        return (pid / "cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 def test_down_leaves_nothing_behind(lab, tmp_path):
