@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import select
 import shlex
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import paramiko
 from .errors import SSHError
 
 RETRYABLE = (OSError, EOFError, paramiko.SSHException)
+# Opening a channel on a live connection takes milliseconds; paramiko's own default is an hour.
+OPEN_TIMEOUT = 10.0
 
 # paramiko logs every failed attempt of a booting guest with a traceback;
 # our own errors say what matters.
@@ -39,6 +42,45 @@ class CommandResult:
     @property
     def ok(self) -> bool:
         return self.exit_status == 0
+
+
+def _shown(command: str | Sequence[str]) -> str:
+    """A command as a user would type it, for messages."""
+    return command if isinstance(command, str) else shlex.join(command)
+
+
+class _StdinFeeder:
+    """Copies the caller's stdin (bytes, or a file descriptor until EOF) to a channel, then closes it."""
+
+    def __init__(self, channel: paramiko.Channel, stdin: bytes | int | None) -> None:
+        self.channel = channel
+        self.fds: list[int] = []
+        if isinstance(stdin, int):
+            self.fds = [stdin]
+            return
+        if stdin:
+            channel.sendall(stdin)
+        channel.shutdown_write()
+
+    def pump(self) -> None:
+        try:
+            chunk = os.read(self.fds[0], 65536)
+        except OSError:  # a closed or unreadable stdin reads as EOF
+            chunk = b""
+        if chunk:
+            try:
+                self.channel.sendall(chunk)
+                return
+            except OSError:  # the command is gone; what it did not read is not ours to keep
+                pass
+        self.fds = []
+        try:
+            self.channel.shutdown_write()
+        except (OSError, EOFError):
+            pass
+
+    def stop(self) -> None:
+        self.fds = []
 
 
 def parse_host_key(line: str) -> paramiko.PKey:
@@ -158,49 +200,107 @@ class GuestSSH:
             raise SSHError(f"{self.vm}: the SSH connection is gone (sshd or the guest went away)")
         return self._client
 
-    def run(self, command: str, timeout: float = 30.0, check: bool = False) -> CommandResult:
-        """Run ``command`` through the guest's shell; read stdout and stderr together so neither blocks.
+    def run(self, command: str | Sequence[str], timeout: float = 30.0, check: bool = False,
+            merge: bool = False, stdin: bytes | None = None) -> CommandResult:
+        """Run ``command`` in the guest and collect what it printed.
 
-        On timeout the remote process is killed (its pid is the first line the
-        wrapper prints) and the channel closed.
+        ``command`` is a shell line, or an argv list that reaches the guest word for
+        word. With ``merge`` stderr is folded into stdout in the order the guest sent
+        it (``result.stderr`` is then empty). ``stdin`` is written to the command's
+        standard input, which is closed after it (and at once without it).
         """
-        try:
-            channel = self.client.get_transport().open_session()
-            # $$ of this shell is the pid the command will have after exec.
-            channel.exec_command(f"echo $$; exec sh -c {shlex.quote(command)}")
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise SSHError(f"{self.vm}: cannot run {command!r}: SSH is gone ({exc})") from exc
         out, err = bytearray(), bytearray()
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._kill_remote(out)
-                    raise SSHError(f"{self.vm}: {command!r} timed out after {timeout:.0f} s")
-                select.select([channel], [], [], min(remaining, 0.5))
-                while channel.recv_ready():
-                    out += channel.recv(65536)
-                while channel.recv_stderr_ready():
-                    err += channel.recv_stderr(65536)
-                if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
-                    break
-                if channel.closed and not channel.exit_status_ready():
-                    raise SSHError(f"{self.vm}: SSH channel closed while running {command!r} (sshd or the guest went away)")
-            status = channel.recv_exit_status()
-        finally:
-            channel.close()
-        _pid, _, stdout = bytes(out).partition(b"\n")
-        result = CommandResult(status, stdout.decode(errors="replace"), bytes(err).decode(errors="replace"))
+        status = self.execute(command, timeout=timeout, on_stdout=out.extend, on_stderr=err.extend,
+                              merge=merge, stdin=stdin)
+        result = CommandResult(status, bytes(out).decode(errors="replace"), bytes(err).decode(errors="replace"))
         if check and not result.ok:
-            raise SSHError(f"{self.vm}: {command!r} exited {status}: {result.stderr.strip()[-300:]}")
+            raise SSHError(f"{self.vm}: {_shown(command)!r} exited {status}: {result.stderr.strip()[-300:]}")
         return result
 
-    def _kill_remote(self, out: bytearray) -> None:
-        pid = bytes(out).partition(b"\n")[0].strip()
+    def execute(
+        self,
+        command: str | Sequence[str],
+        *,
+        timeout: float | None,
+        on_stdout: Callable[[bytes], object],
+        on_stderr: Callable[[bytes], object],
+        merge: bool = False,
+        stdin: bytes | int | None = None,
+        pty: tuple[str, int, int] | None = None,
+    ) -> int:
+        """Run ``command`` and stream its output to ``on_stdout``/``on_stderr``; return its exit status.
+
+        Output is read until the channel's EOF *and* its exit status have both
+        arrived, whichever comes last: sshd may send the status before the last
+        bytes of a stream, and stopping at the status loses them. ``stdin`` is
+        bytes, or a file descriptor read until EOF (then the guest's stdin is
+        closed). ``pty`` is ``(term, columns, rows)`` for interactive tools.
+        A signal that ends the command comes back as 128 + its number, as a shell
+        says it. On timeout the command's process group is killed.
+        """
+        line = command if isinstance(command, str) else shlex.join(command)
+        shown = _shown(command)
+        try:
+            channel = self.client.get_transport().open_session(timeout=OPEN_TIMEOUT)
+            if merge:
+                channel.set_combine_stderr(True)
+            if pty is not None:
+                term, columns, rows = pty
+                channel.get_pty(term=term, width=columns, height=rows)
+            # The first line is the pid of this wrapper shell, a session and group
+            # leader under sshd: a timeout kills its group. `sh -c` keeps the user's
+            # line apart from ours; `exit $?` reports a signal as 128 + n.
+            channel.exec_command(f"echo $$; sh -c {shlex.quote(line)}; exit $?")
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise SSHError(f"{self.vm}: cannot run {shown!r}: SSH is gone ({exc})") from exc
+        pid = bytearray()
+        header = {"done": False}
+
+        def stdout_chunk(data: bytes) -> None:
+            if not header["done"]:
+                pid.extend(data)
+                if b"\n" not in pid:
+                    return
+                first, _, rest = bytes(pid).partition(b"\n")
+                pid[:] = first.strip()
+                header["done"] = True
+                data = rest
+            if data:
+                on_stdout(data)
+
+        feeder = _StdinFeeder(channel, stdin)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                remaining = 0.5 if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    self._kill_remote(bytes(pid))
+                    raise SSHError(f"{self.vm}: {shown!r} timed out after {timeout:.0f} s")
+                readable, _, _ = select.select([channel, *feeder.fds], [], [], min(remaining, 0.5))
+                if feeder.fds and feeder.fds[0] in readable:
+                    feeder.pump()
+                while channel.recv_ready():
+                    stdout_chunk(channel.recv(65536))
+                while channel.recv_stderr_ready():
+                    on_stderr(channel.recv_stderr(65536))
+                drained = not channel.recv_ready() and not channel.recv_stderr_ready()
+                ended = channel.eof_received or channel.closed
+                if drained and ended and channel.exit_status_ready():
+                    break
+                if drained and channel.closed and not channel.exit_status_ready():
+                    raise SSHError(f"{self.vm}: SSH channel closed while running {shown!r} (sshd or the guest went away)")
+            status = channel.recv_exit_status()
+        finally:
+            feeder.stop()
+            channel.close()
+        if not header["done"] and pid:
+            on_stdout(bytes(pid))  # no pid line at all: never swallow what the guest printed
+        return status
+
+    def _kill_remote(self, pid: bytes) -> None:
         if pid.isdigit():
             try:
-                channel = self.client.get_transport().open_session()
+                channel = self.client.get_transport().open_session(timeout=OPEN_TIMEOUT)
                 # sshd makes the command's shell a session (and group) leader, and the
                 # exec keeps its pid: killing the group takes its children too.
                 # (`kill -KILL -PID`, not `kill -- -PID`: dash, a possible login shell, rejects the latter.)

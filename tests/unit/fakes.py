@@ -126,9 +126,13 @@ class FakeSSHServer:
     and exec/exit-status flow, without a VM.
     """
 
-    def __init__(self, host_key_file: Path, authorized_pubkey: str) -> None:
+    def __init__(self, host_key_file: Path, authorized_pubkey: str, scripts=None) -> None:
         import paramiko
 
+        # scripts: {command substring: fn(channel)} that answer that exec request by hand,
+        # e.g. to send the exit status before the last bytes, as a real sshd may.
+        self.scripts = dict(scripts or {})
+        self.commands: list[str] = []
         self.host_key = paramiko.Ed25519Key.from_private_key_file(str(host_key_file))
         self.authorized = authorized_pubkey.split()[1]
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -154,8 +158,15 @@ class FakeSSHServer:
             def check_channel_request(self, kind, chanid):
                 return paramiko.OPEN_SUCCEEDED if kind == "session" else paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
+            def check_channel_pty_request(self, channel, term, width, height, pixelwidth, pixelheight, modes):
+                return True
+
             def check_channel_exec_request(self, channel, command):
-                threading.Thread(target=server._exec, args=(channel, command.decode()), daemon=True).start()
+                command = command.decode()
+                server.commands.append(command)
+                script = next((fn for key, fn in server.scripts.items() if key in command), None)
+                target = (lambda: script(channel)) if script else (lambda: server._exec(channel, command))
+                threading.Thread(target=target, daemon=True).start()
                 return True
 
         while True:
@@ -173,9 +184,29 @@ class FakeSSHServer:
         import subprocess
 
         # start_new_session: sshd runs each session's shell as a session leader too.
-        with subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              start_new_session=True) as proc:
-            stderr_reader = threading.Thread(target=lambda: channel.sendall_stderr(proc.stderr.read()), daemon=True)
+        with subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, start_new_session=True) as proc:
+
+            def feed_stdin():
+                # Channel data to the command's stdin until the client's EOF.
+                try:
+                    for chunk in iter(lambda: channel.recv(4096), b""):
+                        proc.stdin.write(chunk)
+                        proc.stdin.flush()
+                except (OSError, ValueError):
+                    pass
+                finally:
+                    try:
+                        proc.stdin.close()
+                    except (OSError, ValueError):
+                        pass
+
+            threading.Thread(target=feed_stdin, daemon=True).start()
+            def relay_stderr():
+                for chunk in iter(lambda: proc.stderr.read1(4096), b""):
+                    channel.sendall_stderr(chunk)
+
+            stderr_reader = threading.Thread(target=relay_stderr, daemon=True)
             stderr_reader.start()
             for chunk in iter(lambda: proc.stdout.read1(4096), b""):
                 channel.sendall(chunk)

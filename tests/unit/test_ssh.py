@@ -117,6 +117,82 @@ def test_run_timeout_kills_the_remote_command(keys, sshd, tmp_path):
     assert not marker.exists()
 
 
+def _exit_status_before_the_tail(channel):
+    """What a real sshd may do: the exit status goes out while the last stderr bytes are still queued."""
+    channel.sendall(b"4242\n")  # the wrapper's pid line
+    channel.sendall(b"result\n")
+    channel.send_exit_status(0)
+    time.sleep(0.3)
+    channel.sendall_stderr(b"the last diagnostic\n")
+    channel.shutdown_write()
+    channel.close()
+
+
+def test_run_keeps_output_that_arrives_after_the_exit_status(keys):
+    server = FakeSSHServer(keys["host"], keys["client_pub"], scripts={"selftest": _exit_status_before_the_tail})
+    try:
+        with GuestSSH("server", server.port, keys["client"], keys["host_pub"]).connect(timeout=5) as guest:
+            result = guest.run("./selftest")
+    finally:
+        server.close()
+    assert (result.exit_status, result.stdout, result.stderr) == (0, "result\n", "the last diagnostic\n")
+
+
+def test_run_waits_for_eof_even_after_the_exit_status(keys):
+    """A background child that holds stdout keeps the stream open, as with ssh(1): its output is kept."""
+    server = FakeSSHServer(keys["host"], keys["client_pub"])
+    try:
+        with GuestSSH("server", server.port, keys["client"], keys["host_pub"]).connect(timeout=5) as guest:
+            result = guest.run("(sleep 0.5; echo late) & echo early")
+    finally:
+        server.close()
+    assert result.stdout == "early\nlate\n"
+
+
+def test_argv_reaches_the_guest_word_for_word(keys, sshd):
+    argv = ["python3", "-c", "import sys; print(sys.argv[1:])", "a b", "c", "$HOME", "'q'", "x;y"]
+    with GuestSSH("server", sshd.port, keys["client"], keys["host_pub"]).connect(timeout=5) as guest:
+        result = guest.run(argv)
+    assert result.stdout == "['a b', 'c', '$HOME', \"'q'\", 'x;y']\n"
+
+
+def test_merge_keeps_the_order_of_both_streams(keys, sshd):
+    with GuestSSH("server", sshd.port, keys["client"], keys["host_pub"]).connect(timeout=5) as guest:
+        result = guest.run("for i in 1 2 3; do echo out$i; sleep 0.1; echo err$i >&2; sleep 0.1; done", merge=True)
+    assert (result.stdout, result.stderr) == ("out1\nerr1\nout2\nerr2\nout3\nerr3\n", "")
+
+
+def test_stdin_bytes_reach_the_command_and_eof_ends_it(keys, sshd):
+    with GuestSSH("server", sshd.port, keys["client"], keys["host_pub"]).connect(timeout=5) as guest:
+        assert guest.run("base64 -d", stdin=b"aGkK\n", timeout=5).stdout == "hi\n"
+        # Without stdin the command sees EOF at once instead of waiting for input that never comes.
+        assert guest.run("cat; echo done", timeout=5).stdout == "done\n"
+
+
+def test_stdin_from_a_file_descriptor_is_streamed_until_eof(keys, sshd):
+    import os
+
+    read_end, write_end = os.pipe()
+    payload = b"".join(b"line %d\n" % i for i in range(20000))
+    import threading
+
+    def writer():
+        with os.fdopen(write_end, "wb") as handle:
+            handle.write(payload)
+
+    threading.Thread(target=writer, daemon=True).start()
+    with GuestSSH("server", sshd.port, keys["client"], keys["host_pub"]).connect(timeout=5) as guest:
+        chunks: list[bytes] = []
+        status = guest.execute("wc -l", timeout=10, on_stdout=chunks.append, on_stderr=chunks.append, stdin=read_end)
+    os.close(read_end)
+    assert (status, b"".join(chunks).strip()) == (0, b"20000")
+
+
+def test_a_signal_comes_back_as_128_plus_its_number(keys, sshd):
+    with GuestSSH("server", sshd.port, keys["client"], keys["host_pub"]).connect(timeout=5) as guest:
+        assert guest.run("kill -TERM $$").exit_status == 128 + 15
+
+
 def test_run_check_raises_with_stderr(keys, sshd):
     with GuestSSH("server", sshd.port, keys["client"], keys["host_pub"]).connect(timeout=5) as guest:
         with pytest.raises(SSHError, match="exited 2: boom"):
