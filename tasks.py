@@ -20,6 +20,38 @@ from harness.lab import Lab, check_up_args, topology
 from harness.paths import Paths
 
 
+# Tasks whose VM name is checked by the task itself, so that a missing one gives the usual one
+# `socklab:` line and exit 2 instead of invoke's "did not receive required positional arguments".
+_OWN_VM_CHECK = {"lab.exec", "lab.ssh", "lab.console"}
+
+
+def _let_tasks_check_their_vm_name() -> None:
+    """invoke requires every positional argument; let the VM tasks report a missing name themselves.
+
+    invoke 2.x/3.x parse in ParseMachine.complete_context; if that ever moves, this does nothing
+    and the bad-input corpus (cli-exec-without-vm) says so.
+    """
+    try:
+        from invoke.parser.parser import ParseMachine
+    except ImportError:  # pragma: no cover - another invoke layout
+        return
+    original = getattr(ParseMachine, "complete_context", None)
+    if original is None or getattr(original, "_socklab", False):
+        return
+
+    def complete_context(self):
+        if self.context is not None and self.context.name in _OWN_VM_CHECK:
+            for argument in self.context.missing_positional_args:
+                argument.value = ""
+        original(self)
+
+    complete_context._socklab = True
+    ParseMachine.complete_context = complete_context
+
+
+_let_tasks_check_their_vm_name()
+
+
 def _friendly(fn):
     """Turn SocklabError into `socklab: <message>` and exit 2; SIGTERM behaves like Ctrl-C."""
 
@@ -61,9 +93,13 @@ def _number(text, option: str, what: str, kind=float):
     return value
 
 
-def _vm_name(name) -> str:
+def _vm_name(name, example: str = "invoke lab.ssh server") -> str:
+    import re
+
     if not name:
-        raise SocklabError("name a VM: client or server (e.g. `invoke lab.ssh server`)")
+        raise SocklabError(f"name a VM: client or server (e.g. `{example}`)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+        raise SocklabError(f"{name!r} is not a VM name: VM names are letters, digits, '-', '_' and '.' (e.g. server)")
     return name
 
 
@@ -157,7 +193,7 @@ def status(c, live=True):
 def _print_status(lab, state, live):
     from harness.report import status_table
 
-    progress.console.print(status_table(lab, state, live=live))
+    progress.show(status_table(lab, state, live=live))
 
 
 @task(positional=["name"], help={"name": "VM name, e.g. client or server"})
@@ -174,35 +210,65 @@ def console(c, name=None):
     """Attach to a VM's serial console (Ctrl-] leaves)."""
     from harness.console import interact
 
-    vm = Lab().require().vm(_vm_name(name))
+    name = _vm_name(name)
+    vm = Lab().require().vm(name)
     interact(vm.console_path, name)
 
 
-@task(name="exec", positional=["name"], help={"name": "VM name; the command follows `--`, e.g. invoke lab.exec server -- ss -ltn"})
+@task(name="exec", positional=["name"], help={
+    "name": "VM name, e.g. client or server; the command follows `--`",
+    "timeout": "seconds before the command is killed (default 60; none with --tty)",
+    "merge": "fold the command's stderr into stdout in the order it printed them",
+    "tty": "give the command a terminal (interactive tools: top, python3, less)",
+})
 @_friendly
-def exec_(c, name=None, timeout="60"):
-    """Run one command on a VM over SSH and print its output; exits with its status."""
-    name = _vm_name(name)
-    timeout = _number(timeout, "--timeout", "a positive number of seconds")
-    command = c.remainder.strip()
-    if not command:
-        raise SocklabError("no command: put it after --, e.g. `invoke lab.exec server -- ss -ltn`")
+def exec_(c, name=None, timeout=None, merge=False, tty=False):
+    """Run one command in a VM, word for word, with stdin forwarded; exits with its status.
+
+    `invoke lab.exec server -- python3 -c 'print(1)'` runs exactly that argv,
+    as `docker exec` would. A single quoted word with shell syntax is a shell
+    line: `invoke lab.exec server -- 'ss -tln | grep 7000'`. Standard input is
+    forwarded until EOF (`echo hi | invoke lab.exec client -- cat`).
+    The exit status is the command's; socklab's own failures (no lab, VM gone,
+    SSH lost, timeout) exit 255, like ssh. Bad arguments exit 2.
+    """
+    from harness import remote
+
+    name = _vm_name(name, "invoke lab.exec server -- ss -tln")
+    timeout = None if tty and timeout is None else _number(timeout or "60", "--timeout", "a positive number of seconds")
+    command = remote.guest_command(remote.words_after_dashes(sys.argv, c.remainder))
     lab = Lab()
-    result = lab.ssh(name).run(command, timeout=timeout)
-    sys.stdout.write(result.stdout)
-    sys.stderr.write(result.stderr)
-    lab.close()
-    if result.exit_status:
-        raise Exit(code=result.exit_status)
+    try:
+        state = lab.require()
+    except SocklabError as exc:
+        exc.exit_code = remote.OWN_FAILURE
+        raise
+    state.vm(name)  # an unknown VM is bad input (exit 2), checked before anything connects
+    try:
+        status = remote.run_in_guest(lab.ssh(name), command, timeout=timeout, merge=merge, use_tty=tty)
+    except SocklabError as exc:
+        exc.exit_code = remote.OWN_FAILURE
+        raise
+    finally:
+        lab.close()
+    if status:
+        raise Exit(code=status)
 
 
-def _results_dir(name: str):
-    import time
-    from harness.paths import REPO_ROOT
+def _results_root(c, out):
+    """Where this run's reports go (harness.results: --out, SOCKLAB_RESULTS, results.dir); checked before any work."""
+    from harness.results import results_root
 
-    directory = REPO_ROOT / "results" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
+    return results_root(out, c.config.results.dir)
+
+
+def _results_dir(root, name: str):
+    from harness.results import new_run_dir
+
+    return new_run_dir(root, name)
+
+
+OUT_HELP = "directory for the reports (default: results/; also SOCKLAB_RESULTS or results.dir in invoke.yaml)"
 
 
 def _running_lab(topology: str):
@@ -218,21 +284,21 @@ def _running_lab(topology: str):
     return lab
 
 
-def _show_and_save(report, name: str) -> None:
+def _show_and_save(root, report, name: str) -> None:
     from harness.report import assertion_table, markdown, step_table, write_junit
 
     for result in report.runs:
-        progress.console.print(step_table(result, kernel=report.kernel))
+        progress.show(step_table(result, kernel=report.kernel))
     if report.assertions:
-        progress.console.print(assertion_table(report.assertions))
+        progress.show(assertion_table(report.assertions))
     for note in report.notes:
         progress.say(f"note: {note}")
-    directory = _results_dir(name)
+    directory = _results_dir(root, name)
     write_junit(report, directory / "junit.xml")
     (directory / "report.md").write_text(markdown(report))
     counts = report.counts
     verdict = "[green]PASS[/]" if report.ok else "[red]FAIL[/]"
-    progress.say(f"{verdict}: {counts['steps'] - counts['step_failures']}/{counts['steps']} steps agree, "
+    progress.show(f"{verdict}: {counts['steps'] - counts['step_failures']}/{counts['steps']} steps agree, "
                  f"{counts['assertions'] - counts['assertion_failures']}/{counts['assertions']} expectations hold; "
                  f"report in {directory}")
     if not report.ok:
@@ -243,13 +309,15 @@ def _show_and_save(report, name: str) -> None:
     "name": "the lab, e.g. 03-listen (see labs/README.md)",
     "param": "override a scenario parameter, e.g. --param backlog=4 (repeatable)",
     "model_only": "run on the reference model alone (no VM; the kernel expectations are skipped)",
+    "out": OUT_HELP,
 })
 @_friendly
-def check_(c, name, param=None, model_only=False):
+def check_(c, name, param=None, model_only=False, out=None):
     """Check a lab: its scenarios on the live kernels and the model, then its expectations. Exit 0 only if all agree."""
     from harness.scenario.check import LabSpec, check, prepare
     from harness.scenario.format import parse_params
 
+    root = _results_root(c, out)
     spec = LabSpec.load(name)
     overrides = parse_params(param or [])
     prepare(spec, overrides)  # every input checked before a VM is booted or touched
@@ -257,53 +325,58 @@ def check_(c, name, param=None, model_only=False):
     report = check(spec, lab, overrides)
     if lab is not None:
         lab.close()
-    _show_and_save(report, spec.name)
+    _show_and_save(root, report, spec.name)
 
 
 @task(name="run", iterable=["param"], help={
     "file": "a scenario file (YAML)",
     "param": "override a scenario parameter, e.g. --param port=7001 (repeatable)",
+    "out": OUT_HELP,
 })
 @_friendly
-def run_(c, file, param=None):
+def run_(c, file, param=None, out=None):
     """Run any scenario file on the live kernels and the model, step by step."""
     from pathlib import Path
 
     from harness.scenario.check import CheckReport, run_scenario
     from harness.scenario.format import load, parse_params
 
+    root = _results_root(c, out)
     path = Path(file)
     scenario = load(path, parse_params(param or []), known_hosts=topology("default").vms)
     lab = _running_lab("default")
     report = CheckReport(scenario.name, runs=[run_scenario(scenario, lab)])
     lab.close()
-    _show_and_save(report, path.stem)
+    _show_and_save(root, report, path.stem)
 
 
 @task(name="model", iterable=["param"], help={
     "file": "a scenario file (YAML)",
     "param": "override a scenario parameter (repeatable)",
     "no_sg": "model a lab NIC without scatter-gather (as in socket-segment mode)",
+    "out": OUT_HELP,
 })
 @_friendly
-def model_(c, file, param=None, no_sg=False):
+def model_(c, file, param=None, no_sg=False, out=None):
     """Run a scenario on the reference model alone (no VM): predict, then check on the lab."""
     from pathlib import Path
 
     from harness.scenario.check import CheckReport, run_scenario
     from harness.scenario.format import load, parse_params
 
+    root = _results_root(c, out)
     scenario = load(Path(file), parse_params(param or []), known_hosts=topology("default").vms)
     report = CheckReport(scenario.name, runs=[run_scenario(scenario, None, scatter_gather=not no_sg)], kernel=False)
-    _show_and_save(report, Path(file).stem)
+    _show_and_save(root, report, Path(file).stem)
 
 
 @task(iterable=["only"], help={
     "student": "the name on the report (default: $USER)",
     "only": "grade just this lab (repeatable); default: every lab in labs/",
+    "out": OUT_HELP,
 })
 @_friendly
-def grade(c, student=None, only=None):
+def grade(c, student=None, only=None, out=None):
     """Run every lab's check on the live lab and write a per-student grade report (Markdown and CSV)."""
     import getpass
 
@@ -311,6 +384,7 @@ def grade(c, student=None, only=None):
 
     from harness.scenario.check import LabSpec, prepare
 
+    root = _results_root(c, out)
     student = student or os.environ.get("USER") or getpass.getuser()
     for name in only or []:
         prepare(LabSpec.load(name))  # a misspelt --only stops here, before a boot
@@ -323,7 +397,7 @@ def grade(c, student=None, only=None):
     grades, reports = grading.grade(lab, list(only or []) or None, on_lab=show)
     kernel = lab.ssh(lab.require().vms[0].name).run("uname -r").stdout.strip()
     lab.close()
-    directory = _results_dir(f"grade-{student}")
+    directory = _results_dir(root, f"grade-{student}")
     grading.write(student, grades, reports, directory, kernel)
     progress.say(f"{sum(g.passed for g in grades)}/{len(grades)} labs pass; report: {directory / 'grade.md'}, "
                  f"{directory / 'grade.csv'}")
@@ -334,21 +408,23 @@ def grade(c, student=None, only=None):
 @task(name="bench", iterable=["only"], help={
     "repeats": "runs per figure (each figure is the median); default 3",
     "only": "measure just this section (repeatable): build, boot, latency, stats, model, check, memory",
+    "out": OUT_HELP,
 })
 @_friendly
-def bench_(c, repeats="3", only=None):
+def bench_(c, repeats="3", only=None, out=None):
     """Measure socklab: image build, cold boot vs restore, command latency, stats, model, lab checks, memory."""
     from harness import bench as benching
-    from harness.paths import REPO_ROOT
+    from harness.results import results_root
 
+    root = results_root(out, c.config.results.dir)
     sections = tuple(only or benching.SECTIONS)
     unknown = set(sections) - set(benching.SECTIONS)
     if unknown:
         raise SocklabError(f"--only {', '.join(sorted(unknown))}: sections are {', '.join(benching.SECTIONS)}")
     repeats = _number(repeats, "--repeats", "at least 1", kind=int)
     result = benching.run(Paths.default(), repeats, sections)
-    progress.console.print(benching.table(result))
-    progress.say(f"JSON: {benching.save(result, REPO_ROOT / 'results')}")
+    progress.show(benching.table(result))
+    progress.say(f"JSON: {benching.save(result, root)}")
 
 
 @task(name="soak", help={
@@ -385,4 +461,5 @@ ns = Collection(images, lab, test_, bench_)
 ns.configure({
     "images": {"recipe": "bookworm", "mirror": None},
     "lab": {"topology": "default", "accel": "auto", "segment": "auto"},
+    "results": {"dir": None},
 })

@@ -32,9 +32,14 @@ def test_every_task_explains_itself(name, tmp_path):
     (["lab.up", "--accel", "hvf"], "socklab: unknown accelerator 'hvf'; use one of: auto, kvm, tcg"),
     (["lab.up", "--segment", "vde"], "socklab: unknown segment mode 'vde'"),
     (["lab.up", "--timeout", "-5"], "socklab: --timeout must be a positive number of seconds"),
-    (["lab.exec", "server", "--", "true"], "socklab: no lab is running: start one with `invoke lab.up`"),
     (["lab.console", "server"], "socklab: no lab is running"),
     (["images.build", "--recipe", "sid"], "socklab: unknown image recipe 'sid'"),
+    (["lab.exec"], "socklab: name a VM: client or server"),
+    (["lab.exec", "--", "ls"], "socklab: name a VM: client or server"),
+    (["lab.ssh"], "socklab: name a VM: client or server"),
+    (["lab.console"], "socklab: name a VM: client or server"),
+    (["lab.exec", "server"], "socklab: no command: put it after --"),
+    (["lab.check", "01-sockets-are-files", "--out", ""], "socklab: the results directory is empty"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     result = invoke(*args, home=tmp_path)
@@ -42,6 +47,13 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(message)
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_exec_says_no_lab_with_ssh_s_own_failure_status(tmp_path):
+    """socklab's own failures exit 255, so they never look like the guest command's status."""
+    result = invoke("lab.exec", "server", "--", "true", home=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert (result.returncode, lines) == (255, ["socklab: no lab is running: start one with `invoke lab.up`"])
 
 
 def test_status_without_a_lab(tmp_path):
