@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
+# Without a terminal (a pipe, a CI log) rich would assume 80 columns and fold every wide table;
+# COLUMNS still wins when set.
+PIPE_WIDTH = 200
+
+
+def _width(stream) -> int | None:
+    if os.environ.get("COLUMNS") or (hasattr(stream, "isatty") and stream.isatty()):
+        return None  # rich reads COLUMNS or the terminal's own size
+    return PIPE_WIDTH
+
+
+# Progress and errors go to stderr; data (tables, reports, JSON) to stdout, so `| grep` sees it.
+console = Console(stderr=True, highlight=False, width=_width(sys.stderr))
+out = Console(highlight=False, width=_width(sys.stdout))
 
 
 class Step:
@@ -46,3 +61,8 @@ def step(title: str, quiet: bool = False) -> Iterator[Step]:
 
 def say(text: str) -> None:
     console.print(text)
+
+
+def show(renderable) -> None:
+    """Data for the user (a table, a verdict): stdout."""
+    out.print(renderable)

@@ -29,7 +29,7 @@ def status_table(lab, state, live: bool = True) -> Table:
     alive = lab.alive(state)
     table = Table(title=f"socklab lab {state.lab_id} ({state.topology})", title_justify="left")
     for column in ("VM", "pid", "state", "SSH", "lab0", "up", "sg", "tx-csum"):
-        table.add_column(column, no_wrap=True)
+        table.add_column(column, overflow="fold")
     uptime = f"{time.time() - state.started_at:.0f} s" if state.started_at else "-"
     for vm in state.vms:
         running = alive.get(vm.name, False)
