@@ -29,7 +29,8 @@ class Outcome:
             return "blocks"
         if self.errno:
             return f"-1 {self.errno}"
-        return _short(self.ret)
+        # Whole: the tables fold a long value over lines rather than cut it.
+        return self.ret if isinstance(self.ret, str) else repr(self.ret)
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Verdict:
     notes: tuple[str, ...] = ()
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def _short(value: Any, limit: int = 400) -> str:
     text = repr(value) if not isinstance(value, str) else value
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
