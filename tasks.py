@@ -17,7 +17,9 @@ from rich.markup import escape
 from harness import image, progress
 from harness.errors import SocklabError
 from harness.lab import Lab, check_up_args, topology
-from harness.paths import Paths
+from harness.paths import DEFAULT_LAB, Paths, check_lab_name
+
+NAME_HELP = "which lab of this checkout (default: $SOCKLAB_LAB or 'default'); each name is a lab of its own"
 
 
 # Tasks whose VM name is checked by the task itself, so that a missing one gives the usual one
@@ -93,6 +95,16 @@ def _number(text, option: str, what: str, kind=float):
     return value
 
 
+def _lab(name=None) -> Lab:
+    """The lab called ``name`` (``--name``, else $SOCKLAB_LAB, else ``default``) of this install."""
+    name = name or os.environ.get("SOCKLAB_LAB") or DEFAULT_LAB
+    return Lab(Paths.default(), check_lab_name(name))
+
+
+def _down_hint(lab: Lab) -> str:
+    return "invoke lab.down" + ("" if lab.name == DEFAULT_LAB else f" --name {lab.name}")
+
+
 def _vm_name(name, example: str = "invoke lab.ssh server") -> str:
     import re
 
@@ -124,9 +136,13 @@ def build(c, recipe=None, force=False, mirror=None):
 @_friendly
 def clean(c, all=False):
     """Remove the image cache (and with --all the SSH key). The running lab must be down."""
+    from harness.lab import lab_names
+
     paths = Paths.default()
-    if Lab(paths).load() is not None:
-        raise SocklabError("a lab is running on these images: `invoke lab.down` first")
+    running = lab_names(paths)
+    if running:
+        downs = ", ".join(f"`invoke lab.down{'' if n == DEFAULT_LAB else ' --name ' + n}`" for n in running)
+        raise SocklabError(f"labs run on these images ({', '.join(running)}): {downs} first")
     removed = image.clean(paths, keys=all)
     progress.say(f"removed {len(removed)} item(s)" + "".join(f"\n  {p}" for p in removed))
 
@@ -137,9 +153,10 @@ def clean(c, all=False):
     "segment": "lab segment: auto (tap as root, else socket), tap or socket",
     "timeout": "seconds to wait for SSH on every guest",
     "cold": "boot from scratch even when a ready snapshot exists (and save no new one)",
+    "name": NAME_HELP,
 })
 @_friendly
-def up(c, topology=None, accel=None, segment=None, timeout="120", cold=False):
+def up(c, topology=None, accel=None, segment=None, timeout="120", cold=False, name=None):
     """Boot the lab: build the image if needed, start the VMs, wait until SSH answers.
 
     The first boot saves a ready snapshot of every VM; later ones resume it
@@ -149,13 +166,12 @@ def up(c, topology=None, accel=None, segment=None, timeout="120", cold=False):
     segment = segment or c.config.lab.segment
     timeout = _number(timeout, "--timeout", "a positive number of seconds")
     check_up_args(topology, accel, segment, timeout)
-    paths = Paths.default()
-    image.build(paths, c.config.images.recipe, _mirror(c, None))
-    lab = Lab(paths)
+    lab = _lab(name)
+    image.build(lab.paths, c.config.images.recipe, _mirror(c, None))
     state, started = lab.up(topology, accel, segment, boot_timeout=timeout, cold=cold)
     try:
         if not started:
-            progress.say("a lab is already running; not starting another (`invoke lab.down` stops it)")
+            progress.say(f"lab {lab.name!r} is already running; not starting another (`{_down_hint(lab)}` stops it)")
         _print_status(lab, state, live=True)
         if started:
             progress.say(f"[bold]{len(state.vms)} VMs SSH-ready in {state.boot_seconds:.1f} s[/] "
@@ -170,18 +186,18 @@ def up(c, topology=None, accel=None, segment=None, timeout="120", cold=False):
         lab.close()
 
 
-@task
+@task(help={"name": NAME_HELP})
 @_friendly
-def down(c):
+def down(c, name=None):
     """Stop the lab: QMP quit, kill leftovers, remove taps, netns, overlays and state. Idempotent."""
-    Lab().down()
+    _lab(name).down()
 
 
-@task(help={"live": "also ask each guest for its lab NIC's offloads (ethtool -k over SSH)"})
+@task(help={"live": "also ask each guest for its lab NIC's offloads (ethtool -k over SSH)", "name": NAME_HELP})
 @_friendly
-def status(c, live=True):
+def status(c, live=True, name=None):
     """Show the lab: VMs, pids, ports, accelerator, segment mode, offloads, uptime."""
-    lab = Lab()
+    lab = _lab(name)
     state = lab.load()
     if state is None:
         progress.say("no lab is running")
@@ -196,33 +212,34 @@ def _print_status(lab, state, live):
     progress.show(status_table(lab, state, live=live))
 
 
-@task(positional=["name"], help={"name": "VM name, e.g. client or server"})
+@task(positional=["vm"], help={"vm": "VM name, e.g. client or server", "name": NAME_HELP})
 @_friendly
-def ssh(c, name=None):
+def ssh(c, vm=None, name=None):
     """Open an interactive SSH session to a VM (host key pinned, project key only)."""
-    argv = Lab().ssh_argv(_vm_name(name))
+    argv = _lab(name).ssh_argv(_vm_name(vm))
     os.execvp(argv[0], argv)
 
 
-@task(positional=["name"], help={"name": "VM name, e.g. client or server"})
+@task(positional=["vm"], help={"vm": "VM name, e.g. client or server", "name": NAME_HELP})
 @_friendly
-def console(c, name=None):
+def console(c, vm=None, name=None):
     """Attach to a VM's serial console (Ctrl-] leaves)."""
     from harness.console import interact
 
-    name = _vm_name(name)
-    vm = Lab().require().vm(name)
-    interact(vm.console_path, name)
+    vm = _vm_name(vm)
+    guest = _lab(name).require().vm(vm)
+    interact(guest.console_path, vm)
 
 
-@task(name="exec", positional=["name"], help={
-    "name": "VM name, e.g. client or server; the command follows `--`",
+@task(name="exec", positional=["vm"], help={
+    "vm": "VM name, e.g. client or server; the command follows `--`",
+    "name": NAME_HELP,
     "timeout": "seconds before the command is killed (default 60; none with --tty)",
     "merge": "fold the command's stderr into stdout in the order it printed them",
     "tty": "give the command a terminal (interactive tools: top, python3, less)",
 })
 @_friendly
-def exec_(c, name=None, timeout=None, merge=False, tty=False):
+def exec_(c, vm=None, timeout=None, merge=False, tty=False, name=None):
     """Run one command in a VM, word for word, with stdin forwarded; exits with its status.
 
     `invoke lab.exec server -- python3 -c 'print(1)'` runs exactly that argv,
@@ -234,18 +251,18 @@ def exec_(c, name=None, timeout=None, merge=False, tty=False):
     """
     from harness import remote
 
-    name = _vm_name(name, "invoke lab.exec server -- ss -tln")
+    vm = _vm_name(vm, "invoke lab.exec server -- ss -tln")
     timeout = None if tty and timeout is None else _number(timeout or "60", "--timeout", "a positive number of seconds")
     command = remote.guest_command(remote.words_after_dashes(sys.argv, c.remainder))
-    lab = Lab()
+    lab = _lab(name)
     try:
         state = lab.require()
     except SocklabError as exc:
         exc.exit_code = remote.OWN_FAILURE
         raise
-    state.vm(name)  # an unknown VM is bad input (exit 2), checked before anything connects
+    state.vm(vm)  # an unknown VM is bad input (exit 2), checked before anything connects
     try:
-        status = remote.run_in_guest(lab.ssh(name), command, timeout=timeout, merge=merge, use_tty=tty)
+        status = remote.run_in_guest(lab.ssh(vm), command, timeout=timeout, merge=merge, use_tty=tty)
     except SocklabError as exc:
         exc.exit_code = remote.OWN_FAILURE
         raise
@@ -271,16 +288,15 @@ def _results_dir(root, name: str):
 OUT_HELP = "directory for the reports (default: results/; also SOCKLAB_RESULTS or results.dir in invoke.yaml)"
 
 
-def _running_lab(topology: str):
-    """The running lab (booted here if none runs; it is left running for the next check)."""
-    lab = Lab()
+def _running_lab(lab: Lab, topology: str) -> Lab:
+    """``lab``, booted here if it does not run (it is left running for the next check)."""
     state = lab.load()
-    if state is None or not all(lab.alive(state).values()):
+    if state is None or not state.ready or not all(lab.alive(state).values()):
         progress.say(f"no lab is running; booting one ({topology}) and leaving it up for the next check")
         image.build(lab.paths, "bookworm")
         lab.up(topology)
     elif state.topology != topology:
-        raise SocklabError(f"the running lab is {state.topology!r} but this needs {topology!r}: `invoke lab.down` first")
+        raise SocklabError(f"the running lab is {state.topology!r} but this needs {topology!r}: `{_down_hint(lab)}` first")
     return lab
 
 
@@ -306,25 +322,29 @@ def _show_and_save(root, report, name: str) -> None:
 
 
 @task(name="check", iterable=["param"], help={
-    "name": "the lab, e.g. 03-listen (see labs/README.md)",
+    "lab_name": "the course lab, e.g. 03-listen (see labs/README.md)",
     "param": "override a scenario parameter, e.g. --param backlog=4 (repeatable)",
     "model_only": "run on the reference model alone (no VM; the kernel expectations are skipped)",
     "out": OUT_HELP,
+    "name": NAME_HELP,
 })
 @_friendly
-def check_(c, name, param=None, model_only=False, out=None):
+def check_(c, lab_name, param=None, model_only=False, out=None, name=None):
     """Check a lab: its scenarios on the live kernels and the model, then its expectations. Exit 0 only if all agree."""
     from harness.scenario.check import LabSpec, check, prepare
     from harness.scenario.format import parse_params
 
     root = _results_root(c, out)
-    spec = LabSpec.load(name)
+    spec = LabSpec.load(lab_name)
     overrides = parse_params(param or [])
     prepare(spec, overrides)  # every input checked before a VM is booted or touched
-    lab = None if model_only else _running_lab(spec.topology)
-    report = check(spec, lab, overrides)
-    if lab is not None:
-        lab.close()
+    if model_only:
+        report = check(spec, None, overrides)
+    else:
+        lab = _lab(name)
+        with lab.using():  # one check, run or grade at a time on this lab: they would share ports
+            report = check(spec, _running_lab(lab, spec.topology), overrides)
+            lab.close()
     _show_and_save(root, report, spec.name)
 
 
@@ -332,9 +352,10 @@ def check_(c, name, param=None, model_only=False, out=None):
     "file": "a scenario file (YAML)",
     "param": "override a scenario parameter, e.g. --param port=7001 (repeatable)",
     "out": OUT_HELP,
+    "name": NAME_HELP,
 })
 @_friendly
-def run_(c, file, param=None, out=None):
+def run_(c, file, param=None, out=None, name=None):
     """Run any scenario file on the live kernels and the model, step by step."""
     from pathlib import Path
 
@@ -344,9 +365,10 @@ def run_(c, file, param=None, out=None):
     root = _results_root(c, out)
     path = Path(file)
     scenario = load(path, parse_params(param or []), known_hosts=topology("default").vms)
-    lab = _running_lab("default")
-    report = CheckReport(scenario.name, runs=[run_scenario(scenario, lab)])
-    lab.close()
+    lab = _lab(name)
+    with lab.using():
+        report = CheckReport(scenario.name, runs=[run_scenario(scenario, _running_lab(lab, "default"))])
+        lab.close()
     _show_and_save(root, report, path.stem)
 
 
@@ -374,9 +396,10 @@ def model_(c, file, param=None, no_sg=False, out=None):
     "student": "the name on the report (default: $USER)",
     "only": "grade just this lab (repeatable); default: every lab in labs/",
     "out": OUT_HELP,
+    "name": NAME_HELP,
 })
 @_friendly
-def grade(c, student=None, only=None, out=None):
+def grade(c, student=None, only=None, out=None, name=None):
     """Run every lab's check on the live lab and write a per-student grade report (Markdown and CSV)."""
     import getpass
 
@@ -386,17 +409,18 @@ def grade(c, student=None, only=None, out=None):
 
     root = _results_root(c, out)
     student = student or os.environ.get("USER") or getpass.getuser()
-    for name in only or []:
-        prepare(LabSpec.load(name))  # a misspelt --only stops here, before a boot
-    lab = _running_lab("default")
+    for course_lab in only or []:
+        prepare(LabSpec.load(course_lab))  # a misspelt --only stops here, before a boot
+    lab = _lab(name)
 
-    def show(name, report):
+    def show(course_lab, report):
         verdict = "[red]cannot run[/]" if report is None else "[green]pass[/]" if report.ok else "[red]FAIL[/]"
-        progress.say(f"{name}: {verdict}")
+        progress.say(f"{course_lab}: {verdict}")
 
-    grades, reports = grading.grade(lab, list(only or []) or None, on_lab=show)
-    kernel = lab.ssh(lab.require().vms[0].name).run("uname -r").stdout.strip()
-    lab.close()
+    with lab.using():
+        grades, reports = grading.grade(_running_lab(lab, "default"), list(only or []) or None, on_lab=show)
+        kernel = lab.ssh(lab.require().vms[0].name).run("uname -r").stdout.strip()
+        lab.close()
     directory = _results_dir(root, f"grade-{student}")
     grading.write(student, grades, reports, directory, kernel)
     progress.say(f"{sum(g.passed for g in grades)}/{len(grades)} labs pass; report: {directory / 'grade.md'}, "
@@ -430,14 +454,17 @@ def bench_(c, repeats="3", only=None, out=None):
 @task(name="soak", help={
     "cycles": "how many up -> check -> down cycles (default 30)",
     "lab_name": "the lab each cycle checks, by name or directory (default 03-listen)",
+    "name": NAME_HELP,
 })
 @_friendly
-def soak_(c, cycles="30", lab_name="03-listen"):
+def soak_(c, cycles="30", lab_name="03-listen", name=None):
     """Leak check: cycles of lab.up -> lab.check -> lab.down, counting QEMUs, taps, netns, fds, threads, run files."""
     from harness.soak import soak
 
     cycles = _number(cycles, "--cycles", "at least 1", kind=int)
-    report = soak(Paths.default(), cycles=cycles, lab_name=lab_name, say=lambda line: print(line, flush=True))
+    lab = _lab(name)
+    report = soak(lambda: Lab(lab.paths, lab.name), cycles=cycles, lab_name=lab_name,
+                  say=lambda line: print(line, flush=True))
     if not report.ok:
         raise Exit(code=1)
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import paramiko
 
+from .deadline import SSH_CHANNEL_OPEN, WATCH_INTERVAL
 from .errors import LabError
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ REMOTE_DIR = "/run/socklab/agent"  # tmpfs: a rebooted guest starts without a st
 GUEST_PYTHON = "/usr/bin/python3"
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_BLOCK_MS = 2000
+
 START_TIMEOUT = 30.0  # python3 start-up under TCG takes about a second; leave room for a busy host
 STDERR_TAIL_BYTES = 16 << 10
 PROTOCOL = 1
@@ -55,6 +57,10 @@ class AgentDied(AgentError):
 
 class AgentTimeout(AgentError):
     """The agent did not answer a step in time."""
+
+
+class AgentGuestStopped(AgentError):
+    """The agent cannot answer because its VM does not run (a paused guest, a stopped QEMU)."""
 
 
 class AgentRequestError(AgentError):
@@ -233,8 +239,11 @@ class Agent:
     def __init__(self, ssh: "GuestSSH", vm: str | None = None, user: str = "root", *,
                  timeout: float = DEFAULT_TIMEOUT, block_ms: int = DEFAULT_BLOCK_MS,
                  remote_dir: str = REMOTE_DIR, python: str = GUEST_PYTHON,
-                 start_timeout: float = START_TIMEOUT, source: Path = GUEST_AGENT) -> None:
+                 start_timeout: float = START_TIMEOUT, source: Path = GUEST_AGENT,
+                 watch: Callable[[], str | None] | None = None) -> None:
         self.ssh = ssh
+        # Asked every WATCH_INTERVAL s of silence: why the VM cannot answer (paused, stopped), or None.
+        self.watch = watch
         self.vm = vm or getattr(ssh, "vm", "guest")
         self.user = user
         self.timeout = timeout
@@ -270,7 +279,7 @@ class Agent:
         self._dead = None
         self.exit_status = None
         try:
-            channel = client.get_transport().open_session()
+            channel = client.get_transport().open_session(timeout=SSH_CHANNEL_OPEN)
             channel.exec_command(self.command(remote))
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise AgentDied(f"{self.vm}: cannot start the agent as {self.user}: SSH failed "
@@ -437,7 +446,13 @@ class Agent:
     # -- the channel ---------------------------------------------------------------------------
 
     def _read_message(self, deadline: float, step: str, limit: float | None = None) -> dict[str, Any]:
-        """The next complete JSON line from the agent's stdout."""
+        """The next complete JSON line from the agent's stdout.
+
+        A guest that is paused or a QEMU that is stopped would only show up as
+        a timeout, after the step's whole budget: ``watch`` looks every few
+        seconds of silence and turns it into an error at once.
+        """
+        next_watch = time.monotonic() + WATCH_INTERVAL
         while True:
             newline = self._pending.find(b"\n")
             if newline >= 0:
@@ -458,6 +473,15 @@ class Agent:
                 raise AgentTimeout(f"{self.vm}: the agent ({self.user}) did not answer {step} within {waited:g} s; "
                                    f"agent stderr: {self.stderr_tail.strip()[-800:] or '(empty)'}")
             got_output = self._pump(min(remaining, 0.5))
+            if got_output:
+                next_watch = time.monotonic() + WATCH_INTERVAL
+            elif self.watch is not None and time.monotonic() >= next_watch:
+                next_watch = time.monotonic() + WATCH_INTERVAL
+                fault = self.watch()
+                if fault:
+                    self._dead = f"its VM stopped during {step}"
+                    self._discard()
+                    raise AgentGuestStopped(f"{self.vm}: the agent ({self.user}) cannot answer {step}: {fault}")
             if not got_output and self._ended():
                 self._drain()
                 if b"\n" in self._pending:

@@ -3,12 +3,17 @@
 Everything a lab starts is written to its state file (``run/lab.json``, 0600)
 the moment it exists, so ``down`` can always find and remove it: after a
 failure, after Ctrl-C, or from another process after a crash. One lock file
-keeps two socklab commands from changing the same lab at once.
+keeps two socklab commands from changing the same lab at once, another one
+serializes the commands that drive its guests.
+
+One checkout runs several labs side by side, one per lab name (``--name``,
+default ``default``): each has its own state, lock, netns, taps and ports, and
+its QEMUs are recognised by their ``-uuid`` (``harness/owner.py``), so no
+lab's ``down`` or cleanup ever touches another lab's processes.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -16,7 +21,6 @@ import secrets
 import shutil
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,10 +30,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import accel as accel_mod
-from . import hostdeps, image, net, progress, qemu, snapshot
+from . import hostdeps, image, lock, net, owner, progress, qemu, snapshot
 from .console import GuestConsole, log_tail, panic_lines
+from .deadline import QMP_PROBE
 from .errors import GuestUnreachable, LabError, SSHError
-from .paths import Paths
+from .paths import DEFAULT_LAB, Paths
 from .ssh import GuestSSH
 
 STATE_VERSION = 1
@@ -90,6 +95,9 @@ class VMState:
     qmp: str = ""
     console: str = ""
     console_log: str = ""
+    # Who the QEMU is: its -uuid (set before it starts) and its start time in /proc (set right after).
+    uuid: str = ""
+    start_ticks: int = 0
 
     @property
     def console_path(self) -> Path:
@@ -107,6 +115,7 @@ class LabState:
 
     lab_id: str
     topology: str
+    name: str = DEFAULT_LAB
     accel: str = ""
     accel_reason: str = ""
     segment: str = ""
@@ -140,19 +149,42 @@ class LabState:
         raise LabError(f"no VM named {name!r} in this lab; it has: {', '.join(v.name for v in self.vms)}")
 
 
-def lab_id(paths: Paths) -> str:
-    """Short, stable per install: names the netns and taps so two checkouts never collide."""
-    return hashlib.sha256(str(paths.home.resolve()).encode()).hexdigest()[:6]
+def lab_key(paths: Paths, name: str = DEFAULT_LAB) -> str:
+    """8 hex digits, stable per install and lab name; the first 6 name the netns and taps, all 8 start VM UUIDs.
+
+    The lab named ``default`` keeps the key of a home alone, so its netns and
+    taps are named as before lab names existed.
+    """
+    where = str(paths.home.resolve()) + ("" if name == DEFAULT_LAB else f"\0{name}")
+    return hashlib.sha256(where.encode()).hexdigest()[:8]
+
+
+def lab_id(paths: Paths, name: str = DEFAULT_LAB) -> str:
+    """Short, stable per install and lab name: names the netns and taps so two labs never collide."""
+    return lab_key(paths, name)[:6]
+
+
+def lab_names(paths: Paths) -> list[str]:
+    """The names of the labs this install has state for (running or not cleaned up)."""
+    names = [DEFAULT_LAB] if (paths.run / "lab.json").exists() else []
+    labs = paths.home / "labs"
+    if labs.is_dir():
+        names += sorted(entry.name for entry in labs.iterdir() if (entry / "run" / "lab.json").exists())
+    return names
 
 
 class Lab:
-    """The lab of one socklab install. ``up`` boots it, ``down`` removes every trace of it."""
+    """One lab of one socklab install. ``up`` boots it, ``down`` removes every trace of it."""
 
-    def __init__(self, paths: Paths | None = None) -> None:
+    def __init__(self, paths: Paths | None = None, name: str = DEFAULT_LAB) -> None:
         self.paths = paths or Paths.default()
-        self.id = lab_id(self.paths)
-        self.run_dir = self.paths.run
+        self.name = name
+        self.dir = self.paths.lab_dir(name)
+        self.key = lab_key(self.paths, name)
+        self.id = self.key[:6]
+        self.run_dir = self.dir / "run"
         self.state_file = self.run_dir / "lab.json"
+        self.logs = self.dir / "logs"
         self._ssh: dict[str, GuestSSH] = {}
 
     # -- state ---------------------------------------------------------------
@@ -182,28 +214,60 @@ class Lab:
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the lab lock; a second socklab command changing the lab is told who has it."""
-        self.paths.ensure_private(self.paths.home)
-        lock_path = self.paths.home / "lab.lock"
-        with open(lock_path, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder, _, details = handle.read().strip().partition("\n")
-                raise LabError(f"another socklab command is changing this lab ({holder or 'another process'})"
-                               f"{_describe_holder(details)}; wait for it or stop it") from None
-            handle.seek(0)
-            handle.truncate()
-            # First line: who (the error quotes it); then what it runs and since when.
-            handle.write(f"pid {os.getpid()}\n{time.time():.0f} {_command_line()}")
-            handle.flush()
-            try:
-                yield
-            finally:
-                handle.truncate(0)
+        self.paths.ensure_private(self.dir)
+        with lock.held(self.dir / "lab.lock"):
+            yield
+
+    @contextmanager
+    def using(self) -> Iterator[None]:
+        """Drive this lab's guests alone: a second check, run or grade waits, and says whom it waits for."""
+        self.paths.ensure_private(self.dir)
+        with lock.held(self.dir / "use.lock", wait=True, what=f"using lab {self.name!r}", say=progress.say):
+            yield
 
     def alive(self, state: LabState) -> dict[str, bool]:
-        return {vm.name: bool(vm.pid) and qemu.is_running(vm.pid, vm.name) for vm in state.vms}
+        return {vm.name: self.owned(vm) for vm in state.vms}
+
+    @staticmethod
+    def owned(vm: VMState) -> bool:
+        """Whether the QEMU of ``vm`` runs: its pid, its -uuid as a whole argument and its start time all match."""
+        if not vm.pid:
+            return False
+        if vm.uuid:
+            return owner.owns(vm.pid, vm.uuid, vm.start_ticks)
+        return qemu.is_running(vm.pid, vm.name)  # a state file written before VMs had UUIDs
+
+    def qemu_pids(self) -> list[int]:
+        """Every live QEMU this lab started, found by the lab key its UUIDs begin with (state file or not)."""
+        return owner.lab_qemus(self.key)
+
+    def paused(self, vm: VMState) -> str | None:
+        """Why ``vm``'s guest does not run although its QEMU is alive (SIGSTOP, QMP ``stop``); None if it runs."""
+        if owner.stopped(vm.pid):
+            return (f"QEMU of {vm.name} (pid {vm.pid}) is stopped (process state T: SIGSTOP or SIGTSTP); "
+                    f"`kill -CONT {vm.pid}` resumes it, `invoke lab.down{self._name_flag()}` removes the lab")
+        if not vm.qmp:
+            return None
+        try:
+            status = qemu.qmp_command(Path(vm.qmp), "query-status", timeout=QMP_PROBE)
+        except Exception:  # noqa: BLE001 - a monitor that does not answer says nothing about the guest
+            return None
+        run_state = status.get("status") if isinstance(status, dict) else None
+        if run_state in (None, "running", "inmigrate", "prelaunch"):
+            return None
+        return (f"the guest {vm.name} is not running: QMP says {run_state!r} (paused with `stop`, or left so by an "
+                f"interrupted snapshot save); `invoke lab.down{self._name_flag()}` and `lab.up` give a fresh lab")
+
+    def guest_paused(self, name: str) -> str | None:
+        """``paused`` for VM ``name`` of the running lab; None when it runs or the lab is gone."""
+        try:
+            state = self.load()
+            return self.paused(state.vm(name)) if state is not None else None
+        except LabError:
+            return None
+
+    def _name_flag(self) -> str:
+        return "" if self.name == DEFAULT_LAB else f" --name {self.name}"
 
     # -- what went wrong -----------------------------------------------------
 
@@ -223,14 +287,14 @@ class Lab:
         except LabError as exc:
             return str(exc)
         log = Path(vm.console_log) if vm.console_log else self.run_dir / f"{name}.console.log"
-        running = bool(vm.pid) and qemu.is_running(vm.pid, vm.name)
+        running = self.owned(vm)
         panic = panic_lines(log) if log.exists() else None
         # A panicking guest's QEMU exits once the panic is printed; wait a moment for it.
         deadline = time.monotonic() + settle
         while running and panic is not None and time.monotonic() < deadline:
             time.sleep(0.05)
-            running = qemu.is_running(vm.pid, vm.name)
-        where = f"console log {log} (moved to {self.paths.home / 'logs'} by `invoke lab.down`)"
+            running = self.owned(vm)
+        where = f"console log {log} (moved to {self.logs} by `invoke lab.down`)"
         if panic is not None:
             how = "is still stopping" if running else "exited"
             return (f"the kernel of {name} panicked; its QEMU (pid {vm.pid}) {how}. Panic on the console:\n"
@@ -239,6 +303,9 @@ class Lab:
             tail = log_tail(log, 8)
             shown = f"Console's last lines:\n{tail}" if not tail.startswith("(") else f"Console: {tail}."
             return f"QEMU of {name} (pid {vm.pid}) exited: the VM is gone (killed, or QEMU crashed). {shown}\n{where}"
+        paused = self.paused(vm)
+        if paused:
+            return paused
         guest = self._ssh.get(name)
         if guest is not None:
             try:
@@ -319,8 +386,8 @@ class Lab:
                 self._down_locked(existing)
             hostdeps.ensure(hostdeps.LAB_TOOLS, say=progress.say)
             img = image.find(self.paths)
-            state = LabState(lab_id=self.id, topology=topo.name, image=str(img.directory), host_key=img.host_key,
-                             owner_pid=os.getpid())
+            state = LabState(lab_id=self.id, topology=topo.name, name=self.name, image=str(img.directory),
+                             host_key=img.host_key, owner_pid=os.getpid())
             try:
                 self._up_locked(state, topo, img, accel, segment, boot_timeout, cold)
             except BaseException:
@@ -345,6 +412,8 @@ class Lab:
 
         plan = self._plan(state, topo, img)
         store = snapshot.SnapshotStore(img.directory)
+        for leftover in store.remove_interrupted():
+            progress.say(f"removed a half-saved snapshot {leftover.name} (its socklab was killed while saving it)")
         keys = {spec.name: snapshot.snapshot_key(img.sha256, spec, snapshot.qemu_version()) for spec in plan}
         snapshots = {} if cold else self._usable_snapshots(store, keys)
         if snapshots:
@@ -362,10 +431,12 @@ class Lab:
         if not snapshots:
             self._boot(state, topo, plan, {}, time.monotonic() + boot_timeout)
             state.boot_mode = "cold boot"
+            if not cold:
+                # Before the lab is marked ready: a socklab killed mid-save leaves a lab the next
+                # `lab.up` cleans away, never a "ready" one with a guest paused in postmigrate.
+                self._save_snapshots(state, store, keys)
         state.ready = True
         self.save(state)
-        if not snapshots and not cold:
-            self._save_snapshots(state, store, keys)
 
     def _segment_mode(self, segment: str, topo: Topology) -> tuple[str, str]:
         taps_ok, why = net.can_use_taps()
@@ -446,14 +517,18 @@ class Lab:
         """Start one QEMU, choosing a new SSH port if another process took ours in the meantime."""
         for attempt in range(3):
             vm.ssh_port = net.free_port()
-            spec = replace(spec, ssh_port=vm.ssh_port)
+            # Recorded before QEMU exists: a crash between its start and the next save still leaves it findable.
+            vm.uuid = owner.new_vm_uuid(self.key)
+            spec = replace(spec, ssh_port=vm.ssh_port, uuid=vm.uuid)
             vm.qmp, vm.console, vm.console_log = str(spec.qmp_socket), str(spec.console_socket), str(spec.console_log)
+            self.save(state)
             try:
                 vm.pid = qemu.start(spec)
             except LabError as exc:
                 if "host forwarding" in str(exc) and attempt < 2:
                     continue
                 raise
+            vm.start_ticks = owner.start_ticks(vm.pid)
             self.save(state)
             return
 
@@ -543,7 +618,7 @@ class Lab:
         while True:
             if abandon.is_set():
                 raise SSHError(f"{vm.name}: gave up waiting for SSH (lab.up was interrupted or failed)")
-            if not qemu.is_running(vm.pid, vm.name):
+            if not self.owned(vm):
                 raise SSHError(f"QEMU of {vm.name} (pid {vm.pid}) exited")
             try:
                 guest.connect(timeout=min(2.0, max(0.5, deadline - time.monotonic())))
@@ -576,8 +651,11 @@ class Lab:
                 pass
         if guest is not None:  # broken, or to a VM of an earlier lab
             guest.close()  # also closes the stats shell kept on the connection
-        if not (vm.pid and qemu.is_running(vm.pid, vm.name)):
+        if not self.owned(vm):
             raise GuestUnreachable(self.vm_fault(name, settle=0) or f"QEMU of {name} (pid {vm.pid}) is not running")
+        paused = self.paused(vm)
+        if paused:
+            raise GuestUnreachable(paused)
         guest = GuestSSH(vm.name, vm.ssh_port, self.paths.client_key, state.host_key)
         try:
             self._connect_watching(guest, vm, timeout)
@@ -624,11 +702,12 @@ class Lab:
         if state is not None:
             for vm in state.vms:
                 if vm.pid:
-                    how = qemu.stop(vm.name, vm.pid, Path(vm.qmp or self.run_dir / f"{vm.name}.qmp"))
+                    how = qemu.stop(vm.name, vm.pid, Path(vm.qmp or self.run_dir / f"{vm.name}.qmp"),
+                                    alive=lambda vm=vm: self.owned(vm))
                     done.append(f"{vm.name}: {how}")
-            netns = state.netns or netns
-        # QEMUs of this lab that the state file does not know (killed mid-save).
-        for pid in qemu_pids_using(self.run_dir):
+        # QEMUs of this lab that the state file does not know (it was lost, or socklab died before saving a pid):
+        # their -uuid starts with this lab's key, which no other lab's does.
+        for pid in self.qemu_pids():
             try:
                 os.kill(pid, signal.SIGKILL)
                 done.append(f"pid {pid}: killed (not in state)")
@@ -642,8 +721,7 @@ class Lab:
             for index in range(8):
                 net.delete_tap(f"sl{self.id}{index}")
         if self.run_dir.exists():
-            logs = self.paths.home / "logs"
-            logs.mkdir(exist_ok=True, mode=0o700)
+            logs = self.paths.ensure_private(self.logs)
             for log in self.run_dir.glob("*.console.log"):
                 _keep_log(log, logs)
             shutil.rmtree(self.run_dir)
@@ -652,41 +730,6 @@ class Lab:
             for line in done:
                 progress.say(line)
         return done
-
-
-def qemu_pids_using(run_dir: Path) -> list[int]:
-    """Pids of QEMU processes whose command line points into ``run_dir`` (a lab's, even if its state is lost)."""
-    marker = str(run_dir).encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if cmdline.startswith(qemu.QEMU.encode()) and marker in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _command_line() -> str:
-    """This process's command, short: ``invoke lab.up`` (``python -m invoke`` included), ``pytest -m vm``."""
-    argv = list(sys.argv) or ["python"]
-    program = Path(argv[0])
-    name = program.parent.name if program.name == "__main__.py" else program.name
-    text = " ".join([name or "python", *argv[1:]]).replace("\n", " ")
-    return text if len(text) <= 80 else text[:79] + "…"
-
-
-def _describe_holder(details: str) -> str:
-    """``, running `invoke lab.up` for 3 s`` from the lock file's second line, or nothing."""
-    since, _, command = details.strip().partition(" ")
-    try:
-        age = max(0.0, time.time() - float(since))
-    except ValueError:
-        return ""
-    return f", running `{command}` for {age:.0f} s" if command else f", for {age:.0f} s"
 
 
 def _ssh_banner(port: int, timeout: float = 2.0) -> str | None:

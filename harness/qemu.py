@@ -11,7 +11,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .deadline import QMP_CALL, QMP_CONNECT, SNAPSHOT_SAVE
 from .errors import LabError
+from .owner import stopped
 
 QEMU = "qemu-system-x86_64"
 
@@ -64,6 +66,8 @@ class VMSpec:
     extra_append: tuple[str, ...] = field(default=())
     # A migration stream to resume from instead of booting (a ready snapshot).
     incoming: Path | None = None
+    # Unique per VM and boot: what tells this QEMU from every other one (harness/owner.py).
+    uuid: str = ""
 
     @property
     def qmp_socket(self) -> Path:
@@ -106,6 +110,7 @@ def qemu_argv(spec: VMSpec) -> list[str]:
     argv = [
         QEMU,
         "-name", f"socklab-{spec.name},process=socklab-{spec.name}",
+        *(["-uuid", spec.uuid] if spec.uuid else []),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-accel", spec.accel,
         # qemu64 has no RDRAND, so sshd sat ~2.5 s in getrandom() waiting for the
@@ -185,7 +190,7 @@ def is_running(pid: int, name: str | None = None) -> bool:
     return name is None or f"socklab-{name},".encode() in cmdline
 
 
-def qmp_command(socket_path: Path, command: str, timeout: float = 5.0, **arguments) -> object:
+def qmp_command(socket_path: Path, command: str, timeout: float = QMP_CALL, **arguments) -> object:
     """Send one QMP command and return its result; every wait is bounded by ``timeout``.
 
     A wedged QEMU must not hang ``lab.down``: qemu.qmp's connect has no timeout
@@ -206,7 +211,7 @@ def qmp_command(socket_path: Path, command: str, timeout: float = 5.0, **argumen
     return asyncio.run(exchange())
 
 
-def migrate_to_file(socket_path: Path, target: Path, timeout: float = 60.0) -> None:
+def migrate_to_file(socket_path: Path, target: Path, timeout: float = SNAPSHOT_SAVE) -> None:
     """Pause the guest, write its whole state to ``target``, and leave it paused.
 
     The caller copies the disk overlay while the guest is paused (``stop``
@@ -218,25 +223,29 @@ def migrate_to_file(socket_path: Path, target: Path, timeout: float = 60.0) -> N
 
     async def exchange() -> None:
         client = QMPClient("socklab-snapshot")
-        await asyncio.wait_for(client.connect(str(socket_path)), 5)
+        await asyncio.wait_for(client.connect(str(socket_path)), QMP_CONNECT)
+
+        async def call(command: str, arguments: dict | None = None) -> object:
+            return await asyncio.wait_for(client.execute(command, arguments), QMP_CALL)
+
         try:
-            await client.execute("stop")
+            await call("stop")
             # The default 128 MiB/s cap would make a paused guest's save crawl.
-            await client.execute("migrate-set-parameters", {"max-bandwidth": 8 << 30})
-            await client.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(target))}"})
-            deadline = time.monotonic() + timeout
+            await call("migrate-set-parameters", {"max-bandwidth": 8 << 30})
+            await call("migrate", {"uri": f"exec:cat > {shlex.quote(str(target))}"})
+            ends = time.monotonic() + timeout
             while True:
-                status = await client.execute("query-migrate")
+                status = await call("query-migrate")
                 state = status.get("status")
                 if state == "completed":
                     return
                 if state in ("failed", "cancelled"):
                     raise LabError(f"saving the guest state failed: {status.get('error-desc', state)}")
-                if time.monotonic() > deadline:
+                if time.monotonic() > ends:
                     raise LabError(f"saving the guest state took over {timeout:.0f} s")
                 await asyncio.sleep(0.02)
         finally:
-            await client.disconnect()
+            await asyncio.wait_for(client.disconnect(), QMP_CALL)
 
     asyncio.run(exchange())
 
@@ -253,47 +262,57 @@ def resume_incoming(socket_path: Path, timeout: float = 20.0) -> None:
 
     async def exchange() -> None:
         client = QMPClient("socklab-resume")
-        deadline = time.monotonic() + timeout
+        ends = time.monotonic() + timeout
         while True:  # the monitor socket appears as QEMU starts
             try:
-                await asyncio.wait_for(client.connect(str(socket_path)), 5)
+                await asyncio.wait_for(client.connect(str(socket_path)), QMP_CONNECT)
                 break
             except (OSError, asyncio.TimeoutError):
-                if time.monotonic() > deadline:
+                if time.monotonic() > ends:
                     raise LabError(f"no QMP monitor at {socket_path} to resume the snapshot") from None
                 await asyncio.sleep(0.02)
         try:
             while True:
-                status = (await client.execute("query-status"))["status"]
+                status = (await asyncio.wait_for(client.execute("query-status"), QMP_CALL))["status"]
                 if status == "running":
                     return
                 if status in ("paused", "postmigrate"):
-                    await client.execute("cont")
+                    await asyncio.wait_for(client.execute("cont"), QMP_CALL)
                     return
                 if status not in ("inmigrate", "prelaunch"):
                     raise LabError(f"the snapshot did not load: the guest is {status}")
-                if time.monotonic() > deadline:
+                if time.monotonic() > ends:
                     raise LabError(f"loading the snapshot took over {timeout:.0f} s")
                 await asyncio.sleep(0.02)
         finally:
-            await client.disconnect()
+            await asyncio.wait_for(client.disconnect(), QMP_CALL)
 
     asyncio.run(exchange())
 
 
-def stop(name: str, pid: int, qmp_socket: Path, timeout: float = 5.0) -> str:
-    """Stop a guest: QMP ``quit`` first, SIGKILL if it lingers. Returns how it went."""
-    if not is_running(pid, name):
+def stop(name: str, pid: int, qmp_socket: Path, timeout: float = 5.0, alive=None) -> str:
+    """Stop a guest: QMP ``quit`` first, SIGKILL if it lingers. Returns how it went.
+
+    ``alive()`` tells whether ``pid`` is still this guest's QEMU (by default: by
+    its ``-name``); nothing is signalled once it says no.
+    """
+    alive = alive or (lambda: is_running(pid, name))
+    if not alive():
         return "not running"
+    if stopped(pid):  # a SIGSTOPped QEMU answers no QMP; SIGKILL still ends it
+        os.kill(pid, signal.SIGKILL)
+        return "killed (it was stopped)"
     try:
         qmp_command(qmp_socket, "quit")
     except Exception:  # noqa: BLE001 - a dead or wedged monitor just means we go straight to SIGKILL
         pass
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not is_running(pid, name):
+        if not alive():
             return "quit"
         time.sleep(0.05)
+    if not alive():
+        return "quit"
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from . import qemu
+from . import owner, qemu
 from .image import file_sha256
 
 SNAPSHOT_FORMAT = 1
@@ -104,14 +106,17 @@ class SnapshotStore:
     def save(self, key: str, qmp_socket: Path, overlay: Path) -> Snapshot:
         """Save a running guest (paused meanwhile, resumed by the caller) under ``key``.
 
-        Files are written into a temporary directory and renamed into place, so a
-        save that fails or is interrupted never leaves a snapshot that looks whole.
+        Files are written into a temporary directory of this process's own
+        (``.tmp-<key>-<pid>-<start ticks>-*``) and renamed into place, so a
+        save that fails or is killed never leaves a snapshot that looks whole,
+        two labs saving at once never write into one directory, and the next
+        ``remove_interrupted`` knows a leftover by its dead owner. A snapshot
+        another lab saved meanwhile is kept (a running lab may be using it).
         """
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         final = self.root / key
-        work = self.root / f".tmp-{key}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(mode=0o700)
+        work = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-{owner.start_ticks(os.getpid())}-",
+                                     dir=self.root))
         try:
             qemu.migrate_to_file(qmp_socket, work / STATE)
             # The guest is paused and its disks flushed: the overlay is consistent.
@@ -119,11 +124,28 @@ class SnapshotStore:
             meta = {"format": SNAPSHOT_FORMAT, "state_size": (work / STATE).stat().st_size,
                     "disk_size": (work / DISK).stat().st_size, "state_sha256": file_sha256(work / STATE)}
             (work / META).write_text(json.dumps(meta, indent=2) + "\n")
-            shutil.rmtree(final, ignore_errors=True)
-            work.rename(final)
+            if Snapshot(final).problem() is not None:
+                shutil.rmtree(final, ignore_errors=True)
+                work.rename(final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return Snapshot(final)
+
+    def remove_interrupted(self, proc: Path = owner.PROC) -> list[Path]:
+        """Delete the temporary directories of saves whose process is gone (socklab was killed mid-save)."""
+        removed = []
+        for path in self.root.glob(".tmp-*") if self.root.is_dir() else ():
+            parts = path.name.split("-")
+            try:
+                pid, ticks = int(parts[2]), int(parts[3])
+            except (IndexError, ValueError):
+                pid, ticks = 0, 0  # an older layout, or a name we never wrote: not a live save
+            info = owner.process_info(pid, proc) if pid else None
+            if info is not None and info.state != "Z" and info.start_ticks == ticks:
+                continue  # another lab is saving right now
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        return removed
 
     def discard(self, key: str) -> None:
         shutil.rmtree(self.root / key, ignore_errors=True)

@@ -2,7 +2,8 @@
 
 After every cycle it counts, for the lab under test:
 
-- ``qemu``: QEMU processes whose command line points into the lab's run directory;
+- ``qemu``: the lab's QEMU processes (by the lab key their ``-uuid`` starts with,
+  ``harness/owner.py``; by run directory for a lab without a key);
 - ``taps``: network links named like the lab's taps (``sl<id>*``), in the root
   namespace and in the lab's own;
 - ``netns``: network namespaces named ``socklab-<id>``;
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from . import progress
+from . import owner, progress
 from .errors import LabError, SocklabError
 from .lab import Lab
 from .paths import Paths
@@ -73,14 +74,14 @@ class Probe:
     ip: Callable[[list[str]], str] = _ip
     threads: Callable[[], int] = threading.active_count
 
-    def counts(self, lab_id: str, run_dir: Path) -> Counts:
+    def counts(self, lab_id: str, run_dir: Path, lab_key: str | None = None) -> Counts:
         netns = f"socklab-{lab_id}"
         namespaces = {line.split()[0] for line in self.ip(["ip", "netns", "list"]).splitlines() if line.strip()}
         links = _link_names(self.ip(["ip", "-o", "link", "show"]))
         if netns in namespaces:
             links += _link_names(self.ip(["ip", "-n", netns, "-o", "link", "show"]))
         return Counts(
-            qemu=len(self.qemu_pids(run_dir)),
+            qemu=len(owner.lab_qemus(lab_key, self.proc) if lab_key else self.qemu_pids(run_dir)),
             taps=sum(name.startswith(f"sl{lab_id}") for name in links),
             netns=int(netns in namespaces),
             fds=self.open_fds(),
@@ -187,7 +188,7 @@ def settled_counts(probe: Probe, lab: Lab, baseline: Counts, settle: float = SET
     """The counts, re-taken for up to ``settle`` s while any differs from ``baseline`` (reaping, threads ending)."""
     deadline = clock() + settle
     while True:
-        counts = probe.counts(lab.id, lab.run_dir)
+        counts = probe.counts(lab.id, lab.run_dir, getattr(lab, "key", None))
         if not counts.differences(baseline) or clock() >= deadline:
             return counts
         sleep(0.1)
@@ -217,7 +218,7 @@ def soak(paths_or_lab_factory: Paths | Callable[[], Lab], cycles: int = 30, lab_
     first = make_lab()
     if first.load() is not None:
         raise LabError(f"a lab is already running in {first.paths.home}: a soak starts from no lab (`invoke lab.down`)")
-    report = SoakReport(spec.name, probe.counts(first.id, first.run_dir))
+    report = SoakReport(spec.name, probe.counts(first.id, first.run_dir, getattr(first, "key", None)))
     say(f"soak of {spec.name} in {first.paths.home}: {cycles} cycles of up → check → down")
     say(f"baseline : {report.baseline.line()}")
     for index in range(1, cycles + 1):

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import paramiko
 
+from .deadline import SSH_CHANNEL_OPEN, SSH_EXIT_STATUS
 from .errors import SSHError
 
 RETRYABLE = (OSError, EOFError, paramiko.SSHException)
 # Opening a channel on a live connection takes milliseconds; paramiko's own default is an hour.
-OPEN_TIMEOUT = 10.0
+OPEN_TIMEOUT = SSH_CHANNEL_OPEN
 
 # paramiko logs every failed attempt of a booting guest with a traceback;
 # our own errors say what matters.
@@ -170,6 +171,8 @@ class GuestSSH:
             client.close()
             sock.close()
             raise
+        # paramiko waits 3,600 s for a channel to open (a command, SFTP, the agent); a paused guest never answers.
+        client.get_transport().channel_timeout = SSH_CHANNEL_OPEN
         return client
 
     def _peek_banner(self, sock: socket.socket) -> None:
@@ -305,7 +308,7 @@ class GuestSSH:
                 # exec keeps its pid: killing the group takes its children too.
                 # (`kill -KILL -PID`, not `kill -- -PID`: dash, a possible login shell, rejects the latter.)
                 channel.exec_command(f"kill -KILL -{int(pid)} 2>/dev/null || kill -KILL {int(pid)}")
-                channel.recv_exit_status()
+                channel.status_event.wait(SSH_EXIT_STATUS)
                 channel.close()
             except (paramiko.SSHException, OSError, EOFError, SSHError):
                 pass

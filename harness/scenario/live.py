@@ -48,7 +48,9 @@ class LabBackend:
         key = (host, user)
         if key not in self.agents:
             try:
-                self.agents[key] = Agent(self.lab.ssh(host, timeout=SSH_TIMEOUT), host, user).start()
+                paused = getattr(self.lab, "guest_paused", None)
+                watch = (lambda: paused(host)) if paused is not None else None
+                self.agents[key] = Agent(self.lab.ssh(host, timeout=SSH_TIMEOUT), host, user, watch=watch).start()
             except AgentRequestError:
                 raise
             except (AgentError, SSHError) as exc:

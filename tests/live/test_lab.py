@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from harness import qemu
-from harness.lab import Lab, qemu_pids_using
+from harness.lab import Lab
 from harness.paths import Paths
 
 pytestmark = pytest.mark.vm
@@ -75,7 +75,7 @@ def test_management_nic_has_no_route_out(server):
 
 
 def _leftovers(lab: Lab, netns: str, taps: list[str]) -> dict[str, object]:
-    qemus = [pid for pid in qemu_pids_using(lab.run_dir) if qemu.is_running(pid)]
+    qemus = lab.qemu_pids()
     netns_list = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     return {

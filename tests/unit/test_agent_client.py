@@ -188,8 +188,10 @@ class LocalTransport:
         self.channels: list[LocalChannel] = []
         self.uploads: list[str] = []
         self.sftp_sessions = 0
+        self.open_timeouts: list[float | None] = []
 
-    def open_session(self) -> LocalChannel:
+    def open_session(self, timeout: float | None = None) -> LocalChannel:
+        self.open_timeouts.append(timeout)
         channel = LocalChannel(self.chunk)
         self.channels.append(channel)
         return channel

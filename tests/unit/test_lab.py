@@ -116,7 +116,7 @@ def test_failed_up_stops_everything_it_started(lab, tmp_path, monkeypatch):
         return 4000 + len(started)
 
     monkeypatch.setattr(lab_mod.qemu, "start", start)
-    monkeypatch.setattr(lab_mod.qemu, "stop", lambda name, pid, qmp: stopped.append((name, pid)) or "quit")
+    monkeypatch.setattr(lab_mod.qemu, "stop", lambda name, pid, qmp, **k: stopped.append((name, pid)) or "quit")
     with pytest.raises(LabError, match="server did not start"):
         lab.up("default", "auto", "socket")
     assert started == ["client"]
@@ -132,7 +132,7 @@ def test_interrupted_up_stops_everything_it_started(lab, tmp_path, monkeypatch):
     monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "test"))
     monkeypatch.setattr(lab_mod.qemu, "create_overlay", lambda base, overlay: overlay.write_text("qcow2"))
     monkeypatch.setattr(lab_mod.qemu, "start", lambda spec: 5000 + spec.lab_ip.count("2"))
-    monkeypatch.setattr(lab_mod.qemu, "stop", lambda name, pid, qmp: stopped.append(name) or "quit")
+    monkeypatch.setattr(lab_mod.qemu, "stop", lambda name, pid, qmp, **k: stopped.append(name) or "quit")
 
     def ctrl_c(*args):
         raise KeyboardInterrupt

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from harness import image, qemu
-from harness.lab import Lab, qemu_pids_using
-from harness.paths import Paths
+from harness.lab import Lab
+from harness.paths import HOME_MARKER, Paths
 from harness.scenario.check import CheckReport, LabSpec, check
 from harness.ssh import GuestSSH
 
@@ -41,13 +41,13 @@ def leftovers(lab: Lab, since: float | None = None) -> dict[str, Any]:
     netns = f"socklab-{lab.id}"
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     found = {
-        "qemu": _qemu_pids(lab.run_dir),
+        "qemu": lab.qemu_pids(),
         "netns": netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout,
         "taps": [line.split(":")[1].strip() for line in links.splitlines() if f": sl{lab.id}" in line],
         "run_dir": lab.run_dir.exists(),
         "overlays": [str(p) for p in lab.paths.home.rglob("*.qcow2")],
         "home": sorted(p.name for p in lab.paths.home.iterdir() if p.name not in
-                       {"keys", "accel-probe.json", "lab.lock", "logs"}),
+                       {"keys", "accel-probe.json", "lab.lock", "use.lock", "logs", HOME_MARKER}),
     }
     # A half-written snapshot that stayed (a save in progress elsewhere is younger than a minute).
     snapshots = _image_dir(lab) / "snapshots"
@@ -65,11 +65,6 @@ def _image_dir(lab: Lab) -> Path:
         return image.find(lab.paths).directory
     except Exception:  # noqa: BLE001 - no image means no snapshots to look at
         return lab.paths.home / "no-image"
-
-
-def _qemu_pids(run_dir: Path) -> list[int]:
-    """The lab's QEMUs that are alive (a killed one may linger as a zombie for a moment)."""
-    return [pid for pid in qemu_pids_using(run_dir) if qemu.is_running(pid)]
 
 
 def side_channel(lab: Lab, vm: str) -> GuestSSH:
