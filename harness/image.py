@@ -5,7 +5,9 @@ everything that decides the image's contents (the recipe, the files laid into
 the root, the initrd's init, the authorised client key and this builder's
 layout version). An entry is built in a temporary directory beside it and
 renamed into place only when complete, so an interrupted build leaves nothing
-that could be mistaken for an image.
+that could be mistaken for an image. A forced rebuild swaps the new entry in
+only once it is whole: a build that fails (an unreachable mirror, a full
+disk) leaves the old entry and its snapshots as they were.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -184,31 +188,68 @@ def entry_dir(paths: Paths, recipe: Recipe, key: str) -> Path:
 
 
 def find(paths: Paths, recipe_name: str = "bookworm") -> Image:
-    """The built image for the current recipe, or an error saying how to build it."""
+    """The built image for the current recipe, or an error saying how to build it (or how to get at it)."""
     recipe = Recipe.load(paths.images, recipe_name)
-    if not paths.client_key.exists():
-        raise ImageError("no guest image yet: run `invoke images.build` first")
-    key = recipe_hash(paths, recipe, paths.client_key.with_suffix(".pub").read_text())
-    directory = entry_dir(paths, recipe, key)
-    if not (directory / MANIFEST).is_file():
-        raise ImageError(f"no guest image for recipe {recipe.name} ({key}): run `invoke images.build` first")
-    return Image.load(directory)
+    try:
+        if not paths.client_key.exists():
+            raise ImageError("no guest image yet: run `invoke images.build` first")
+        key = recipe_hash(paths, recipe, paths.client_key.with_suffix(".pub").read_text())
+        directory = entry_dir(paths, recipe, key)
+        if not (directory / MANIFEST).is_file():
+            raise ImageError(f"no guest image for recipe {recipe.name} ({key}): run `invoke images.build` first")
+        return Image.load(directory)
+    except PermissionError as exc:
+        raise ImageError(unreadable_advice(paths, Path(exc.filename or paths.cache))) from None
 
 
-def _run(argv: list[str], what: str, on_line: Callable[[str], None] | None = None) -> None:
-    """Run a build tool; stream its output lines to ``on_line``; raise with its last lines on failure."""
-    tail: list[str] = []
-    with subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail = (tail + [line])[-8:]
-            if on_line:
-                on_line(line)
+def unreadable_advice(paths: Paths, where: Path) -> str:
+    """What to run when the image or key was built by root and this user cannot read it."""
+    mine = f"{os.getuid()}:{os.getgid()}"
+    return (f"{where} is not readable by this user (uid {os.getuid()}): the image was built as root. Either run "
+            f"`sudo chown -R {mine} {paths.cache} {paths.keys}`, or rebuild with `sudo -E invoke images.build --force` "
+            "from this user's shell (a build run through sudo hands the entry and the key to the user who ran sudo)")
+
+
+# Lines of a failed build tool's output that say why: apt's and mmdebstrap's errors, a full disk, the network.
+CAUSE = re.compile(r"^(E:|Err:|W: Failed|error:)|No space left|Connection refused|Could not (connect|resolve)|"
+                   r"Temporary failure|Failed to fetch|Unable to (fetch|locate)|Permission denied|Read-only file system",
+                   re.I)
+CAUSE_LINES = 6
+
+
+def failure_summary(lines: list[str], kept: int = CAUSE_LINES) -> str:
+    """The lines that say why a build tool failed (first ``kept`` distinct causes), else its last 3 lines."""
+    causes: list[str] = []
+    for line in lines:
+        text = line.strip()
+        if text and CAUSE.search(text) and text not in causes:
+            causes.append(text)
+    return " | ".join((causes[:kept] if causes else [line for line in lines if line.strip()][-3:]))
+
+
+def _run(argv: list[str], what: str, on_line: Callable[[str], None] | None = None, log: Path | None = None) -> None:
+    """Run a build tool; stream its output lines to ``on_line`` (and ``log``); on failure raise with its causes."""
+    lines: list[str] = []
+    log_handle = log.open("w") if log is not None else None
+    try:
+        with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, errors="replace") as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip()
+                if log_handle is not None:
+                    log_handle.write(line + "\n")
+                lines.append(line)
+                if len(lines) > 20000:  # a causes search over the last 20,000 lines is plenty
+                    del lines[:10000]
+                if on_line:
+                    on_line(line)
+    finally:
+        if log_handle is not None:
+            log_handle.close()
     if proc.returncode != 0:
-        raise ImageError(f"{what} failed (exit {proc.returncode}): " + " | ".join(tail[-3:]))
+        where = f"; full log: {log}" if log is not None else ""
+        raise ImageError(f"{what} failed (exit {proc.returncode}): {failure_summary(lines)}{where}")
 
 
 def mmdebstrap_argv(recipe: Recipe, target: Path, stage: Path, mirror: str | None) -> list[str]:
@@ -276,11 +317,15 @@ def _complete(directory: Path) -> Image | None:
 def build(paths: Paths, recipe_name: str = "bookworm", mirror: str | None = None, force: bool = False) -> tuple[Image, bool]:
     """Build the image for ``recipe_name`` unless a complete entry exists. Returns (image, built_now)."""
     recipe = Recipe.load(paths.images, recipe_name)
-    client_pubkey = ensure_client_key(paths)
-    key = recipe_hash(paths, recipe, client_pubkey)
-    final = entry_dir(paths, recipe, key)
-    if not force and (image := _complete(final)):
-        return image, False
+    try:
+        client_pubkey = ensure_client_key(paths)
+        key = recipe_hash(paths, recipe, client_pubkey)
+        final = entry_dir(paths, recipe, key)
+        if not force and (image := _complete(final)):
+            hand_to_invoker(paths, final)  # `sudo invoke images.build` again fixes an entry built before this
+            return image, False
+    except PermissionError as exc:
+        raise ImageError(unreadable_advice(paths, Path(exc.filename or paths.cache))) from None
     if os.geteuid() != 0:
         raise ImageError("building the guest image needs root (mmdebstrap --mode=root, mke2fs -d): run `sudo invoke images.build`")
     hostdeps.ensure(hostdeps.IMAGE_TOOLS, say=progress.say)
@@ -306,23 +351,62 @@ def _build_lock(paths: Paths) -> Iterator[None]:
 
 
 def _build_locked(paths: Paths, recipe: Recipe, key: str, final: Path, client_pubkey: str, mirror: str | None) -> Image:
-    if final.exists():
-        remove_tree(final)  # damaged, or a forced rebuild
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.name}-{key}-", dir=paths.cache))
     try:
         _build_into(paths, recipe, key, work, client_pubkey, mirror)
-        work.rename(final)
+        # Only now does the old entry (damaged, or a forced rebuild) go: swapped out, then deleted.
+        # A lab running on it keeps its open files.
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{final.name}-", dir=paths.cache))
+            final.rename(old / final.name)
+            work.rename(final)
+            remove_tree(old)
+        else:
+            work.rename(final)
+        hand_to_invoker(paths, final)
         return Image.load(final)
     finally:
         if work.exists():
             remove_tree(work)
 
 
+def hand_to_invoker(paths: Paths, entry: Path, environ=os.environ, chown=os.chown) -> list[Path]:
+    """Give a build run through sudo to the user who ran sudo (SUDO_UID): the entry, the key and the home.
+
+    Without this, the entry (0700) and the key are root's, and the same user's
+    rootless ``lab.up`` cannot read them. Returns what was handed over.
+    """
+    try:
+        uid, gid = int(environ["SUDO_UID"]), int(environ.get("SUDO_GID", environ["SUDO_UID"]))
+    except (KeyError, ValueError):
+        return []
+    if os.geteuid() != 0 or uid == 0:
+        return []
+    handed = []
+    trees = [entry, paths.keys, paths.home / "logs", paths.home / "accel-probe.json"]
+    tops = [paths.cache, paths.home]
+    for top in tops:
+        if top.is_dir() and top.stat().st_uid == 0:
+            chown(top, uid, gid)
+            handed.append(top)
+    for tree in trees:
+        if not tree.exists() or tree.stat().st_uid == uid:
+            continue
+        for dirpath, dirnames, filenames in os.walk(tree):
+            for name in [*dirnames, *filenames]:
+                chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+        chown(tree, uid, gid)
+        handed.append(tree)
+    return handed
+
+
 def _build_into(paths: Paths, recipe: Recipe, key: str, work: Path, client_pubkey: str, mirror: str | None) -> Image:
     stage, root = work / "stage", work / "root"
     host_key = _stage_overlay(paths, stage, client_pubkey)
+    log = build_log(paths, recipe)
     with progress.step(f"mmdebstrap {recipe.suite} ({len(recipe.packages)} packages)") as step:
-        _run(mmdebstrap_argv(recipe, root, stage, mirror), "mmdebstrap", on_line=lambda line: step.update(f"mmdebstrap: {line}"))
+        _run(mmdebstrap_argv(recipe, root, stage, mirror), "mmdebstrap",
+             on_line=lambda line: step.update(f"mmdebstrap: {line}"), log=log)
     with progress.step("kernel and initrd"):
         kernels = sorted((root / "boot").glob("vmlinuz-*"))
         if not kernels:
@@ -352,6 +436,14 @@ def _build_into(paths: Paths, recipe: Recipe, key: str, work: Path, client_pubke
     manifest = {"recipe": recipe.name, "recipe_hash": key, "kernel_release": release, "host_key": host_key, "sha256": sums}
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Image.load(work)
+
+
+def build_log(paths: Paths, recipe: Recipe) -> Path:
+    """Where this build's mmdebstrap output is kept (the latest few per recipe), so a failure can be read whole."""
+    logs = paths.ensure_private(paths.home / "logs")
+    for old in sorted(logs.glob(f"build-{recipe.name}-*.log"))[:-4]:
+        old.unlink(missing_ok=True)
+    return logs / f"build-{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 
 
 def _mounts_below(path: Path) -> list[str]:
@@ -397,7 +489,9 @@ def clean(paths: Paths, keys: bool = False) -> list[Path]:
     removed = []
     if paths.cache.is_dir():
         for path in sorted(paths.cache.iterdir()):
-            if path.is_dir():
+            # Only what a build made: <recipe>-<16 hex> entries and .tmp-* leftovers, never a stranger's directory.
+            ours = re.fullmatch(r"[\w.-]+-[0-9a-f]{16}", path.name) or path.name.startswith(".tmp-")
+            if path.is_dir() and ours:
                 for sub in path.iterdir():
                     sub.chmod(0o644) if sub.is_file() else None
                 remove_tree(path)

@@ -186,3 +186,99 @@ def test_damaged_entry_is_rebuilt_not_used(paths, pubkey, monkeypatch):
     monkeypatch.setattr(image.hostdeps, "ensure", lambda *a, **k: None)
     assert image.build(paths) == ("new", True)
     assert len(rebuilt) == 1
+
+
+def _forced_build(paths, monkeypatch, build_into):
+    monkeypatch.setattr(image.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(image.hostdeps, "ensure", lambda *a, **k: None)
+    monkeypatch.setattr(image, "_build_into", build_into)
+    return image.build(paths, force=True)
+
+
+def test_a_failed_forced_rebuild_leaves_the_old_entry_and_its_snapshots(paths, pubkey, monkeypatch):
+    entry = fake_entry(paths, pubkey)
+    (entry / "snapshots/abc").mkdir(parents=True)
+    (entry / "snapshots/abc/meta.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in entry.iterdir() if p.is_file()}
+
+    def unreachable_mirror(paths, recipe, key, work, pubkey, mirror):
+        (work / "root").mkdir()
+        raise ImageError("mmdebstrap failed (exit 1): E: Failed to fetch http://127.0.0.1:9/ Connection refused")
+
+    with pytest.raises(ImageError, match="Connection refused"):
+        _forced_build(paths, monkeypatch, unreachable_mirror)
+    assert {p.name: p.read_bytes() for p in entry.iterdir() if p.is_file()} == before
+    assert (entry / "snapshots/abc/meta.json").exists()
+    assert image.Image.load(entry).damaged() == []
+    assert sorted(p.name for p in paths.cache.iterdir()) == [".lock", entry.name]
+
+
+def test_a_forced_rebuild_swaps_the_new_entry_in_only_when_it_is_whole(paths, pubkey, monkeypatch):
+    entry = fake_entry(paths, pubkey)
+    (entry / "snapshots/old").mkdir(parents=True)
+    seen = []
+
+    def new_build(paths, recipe, key, work, pubkey, mirror):
+        seen.append((entry / image.MANIFEST).exists())  # the old entry is still there while building
+        for name in (image.ROOTFS, image.KERNEL, image.INITRD):
+            (work / name).write_bytes(b"new " + name.encode())
+        sums = {name: image.file_sha256(work / name) for name in (image.ROOTFS, image.KERNEL, image.INITRD)}
+        (work / image.MANIFEST).write_text(json.dumps({"recipe": "bookworm", "recipe_hash": key,
+                                                       "kernel_release": "6.1.0-new", "host_key": "k", "sha256": sums}))
+
+    img, built = _forced_build(paths, monkeypatch, new_build)
+    assert built and seen == [True]
+    assert img.directory == entry and img.kernel_release == "6.1.0-new"
+    assert not (entry / "snapshots").exists()  # snapshots of the old image went with it
+    assert sorted(p.name for p in paths.cache.iterdir()) == [".lock", entry.name]
+
+
+def test_build_tool_failure_keeps_the_causes_from_the_middle_of_its_output(tmp_path):
+    script = ("echo 'I: downloading'; echo 'E: Failed to fetch http://127.0.0.1:9/dists/bookworm/InRelease "
+              "Connection refused'; for i in $(seq 50); do echo \"I: line $i\"; done; "
+              "echo 'dpkg: error: No space left on device'; echo 'I: cleaning up'; exit 1")
+    log = tmp_path / "build.log"
+    with pytest.raises(ImageError) as caught:
+        image._run(["sh", "-c", script], "mmdebstrap", log=log)
+    message = str(caught.value)
+    assert "E: Failed to fetch" in message and "No space left on device" in message
+    assert "I: line 7" not in message
+    assert message.endswith(f"full log: {log}")
+    assert "I: line 50" in log.read_text()
+
+
+def test_failure_summary_falls_back_to_the_last_lines():
+    assert image.failure_summary(["I: a", "I: b", "", "I: c", "I: d"]) == "I: b | I: c | I: d"
+
+
+def test_a_build_through_sudo_hands_the_entry_and_key_to_the_invoking_user(paths, pubkey, monkeypatch):
+    entry = fake_entry(paths, pubkey)
+    chowned = []
+    monkeypatch.setattr(image.os, "geteuid", lambda: 0)
+    handed = image.hand_to_invoker(paths, entry, environ={"SUDO_UID": "1000", "SUDO_GID": "1000"},
+                                   chown=lambda path, uid, gid, **k: chowned.append((Path(path), uid, gid)))
+    assert entry in handed and paths.keys in handed
+    assert (entry / image.ROOTFS, 1000, 1000) in chowned
+    assert (paths.client_key, 1000, 1000) in chowned
+    assert image.hand_to_invoker(paths, entry, environ={}, chown=lambda *a, **k: pytest.fail("no sudo")) == []
+
+
+def test_a_rootless_user_who_cannot_read_the_entry_is_told_what_to_run(paths, pubkey, monkeypatch):
+    entry = fake_entry(paths, pubkey)
+
+    def denied(directory):
+        raise PermissionError(13, "Permission denied", str(directory / image.MANIFEST))
+
+    monkeypatch.setattr(image.Image, "load", staticmethod(denied))
+    with pytest.raises(ImageError, match=r"not readable by this user .*sudo chown -R \d+:\d+ .*images.build --force"):
+        image.find(paths)
+    assert entry.exists()
+
+
+def test_clean_removes_only_what_a_build_made(paths, pubkey):
+    entry = fake_entry(paths, pubkey)
+    stranger = paths.cache / "my-notes"
+    stranger.mkdir()
+    (stranger / "keep.txt").write_text("mine")
+    removed = image.clean(paths)
+    assert removed == [entry] and (stranger / "keep.txt").exists()
