@@ -11,23 +11,39 @@ from pathlib import Path
 
 
 class FakeQMPServer:
-    """Speaks enough QMP for socklab: greeting, qmp_capabilities, quit (which runs ``on_quit``)."""
+    """Speaks enough QMP for socklab: greeting, qmp_capabilities, quit (which runs ``on_quit``).
 
-    def __init__(self, path: Path, on_quit=None) -> None:
+    ``replies`` maps a command to what it returns (``{}`` otherwise); ``silent``
+    accepts connections but never greets, like a QEMU stopped with SIGSTOP.
+    Every connection is served, one after the other.
+    """
+
+    def __init__(self, path: Path, on_quit=None, replies: dict | None = None, silent: bool = False) -> None:
         self.path = path
         self.on_quit = on_quit
+        self.replies = replies or {}
+        self.silent = silent
         self.commands: list[str] = []
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(path))
-        self._listener.listen(1)
-        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._listener.listen(8)
+        self._thread = threading.Thread(target=self._serve_all, daemon=True)
         self._thread.start()
 
-    def _serve(self) -> None:
-        try:
-            conn, _ = self._listener.accept()
-        except OSError:
-            return
+    def _serve_all(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            if self.silent:
+                self._held = conn  # kept open, never answered
+                continue
+            if self._serve(conn):
+                return
+
+    def _serve(self, conn) -> bool:
+        """One client; True once it sent ``quit``."""
         with conn:
             greeting = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""},
                                 "capabilities": []}}
@@ -38,7 +54,7 @@ class FakeQMPServer:
             while True:
                 data = conn.recv(4096)
                 if not data:
-                    return
+                    return False
                 buffered += data.decode()
                 while buffered.strip():
                     try:
@@ -47,14 +63,14 @@ class FakeQMPServer:
                         break
                     buffered = buffered.lstrip()[end:]
                     self.commands.append(request["execute"])
-                    reply = {"return": {}}
+                    reply = {"return": self.replies.get(request["execute"], {})}
                     if "id" in request:
                         reply["id"] = request["id"]
                     conn.sendall(json.dumps(reply).encode() + b"\r\n")
                     if request["execute"] == "quit":
                         if self.on_quit:
                             self.on_quit()
-                        return
+                        return True
 
     def close(self) -> None:
         self._listener.close()

@@ -17,7 +17,8 @@ import pytest
 
 from harness import agent as agent_mod
 from harness.agent import (
-    GUEST_AGENT, Agent, AgentDied, AgentHost, AgentReply, AgentRequestError, AgentTimeout, decode_reply,
+    GUEST_AGENT, Agent, AgentDied, AgentGuestStopped, AgentHost, AgentReply, AgentRequestError, AgentTimeout,
+    decode_reply,
     describe_step, encode_args, measure_latency,
 )
 from harness.errors import LabError
@@ -373,6 +374,29 @@ def test_a_timeout_names_the_step_and_the_late_reply_is_skipped(ssh, remote_dir)
         assert "vm-under-test" in str(caught.value) and "sleep(seconds=1)" in str(caught.value)
         assert "0.2 s" in str(caught.value)
         assert agent.call("socket", family=2, type=2).ret == 3  # the sleep's reply came first and was dropped
+
+
+def test_a_stopped_vm_is_reported_while_the_agent_waits_not_after_the_step_timeout(ssh, remote_dir):
+    """The watch is asked every WATCH_INTERVAL s of silence; a fault ends the wait at once, the agent is dropped."""
+    looks = []
+
+    def watch():
+        looks.append(time.monotonic())
+        return "QEMU of vm-under-test (pid 42) is stopped (process state T)" if len(looks) >= 2 else None
+
+    with local_agent(ssh, remote_dir, watch=watch) as agent:
+        started = time.monotonic()
+        with pytest.raises(AgentGuestStopped, match="cannot answer sleep.*process state T"):
+            agent.request("sleep", {"seconds": 30}, timeout=60)
+        took = time.monotonic() - started
+        assert 2 * agent_mod.WATCH_INTERVAL <= took < 2 * agent_mod.WATCH_INTERVAL + 1.5
+        assert not agent.running
+
+
+def test_every_channel_the_agent_opens_has_a_bound(ssh, remote_dir):
+    with local_agent(ssh, remote_dir) as agent:
+        agent.call("socket", family=2, type=2)
+    assert ssh.client.get_transport().open_timeouts == [agent_mod.SSH_CHANNEL_OPEN]
 
 
 def test_step_timeouts_stretch_for_steps_that_wait(ssh):

@@ -190,3 +190,159 @@ def test_cold_up_neither_restores_nor_saves(lab, tmp_path, monkeypatch):
     monkeypatch.setattr(Lab, "_boot", lambda self, state, topo, plan, snapshots, deadline: None)
     state, _ = lab.up("default", "auto", "socket", cold=True)
     assert state.boot_mode == "cold boot"
+
+
+# -- ownership and lab names -------------------------------------------------------------------
+
+def _fake_qemu(uuid: str):
+    """A real process whose command line carries ``-uuid UUID`` as its own arguments, as our QEMUs do."""
+    import subprocess
+    import sys
+    import time
+
+    from harness import owner
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-uuid", uuid])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        info = owner.process_info(proc.pid)
+        if info is not None and owner.argv_uuid(info.argv) == uuid:
+            break
+        time.sleep(0.01)
+    return proc
+
+
+def test_lab_names_get_their_own_dirs_ids_and_locks(tmp_path):
+    paths = Paths(images=tmp_path / "images", home=tmp_path / "home")
+    default, second = Lab(paths), Lab(paths, "second")
+    assert default.run_dir == paths.home / "run" and default.id == lab_mod.lab_id(paths)
+    assert second.run_dir == paths.home / "labs/second/run"
+    assert len({default.id, second.id, Lab(paths, "third").id}) == 3
+    assert len(f"sl{second.id}7") <= 15
+    with default.locked():
+        with second.locked():  # another name is another lab: no refusal
+            pass
+
+
+def test_down_kills_only_its_own_qemus_even_when_every_run_dir_is_the_same(tmp_path):
+    """Two labs (two homes, or two names of one home): each one's down and crash sweep leaves the other's QEMU."""
+    from harness import owner
+
+    paths = Paths(images=tmp_path / "images", home=tmp_path / "home")
+    mine, theirs = Lab(paths, "mine"), Lab(paths, "theirs")
+    lost = _fake_qemu(owner.new_vm_uuid(mine.key))  # ours, but the state file never learnt its pid
+    other = _fake_qemu(owner.new_vm_uuid(theirs.key))
+    try:
+        assert mine.qemu_pids() == [lost.pid]
+        done = mine.down()
+        assert done == [f"pid {lost.pid}: killed (not in state)"]
+        assert lost.wait(5) == -9
+        assert other.poll() is None
+        assert theirs.qemu_pids() == [other.pid]
+    finally:
+        for proc in (lost, other):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_recycled_pid_is_not_stopped(lab, monkeypatch):
+    """The state names pid P, but P is now somebody else's process: down leaves it alone."""
+    import os
+    import subprocess
+    import sys
+
+    from harness import owner
+
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "socklab-server,"])
+    try:
+        vm = VMState(name="server", index=0, ssh_port=1, lab_ip="198.51.100.1/24", mgmt_mac="m", lab_mac="l",
+                     pid=stranger.pid, uuid=owner.new_vm_uuid(lab.key), start_ticks=1)
+        lab.save(LabState(lab_id=lab.id, topology="single", vms=[vm]))
+        assert not lab.owned(vm)
+        assert lab.down() == ["server: not running", "state, overlays and sockets: removed"]
+        assert stranger.poll() is None
+    finally:
+        os.kill(stranger.pid, 9)
+        stranger.wait()
+
+
+def test_a_sigstopped_qemu_is_reported_as_stopped(lab):
+    import os
+    import signal
+    import time
+
+    from harness import owner
+
+    vm_uuid = owner.new_vm_uuid(lab.key)
+    proc = _fake_qemu(vm_uuid)
+    try:
+        vm = VMState(name="server", index=0, ssh_port=1, lab_ip="198.51.100.1/24", mgmt_mac="m", lab_mac="l",
+                     pid=proc.pid, uuid=vm_uuid, start_ticks=owner.start_ticks(proc.pid))
+        lab.save(LabState(lab_id=lab.id, topology="single", vms=[vm]))
+        assert lab.paused(vm) is None
+        os.kill(proc.pid, signal.SIGSTOP)
+        while not owner.stopped(proc.pid):
+            time.sleep(0.01)
+        started = time.monotonic()
+        fault = lab.vm_fault("server")
+        assert time.monotonic() - started < 1
+        assert fault.startswith(f"QEMU of server (pid {proc.pid}) is stopped (process state T")
+        assert f"kill -CONT {proc.pid}" in fault
+        with pytest.raises(LabError, match="is stopped"):
+            lab.ssh("server")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("status,paused", [("paused", True), ("postmigrate", True), ("running", False)])
+def test_a_guest_paused_over_qmp_is_reported_as_paused(lab, tmp_path, status, paused):
+    from .fakes import FakeQMPServer
+
+    from harness import owner
+
+    vm_uuid = owner.new_vm_uuid(lab.key)
+    proc = _fake_qemu(vm_uuid)
+    qmp = FakeQMPServer(tmp_path / "server.qmp", replies={"query-status": {"status": status, "running": False}})
+    try:
+        vm = VMState(name="server", index=0, ssh_port=1, lab_ip="198.51.100.1/24", mgmt_mac="m", lab_mac="l",
+                     pid=proc.pid, uuid=vm_uuid, qmp=str(tmp_path / "server.qmp"))
+        lab.save(LabState(lab_id=lab.id, topology="single", vms=[vm]))
+        fault = lab.guest_paused("server")
+        if paused:
+            assert fault.startswith(f"the guest server is not running: QMP says {status!r}")
+        else:
+            assert fault is None
+        assert "query-status" in qmp.commands
+    finally:
+        qmp.close()
+        proc.kill()
+        proc.wait()
+
+
+def test_a_monitor_that_never_answers_does_not_hang_the_pause_check(lab, tmp_path):
+    import time
+
+    from .fakes import FakeQMPServer
+
+    qmp = FakeQMPServer(tmp_path / "server.qmp", silent=True)
+    vm = VMState(name="server", index=0, ssh_port=1, lab_ip="198.51.100.1/24", mgmt_mac="m", lab_mac="l",
+                 pid=os.getpid(), qmp=str(tmp_path / "server.qmp"))
+    started = time.monotonic()
+    assert lab.paused(vm) is None
+    assert time.monotonic() - started < 4 * lab_mod.QMP_PROBE
+    qmp.close()
+
+
+def test_the_lab_is_marked_ready_only_after_its_snapshots_are_saved(lab, tmp_path, monkeypatch):
+    """A socklab killed while saving leaves ready=False, so the next up cleans the lab instead of trusting it."""
+    monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
+    monkeypatch.setattr(lab_mod.image, "find", lambda paths: FakeImage(tmp_path))
+    monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
+    monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "test"))
+    monkeypatch.setattr(Lab, "_usable_snapshots", lambda self, store, keys: {})
+    monkeypatch.setattr(Lab, "_boot", lambda self, state, topo, plan, snapshots, deadline: self.save(state))
+    seen = []
+    monkeypatch.setattr(Lab, "_save_snapshots", lambda self, state, store, keys: seen.append(self.load().ready))
+    state, _ = lab.up("default", "auto", "socket")
+    assert seen == [False] and state.ready and lab.load().ready

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -93,3 +94,70 @@ def test_store_discard_removes_it(tmp_path):
     write_snapshot(store.root / "abc")
     store.discard("abc")
     assert store.get("abc").problem() == "missing"
+
+
+def _fake_migrate(content: bytes = b"S" * 1000, before_write=None):
+    def migrate(qmp_socket, target):
+        if before_write:
+            before_write(target)
+        target.write_bytes(content)
+    return migrate
+
+
+def test_a_save_is_written_aside_then_renamed_into_place(tmp_path, monkeypatch):
+    store = snapshot.SnapshotStore(tmp_path)
+    overlay = tmp_path / "server.qcow2"
+    overlay.write_bytes(b"D" * 300)
+    seen = []
+    monkeypatch.setattr(qemu, "migrate_to_file", _fake_migrate(before_write=lambda target: seen.append(target.parent)))
+    snap = store.save("abc", tmp_path / "qmp", overlay)
+    assert snap.problem() is None
+    work = seen[0]
+    assert work.parent == store.root and work.name.startswith(f".tmp-abc-{os.getpid()}-") and not work.exists()
+
+
+def test_a_failed_save_leaves_neither_a_snapshot_nor_its_temporary_files(tmp_path, monkeypatch):
+    store = snapshot.SnapshotStore(tmp_path)
+    (tmp_path / "server.qcow2").write_bytes(b"D")
+
+    def fails(qmp_socket, target):
+        target.write_bytes(b"half")
+        raise qemu.LabError("saving the guest state failed: boom")
+
+    monkeypatch.setattr(qemu, "migrate_to_file", fails)
+    with pytest.raises(qemu.LabError):
+        store.save("abc", tmp_path / "qmp", tmp_path / "server.qcow2")
+    assert list(store.root.iterdir()) == []
+
+
+def test_a_snapshot_another_lab_saved_meanwhile_is_kept(tmp_path, monkeypatch):
+    store = snapshot.SnapshotStore(tmp_path)
+    existing = write_snapshot(store.root / "abc")
+    inode = existing.disk.stat().st_ino
+    (tmp_path / "server.qcow2").write_bytes(b"E" * 300)
+    monkeypatch.setattr(qemu, "migrate_to_file", _fake_migrate(b"T" * 1000))
+    store.save("abc", tmp_path / "qmp", tmp_path / "server.qcow2")
+    assert existing.disk.stat().st_ino == inode  # a lab restored from it may have it open as its backing file
+    assert [p.name for p in store.root.iterdir()] == ["abc"]
+
+
+def test_leftovers_of_a_killed_save_are_removed_but_a_live_save_is_not(tmp_path):
+    import subprocess
+    import sys
+
+    from harness import owner
+
+    store = snapshot.SnapshotStore(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    me = os.getpid()
+    killed = store.root / f".tmp-abc-{dead.pid}-123-x1"
+    recycled = store.root / f".tmp-abc-{me}-{owner.start_ticks(me) + 1}-x2"  # our pid, another start time
+    old_layout = store.root / ".tmp-abc"
+    live = store.root / f".tmp-def-{me}-{owner.start_ticks(me)}-x3"
+    for path in (killed, recycled, old_layout, live):
+        (path / "sub").mkdir(parents=True)
+        (path / snapshot.STATE).write_bytes(b"half")
+    removed = store.remove_interrupted()
+    assert sorted(removed) == sorted([killed, recycled, old_layout])
+    assert live.exists()
