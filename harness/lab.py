@@ -460,6 +460,7 @@ class Lab:
                 name=name, run_dir=self.run_dir, kernel=img.kernel, initrd=img.initrd,
                 overlay=self.run_dir / f"{name}.qcow2", ssh_port=0, mgmt_mac=net.mac_address(0, index),
                 lab_ip=net.lab_address(index), lab_nic=lab_nic, accel=state.accel, memory_mib=topo.memory_mib,
+                sandbox=True,
             ))
         return specs
 

@@ -68,6 +68,8 @@ class VMSpec:
     incoming: Path | None = None
     # Unique per VM and boot: what tells this QEMU from every other one (harness/owner.py).
     uuid: str = ""
+    # seccomp (-sandbox): see SANDBOX.
+    sandbox: bool = False
 
     @property
     def qmp_socket(self) -> Path:
@@ -105,8 +107,17 @@ class VMSpec:
         return " ".join([*params, *self.extra_append])
 
 
-def qemu_argv(spec: VMSpec) -> list[str]:
-    """The QEMU command line for ``spec``: no default devices, only what a lab VM uses."""
+# seccomp: no obsolete syscalls, no changing scheduling or CPU affinity. `spawn=deny` would also forbid the
+# fork of -daemonize, and `elevateprivileges=deny` its setsid(), so both stay allowed (docs/security.md).
+SANDBOX = "on,obsolete=deny,resourcecontrol=deny"
+
+
+def qemu_argv(spec: VMSpec, incoming_fd: int | None = None) -> list[str]:
+    """The QEMU command line for ``spec``: no default devices, only what a lab VM uses.
+
+    A snapshot is loaded from ``incoming_fd``, a descriptor socklab opened and
+    QEMU inherits, so QEMU spawns no helper to read it.
+    """
     argv = [
         QEMU,
         "-name", f"socklab-{spec.name},process=socklab-{spec.name}",
@@ -137,8 +148,11 @@ def qemu_argv(spec: VMSpec) -> list[str]:
         "-pidfile", str(spec.pidfile),
         "-daemonize",
     ]
+    if spec.sandbox:
+        argv += ["-sandbox", SANDBOX]
     if spec.incoming is not None:
-        argv += ["-incoming", f"exec:cat {shlex.quote(str(spec.incoming))}"]
+        argv += ["-incoming", f"fd:{incoming_fd}" if incoming_fd is not None
+                 else f"exec:cat {shlex.quote(str(spec.incoming))}"]
     return argv
 
 
@@ -161,8 +175,14 @@ def start(spec: VMSpec, popen=subprocess.Popen) -> int:
     """
     for stale in (spec.pidfile, spec.qmp_socket, spec.console_socket):
         stale.unlink(missing_ok=True)
-    proc = popen(qemu_argv(spec), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _out, err = proc.communicate(timeout=60)
+    incoming_fd = os.open(spec.incoming, os.O_RDONLY | os.O_CLOEXEC) if spec.incoming is not None else None
+    try:
+        proc = popen(qemu_argv(spec, incoming_fd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True, pass_fds=() if incoming_fd is None else (incoming_fd,))
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if incoming_fd is not None:
+            os.close(incoming_fd)
     if proc.returncode != 0:
         message = " ".join(line for line in err.strip().splitlines() if line)[-400:]
         raise LabError(f"QEMU for {spec.name} did not start: {message or f'exit {proc.returncode}'}")
@@ -219,20 +239,32 @@ def migrate_to_file(socket_path: Path, target: Path, timeout: float = SNAPSHOT_S
     """
     import asyncio
 
-    from qemu.qmp import QMPClient
+    from qemu.qmp import ExecuteError, QMPClient
 
     async def exchange() -> None:
+        try:
+            await save()
+        except ExecuteError as exc:
+            raise LabError(f"saving the guest state failed: {exc}") from exc
+        except asyncio.TimeoutError as exc:
+            raise LabError(f"QEMU's monitor did not answer within {QMP_CALL:g} s while saving") from exc
+
+    async def save() -> None:
         client = QMPClient("socklab-snapshot")
         await asyncio.wait_for(client.connect(str(socket_path)), QMP_CONNECT)
 
         async def call(command: str, arguments: dict | None = None) -> object:
             return await asyncio.wait_for(client.execute(command, arguments), QMP_CALL)
 
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             await call("stop")
             # The default 128 MiB/s cap would make a paused guest's save crawl.
             await call("migrate-set-parameters", {"max-bandwidth": 8 << 30})
-            await call("migrate", {"uri": f"exec:cat > {shlex.quote(str(target))}"})
+            # The file is opened here and handed over (SCM_RIGHTS): QEMU spawns no `cat` to write it.
+            client.send_fd_scm(fd)
+            await call("getfd", {"fdname": "snapshot"})
+            await call("migrate", {"uri": "fd:snapshot"})
             ends = time.monotonic() + timeout
             while True:
                 status = await call("query-migrate")
@@ -245,6 +277,7 @@ def migrate_to_file(socket_path: Path, target: Path, timeout: float = SNAPSHOT_S
                     raise LabError(f"saving the guest state took over {timeout:.0f} s")
                 await asyncio.sleep(0.02)
         finally:
+            os.close(fd)
             await asyncio.wait_for(client.disconnect(), QMP_CALL)
 
     asyncio.run(exchange())
@@ -258,10 +291,18 @@ def resume_incoming(socket_path: Path, timeout: float = 20.0) -> None:
     """
     import asyncio
 
-    from qemu.qmp import QMPClient
+    from qemu.qmp import ExecuteError, QMPClient
 
     async def exchange() -> None:
         client = QMPClient("socklab-resume")
+        try:
+            await resume(client)
+        except ExecuteError as exc:
+            raise LabError(f"the snapshot did not load: {exc}") from exc
+        except asyncio.TimeoutError as exc:
+            raise LabError(f"QEMU's monitor did not answer within {QMP_CALL:g} s while resuming") from exc
+
+    async def resume(client) -> None:
         ends = time.monotonic() + timeout
         while True:  # the monitor socket appears as QEMU starts
             try:

@@ -143,3 +143,32 @@ def test_is_running_ignores_zombies_and_recycled_pids():
         time.sleep(0.02)
     assert not qemu.is_running(proc.pid, "zombie")  # dead, not yet reaped: still "not running"
     proc.wait()
+
+
+def test_a_vm_carries_its_uuid_and_the_sandbox_as_whole_arguments(tmp_path):
+    argv = qemu.qemu_argv(make_spec(tmp_path, uuid="a1b2c3d4-0000-4000-8000-000000000001", sandbox=True))
+    assert option_values(argv, "-uuid") == ["a1b2c3d4-0000-4000-8000-000000000001"]
+    assert option_values(argv, "-sandbox") == [qemu.SANDBOX]
+    assert "spawn=deny" not in qemu.SANDBOX  # -daemonize forks: a sandbox that forbids it kills QEMU at start
+    assert "-uuid" not in qemu.qemu_argv(make_spec(tmp_path)) and "-runas" not in argv
+
+
+def test_a_snapshot_is_loaded_from_a_descriptor_qemu_inherits(tmp_path):
+    """No `exec:cat PATH`: socklab opens the snapshot and QEMU reads the inherited fd."""
+    import os
+
+    state = tmp_path / "state.migration"
+    state.write_bytes(b"QEVM")
+    spec = make_spec(tmp_path, incoming=state)
+    seen = {}
+
+    def effect(argv):
+        fd = int(option_values(argv, "-incoming")[0].removeprefix("fd:"))
+        seen["fd"], seen["head"] = fd, os.pread(fd, 4, 0)
+        spec.pidfile.write_text("4242\n")
+
+    popen = FakePopen(effect=effect)
+    assert qemu.start(spec, popen=popen) == 4242
+    assert seen["head"] == b"QEVM"
+    with pytest.raises(OSError):
+        os.fstat(seen["fd"])  # closed again once QEMU has it
