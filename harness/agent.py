@@ -59,6 +59,10 @@ class AgentTimeout(AgentError):
     """The agent did not answer a step in time."""
 
 
+class AgentPushError(AgentError):
+    """The agent could not be copied into the guest (a full file system, most often)."""
+
+
 class AgentGuestStopped(AgentError):
     """The agent cannot answer because its VM does not run (a paused guest, a stopped QEMU)."""
 
@@ -330,8 +334,25 @@ class Agent:
                     sftp.posix_rename(staging, remote)  # concurrent starts never see half a file
                     self._remove_old_versions(sftp, remote)
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            raise AgentError(f"{self.vm}: cannot copy the agent to {remote}: {exc}") from exc
+            raise AgentPushError(f"{self.vm}: cannot copy the agent to {remote}: {exc}{self._space_left()}") from exc
         known.add(remote)
+
+    def _space_left(self) -> str:
+        """``; the guest's /run is full ...`` when the file system the agent goes to has no room, else ``""``.
+
+        SFTP reports a full disk as a generic failure, or (paramiko's check
+        after the copy) as a size mismatch; neither says why.
+        """
+        try:
+            line = self.ssh.run(f"df -Pk {shlex.quote(self.remote_dir)} 2>/dev/null || df -Pk /run", timeout=5)
+            fields = line.stdout.strip().splitlines()[-1].split()
+            free_kib, mount = int(fields[3]), fields[5]
+        except (LabError, OSError, EOFError, paramiko.SSHException, IndexError, ValueError):
+            return ""
+        if free_kib * 1024 >= 2 * self.source.stat().st_size:
+            return ""
+        return (f"; the guest's {mount} is full ({free_kib} KiB free): free space there, e.g. "
+                f"`invoke lab.exec {self.vm} -- df -h {mount}`, or `invoke lab.down` and `lab.up` for a fresh guest")
 
     def _remove_old_versions(self, sftp: Any, current: str) -> None:
         """Older agent files go; agents already running from them have read them and keep going."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import paramiko
 
-from ..agent import Agent, AgentError, AgentRequestError, AgentTimeout
+from ..agent import Agent, AgentError, AgentPushError, AgentRequestError, AgentTimeout
 from ..errors import LabError, SocklabError, SSHError
 from ..stats import collect_many
 from .compare import Outcome
@@ -72,6 +72,8 @@ class LabBackend:
         fault = vm_fault(host) if vm_fault is not None else None
         if fault is not None:
             return GuestFault(f"{fault}\n(what the step saw: {exc})")
+        if isinstance(exc, AgentPushError):
+            return GuestFault(str(exc))  # it never started: nothing of the agent to look for
         answers, logged = self._guest_evidence(host)
         if not answers:
             return GuestFault(f"{exc}\nQEMU of {host} runs and its SSH connection is up, but the guest does not run "

@@ -399,6 +399,34 @@ def test_every_channel_the_agent_opens_has_a_bound(ssh, remote_dir):
     assert ssh.client.get_transport().open_timeouts == [agent_mod.SSH_CHANNEL_OPEN]
 
 
+def test_a_full_guest_file_system_is_named_when_the_agent_cannot_be_copied(ssh, remote_dir, monkeypatch):
+    """SFTP says only "size mismatch" for a full tmpfs; the error says which file system is full."""
+    from types import SimpleNamespace
+
+    def full(self, handle, path):
+        Path(path).write_bytes(b"")
+        raise OSError("size mismatch in put!  0 != 46810")
+
+    monkeypatch.setattr(LocalSFTP, "putfo", full)
+    ssh.run = lambda command, timeout=30.0, check=False: SimpleNamespace(
+        stdout="Filesystem 1024-blocks Used Available Capacity Mounted on\ntmpfs 240000 240000 0 100% /run\n")
+    with pytest.raises(agent_mod.AgentPushError, match=r"size mismatch in put.*; the guest's /run is full \(0 KiB free\)"):
+        local_agent(ssh, remote_dir).start()
+
+
+def test_a_copy_that_fails_with_room_to_spare_blames_no_disk(ssh, remote_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    def broken(self, handle, path):
+        raise OSError("Failure")
+
+    monkeypatch.setattr(LocalSFTP, "putfo", broken)
+    ssh.run = lambda command, timeout=30.0, check=False: SimpleNamespace(stdout="tmpfs 240000 10 239990 1% /run\n")
+    with pytest.raises(agent_mod.AgentPushError) as caught:
+        local_agent(ssh, remote_dir).start()
+    assert str(caught.value).endswith("Failure")
+
+
 def test_step_timeouts_stretch_for_steps_that_wait(ssh):
     agent = Agent(ssh, timeout=10.0, block_ms=2000)
     assert agent.step_timeout("bind", {}) == 10.0

@@ -15,7 +15,7 @@ import pytest
 from harness.lab import Lab
 from harness.paths import REPO_ROOT
 
-from .conftest import CLEAN, _qemu_pids, leftovers, make_home
+from .conftest import CLEAN, leftovers, make_home
 
 pytestmark = pytest.mark.vm
 
@@ -95,13 +95,13 @@ def test_two_lab_ups_at_once_never_make_two_labs(cli_lab):
         assert any("a lab is already running; not starting another" in out for out in outputs)
     state = cli_lab.require()
     assert all(cli_lab.alive(state).values())
-    assert sorted(_qemu_pids(cli_lab.run_dir)) == sorted(vm.pid for vm in state.vms)  # two QEMUs, the state's
+    assert sorted(cli_lab.qemu_pids()) == sorted(vm.pid for vm in state.vms)  # two QEMUs, the state's
 
     # While that lab runs, a third lab.up reports it and starts nothing.
     third = _invoke(cli_lab, "lab.up")
     output, _ = third.communicate(timeout=120)
     assert third.returncode == 0 and "a lab is already running; not starting another" in output
-    assert sorted(_qemu_pids(cli_lab.run_dir)) == sorted(vm.pid for vm in state.vms)
+    assert sorted(cli_lab.qemu_pids()) == sorted(vm.pid for vm in state.vms)
 
     # A second lab.up while the first holds the lock (taken for sure) is told who holds it.
     cli_lab.down()
