@@ -473,6 +473,19 @@ def test_student_steps_cannot_change_what_root_runs(lab):
     assert result == ["1000", "CapEff:", "0000000000000000"], result
 
 
+# -------------------------------------------------------------------------------------------- QEMU's confinement
+
+@vm
+def test_qemu_runs_under_seccomp(lab):
+    """Every lab QEMU has its seccomp filter on (-sandbox) and carries the UUID the lab gave it."""
+    from harness import owner
+
+    for vm_ in lab.require().vms:
+        assert "Seccomp:\t2" in Path(f"/proc/{vm_.pid}/status").read_text()
+        info = owner.process_info(vm_.pid)
+        assert owner.argv_uuid(info.argv) == vm_.uuid and info.start_ticks == vm_.start_ticks
+
+
 # -------------------------------------------------------------------------------------------- private files
 
 @vm

@@ -47,7 +47,7 @@ def leftovers(lab: Lab, since: float | None = None) -> dict[str, Any]:
         "run_dir": lab.run_dir.exists(),
         "overlays": [str(p) for p in lab.paths.home.rglob("*.qcow2")],
         "home": sorted(p.name for p in lab.paths.home.iterdir() if p.name not in
-                       {"keys", "accel-probe.json", "lab.lock", "use.lock", "logs", HOME_MARKER}),
+                       {"keys", "accel-probe.json", "lab.lock", "use.lock", "logs", "labs", HOME_MARKER}),
     }
     # A half-written snapshot that stayed (a save in progress elsewhere is younger than a minute).
     snapshots = _image_dir(lab) / "snapshots"
