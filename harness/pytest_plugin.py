@@ -19,8 +19,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def lab() -> Lab:
-    """The live lab (topology from SOCKLAB_TOPOLOGY, default ``default``); booted here if not running."""
-    lab = Lab(Paths.default())
+    """The live lab (topology from SOCKLAB_TOPOLOGY, default ``default``; name from SOCKLAB_LAB); booted here if not running."""
+    lab = Lab(Paths.default(), os.environ.get("SOCKLAB_LAB") or "default")
     state = lab.load()
     booted = False
     if state is None or not all(lab.alive(state).values()):
