@@ -27,14 +27,18 @@ def offloads(lab, name: str) -> tuple[str, str]:
 
 def status_table(lab, state, live: bool = True) -> Table:
     alive = lab.alive(state)
-    table = Table(title=f"socklab lab {state.lab_id} ({state.topology})", title_justify="left")
+    name = getattr(state, "name", "default")
+    table = Table(title=f"socklab lab {name!r}: {state.lab_id} ({state.topology})", title_justify="left")
     for column in ("VM", "pid", "state", "SSH", "lab0", "up", "sg", "tx-csum"):
         table.add_column(column, overflow="fold")
     uptime = f"{time.time() - state.started_at:.0f} s" if state.started_at else "-"
     for vm in state.vms:
         running = alive.get(vm.name, False)
-        sg, csum = offloads(lab, vm.name) if (live and running) else ("-", "-")
-        table.add_row(vm.name, str(vm.pid or "-"), "running" if running else "[red]dead[/]",
+        # A stopped QEMU or a paused guest answers no SSH: say so instead of waiting on it.
+        paused = running and hasattr(lab, "paused") and lab.paused(vm)
+        sg, csum = offloads(lab, vm.name) if (live and running and not paused) else ("-", "-")
+        shown = "[yellow]paused[/]" if paused else "running" if running else "[red]dead[/]"
+        table.add_row(vm.name, str(vm.pid or "-"), shown,
                       f":{vm.ssh_port}", vm.address, uptime, sg, csum)
     table.caption = (f"accelerator {state.accel}: {state.accel_reason}\n"
                      f"segment {state.segment}: {state.segment_reason}"

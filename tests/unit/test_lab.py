@@ -346,3 +346,27 @@ def test_the_lab_is_marked_ready_only_after_its_snapshots_are_saved(lab, tmp_pat
     monkeypatch.setattr(Lab, "_save_snapshots", lambda self, state, store, keys: seen.append(self.load().ready))
     state, _ = lab.up("default", "auto", "socket")
     assert seen == [False] and state.ready and lab.load().ready
+
+
+def test_status_shows_a_paused_vm_and_does_not_ask_it_over_ssh():
+    from rich.console import Console
+
+    from harness.report import status_table
+
+    state = sample_state()
+    state.name = "second"
+
+    class PausedLab:
+        def alive(self, state):
+            return {"server": True}
+
+        def paused(self, vm):
+            return "QEMU of server (pid 123) is stopped"
+
+        def ssh(self, name, timeout=30):
+            raise AssertionError("a paused VM must not be asked over SSH")
+
+    console = Console(width=120, record=True)
+    console.print(status_table(PausedLab(), state, live=True))
+    text = console.export_text()
+    assert "socklab lab 'second': abc123 (default)" in text and "paused" in text
