@@ -171,7 +171,7 @@ def up(c, topology=None, accel=None, segment=None, timeout="120", cold=False, na
     state, started = lab.up(topology, accel, segment, boot_timeout=timeout, cold=cold)
     try:
         if not started:
-            progress.say(f"lab {lab.name!r} is already running; not starting another (`{_down_hint(lab)}` stops it)")
+            progress.say(f"a lab is already running; not starting another (`{_down_hint(lab)}` stops it)")
         _print_status(lab, state, live=True)
         if started:
             progress.say(f"[bold]{len(state.vms)} VMs SSH-ready in {state.boot_seconds:.1f} s[/] "
