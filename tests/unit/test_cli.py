@@ -40,6 +40,9 @@ def test_every_task_explains_itself(name, tmp_path):
     (["lab.console"], "socklab: name a VM: client or server"),
     (["lab.exec", "server"], "socklab: no command: put it after --"),
     (["lab.check", "01-sockets-are-files", "--out", ""], "socklab: the results directory is empty"),
+    (["lab.down", "--name", "../x"], "socklab: lab name '../x': use 1-32 of a-z, 0-9"),
+    (["lab.up", "--name", "Big Lab"], "socklab: lab name 'Big Lab'"),
+    (["lab.status", "--name", "a/b"], "socklab: lab name 'a/b'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     result = invoke(*args, home=tmp_path)
@@ -64,3 +67,31 @@ def test_status_without_a_lab(tmp_path):
 def test_down_without_a_lab_succeeds_twice(tmp_path):
     assert invoke("lab.down", home=tmp_path).returncode == 0
     assert invoke("lab.down", home=tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("home,message", [
+    ("", "socklab: SOCKLAB_HOME is empty"),
+    ("/", "socklab: SOCKLAB_HOME='/' is the root directory"),
+    (str(REPO_ROOT), "socklab: SOCKLAB_HOME="),
+])
+def test_an_unusable_home_is_one_line_and_touches_nothing(home, message, tmp_path):
+    """An empty home once made lab.down delete ./run and chmod the current directory to 0700."""
+    (tmp_path / "run").mkdir()
+    tmp_path.chmod(0o755)
+    env = dict(os.environ, SOCKLAB_HOME=home)
+    result = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(REPO_ROOT), "lab.down"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), result.stderr
+    assert (tmp_path / "run").is_dir() and (tmp_path.stat().st_mode & 0o777) == 0o755
+
+
+def test_a_named_lab_uses_its_own_directory(tmp_path):
+    result = invoke("lab.status", "--name", "second", home=tmp_path)
+    assert result.returncode == 0 and "no lab is running" in result.stderr
+    result = invoke("lab.down", home=tmp_path, **{})
+    assert result.returncode == 0
+    env_result = subprocess.run([sys.executable, "-m", "invoke", "lab.down"], cwd=REPO_ROOT,
+                                env=dict(os.environ, SOCKLAB_HOME=str(tmp_path), SOCKLAB_LAB="bad name"),
+                                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert env_result.returncode == 2 and "socklab: lab name 'bad name'" in env_result.stderr
