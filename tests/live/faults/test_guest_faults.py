@@ -125,9 +125,10 @@ def test_agent_killed_mid_step_names_the_step_and_quotes_its_stderr(faulty):
 
 def test_lab_nic_down_during_a_cross_host_step_is_named(faulty):
     """4. lab0 of the server goes down between the client's socket() and its connect()."""
+    # The side channel is opened first: on a loaded host its SSH handshake alone can outlast the 1.5 s pause.
+    guest = side_channel(faulty, "server")
     run = CheckInThread(faulty, CROSS).start()
     run.reached("ready")
-    guest = side_channel(faulty, "server")
     try:
         injected = time.monotonic()
         guest.run("ip link set lab0 down", check=True)
