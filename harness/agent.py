@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import paramiko
 
-from .deadline import SSH_CHANNEL_OPEN, WATCH_INTERVAL
+from .deadline import AGENT_REPLY, AGENT_START, SSH_CHANNEL_OPEN, WATCH_INTERVAL
 from .errors import LabError
 
 if TYPE_CHECKING:
@@ -29,10 +29,10 @@ if TYPE_CHECKING:
 GUEST_AGENT = Path(__file__).resolve().parent / "guest" / "agent.py"
 REMOTE_DIR = "/run/socklab/agent"  # tmpfs: a rebooted guest starts without a stale agent
 GUEST_PYTHON = "/usr/bin/python3"
-DEFAULT_TIMEOUT = 10.0
+DEFAULT_TIMEOUT = AGENT_REPLY
 DEFAULT_BLOCK_MS = 2000
 
-START_TIMEOUT = 30.0  # python3 start-up under TCG takes about a second; leave room for a busy host
+START_TIMEOUT = AGENT_START
 STDERR_TAIL_BYTES = 16 << 10
 PROTOCOL = 1
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pexpect
 import pexpect.fdpexpect
 
+from .deadline import CONSOLE_READ
 from .errors import ConsoleError
 
 LOGIN_PROMPT = re.compile(rb"login: ?$", re.M)
@@ -112,7 +113,7 @@ class GuestConsole:
     def _names(patterns: Iterable) -> str:
         return " or ".join(repr(p.pattern if hasattr(p, "pattern") else p) for p in patterns)
 
-    def login(self, timeout: float = 30.0) -> None:
+    def login(self, timeout: float = CONSOLE_READ) -> None:
         """Get a root shell: the guest autologs in on ttyS0; a plain login prompt is answered with root."""
         assert self.child is not None, "open() first"
         self.child.send(b"\r")
@@ -123,7 +124,7 @@ class GuestConsole:
         self.child.send(b"stty -echo; bind 'set enable-bracketed-paste off' 2>/dev/null\r")
         self.expect([SHELL_PROMPT], timeout)
 
-    def run(self, command: str, timeout: float = 30.0) -> tuple[str, int]:
+    def run(self, command: str, timeout: float = CONSOLE_READ) -> tuple[str, int]:
         """Run ``command`` in the console shell; return (output, exit status)."""
         assert self.child is not None, "open() first"
         token = "SL" + secrets.token_hex(4)

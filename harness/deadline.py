@@ -24,10 +24,23 @@ QMP_CALL = 5.0
 QMP_PROBE = 1.0
 # While waiting on a guest (an agent's reply, a command), how often to look whether its VM still runs.
 WATCH_INTERVAL = 2.0
+# SSH: one command's default run time, and reaching a guest's sshd.
+SSH_COMMAND = 30.0
+SSH_CONNECT = 30.0
+# The guest agent: one step's reply (stretched by what the step waits for), and its start-up
+# (python3 under TCG takes about a second; room for a busy host).
+AGENT_REPLY = 10.0
+AGENT_START = 30.0
+# A stats snapshot of one guest (ss, ethtool, /proc/net in one round trip).
+STATS_COLLECT = 20.0
 # The serial console: one expected prompt or marker.
 CONSOLE_READ = 30.0
-# Saving one VM's RAM and device state to a file.
+# QEMU: until -daemonize returns (devices set up), and until a quit guest's process is gone.
+QEMU_START = 60.0
+QEMU_STOP = 5.0
+# Saving one VM's RAM and device state to a file; a restored guest reaching SSH.
 SNAPSHOT_SAVE = 60.0
+SNAPSHOT_RESTORE = 20.0
 
 
 @dataclass

@@ -32,14 +32,14 @@ from pathlib import Path
 from . import accel as accel_mod
 from . import hostdeps, image, lock, net, owner, progress, qemu, snapshot
 from .console import GuestConsole, log_tail, panic_lines
-from .deadline import QMP_PROBE
+from .deadline import QMP_PROBE, SNAPSHOT_RESTORE, SSH_CONNECT
 from .errors import GuestUnreachable, LabError, SSHError
 from .paths import DEFAULT_LAB, Paths
 from .ssh import GuestSSH
 
 STATE_VERSION = 1
 # A resumed guest answers within a second or two; past this the snapshot is broken.
-RESTORE_TIMEOUT = 20.0
+RESTORE_TIMEOUT = SNAPSHOT_RESTORE
 # Console logs of earlier labs kept in home/logs, per VM, beside the latest.
 KEPT_LOGS = 5
 SEGMENT_MODES = ("auto", "tap", "socket")
@@ -634,7 +634,7 @@ class Lab:
 
     # -- using a running lab -------------------------------------------------
 
-    def ssh(self, name: str, timeout: float = 30.0) -> GuestSSH:
+    def ssh(self, name: str, timeout: float = SSH_CONNECT) -> GuestSSH:
         """A connected SSH session to VM ``name`` (kept for reuse; made again if it broke).
 
         A VM whose QEMU is gone is reported at once, with its console's last

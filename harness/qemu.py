@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .deadline import QMP_CALL, QMP_CONNECT, SNAPSHOT_SAVE
+from .deadline import QEMU_START, QEMU_STOP, QMP_CALL, QMP_CONNECT, SNAPSHOT_RESTORE, SNAPSHOT_SAVE
 from .errors import LabError
 from .owner import stopped
 
@@ -179,7 +179,7 @@ def start(spec: VMSpec, popen=subprocess.Popen) -> int:
     try:
         proc = popen(qemu_argv(spec, incoming_fd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE, text=True, pass_fds=() if incoming_fd is None else (incoming_fd,))
-        _out, err = proc.communicate(timeout=60)
+        _out, err = proc.communicate(timeout=QEMU_START)
     finally:
         if incoming_fd is not None:
             os.close(incoming_fd)
@@ -283,7 +283,7 @@ def migrate_to_file(socket_path: Path, target: Path, timeout: float = SNAPSHOT_S
     asyncio.run(exchange())
 
 
-def resume_incoming(socket_path: Path, timeout: float = 20.0) -> None:
+def resume_incoming(socket_path: Path, timeout: float = SNAPSHOT_RESTORE) -> None:
     """Run a guest that QEMU is loading from a snapshot once the load is done.
 
     The snapshot was saved from a paused guest, and QEMU keeps an incoming guest
@@ -331,7 +331,7 @@ def resume_incoming(socket_path: Path, timeout: float = 20.0) -> None:
     asyncio.run(exchange())
 
 
-def stop(name: str, pid: int, qmp_socket: Path, timeout: float = 5.0, alive=None) -> str:
+def stop(name: str, pid: int, qmp_socket: Path, timeout: float = QEMU_STOP, alive=None) -> str:
     """Stop a guest: QMP ``quit`` first, SIGKILL if it lingers. Returns how it went.
 
     ``alive()`` tells whether ``pid`` is still this guest's QEMU (by default: by

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import paramiko
 
-from .deadline import SSH_CHANNEL_OPEN, SSH_EXIT_STATUS
+from .deadline import SSH_CHANNEL_OPEN, SSH_COMMAND, SSH_CONNECT, SSH_EXIT_STATUS
 from .errors import SSHError
 
 RETRYABLE = (OSError, EOFError, paramiko.SSHException)
@@ -136,7 +136,7 @@ class GuestSSH:
         self._client: paramiko.SSHClient | None = None
         self._probe_timeout = 0.5
 
-    def connect(self, timeout: float = 30.0) -> "GuestSSH":
+    def connect(self, timeout: float = SSH_CONNECT) -> "GuestSSH":
         """Connect, retrying while the guest boots, until ``timeout`` seconds have passed."""
         deadline = time.monotonic() + timeout
         try:
@@ -203,7 +203,7 @@ class GuestSSH:
             raise SSHError(f"{self.vm}: the SSH connection is gone (sshd or the guest went away)")
         return self._client
 
-    def run(self, command: str | Sequence[str], timeout: float = 30.0, check: bool = False,
+    def run(self, command: str | Sequence[str], timeout: float = SSH_COMMAND, check: bool = False,
             merge: bool = False, stdin: bytes | None = None) -> CommandResult:
         """Run ``command`` in the guest and collect what it printed.
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import paramiko
 
+from ..deadline import SSH_CHANNEL_OPEN, STATS_COLLECT
 from ..errors import SSHError
 from . import procnet
 from .errors import Origin, StatsCommandFailed, StatsError, StatsFormatError, StatsToolMissing, StatsTruncatedError
@@ -56,7 +57,7 @@ PROCFS_FILES: tuple[str, ...] = (
 )
 # busybox is statically linked: one exec costs ~5 ms under TCG where coreutils cat costs ~30 ms.
 PROCFS_COMMAND = "busybox grep -H '' " + " ".join(PROCFS_FILES)
-DEFAULT_TIMEOUT = 20.0
+DEFAULT_TIMEOUT = STATS_COLLECT
 # QEMU 7.2's TCG finds translated code by virtual address; with ASLR every exec maps ld.so and the
 # libraries somewhere new and all their code is translated again. The stats shell, and so every tool
 # it runs, has ASLR off (setarch -R, inherited across exec; nothing else in the guest changes), so
@@ -295,7 +296,7 @@ class _StatsShell:
             return self.channel
         self.close()
         try:
-            channel = client.get_transport().open_session(timeout=10)
+            channel = client.get_transport().open_session(timeout=SSH_CHANNEL_OPEN)
             channel.exec_command(SHELL_COMMAND)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise SSHError(f"{self.ssh.vm}: cannot start the stats shell: {exc}") from exc
@@ -359,7 +360,7 @@ class _StatsShell:
         if not self.pid or self.client is None:
             return
         try:
-            channel = self.client.get_transport().open_session(timeout=5)
+            channel = self.client.get_transport().open_session(timeout=SSH_CHANNEL_OPEN)
             channel.exec_command(f"kill -KILL -{self.pid} 2>/dev/null || kill -KILL {self.pid}")
             deadline = time.monotonic() + 5
             while not channel.exit_status_ready() and time.monotonic() < deadline:
