@@ -10,6 +10,7 @@ import functools
 import os
 import signal
 import sys
+from pathlib import Path
 
 from invoke import Collection, Exit, task
 from rich.markup import escape
@@ -121,13 +122,17 @@ def _mirror(c, mirror):
 
 @task(help={
     "recipe": "image recipe in images/ (default: bookworm)",
+    "kernel": "kernel series (6.1, 6.12, 7.2) or recipe name; same as --recipe",
     "force": "rebuild even when a complete cache entry exists",
     "mirror": "Debian mirror for mmdebstrap (default: mmdebstrap's own; also SOCKLAB_MIRROR or images.mirror in invoke.yaml)",
 })
 @_friendly
-def build(c, recipe=None, force=False, mirror=None):
+def build(c, recipe=None, kernel=None, force=False, mirror=None):
     """Build the Debian guest image (mmdebstrap), cached by recipe hash; a no-op when cached."""
-    img, built = image.build(Paths.default(), recipe or c.config.images.recipe, _mirror(c, mirror), force=force)
+    if recipe and kernel:
+        raise SocklabError("give --recipe or --kernel, not both")
+    img, built = image.build(Paths.default(), kernel or recipe or c.config.images.recipe, _mirror(c, mirror),
+                             force=force)
     state = "built" if built else "cached"
     progress.say(f"image {state}: {img.directory}  (kernel {img.kernel_release})")
 
@@ -148,7 +153,10 @@ def clean(c, all=False):
 
 
 @task(help={
-    "topology": "which VMs to boot: default (client + server) or single (server)",
+    "topology": "which VMs to boot: default (client + server), single (server) or mixed (client 6.1, server 7.2)",
+    "kernel": "kernel series (6.1, 6.12, 7.2) or recipe name; a topology may pin a VM to its own",
+    "kernel_image": "boot your own bzImage over the chosen kernel's userland",
+    "modules": "with --kernel-image: the INSTALL_MOD_PATH of its `make modules_install` (none if virtio is built in)",
     "accel": "auto (probe KVM, fall back to TCG), kvm or tcg",
     "segment": "lab segment: auto (tap as root, else socket), tap or socket",
     "timeout": "seconds to wait for SSH on every guest",
@@ -156,7 +164,8 @@ def clean(c, all=False):
     "name": NAME_HELP,
 })
 @_friendly
-def up(c, topology=None, accel=None, segment=None, timeout="120", cold=False, name=None):
+def up(c, topology=None, accel=None, segment=None, timeout="120", cold=False, name=None, kernel=None,
+       kernel_image=None, modules=None):
     """Boot the lab: build the image if needed, start the VMs, wait until SSH answers.
 
     The first boot saves a ready snapshot of every VM; later ones resume it
@@ -165,10 +174,18 @@ def up(c, topology=None, accel=None, segment=None, timeout="120", cold=False, na
     topology, accel = topology or c.config.lab.topology, accel or c.config.lab.accel
     segment = segment or c.config.lab.segment
     timeout = _number(timeout, "--timeout", "a positive number of seconds")
-    check_up_args(topology, accel, segment, timeout)
+    topo = check_up_args(topology, accel, segment, timeout)
+    if modules and not kernel_image:
+        raise SocklabError("--modules goes with --kernel-image (the modules of your own kernel)")
     lab = _lab(name)
-    image.build(lab.paths, c.config.images.recipe, _mirror(c, None))
-    state, started = lab.up(topology, accel, segment, boot_timeout=timeout, cold=cold)
+    kernel = kernel or c.config.images.recipe
+    for vm_name in topo.vms:  # every recipe checked before the first is built
+        image.resolve(lab.paths.images, topo.kernel_of(vm_name, kernel))
+    for recipe in sorted({topo.kernel_of(vm_name, kernel) for vm_name in topo.vms}):
+        image.build(lab.paths, recipe, _mirror(c, None))
+    state, started = lab.up(topology, accel, segment, boot_timeout=timeout, cold=cold, kernel=kernel,
+                            kernel_image=Path(kernel_image) if kernel_image else None,
+                            modules=Path(modules) if modules else None)
     try:
         if not started:
             progress.say(f"lab {lab.name!r} is already running; not starting another (`{_down_hint(lab)}` stops it)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from rich.table import Table
 
@@ -25,11 +26,26 @@ def offloads(lab, name: str) -> tuple[str, str]:
     return shown("scatter-gather"), shown("tx-checksumming")
 
 
+def vm_kernel(vm) -> str:
+    """The kernel a VM runs as ``lab.status`` shows it: release, Debian package version, or the user's file."""
+    if not vm.kernel:
+        return "-"
+    if vm.kernel_image:
+        return f"{vm.kernel} (--kernel-image)"
+    try:
+        from .image import Image
+
+        package = Image.load(Path(vm.image)).kernel_package if vm.image else ""
+    except Exception:  # noqa: BLE001 - a status line must not fail on a pruned or unreadable manifest
+        package = ""
+    return f"{vm.kernel} ({package})" if package else vm.kernel
+
+
 def status_table(lab, state, live: bool = True) -> Table:
     alive = lab.alive(state)
     name = getattr(state, "name", "default")
     table = Table(title=f"socklab lab {name!r}: {state.lab_id} ({state.topology})", title_justify="left")
-    for column in ("VM", "pid", "state", "SSH", "lab0", "up", "sg", "tx-csum"):
+    for column in ("VM", "kernel", "pid", "state", "SSH", "lab0", "up", "sg", "tx-csum"):
         table.add_column(column, overflow="fold")
     uptime = f"{time.time() - state.started_at:.0f} s" if state.started_at else "-"
     for vm in state.vms:
@@ -38,7 +54,7 @@ def status_table(lab, state, live: bool = True) -> Table:
         paused = running and hasattr(lab, "paused") and lab.paused(vm)
         sg, csum = offloads(lab, vm.name) if (live and running and not paused) else ("-", "-")
         shown = "[yellow]paused[/]" if paused else "running" if running else "[red]dead[/]"
-        table.add_row(vm.name, str(vm.pid or "-"), shown,
+        table.add_row(vm.name, vm_kernel(vm), str(vm.pid or "-"), shown,
                       f":{vm.ssh_port}", vm.address, uptime, sg, csum)
     table.caption = (f"accelerator {state.accel}: {state.accel_reason}\n"
                      f"segment {state.segment}: {state.segment_reason}"

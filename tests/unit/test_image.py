@@ -118,7 +118,7 @@ def test_damage_is_found_by_digest(paths, pubkey):
 
 
 def test_find_without_image_says_how_to_build(paths, pubkey):
-    with pytest.raises(ImageError, match="run `invoke images.build` first"):
+    with pytest.raises(ImageError, match="run `invoke images.build --kernel 6.1` first"):
         image.find(paths)
 
 
