@@ -446,6 +446,45 @@ def grade(c, student=None, only=None, out=None, name=None):
         raise Exit(code=1)
 
 
+@task(name="matrix", iterable=["kernel", "lab"], help={
+    "kernel": "run on this kernel only (6.1, 6.12, 7.2 or a recipe name; repeatable); default: every recipe",
+    "lab": "run this lab only (repeatable); default: every lab in labs/",
+    "timeout": "seconds to wait for SSH on every guest",
+})
+@_friendly
+def matrix_(c, kernel=None, lab=None, timeout="300"):
+    """Every lab on every kernel, one kernel's lab at a time: a lab x kernel table (Markdown in results/)."""
+    from harness import matrix
+    from harness.scenario.check import LabSpec
+
+    paths = Paths.default()
+    timeout = _number(timeout, "--timeout", "a positive number of seconds")
+    kernels = [image.resolve(paths.images, k).kernel for k in kernel] if kernel else \
+        [r.kernel for r in sorted(image.recipes(paths.images), key=lambda r: tuple(map(int, r.kernel.split("."))))]
+    labs = [LabSpec.load(name).name for name in lab] if lab else matrix.all_labs()
+    runner = Lab(paths)
+    if runner.load() is not None:
+        raise SocklabError("a lab is running: the matrix boots one lab per kernel itself; `invoke lab.down` first")
+
+    def boot(series):
+        image.build(paths, series, _mirror(c, None))
+        runner.up("default", c.config.lab.accel, c.config.lab.segment, boot_timeout=timeout, kernel=series)
+        return runner
+
+    def stop(running):
+        running.close()
+        running.down()
+
+    result = matrix.run(kernels, labs, boot, stop, say=progress.say)
+    directory = _results_dir("matrix")
+    matrix.save(result, directory)
+    sys.stdout.write(matrix.markdown(result))
+    progress.say(f"{'[green]PASS[/]' if result.ok else '[red]FAIL[/]'}: {len(labs)} labs x {len(kernels)} kernels; "
+                 f"report in {directory / 'matrix.md'}")
+    if not result.ok:
+        raise Exit(code=1)
+
+
 @task(name="bench", iterable=["only"], help={
     "repeats": "runs per figure (each figure is the median); default 3",
     "only": "measure just this section (repeatable): build, boot, latency, stats, model, check, memory",
@@ -500,7 +539,7 @@ def test_(c, unit=False, live=False, pytest_args=""):
 
 
 images = Collection("images", build, clean)
-lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, grade, soak_)
+lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, grade, soak_, matrix_)
 ns = Collection(images, lab, test_, bench_)
 ns.configure({
     "images": {"recipe": "bookworm", "mirror": None},

@@ -37,6 +37,19 @@ def series_of(release: str) -> str:
     return candidate
 
 
+def nearest_series(release: str) -> str:
+    """The newest series the model knows that is not newer than ``release`` (a user's 6.15 -> 6.12)."""
+    head = release.split("-", 1)[0].split("+", 1)[0].split(".")
+    try:
+        wanted = (int(head[0]), int(head[1]))
+    except (IndexError, ValueError):
+        raise ValueError(f"{release!r} is not a kernel release") from None
+    known = [k for k in KERNELS if version_key(k) <= wanted]
+    if not known:
+        raise ValueError(f"kernel {release!r} is older than every series the model knows ({', '.join(KERNELS)})")
+    return known[-1]
+
+
 def check_kernel(kernel: str) -> str:
     """A model kernel name (``6.12``) or a release (``6.12.118+deb13-cloud-amd64``) -> the series."""
     if kernel in KERNELS:
@@ -97,6 +110,14 @@ RULES: dict[str, VersionRule] = {rule.name: rule for rule in (
         (Change("6.1", 212992, "SK_WMEM_MAX = SKB_TRUESIZE(256) * 256"),
          Change("7.2", 4194304, "raised to 4 MB after 6.12, with rmem_max (measured on 7.2.12)"))),
     VersionRule(
+        "zerocopy_notification_truesize", "what one MSG_ZEROCOPY notification skb (sock_omalloc(sk, 0)) "
+        "charges to sk_omem_alloc: its truesize",
+        # Measured with ss -m (skmem o) after one queued notification: 768 on 6.1.0-57, 896 on 6.12.118.
+        (Change("6.1", 768, "kmalloc-512 head (SKB_DATA_ALIGN(0) + 320 of shared info) + 256 of sk_buff"),
+         Change("6.12", 896, "the head comes from skb_small_head_cache (v6.3, \"net: add dedicated kmem_cache "
+                             "for typical/small skb->head\"), 640-byte objects on this kernel: SKB_TRUESIZE(320); "
+                             "first measured on 6.12"))),
+    VersionRule(
         "boot_reserved_pages", "pages of a VM's RAM not free when tcp_init()/udp_init() count them "
         "(kernel image, early allocations), beyond the memmap's 1/64",
         # Measured at 512 MiB: nr_free_buffer_pages() at tcp_init() is tcp_rmem[2] >> 5.
@@ -139,18 +160,6 @@ def boot_defaults(memory_mib: int, kernel: str) -> dict[str, Any]:
         "net.ipv4.tcp_rmem": (4096, 131072, rmem_max_tcp),
         "net.ipv4.tcp_max_syn_backlog": max(128, ehash // 128),
     }
-
-
-def sysctl_defaults(kernel: str = DEFAULT_KERNEL, memory_mib: int = DEFAULT_MEMORY_MIB) -> dict[str, Any]:
-    """The socket sysctls a fresh kernel of ``kernel`` boots with in a VM of ``memory_mib``."""
-    from .config import DEFAULT_SYSCTLS
-
-    table = dict(DEFAULT_SYSCTLS)
-    for name, rule in RULES.items():
-        if name in table:
-            table[name] = rule.value(kernel)
-    table.update(boot_defaults(memory_mib, kernel))
-    return table
 
 
 def differences(kernel: str, base: str = DEFAULT_KERNEL) -> list[str]:
