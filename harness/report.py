@@ -27,18 +27,28 @@ def offloads(lab, name: str) -> tuple[str, str]:
 
 
 def vm_kernel(vm) -> str:
-    """The kernel a VM runs as ``lab.status`` shows it: release, Debian package version, or the user's file."""
+    """The kernel a VM runs as ``lab.status`` shows it: its release, marked when it is the user's own."""
     if not vm.kernel:
         return "-"
-    if vm.kernel_image:
-        return f"{vm.kernel} (--kernel-image)"
-    try:
-        from .image import Image
+    return f"{vm.kernel} (own)" if vm.kernel_image else vm.kernel
 
-        package = Image.load(Path(vm.image)).kernel_package if vm.image else ""
-    except Exception:  # noqa: BLE001 - a status line must not fail on a pruned or unreadable manifest
-        package = ""
-    return f"{vm.kernel} ({package})" if package else vm.kernel
+
+def kernel_notes(state) -> list[str]:
+    """One caption line per image the VMs boot: recipe, suite and the kernel package version it resolved."""
+    from .image import Image
+
+    lines = []
+    for directory in sorted({vm.image for vm in state.vms if vm.image}):
+        try:
+            img = Image.load(Path(directory))
+        except Exception:  # noqa: BLE001 - a status line must not fail on a pruned or unreadable manifest
+            continue
+        users = ", ".join(vm.name for vm in state.vms if vm.image == directory)
+        package = f" {img.kernel_package}" if img.kernel_package else ""
+        lines.append(f"{users}: image {Path(directory).name} ({img.suite or img.recipe}), "
+                     f"linux-image-{img.kernel_release}{package}")
+    lines += [f"{vm.name}: own kernel {vm.kernel_image}" for vm in state.vms if vm.kernel_image]
+    return lines
 
 
 def status_table(lab, state, live: bool = True) -> Table:
@@ -56,7 +66,8 @@ def status_table(lab, state, live: bool = True) -> Table:
         shown = "[yellow]paused[/]" if paused else "running" if running else "[red]dead[/]"
         table.add_row(vm.name, vm_kernel(vm), str(vm.pid or "-"), shown,
                       f":{vm.ssh_port}", vm.address, uptime, sg, csum)
-    table.caption = (f"accelerator {state.accel}: {state.accel_reason}\n"
+    table.caption = ("".join(f"{line}\n" for line in kernel_notes(state)) +
+                     f"accelerator {state.accel}: {state.accel_reason}\n"
                      f"segment {state.segment}: {state.segment_reason}"
                      + (f"\nnetns {state.netns}" if state.netns else ""))
     table.caption_justify = "left"

@@ -118,6 +118,14 @@ RULES: dict[str, VersionRule] = {rule.name: rule for rule in (
                              "for typical/small skb->head\"), 640-byte objects on this kernel: SKB_TRUESIZE(320); "
                              "first measured on 6.12"))),
     VersionRule(
+        "ss_lists_bound_only_tcp", "whether ss shows a TCP socket that is bound but neither listening nor "
+        "connected (as UNCONN, with skmem and no tcp_info)",
+        # Measured: not listed on 6.1.0-57 (bookworm's ss); listed on 6.12.118 and 7.2.12 by their ss
+        # (iproute2 6.15); bookworm's ss run on 6.12 still shows none.
+        (Change("6.1", False, "inet_diag dumps only the established and listening hashes"),
+         Change("6.8", True, 'commit "tcp: Dump bound-only sockets in inet_diag." (v6.8), with an ss that asks '
+                             "for them"))),
+    VersionRule(
         "boot_reserved_pages", "pages of a VM's RAM not free when tcp_init()/udp_init() count them "
         "(kernel image, early allocations), beyond the memmap's 1/64",
         # Measured at 512 MiB: nr_free_buffer_pages() at tcp_init() is tcp_rmem[2] >> 5.

@@ -6,6 +6,7 @@ import pytest
 
 from harness.model import Network
 from harness.model import versions
+from harness.model.views import ss_rows
 
 # `sysctl` of each Debian kernel in the lab's 512 MiB VMs (bookworm 6.1.0-57, trixie 6.12.118, forky 7.2.12).
 MEASURED = {
@@ -46,8 +47,8 @@ def test_every_rule_names_its_cause_and_differences_are_listed_per_kernel():
     for rule in versions.RULES.values():
         assert all(change.cause for change in rule.changes), rule.name
     assert versions.differences("6.1") == []
-    assert [line.split(" =")[0] for line in versions.differences("6.12")] == ["net.core.optmem_max",
-                                                                              "zerocopy_notification_truesize"]
+    assert [line.split(" =")[0] for line in versions.differences("6.12")] == [
+        "net.core.optmem_max", "zerocopy_notification_truesize", "ss_lists_bound_only_tcp"]
     assert "net: increase optmem_max default value" in versions.differences("7.2")[0]
     assert {line.split(" =")[0] for line in versions.differences("7.2")} >= {"net.core.rmem_max", "net.core.wmem_max"}
 
@@ -64,3 +65,12 @@ def test_a_network_may_mix_kernels_per_host():
     net = Network(kernel="6.1")
     client, server = net.add_host("client"), net.add_host("server", kernel="7.2")
     assert client.sysctls["net.core.rmem_max"] == 212992 and server.sysctls["net.core.rmem_max"] == 4194304
+
+
+def test_bound_only_tcp_sockets_show_in_ss_from_6_8_on():
+    for kernel, listed in (("6.1", False), ("6.12", True), ("7.2", True)):
+        host = Network(kernel=kernel).add_host("h", addrs=["198.51.100.1"])
+        fd = host.call("socket", {"family": "AF_INET", "type": "SOCK_STREAM"}).ret
+        assert host.call("bind", {"fd": fd, "addr": ("0.0.0.0", 7777)}).ret == 0
+        rows = [row for row in ss_rows(host) if "7777" in str(row)]
+        assert bool(rows) == listed, kernel
