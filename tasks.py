@@ -317,6 +317,17 @@ def _running_lab(lab: Lab, topology: str) -> Lab:
     return lab
 
 
+def _model_kernel(kernel) -> str:
+    """A --kernel option as a series the model knows (a recipe name is taken too)."""
+    if not kernel:
+        return "6.1"
+    from harness.model.versions import KERNELS
+
+    if str(kernel) in KERNELS:
+        return str(kernel)
+    return image.resolve(Paths.default().images, str(kernel)).kernel
+
+
 def _show_and_save(root, report, name: str) -> None:
     from harness.report import assertion_table, markdown, step_table, write_junit
 
@@ -344,9 +355,10 @@ def _show_and_save(root, report, name: str) -> None:
     "model_only": "run on the reference model alone (no VM; the kernel expectations are skipped)",
     "out": OUT_HELP,
     "name": NAME_HELP,
+    "kernel": "with --model-only: the kernel to model (6.1, 6.12, 7.2); live checks model each VM's own kernel",
 })
 @_friendly
-def check_(c, lab_name, param=None, model_only=False, out=None, name=None):
+def check_(c, lab_name, param=None, model_only=False, out=None, name=None, kernel=None):
     """Check a lab: its scenarios on the live kernels and the model, then its expectations. Exit 0 only if all agree."""
     from harness.scenario.check import LabSpec, check, prepare
     from harness.scenario.format import parse_params
@@ -355,8 +367,12 @@ def check_(c, lab_name, param=None, model_only=False, out=None, name=None):
     spec = LabSpec.load(lab_name)
     overrides = parse_params(param or [])
     prepare(spec, overrides)  # every input checked before a VM is booted or touched
+    if kernel and not model_only:
+        raise SocklabError("--kernel goes with --model-only: a live check models each VM's own kernel "
+                           "(boot another with `invoke lab.up --kernel K`)")
+    series = _model_kernel(kernel)
     if model_only:
-        report = check(spec, None, overrides)
+        report = check(spec, None, overrides, model_kernel=series)
     else:
         lab = _lab(name)
         with lab.using():  # one check, run or grade at a time on this lab: they would share ports
@@ -394,9 +410,10 @@ def run_(c, file, param=None, out=None, name=None):
     "param": "override a scenario parameter (repeatable)",
     "no_sg": "model a lab NIC without scatter-gather (as in socket-segment mode)",
     "out": OUT_HELP,
+    "kernel": "the kernel to model: 6.1 (default), 6.12, 7.2 or a recipe name",
 })
 @_friendly
-def model_(c, file, param=None, no_sg=False, out=None):
+def model_(c, file, param=None, no_sg=False, out=None, kernel=None):
     """Run a scenario on the reference model alone (no VM): predict, then check on the lab."""
     from pathlib import Path
 
@@ -405,7 +422,10 @@ def model_(c, file, param=None, no_sg=False, out=None):
 
     root = _results_root(c, out)
     scenario = load(Path(file), parse_params(param or []), known_hosts=topology("default").vms)
-    report = CheckReport(scenario.name, runs=[run_scenario(scenario, None, scatter_gather=not no_sg)], kernel=False)
+    series = _model_kernel(kernel)
+    report = CheckReport(scenario.name, runs=[run_scenario(scenario, None, scatter_gather=not no_sg,
+                                                           model_kernel=series)], kernel=False)
+    progress.say(f"model of Linux {series}")
     _show_and_save(root, report, Path(file).stem)
 
 
