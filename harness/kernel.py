@@ -54,7 +54,7 @@ def bzimage_release(path: Path) -> str:
     """The release (``uname -r``) a bzImage was built as, from its setup header; ImageError if it is none."""
     try:
         with path.open("rb") as handle:
-            head = handle.read(0x4000)
+            head = handle.read(0x10000)  # the setup code, where the version string lives
     except OSError as exc:
         raise ImageError(f"--kernel-image {path}: {exc.strerror}") from None
     if len(head) < 0x210 or head[HEADER_MAGIC_AT:HEADER_MAGIC_AT + 4] != b"HdrS" or head[0x1FE:0x200] != b"\x55\xaa":

@@ -408,6 +408,8 @@ class Lab:
            kernel_image: Path | None = None, modules: Path | None = None) -> tuple[LabState, bool]:
         """Boot the lab unless it already runs. Returns (state, started_now)."""
         topo = check_up_args(topology_name, accel, segment, boot_timeout)
+        # Every kernel, image and module tree checked before anything is stopped or started.
+        boots = self.boots(topo, kernel, kernel_image, modules)
         with self.locked():
             existing = self.load()
             if existing is not None:
@@ -416,7 +418,6 @@ class Lab:
                 progress.say("a previous lab did not finish or has died; cleaning it up first")
                 self._down_locked(existing)
             hostdeps.ensure(hostdeps.LAB_TOOLS, say=progress.say)
-            boots = self.boots(topo, kernel, kernel_image, modules)
             first = boots[topo.vms[0]]
             state = LabState(lab_id=self.id, topology=topo.name, name=self.name, image=str(first.image.directory),
                              host_key=first.image.host_key, owner_pid=os.getpid())
