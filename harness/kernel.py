@@ -44,6 +44,8 @@ class Boot:
     sha256: dict
     modules_disk: Path | None = None
     custom: bool = False
+    # The user's own file, for lab.status (the VM boots the cached copy beside its initrd).
+    source: str = ""
 
     @classmethod
     def of_image(cls, img: image.Image) -> "Boot":
@@ -135,7 +137,8 @@ def prepare(home: Path, kernel_image: Path, modules: Path | None, userland: imag
             shutil.rmtree(work, ignore_errors=True)
     meta = json.loads((final / "boot.json").read_text())
     disk = final / "modules.ext4" if moddir else None
-    return Boot(userland, final / image.KERNEL, final / image.INITRD, release, meta["sha256"], disk, custom=True)
+    return Boot(userland, final / image.KERNEL, final / image.INITRD, release, meta["sha256"], disk, custom=True,
+                source=str(kernel_image.resolve()))
 
 
 def _prepare_into(work: Path, kernel_image: Path, release: str, modules: Path | None, moddir: Path | None,
@@ -145,8 +148,12 @@ def _prepare_into(work: Path, kernel_image: Path, release: str, modules: Path | 
     busybox.write_bytes(members["bin/busybox"])
     if modules is not None:
         # ext4 may be a module too (Debian builds it in); built-in ones are skipped.
-        blob = build_initrd(modules, release, [*initrd_modules, "ext4"], members["init"], busybox=busybox,
-                            modules_root=modules)
+        try:
+            blob = build_initrd(modules, release, [*initrd_modules, "ext4"], members["init"], busybox=busybox,
+                                modules_root=modules)
+        except KeyError as exc:  # a driver the root disk needs is neither built in nor a module
+            raise ImageError(f"kernel {release} cannot mount the lab's root disk: {exc.args[0]} "
+                             "(enable CONFIG_EXT4_FS and the virtio drivers)") from None
     else:
         blob = build_initrd(modules or work, release, [], members["init"], busybox=busybox, modules_root=None)
     busybox.unlink()

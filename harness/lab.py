@@ -542,7 +542,7 @@ class Lab:
                 vm = VMState(name=spec.name, index=index, ssh_port=0, lab_ip=spec.lab_ip, mgmt_mac=spec.mgmt_mac,
                              lab_mac=spec.lab_nic.mac, tap=spec.lab_nic.ifname, overlay=str(spec.overlay),
                              image=str(boot.image.directory), kernel=boot.release,
-                             kernel_image=str(boot.kernel) if boot.custom else "", host_key=boot.image.host_key)
+                             kernel_image=boot.source if boot.custom else "", host_key=boot.image.host_key)
                 state.vms.append(vm)
                 self.save(state)
                 snap = snapshots.get(spec.name)

@@ -80,3 +80,42 @@ def test_the_initrd_holds_decompressed_modules_and_skips_built_in_ones(tmp_path)
 def test_read_newc_reads_what_write_newc_wrote():
     entries = [Entry("a", stat.S_IFREG | 0o644, b"abc"), Entry("d", stat.S_IFDIR | 0o755)]
     assert [(n, m, d) for n, m, d, _ in read_newc(write_newc(entries))] == [(e.name, e.mode, e.data) for e in entries]
+
+
+def fake_userland(tmp_path):
+    from harness.image import Image, file_sha256
+
+    directory = tmp_path / "image"
+    directory.mkdir()
+    initrd = write_newc([Entry("bin/busybox", stat.S_IFREG | 0o755, b"busybox!"),
+                         Entry("init", stat.S_IFREG | 0o755, b"#!/bin/busybox sh\n")])
+    (directory / "initrd.img").write_bytes(initrd)
+    return Image(directory, "hash", "6.1.0-57-cloud-amd64", "ssh-ed25519 AAAA",
+                 {"initrd.img": file_sha256(directory / "initrd.img")}, recipe="bookworm")
+
+
+def test_a_user_kernel_gets_an_initrd_of_its_own_modules_and_a_module_disk_once(tmp_path):
+    bz = fake_bzimage(tmp_path / "bzImage")
+    mods = module_tree(tmp_path / "mods", builtin="kernel/drivers/net/virtio_net.ko\nkernel/fs/ext4/ext4.ko\n")
+    userland = fake_userland(tmp_path)
+    boot = kernel.prepare(tmp_path / "home", bz, mods, userland, ("virtio_pci", "virtio_blk"))
+    assert boot.custom and boot.release == "6.12.99-test" and boot.image is userland
+    assert boot.kernel.read_bytes() == bz.read_bytes() and boot.source == str(bz.resolve())
+    members = {name: data for name, _mode, data, _rdev in read_newc(boot.initrd.read_bytes())}
+    assert members["bin/busybox"] == b"busybox!" and members["modules.order"] == b"virtio_pci\nvirtio_blk\n"
+    assert boot.modules_disk is not None and boot.modules_disk.stat().st_size > 0
+    again = kernel.prepare(tmp_path / "home", bz, mods, userland, ("virtio_pci", "virtio_blk"))
+    assert again.initrd == boot.initrd and again.initrd.stat().st_mtime_ns == boot.initrd.stat().st_mtime_ns
+
+
+def test_a_user_kernel_without_modules_boots_with_an_initrd_that_loads_none(tmp_path):
+    boot = kernel.prepare(tmp_path / "home", fake_bzimage(tmp_path / "bzImage"), None, fake_userland(tmp_path),
+                          ("virtio_pci", "virtio_blk"))
+    members = {name: data for name, _mode, data, _rdev in read_newc(boot.initrd.read_bytes())}
+    assert members["modules.order"] == b"\n" and boot.modules_disk is None
+
+
+def test_a_user_kernel_that_cannot_mount_ext4_is_refused(tmp_path):
+    with pytest.raises(ImageError, match="cannot mount the lab's root disk: kernel module 'ext4'"):
+        kernel.prepare(tmp_path / "home", fake_bzimage(tmp_path / "bzImage"), module_tree(tmp_path / "mods"),
+                       fake_userland(tmp_path), ("virtio_pci", "virtio_blk"))
