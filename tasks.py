@@ -18,6 +18,7 @@ from rich.markup import escape
 from harness import image, progress
 from harness.errors import SocklabError
 from harness.lab import Lab, check_up_args, topology
+from harness.lab import topology as topology_of
 from harness.paths import DEFAULT_LAB, Paths, check_lab_name
 
 NAME_HELP = "which lab of this checkout (default: $SOCKLAB_LAB or 'default'); each name is a lab of its own"
@@ -312,7 +313,8 @@ def _running_lab(lab: Lab, topology: str) -> Lab:
         progress.say(f"no lab is running; booting one ({topology}) and leaving it up for the next check")
         image.build(lab.paths, "bookworm")
         lab.up(topology)
-    elif state.topology != topology:
+    elif tuple(vm.name for vm in state.vms) != topology_of(topology).vms:
+        # Another topology with the same VMs (`mixed`: other kernels) runs the lab as well.
         raise SocklabError(f"the running lab is {state.topology!r} but this needs {topology!r}: `{_down_hint(lab)}` first")
     return lab
 

@@ -145,7 +145,7 @@ def markdown(result: MatrixResult) -> str:
         rules = versions.differences(kernel) if kernel in versions.KERNELS else []
         lines.append(f"**{kernel}**" + (f" ({release})" if release else "") + ": "
                      + ("the model's 6.1 rules hold" if not rules else "version rules that differ from 6.1:"))
-        lines += [f"- {rule}" for rule in rules]
+        lines += [f"- {rule}" for rule in rules] + [""]
     for (lab, kernel), cell in sorted(result.cells.items()):
         if not cell.ok:
             lines.append(f"\n{lab} on {kernel}:")
