@@ -126,6 +126,14 @@ RULES: dict[str, VersionRule] = {rule.name: rule for rule in (
          Change("6.8", True, 'commit "tcp: Dump bound-only sockets in inet_diag." (v6.8), with an ss that asks '
                              "for them"))),
     VersionRule(
+        "virtio_net_ethtool_queue_packets", "whether `ethtool -S` of a virtio-net NIC counts each queue's "
+        "packets and bytes (rx_queue_0_packets, tx_queue_0_packets)",
+        # Measured: present on 6.1.0-57; on 6.12.118 and 7.2.12 ethtool -S lists only rx0_*/tx0_* drops,
+        # kicks and XDP counters (packets and bytes went to the netdev queue statistics).
+        (Change("6.1", True, "virtnet_get_ethtool_stats() reports the per-queue packets and bytes"),
+         Change("6.12", False, "virtio-net's statistics rework moved packets and bytes out of ethtool -S; "
+                               "first measured on 6.12 (the exact release is not pinned down here)"))),
+    VersionRule(
         "boot_reserved_pages", "pages of a VM's RAM not free when tcp_init()/udp_init() count them "
         "(kernel image, early allocations), beyond the memmap's 1/64",
         # Measured at 512 MiB: nr_free_buffer_pages() at tcp_init() is tcp_rmem[2] >> 5.

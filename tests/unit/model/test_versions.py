@@ -48,7 +48,8 @@ def test_every_rule_names_its_cause_and_differences_are_listed_per_kernel():
         assert all(change.cause for change in rule.changes), rule.name
     assert versions.differences("6.1") == []
     assert [line.split(" =")[0] for line in versions.differences("6.12")] == [
-        "net.core.optmem_max", "zerocopy_notification_truesize", "ss_lists_bound_only_tcp"]
+        "net.core.optmem_max", "zerocopy_notification_truesize", "ss_lists_bound_only_tcp",
+        "virtio_net_ethtool_queue_packets"]
     assert "net: increase optmem_max default value" in versions.differences("7.2")[0]
     assert {line.split(" =")[0] for line in versions.differences("7.2")} >= {"net.core.rmem_max", "net.core.wmem_max"}
 
