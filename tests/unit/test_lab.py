@@ -353,7 +353,7 @@ def test_a_monitor_that_never_answers_does_not_hang_the_pause_check(lab, tmp_pat
 def test_the_lab_is_marked_ready_only_after_its_snapshots_are_saved(lab, tmp_path, monkeypatch):
     """A socklab killed while saving leaves ready=False, so the next up cleans the lab instead of trusting it."""
     monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
-    monkeypatch.setattr(lab_mod.image, "find", lambda paths: FakeImage(tmp_path))
+    fake_boots(monkeypatch, tmp_path)
     monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
     monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "test"))
     monkeypatch.setattr(Lab, "_usable_snapshots", lambda self, store, keys: {})
