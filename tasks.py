@@ -10,6 +10,7 @@ import functools
 import os
 import signal
 import sys
+from pathlib import Path
 
 from invoke import Collection, Exit, task
 from rich.markup import escape
@@ -17,6 +18,7 @@ from rich.markup import escape
 from harness import image, progress
 from harness.errors import SocklabError
 from harness.lab import Lab, check_up_args, topology
+from harness.lab import topology as topology_of
 from harness.paths import DEFAULT_LAB, Paths, check_lab_name
 
 NAME_HELP = "which lab of this checkout (default: $SOCKLAB_LAB or 'default'); each name is a lab of its own"
@@ -121,13 +123,17 @@ def _mirror(c, mirror):
 
 @task(help={
     "recipe": "image recipe in images/ (default: bookworm)",
+    "kernel": "kernel series (6.1, 6.12, 7.2) or recipe name; same as --recipe",
     "force": "rebuild even when a complete cache entry exists",
     "mirror": "Debian mirror for mmdebstrap (default: mmdebstrap's own; also SOCKLAB_MIRROR or images.mirror in invoke.yaml)",
 })
 @_friendly
-def build(c, recipe=None, force=False, mirror=None):
+def build(c, recipe=None, kernel=None, force=False, mirror=None):
     """Build the Debian guest image (mmdebstrap), cached by recipe hash; a no-op when cached."""
-    img, built = image.build(Paths.default(), recipe or c.config.images.recipe, _mirror(c, mirror), force=force)
+    if recipe and kernel:
+        raise SocklabError("give --recipe or --kernel, not both")
+    img, built = image.build(Paths.default(), kernel or recipe or c.config.images.recipe, _mirror(c, mirror),
+                             force=force)
     state = "built" if built else "cached"
     progress.say(f"image {state}: {img.directory}  (kernel {img.kernel_release})")
 
@@ -148,7 +154,10 @@ def clean(c, all=False):
 
 
 @task(help={
-    "topology": "which VMs to boot: default (client + server) or single (server)",
+    "topology": "which VMs to boot: default (client + server), single (server) or mixed (client 6.1, server 7.2)",
+    "kernel": "kernel series (6.1, 6.12, 7.2) or recipe name; a topology may pin a VM to its own",
+    "kernel_image": "boot your own bzImage over the chosen kernel's userland",
+    "modules": "with --kernel-image: the INSTALL_MOD_PATH of its `make modules_install` (none if virtio is built in)",
     "accel": "auto (probe KVM, fall back to TCG), kvm or tcg",
     "segment": "lab segment: auto (tap as root, else socket), tap or socket",
     "timeout": "seconds to wait for SSH on every guest",
@@ -156,7 +165,8 @@ def clean(c, all=False):
     "name": NAME_HELP,
 })
 @_friendly
-def up(c, topology=None, accel=None, segment=None, timeout="120", cold=False, name=None):
+def up(c, topology=None, accel=None, segment=None, timeout="120", cold=False, name=None, kernel=None,
+       kernel_image=None, modules=None):
     """Boot the lab: build the image if needed, start the VMs, wait until SSH answers.
 
     The first boot saves a ready snapshot of every VM; later ones resume it
@@ -165,10 +175,18 @@ def up(c, topology=None, accel=None, segment=None, timeout="120", cold=False, na
     topology, accel = topology or c.config.lab.topology, accel or c.config.lab.accel
     segment = segment or c.config.lab.segment
     timeout = _number(timeout, "--timeout", "a positive number of seconds")
-    check_up_args(topology, accel, segment, timeout)
+    topo = check_up_args(topology, accel, segment, timeout)
+    if modules and not kernel_image:
+        raise SocklabError("--modules goes with --kernel-image (the modules of your own kernel)")
     lab = _lab(name)
-    image.build(lab.paths, c.config.images.recipe, _mirror(c, None))
-    state, started = lab.up(topology, accel, segment, boot_timeout=timeout, cold=cold)
+    kernel = kernel or c.config.images.recipe
+    for vm_name in topo.vms:  # every recipe checked before the first is built
+        image.resolve(lab.paths.images, topo.kernel_of(vm_name, kernel))
+    for recipe in sorted({topo.kernel_of(vm_name, kernel) for vm_name in topo.vms}):
+        image.build(lab.paths, recipe, _mirror(c, None))
+    state, started = lab.up(topology, accel, segment, boot_timeout=timeout, cold=cold, kernel=kernel,
+                            kernel_image=Path(kernel_image) if kernel_image else None,
+                            modules=Path(modules) if modules else None)
     try:
         if not started:
             progress.say(f"a lab is already running; not starting another (`{_down_hint(lab)}` stops it)")
@@ -295,9 +313,21 @@ def _running_lab(lab: Lab, topology: str) -> Lab:
         progress.say(f"no lab is running; booting one ({topology}) and leaving it up for the next check")
         image.build(lab.paths, "bookworm")
         lab.up(topology)
-    elif state.topology != topology:
+    elif tuple(vm.name for vm in state.vms) != topology_of(topology).vms:
+        # Another topology with the same VMs (`mixed`: other kernels) runs the lab as well.
         raise SocklabError(f"the running lab is {state.topology!r} but this needs {topology!r}: `{_down_hint(lab)}` first")
     return lab
+
+
+def _model_kernel(kernel) -> str:
+    """A --kernel option as a series the model knows (a recipe name is taken too)."""
+    if not kernel:
+        return "6.1"
+    from harness.model.versions import KERNELS
+
+    if str(kernel) in KERNELS:
+        return str(kernel)
+    return image.resolve(Paths.default().images, str(kernel)).kernel
 
 
 def _show_and_save(root, report, name: str) -> None:
@@ -327,9 +357,10 @@ def _show_and_save(root, report, name: str) -> None:
     "model_only": "run on the reference model alone (no VM; the kernel expectations are skipped)",
     "out": OUT_HELP,
     "name": NAME_HELP,
+    "kernel": "with --model-only: the kernel to model (6.1, 6.12, 7.2); live checks model each VM's own kernel",
 })
 @_friendly
-def check_(c, lab_name, param=None, model_only=False, out=None, name=None):
+def check_(c, lab_name, param=None, model_only=False, out=None, name=None, kernel=None):
     """Check a lab: its scenarios on the live kernels and the model, then its expectations. Exit 0 only if all agree."""
     from harness.scenario.check import LabSpec, check, prepare
     from harness.scenario.format import parse_params
@@ -338,8 +369,12 @@ def check_(c, lab_name, param=None, model_only=False, out=None, name=None):
     spec = LabSpec.load(lab_name)
     overrides = parse_params(param or [])
     prepare(spec, overrides)  # every input checked before a VM is booted or touched
+    if kernel and not model_only:
+        raise SocklabError("--kernel goes with --model-only: a live check models each VM's own kernel "
+                           "(boot another with `invoke lab.up --kernel K`)")
+    series = _model_kernel(kernel)
     if model_only:
-        report = check(spec, None, overrides)
+        report = check(spec, None, overrides, model_kernel=series)
     else:
         lab = _lab(name)
         with lab.using():  # one check, run or grade at a time on this lab: they would share ports
@@ -377,9 +412,10 @@ def run_(c, file, param=None, out=None, name=None):
     "param": "override a scenario parameter (repeatable)",
     "no_sg": "model a lab NIC without scatter-gather (as in socket-segment mode)",
     "out": OUT_HELP,
+    "kernel": "the kernel to model: 6.1 (default), 6.12, 7.2 or a recipe name",
 })
 @_friendly
-def model_(c, file, param=None, no_sg=False, out=None):
+def model_(c, file, param=None, no_sg=False, out=None, kernel=None):
     """Run a scenario on the reference model alone (no VM): predict, then check on the lab."""
     from pathlib import Path
 
@@ -388,7 +424,10 @@ def model_(c, file, param=None, no_sg=False, out=None):
 
     root = _results_root(c, out)
     scenario = load(Path(file), parse_params(param or []), known_hosts=topology("default").vms)
-    report = CheckReport(scenario.name, runs=[run_scenario(scenario, None, scatter_gather=not no_sg)], kernel=False)
+    series = _model_kernel(kernel)
+    report = CheckReport(scenario.name, runs=[run_scenario(scenario, None, scatter_gather=not no_sg,
+                                                           model_kernel=series)], kernel=False)
+    progress.say(f"model of Linux {series}")
     _show_and_save(root, report, Path(file).stem)
 
 
@@ -429,9 +468,48 @@ def grade(c, student=None, only=None, out=None, name=None):
         raise Exit(code=1)
 
 
+@task(name="matrix", iterable=["kernel", "lab"], help={
+    "kernel": "run on this kernel only (6.1, 6.12, 7.2 or a recipe name; repeatable); default: every recipe",
+    "lab": "run this lab only (repeatable); default: every lab in labs/",
+    "timeout": "seconds to wait for SSH on every guest",
+})
+@_friendly
+def matrix_(c, kernel=None, lab=None, timeout="300"):
+    """Every lab on every kernel, one kernel's lab at a time: a lab x kernel table (Markdown in results/)."""
+    from harness import matrix
+    from harness.scenario.check import LabSpec
+
+    paths = Paths.default()
+    timeout = _number(timeout, "--timeout", "a positive number of seconds")
+    kernels = [image.resolve(paths.images, k).kernel for k in kernel] if kernel else \
+        [r.kernel for r in sorted(image.recipes(paths.images), key=lambda r: tuple(map(int, r.kernel.split("."))))]
+    labs = [LabSpec.load(name).name for name in lab] if lab else matrix.all_labs()
+    runner = Lab(paths)
+    if runner.load() is not None:
+        raise SocklabError("a lab is running: the matrix boots one lab per kernel itself; `invoke lab.down` first")
+
+    def boot(series):
+        image.build(paths, series, _mirror(c, None))
+        runner.up("default", c.config.lab.accel, c.config.lab.segment, boot_timeout=timeout, kernel=series)
+        return runner
+
+    def stop(running):
+        running.close()
+        running.down()
+
+    result = matrix.run(kernels, labs, boot, stop, say=progress.say)
+    directory = _results_dir("matrix")
+    matrix.save(result, directory)
+    sys.stdout.write(matrix.markdown(result))
+    progress.say(f"{'[green]PASS[/]' if result.ok else '[red]FAIL[/]'}: {len(labs)} labs x {len(kernels)} kernels; "
+                 f"report in {directory / 'matrix.md'}")
+    if not result.ok:
+        raise Exit(code=1)
+
+
 @task(name="bench", iterable=["only"], help={
     "repeats": "runs per figure (each figure is the median); default 3",
-    "only": "measure just this section (repeatable): build, boot, latency, stats, model, check, memory",
+    "only": "measure just this section (repeatable): build, boot, kernels, latency, stats, model, check, memory",
     "out": OUT_HELP,
 })
 @_friendly
@@ -483,7 +561,7 @@ def test_(c, unit=False, live=False, pytest_args=""):
 
 
 images = Collection("images", build, clean)
-lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, grade, soak_)
+lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, grade, soak_, matrix_)
 ns = Collection(images, lab, test_, bench_)
 ns.configure({
     "images": {"recipe": "bookworm", "mirror": None},

@@ -6,6 +6,13 @@ KVM with no root file system and waits for it to panic (``panic=-1`` with
 ``-no-reboot`` makes QEMU exit): a kernel that got that far has run its whole
 early boot. A working KVM does this in well under a second. The verdict is
 cached per host boot (keyed by /proc/sys/kernel/random/boot_id).
+
+Some cloud hosts offer /dev/kvm from ``kvm_pvm`` (pagetable-based
+virtualization, for VMs without nested VMX/SVM): it runs only guest kernels
+built for PVM, and a stock Debian kernel hangs there after its real-mode
+setup. ``auto`` recognises such a host from /sys/module/kvm_pvm and uses TCG
+without spending the probe's 8 s; ``--accel kvm`` still probes the chosen
+kernel, so a PVM guest kernel given with ``--kernel-image`` gets KVM.
 """
 
 from __future__ import annotations
@@ -78,8 +85,17 @@ def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT, popen=subprocess.Pop
         return ProbeResult(False, f"QEMU under KVM exited {proc.returncode}: {message[-1] if message else 'no output'}", elapsed)
 
 
-def decide(requested: str, device: tuple[bool, str], probe: Callable[[], ProbeResult]) -> Choice:
-    """Pure decision: what to run, given the request, the device check and a (lazy) probe."""
+PVM_MODULE = Path("/sys/module/kvm_pvm")
+
+
+def kvm_flavour(module_dir: Path = PVM_MODULE) -> str:
+    """``pvm`` when /dev/kvm comes from kvm_pvm, else ``kvm``."""
+    return "pvm" if module_dir.exists() else "kvm"
+
+
+def decide(requested: str, device: tuple[bool, str], probe: Callable[[], ProbeResult],
+           flavour: str = "kvm") -> Choice:
+    """Pure decision: what to run, given the request, the device check, the KVM flavour and a (lazy) probe."""
     if requested not in ACCELS:
         raise LabError(f"unknown accelerator {requested!r}; use one of: {', '.join(ACCELS)}")
     if requested == "tcg":
@@ -89,6 +105,9 @@ def decide(requested: str, device: tuple[bool, str], probe: Callable[[], ProbeRe
         if requested == "kvm":
             raise LabError(f"--accel kvm, but KVM is unusable: {why}")
         return Choice("tcg", f"KVM unusable ({why}); using TCG")
+    if flavour == "pvm" and requested == "auto":
+        return Choice("tcg", "/dev/kvm is kvm_pvm (PVM), which runs only PVM guest kernels, not the stock Debian "
+                             "ones; using TCG (for KVM speed: --kernel-image with a PVM guest kernel and --accel kvm)")
     result = probe()
     if result.boots:
         return Choice("kvm", f"KVM works: {result.detail}")
@@ -111,14 +130,15 @@ def choose(requested: str, kernel: Path, cache_file: Path) -> Choice:
         current = boot_id()
         try:
             saved = json.loads(cache_file.read_text())
-            if saved.get("boot_id") == current:
+            # One verdict per host boot and kernel: a PVM guest kernel may boot where Debian's hangs.
+            if saved.get("boot_id") == current and saved.get("kernel", str(kernel)) == str(kernel):
                 result = ProbeResult(**saved["result"])
                 return ProbeResult(result.boots, result.detail + " (probed earlier this boot)", result.seconds)
         except (OSError, ValueError, KeyError, TypeError):
             pass
         result = probe_kvm(kernel)
         cache_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cache_file.write_text(json.dumps({"boot_id": current, "result": asdict(result)}))
+        cache_file.write_text(json.dumps({"boot_id": current, "kernel": str(kernel), "result": asdict(result)}))
         return result
 
-    return decide(requested, kvm_device_usable(), cached_probe)
+    return decide(requested, kvm_device_usable(), cached_probe, kvm_flavour())

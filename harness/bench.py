@@ -22,7 +22,7 @@ from . import image, progress
 from .lab import Lab
 from .paths import Paths
 
-SECTIONS = ("build", "boot", "latency", "stats", "model", "check", "memory")
+SECTIONS = ("build", "boot", "kernels", "latency", "stats", "model", "check", "memory")
 
 
 @dataclass(frozen=True)
@@ -91,17 +91,20 @@ def own_lab(paths: Paths, home: Path) -> Lab:
 
 
 def bench_build(bench: Bench, paths: Paths, repeats: int) -> None:
-    """Cold image builds into a scratch cache, and the no-op build of the real cache, side by side."""
+    """Cold image builds of every recipe into a scratch cache, and the no-op build of the real cache."""
     cached = [_timed(lambda: image.build(paths)) for _ in range(max(repeats, 5))]
-    cold = []
-    for _ in range(repeats):
-        with tempfile.TemporaryDirectory(prefix="socklab-bench-cache-", dir=paths.images) as scratch:
-            os.environ["SOCKLAB_CACHE"] = scratch
-            try:
-                cold.append(_timed(lambda: image.build(paths)))
-            finally:
-                del os.environ["SOCKLAB_CACHE"]
-    bench.add(Figure("image build, cached (no-op)", "s", tuple(cached), "cold build", tuple(cold)))
+    for recipe in image.recipes(paths.images):
+        cold = []
+        for _ in range(repeats):
+            with tempfile.TemporaryDirectory(prefix="socklab-bench-cache-", dir=paths.images) as scratch:
+                os.environ["SOCKLAB_CACHE"] = scratch
+                try:
+                    cold.append(_timed(lambda: image.build(paths, recipe.name)))
+                finally:
+                    del os.environ["SOCKLAB_CACHE"]
+        if recipe.name == "bookworm":
+            bench.add(Figure("image build, cached (no-op)", "s", tuple(cached), "cold build", tuple(cold)))
+        bench.add(Figure(f"image build of {recipe.name} ({recipe.kernel}), cold", "s", tuple(cold)))
 
 
 def bench_boot(bench: Bench, lab: Lab, repeats: int) -> None:
@@ -120,6 +123,26 @@ def bench_boot(bench: Bench, lab: Lab, repeats: int) -> None:
         lab.down()
     bench.add(Figure("both VMs SSH-ready, restored from snapshot", "s", tuple(warm), "cold boot", tuple(cold),
                      note="from the first QEMU start to SSH answering on both; TCG"))
+
+
+def bench_kernels(bench: Bench, paths: Paths, lab: Lab, repeats: int) -> None:
+    """Per kernel (every recipe): both VMs cold-booted and restored to SSH-ready, alternating, one kernel at a time."""
+    for recipe in sorted(image.recipes(paths.images), key=lambda r: tuple(int(x) for x in r.kernel.split("."))):
+        image.build(paths, recipe.name)
+        lab.up("default", kernel=recipe.name)  # makes sure this kernel's snapshots exist
+        lab.down()
+        cold, warm = [], []
+        for _ in range(repeats):
+            state, _ = lab.up("default", kernel=recipe.name, cold=True)
+            cold.append(state.boot_seconds)
+            lab.down()
+            state, _ = lab.up("default", kernel=recipe.name)
+            if state.boot_mode != "restored from snapshot":
+                raise RuntimeError(f"kernel {recipe.kernel}: expected a restore, got a {state.boot_mode}")
+            warm.append(state.boot_seconds)
+            lab.down()
+        bench.add(Figure(f"kernel {recipe.kernel} ({recipe.name}): both VMs restored to SSH-ready", "s", tuple(warm),
+                         "cold boot", tuple(cold), note="TCG; one kernel's lab at a time"))
 
 
 def bench_latency(bench: Bench, lab: Lab, repeats: int) -> None:
@@ -181,7 +204,7 @@ def run(paths: Paths, repeats: int = 3, only: tuple[str, ...] = SECTIONS) -> Ben
     if "model" in only:
         progress.say("model")
         bench_model(bench, repeats)
-    lab_sections = [s for s in only if s in ("boot", "latency", "stats", "check", "memory")]
+    lab_sections = [s for s in only if s in ("boot", "kernels", "latency", "stats", "check", "memory")]
     if not lab_sections:
         return bench
     with tempfile.TemporaryDirectory(prefix="socklab-bench-") as home:
@@ -190,6 +213,11 @@ def run(paths: Paths, repeats: int = 3, only: tuple[str, ...] = SECTIONS) -> Ben
             if "boot" in lab_sections:
                 progress.say("boot vs restore")
                 bench_boot(bench, lab, repeats)
+            if "kernels" in lab_sections:
+                progress.say("cold boot vs restore per kernel")
+                bench_kernels(bench, paths, lab, repeats)
+            if not set(lab_sections) & {"latency", "stats", "check", "memory"}:
+                return bench
             lab.up("default")
             for section in ("latency", "stats", "check", "memory"):
                 if section in lab_sections:

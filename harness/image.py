@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -49,9 +49,11 @@ class Recipe:
 
     name: str
     suite: str
+    kernel: str
     variant: str
     packages: tuple[str, ...]
     dpkg_excludes: tuple[str, ...]
+    apt_options: tuple[str, ...]
     initrd_modules: tuple[str, ...]
     free_space_mib: int
 
@@ -66,14 +68,38 @@ class Recipe:
             return cls(
                 name=name,
                 suite=str(data["suite"]),
+                kernel=str(data["kernel"]),
                 variant=str(data.get("variant", "minbase")),
                 packages=tuple(data["packages"]),
                 dpkg_excludes=tuple(data.get("dpkg_excludes", ())),
+                apt_options=tuple(data.get("apt_options", ())),
                 initrd_modules=tuple(data["initrd_modules"]),
                 free_space_mib=int(data.get("free_space_mib", 256)),
             )
         except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
             raise ImageError(f"{path}: bad recipe: {exc}") from exc
+
+
+def recipes(images_dir: Path) -> list[Recipe]:
+    """Every recipe in ``images_dir``, by name."""
+    return [Recipe.load(images_dir, path.stem) for path in sorted(images_dir.glob("*.yaml"))]
+
+
+def resolve(images_dir: Path, name_or_kernel: str) -> Recipe:
+    """The recipe named ``name_or_kernel`` (``trixie``), or the one whose kernel series it is (``6.12``)."""
+    if (images_dir / f"{name_or_kernel}.yaml").is_file():
+        return Recipe.load(images_dir, name_or_kernel)
+    known = recipes(images_dir)
+    for recipe in known:
+        if recipe.kernel == str(name_or_kernel):
+            return recipe
+    choices = ", ".join(f"{r.kernel} ({r.name})" for r in known) or "none"
+    raise ImageError(f"unknown kernel or image recipe {name_or_kernel!r}; known: {choices}")
+
+
+def release_in_series(release: str, series: str) -> bool:
+    """``6.12.57+deb13-cloud-amd64`` is of series ``6.12``; ``6.1.0-57-cloud-amd64`` is of ``6.1``, not ``6.12``."""
+    return release == series or release.startswith((f"{series}.", f"{series}-", f"{series}+"))
 
 
 @dataclass(frozen=True)
@@ -85,6 +111,16 @@ class Image:
     kernel_release: str
     host_key: str
     sha256: dict
+    recipe: str = ""
+    suite: str = ""
+    kernel_series: str = ""
+    # Debian package -> version, as resolved when the image was built (forky moves).
+    packages: dict = field(default_factory=dict)
+
+    @property
+    def kernel_package(self) -> str:
+        """The version of the kernel's Debian package, e.g. ``6.12.57-1``, or "" if not recorded."""
+        return self.packages.get(f"linux-image-{self.kernel_release}", "")
 
     @property
     def rootfs(self) -> Path:
@@ -108,6 +144,10 @@ class Image:
                 kernel_release=manifest["kernel_release"],
                 host_key=manifest["host_key"],
                 sha256=manifest["sha256"],
+                recipe=manifest.get("recipe", ""),
+                suite=manifest.get("suite", ""),
+                kernel_series=manifest.get("kernel_series", ""),
+                packages=manifest.get("packages", {}),
             )
         except (OSError, ValueError, KeyError) as exc:
             raise ImageError(f"{directory}: unreadable image manifest ({exc}); rebuild with `invoke images.build`") from exc
@@ -188,15 +228,16 @@ def entry_dir(paths: Paths, recipe: Recipe, key: str) -> Path:
 
 
 def find(paths: Paths, recipe_name: str = "bookworm") -> Image:
-    """The built image for the current recipe, or an error saying how to build it (or how to get at it)."""
-    recipe = Recipe.load(paths.images, recipe_name)
+    """The built image for a recipe (or kernel series), or an error saying how to build it (or how to get at it)."""
+    recipe = resolve(paths.images, recipe_name)
     try:
         if not paths.client_key.exists():
             raise ImageError("no guest image yet: run `invoke images.build` first")
         key = recipe_hash(paths, recipe, paths.client_key.with_suffix(".pub").read_text())
         directory = entry_dir(paths, recipe, key)
         if not (directory / MANIFEST).is_file():
-            raise ImageError(f"no guest image for recipe {recipe.name} ({key}): run `invoke images.build` first")
+            raise ImageError(f"no guest image for recipe {recipe.name} ({key}): "
+                             f"run `invoke images.build --kernel {recipe.kernel}` first")
         return Image.load(directory)
     except PermissionError as exc:
         raise ImageError(unreadable_advice(paths, Path(exc.filename or paths.cache))) from None
@@ -260,6 +301,7 @@ def mmdebstrap_argv(recipe: Recipe, target: Path, stage: Path, mirror: str | Non
         f"--variant={recipe.variant}",
         "--include=" + ",".join(recipe.packages),
         *(f"--dpkgopt=path-exclude={pattern}" for pattern in recipe.dpkg_excludes),
+        *(f"--aptopt={option}" for option in recipe.apt_options),
         f"--customize-hook=sync-in {stage} /",
         '--customize-hook=chroot "$1" /usr/lib/socklab/customize',
         recipe.suite,
@@ -315,8 +357,12 @@ def _complete(directory: Path) -> Image | None:
 
 
 def build(paths: Paths, recipe_name: str = "bookworm", mirror: str | None = None, force: bool = False) -> tuple[Image, bool]:
-    """Build the image for ``recipe_name`` unless a complete entry exists. Returns (image, built_now)."""
-    recipe = Recipe.load(paths.images, recipe_name)
+    """Build the image for ``recipe_name`` (or kernel series) unless a complete entry exists.
+
+    Returns (image, built_now). After a build, older entries of the same recipe
+    are pruned (each is a 650 MB root plus its snapshots).
+    """
+    recipe = resolve(paths.images, recipe_name)
     try:
         client_pubkey = ensure_client_key(paths)
         key = recipe_hash(paths, recipe, client_pubkey)
@@ -335,7 +381,40 @@ def build(paths: Paths, recipe_name: str = "bookworm", mirror: str | None = None
         if not force and (image := _complete(final)):
             return image, False
         remove_interrupted(paths)
-        return _build_locked(paths, recipe, key, final, client_pubkey, mirror), True
+        image = _build_locked(paths, recipe, key, final, client_pubkey, mirror)
+        for old in prune(paths, recipe.name, keep=final):
+            progress.say(f"pruned the old cache entry {old.name}")
+        return image, True
+
+
+def prune(paths: Paths, recipe_name: str, keep: Path, in_use: set[Path] | None = None) -> list[Path]:
+    """Delete the cache entries of ``recipe_name`` other than ``keep``, except those a running lab boots from."""
+    if in_use is None:
+        in_use = images_in_use(paths)
+    removed = []
+    for entry in sorted(paths.cache.glob(f"{recipe_name}-*")):
+        if not entry.is_dir() or entry == keep or entry.resolve() in in_use:
+            continue
+        if not entry.name.removeprefix(f"{recipe_name}-").isalnum():
+            continue  # another recipe whose name starts with this one's and a dash
+        for sub in entry.iterdir():
+            if sub.is_file():
+                sub.chmod(0o644)
+        remove_tree(entry)
+        removed.append(entry)
+    return removed
+
+
+def images_in_use(paths: Paths) -> set[Path]:
+    """Cache entries the running labs' VMs boot from (read from their state files; none if no lab)."""
+    used: set[str] = set()
+    for state_file in [paths.home / "run/lab.json", *paths.home.glob("labs/*/run/lab.json")]:
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            continue
+        used |= {state.get("image", "")} | {vm.get("image", "") for vm in state.get("vms", [])}
+    return {Path(p).resolve() for p in used if p}
 
 
 @contextmanager
@@ -412,6 +491,9 @@ def _build_into(paths: Paths, recipe: Recipe, key: str, work: Path, client_pubke
         if not kernels:
             raise ImageError("mmdebstrap finished but the guest has no /boot/vmlinuz-*: is a linux-image package in the recipe?")
         release = kernels[-1].name.removeprefix("vmlinuz-")
+        if not release_in_series(release, recipe.kernel):
+            raise ImageError(f"recipe {recipe.name} says kernel {recipe.kernel}, but suite {recipe.suite} installed "
+                             f"{release}: the suite moved on; set `kernel:` in images/{recipe.name}.yaml to its series")
         shutil.copyfile(kernels[-1], work / KERNEL)
         try:
             initrd = build_initrd(root, release, list(recipe.initrd_modules), (paths.images / "initrd/init").read_bytes())
@@ -421,6 +503,7 @@ def _build_into(paths: Paths, recipe: Recipe, key: str, work: Path, client_pubke
         # The guest boots the kernel from outside; its own copies only take space.
         for path in (root / "boot").iterdir():
             path.unlink()
+    packages = installed_packages(root)
     size_mib = _used_bytes(root) * 13 // 10 // (1 << 20) + recipe.free_space_mib
     with progress.step(f"ext4 root file system ({size_mib} MiB)"):
         _run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "socklab-root", "-J", "size=16", "-d", str(root),
@@ -433,7 +516,8 @@ def _build_into(paths: Paths, recipe: Recipe, key: str, work: Path, client_pubke
     for name in (ROOTFS, KERNEL, INITRD):
         # The base is never written: every VM boots from its own overlay.
         (work / name).chmod(0o444)
-    manifest = {"recipe": recipe.name, "recipe_hash": key, "kernel_release": release, "host_key": host_key, "sha256": sums}
+    manifest = {"recipe": recipe.name, "recipe_hash": key, "suite": recipe.suite, "kernel_series": recipe.kernel,
+                "kernel_release": release, "host_key": host_key, "sha256": sums, "packages": packages}
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Image.load(work)
 
@@ -444,6 +528,19 @@ def build_log(paths: Paths, recipe: Recipe) -> Path:
     for old in sorted(logs.glob(f"build-{recipe.name}-*.log"))[:-4]:
         old.unlink(missing_ok=True)
     return logs / f"build-{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+def installed_packages(root: Path) -> dict[str, str]:
+    """Package -> version of every package installed in the guest root, read from its dpkg status file."""
+    packages, name = {}, None
+    try:
+        text = (root / "var/lib/dpkg/status").read_text(errors="replace")
+    except OSError:
+        return packages
+    for line in text.splitlines():
+        if line.startswith("Package: "):
+            name = line.removeprefix("Package: ").strip()
+        elif line.startswith("Version: ") and name:
+            packages[name] = line.removeprefix("Version: ").strip()
+    return dict(sorted(packages.items()))
 
 
 def _mounts_below(path: Path) -> list[str]:

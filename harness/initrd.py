@@ -2,12 +2,22 @@
 
 Debian's initramfs-tools image is 15 MB of zstd that TCG has to unpack and a
 udev run it has to sit through; a lab VM needs two modules and a mount.
+
+Kernels differ in how they ship those modules: bookworm's 6.1 has plain
+``.ko`` files, trixie's and forky's compress them (``.ko.xz``, ``.ko.zst``),
+and any kernel may build a driver in (listed in ``modules.builtin``). busybox
+``insmod`` hands the file to ``init_module`` as it is, so compressed modules are
+unpacked here on the host, and built-in ones are left out.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
+import lzma
+import shutil
 import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +36,21 @@ def _pad4(n: int) -> int:
     return (4 - n % 4) % 4
 
 
+def read_newc(blob: bytes) -> list[tuple[str, int, bytes, tuple[int, int]]]:
+    """The members of an uncompressed newc archive: (name, mode, data, rdev)."""
+    members, offset = [], 0
+    while blob[offset:offset + 6] == b"070701":
+        fields = [int(blob[offset + 6 + 8 * i: offset + 14 + 8 * i], 16) for i in range(13)]
+        name_size, file_size = fields[11], fields[6]
+        name = blob[offset + 110:offset + 110 + name_size - 1].decode()
+        data_start = offset + 110 + name_size + _pad4(110 + name_size)
+        if name == "TRAILER!!!":
+            break
+        members.append((name, fields[1], blob[data_start:data_start + file_size], (fields[9], fields[10])))
+        offset = data_start + file_size + _pad4(file_size)
+    return members
+
+
 def write_newc(entries: list[Entry]) -> bytes:
     """Serialise entries as an uncompressed SVR4 ``newc`` cpio archive, the format the kernel unpacks."""
     out = io.BytesIO()
@@ -41,11 +66,19 @@ def write_newc(entries: list[Entry]) -> bytes:
     return out.getvalue()
 
 
-def module_load_order(modules_dep: str, wanted: list[str]) -> list[str]:
+def module_name(path: str) -> str:
+    """``kernel/drivers/block/virtio_blk.ko.xz`` -> ``virtio_blk`` (modprobe's spelling: ``-`` is ``_``)."""
+    return Path(path).name.split(".ko")[0].replace("-", "_")
+
+
+def module_load_order(modules_dep: str, wanted: list[str], builtin: str = "") -> list[str]:
     """Resolve ``wanted`` module names against modules.dep, dependencies first.
 
-    Returns paths relative to the modules directory, each once.
+    Returns paths relative to the modules directory, each once. A module named
+    in ``builtin`` (the text of modules.builtin) is part of the kernel image and
+    needs no loading.
     """
+    built_in = {module_name(line) for line in builtin.split()}
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
     for line in modules_dep.splitlines():
@@ -53,7 +86,7 @@ def module_load_order(modules_dep: str, wanted: list[str]) -> list[str]:
             continue
         path, _, rest = line.partition(":")
         deps[path] = rest.split()
-        by_name[Path(path).name.split(".ko")[0].replace("-", "_")] = path
+        by_name[module_name(path)] = path
     order: list[str] = []
 
     def visit(path: str) -> None:
@@ -65,16 +98,51 @@ def module_load_order(modules_dep: str, wanted: list[str]) -> list[str]:
 
     for name in wanted:
         path = by_name.get(name.replace("-", "_"))
+        if path is None and name.replace("-", "_") in built_in:
+            continue
         if path is None:
             raise KeyError(f"kernel module {name!r} is not in modules.dep")
         visit(path)
     return order
 
 
-def build_initrd(root: Path, kernel_release: str, modules: list[str], init_script: bytes) -> bytes:
-    """Build the initrd from files of the freshly bootstrapped guest root ``root``."""
-    moddir = root / "usr/lib/modules" / kernel_release
-    order = module_load_order((moddir / "modules.dep").read_text(), modules)
+def decompress_module(name: str, data: bytes) -> bytes:
+    """A module file's ELF bytes, whatever Debian compressed it with (by its name's suffix)."""
+    if name.endswith(".ko"):
+        return data
+    if name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if name.endswith(".ko.gz"):
+        return gzip.decompress(data)
+    if name.endswith(".ko.zst"):
+        if shutil.which("zstd") is None:
+            raise OSError(f"{name} is zstd-compressed and the host has no zstd (apt-get install zstd)")
+        return subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=True).stdout
+    raise OSError(f"{name}: unknown module compression")
+
+
+def modules_dir(root: Path, kernel_release: str) -> Path:
+    """``lib/modules/<release>`` in a guest root or a ``make modules_install`` tree (usrmerged or not)."""
+    for candidate in (root / "usr/lib/modules" / kernel_release, root / "lib/modules" / kernel_release):
+        if (candidate / "modules.dep").is_file():
+            return candidate
+    raise OSError(f"no modules.dep for {kernel_release} under {root}/lib/modules or {root}/usr/lib/modules")
+
+
+def build_initrd(root: Path, kernel_release: str, modules: list[str], init_script: bytes,
+                 busybox: Path | None = None, modules_root: Path | None = None) -> bytes:
+    """Build the initrd from files of the freshly bootstrapped guest root ``root``.
+
+    ``modules_root`` is where the kernel's module tree is (default: ``root``
+    itself); a user-built kernel brings its own.
+    """
+    if modules:
+        moddir = modules_dir(modules_root or root, kernel_release)
+        builtin = moddir / "modules.builtin"
+        order = module_load_order((moddir / "modules.dep").read_text(), modules,
+                                  builtin.read_text() if builtin.is_file() else "")
+    else:  # a kernel with everything built in, and no module tree
+        order = []
     names = [Path(p).name.split(".ko")[0] for p in order]
     entries = [
         Entry("bin", stat.S_IFDIR | 0o755),
@@ -83,10 +151,11 @@ def build_initrd(root: Path, kernel_release: str, modules: list[str], init_scrip
         Entry("proc", stat.S_IFDIR | 0o755),
         Entry("newroot", stat.S_IFDIR | 0o755),
         Entry("modules", stat.S_IFDIR | 0o755),
-        Entry("bin/busybox", stat.S_IFREG | 0o755, (root / "bin/busybox").read_bytes()),
+        Entry("bin/busybox", stat.S_IFREG | 0o755, (busybox or root / "bin/busybox").read_bytes()),
         Entry("init", stat.S_IFREG | 0o755, init_script),
         Entry("modules.order", stat.S_IFREG | 0o644, ("\n".join(names) + "\n").encode()),
     ]
     for path, name in zip(order, names):
-        entries.append(Entry(f"modules/{name}.ko", stat.S_IFREG | 0o644, (moddir / path).read_bytes()))
+        module = decompress_module(path, (moddir / path).read_bytes())
+        entries.append(Entry(f"modules/{name}.ko", stat.S_IFREG | 0o644, module))
     return write_newc(entries)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from . import accel as accel_mod
 from . import hostdeps, image, lock, net, owner, progress, qemu, snapshot
+from . import kernel as kernel_mod
 from .console import GuestConsole, log_tail, panic_lines
 from .deadline import QMP_PROBE, SNAPSHOT_RESTORE, SSH_CONNECT
 from .errors import GuestUnreachable, LabError, SSHError
@@ -47,16 +48,26 @@ SEGMENT_MODES = ("auto", "tap", "socket")
 
 @dataclass(frozen=True)
 class Topology:
-    """Which VMs a lab has; the n-th VM gets 198.51.100.n on the lab segment."""
+    """Which VMs a lab has; the n-th VM gets 198.51.100.n on the lab segment.
+
+    ``kernels`` pins a VM to a kernel series or recipe (``("server", "7.2")``);
+    a VM not named there boots the kernel ``lab.up --kernel`` chose.
+    """
 
     name: str
     vms: tuple[str, ...]
     memory_mib: int = 512
+    kernels: tuple[tuple[str, str], ...] = ()
+
+    def kernel_of(self, vm: str, default: str) -> str:
+        return dict(self.kernels).get(vm, default)
 
 
 TOPOLOGIES = {
     "default": Topology("default", ("client", "server")),
     "single": Topology("single", ("server",)),
+    # An upgrade seen from both ends: an old client talking to a new server.
+    "mixed": Topology("mixed", ("client", "server"), kernels=(("client", "6.1"), ("server", "7.2"))),
 }
 
 
@@ -90,6 +101,11 @@ class VMState:
     mgmt_mac: str
     lab_mac: str
     tap: str = ""
+    # What it boots: the image entry (userland), the kernel's release, its host key.
+    image: str = ""
+    kernel: str = ""
+    kernel_image: str = ""
+    host_key: str = ""
     pid: int = 0
     overlay: str = ""
     qmp: str = ""
@@ -186,6 +202,7 @@ class Lab:
         self.state_file = self.run_dir / "lab.json"
         self.logs = self.dir / "logs"
         self._ssh: dict[str, GuestSSH] = {}
+        self._boots: dict[str, kernel_mod.Boot] = {}
 
     # -- state ---------------------------------------------------------------
 
@@ -373,10 +390,26 @@ class Lab:
 
     # -- up ------------------------------------------------------------------
 
+    def boots(self, topo: Topology, kernel: str = "bookworm", kernel_image: Path | None = None,
+              modules: Path | None = None) -> dict[str, kernel_mod.Boot]:
+        """What each VM of ``topo`` boots; every image and user kernel checked before anything starts."""
+        boots: dict[str, kernel_mod.Boot] = {}
+        for name in topo.vms:
+            recipe = image.resolve(self.paths.images, topo.kernel_of(name, kernel))
+            img = image.find(self.paths, recipe.name)
+            if kernel_image is not None:
+                boots[name] = kernel_mod.prepare(self.paths.home, kernel_image, modules, img, recipe.initrd_modules)
+            else:
+                boots[name] = kernel_mod.Boot.of_image(img)
+        return boots
+
     def up(self, topology_name: str = "default", accel: str = "auto", segment: str = "auto",
-           boot_timeout: float = 120.0, cold: bool = False) -> tuple[LabState, bool]:
+           boot_timeout: float = 120.0, cold: bool = False, kernel: str = "bookworm",
+           kernel_image: Path | None = None, modules: Path | None = None) -> tuple[LabState, bool]:
         """Boot the lab unless it already runs. Returns (state, started_now)."""
         topo = check_up_args(topology_name, accel, segment, boot_timeout)
+        # Every kernel, image and module tree checked before anything is stopped or started.
+        boots = self.boots(topo, kernel, kernel_image, modules)
         with self.locked():
             existing = self.load()
             if existing is not None:
@@ -385,11 +418,11 @@ class Lab:
                 progress.say("a previous lab did not finish or has died; cleaning it up first")
                 self._down_locked(existing)
             hostdeps.ensure(hostdeps.LAB_TOOLS, say=progress.say)
-            img = image.find(self.paths)
-            state = LabState(lab_id=self.id, topology=topo.name, name=self.name, image=str(img.directory),
-                             host_key=img.host_key, owner_pid=os.getpid())
+            first = boots[topo.vms[0]]
+            state = LabState(lab_id=self.id, topology=topo.name, name=self.name, image=str(first.image.directory),
+                             host_key=first.image.host_key, owner_pid=os.getpid())
             try:
-                self._up_locked(state, topo, img, accel, segment, boot_timeout, cold)
+                self._up_locked(state, topo, boots, accel, segment, boot_timeout, cold)
             except BaseException:
                 # Ctrl-C, a guest that never answers, a QEMU that would not start:
                 # whatever was started so far is stopped before the error goes up.
@@ -397,25 +430,30 @@ class Lab:
                 raise
             return state, True
 
-    def _up_locked(self, state: LabState, topo: Topology, img: image.Image, accel: str, segment: str,
-                   boot_timeout: float, cold: bool) -> None:
+    def _up_locked(self, state: LabState, topo: Topology, boots: dict[str, kernel_mod.Boot], accel: str,
+                   segment: str, boot_timeout: float, cold: bool) -> None:
         with progress.step("image digests"):
-            damaged = img.damaged()
-            if damaged:
-                raise LabError(f"cached image {img.directory.name} is damaged ({', '.join(damaged)} changed since it "
-                               "was built); rebuild it with `invoke images.build --force`")
-        choice = accel_mod.choose(accel, img.kernel, self.paths.home / "accel-probe.json")
+            for img in {boot.image.directory: boot.image for boot in boots.values()}.values():
+                damaged = img.damaged()
+                if damaged:
+                    raise LabError(f"cached image {img.directory.name} is damaged ({', '.join(damaged)} changed since "
+                                   f"it was built); rebuild it with `invoke images.build --recipe {img.recipe or 'bookworm'} --force`")
+        first = boots[topo.vms[0]]
+        choice = accel_mod.choose(accel, first.kernel, self.paths.home / "accel-probe.json")
         state.accel, state.accel_reason = choice.accel, choice.reason
         progress.say(f"accelerator: [bold]{choice.accel}[/] — {choice.reason}")
         state.segment, state.segment_reason = self._segment_mode(segment, topo)
         progress.say(f"lab segment: [bold]{state.segment}[/] — {state.segment_reason}")
 
-        plan = self._plan(state, topo, img)
-        store = snapshot.SnapshotStore(img.directory)
-        for leftover in store.remove_interrupted():
-            progress.say(f"removed a half-saved snapshot {leftover.name} (its socklab was killed while saving it)")
-        keys = {spec.name: snapshot.snapshot_key(img.sha256, spec, snapshot.qemu_version()) for spec in plan}
-        snapshots = {} if cold else self._usable_snapshots(store, keys)
+        plan = self._plan(state, topo, boots)
+        # Snapshots are kept with the image each VM boots, keyed by its kernel and initrd too.
+        stores = {spec.name: snapshot.SnapshotStore(boots[spec.name].image.directory) for spec in plan}
+        keys = {spec.name: snapshot.snapshot_key({**boots[spec.name].image.sha256, **boots[spec.name].sha256}, spec,
+                                                 snapshot.qemu_version()) for spec in plan}
+        for store in {str(store.root): store for store in stores.values()}.values():
+            for leftover in store.remove_interrupted():
+                progress.say(f"removed a half-saved snapshot {leftover.name} (its socklab was killed while saving it)")
+        snapshots = {} if cold else self._usable_snapshots(stores, keys)
         if snapshots:
             try:
                 self._boot(state, topo, plan, snapshots, time.monotonic() + RESTORE_TIMEOUT)
@@ -423,8 +461,8 @@ class Lab:
                 state.boot_mode = "restored from snapshot"
             except LabError as exc:
                 progress.say(f"[yellow]warning:[/] restoring the snapshot failed ({exc}); discarding it, booting cold")
-                for key in keys.values():
-                    store.discard(key)
+                for name, key in keys.items():
+                    stores[name].discard(key)
                 self._down_locked(state, quiet=True)
                 state.vms.clear()
                 snapshots = {}
@@ -434,7 +472,7 @@ class Lab:
             if not cold:
                 # Before the lab is marked ready: a socklab killed mid-save leaves a lab the next
                 # `lab.up` cleans away, never a "ready" one with a guest paused in postmigrate.
-                self._save_snapshots(state, store, keys)
+                self._save_snapshots(state, stores, keys)
         state.ready = True
         self.save(state)
 
@@ -450,31 +488,35 @@ class Lab:
         return "socket", (f"QEMU socket netdev over 127.0.0.1 ({why if not taps_ok else 'requested'}): "
                           "no offloads, so MSG_ZEROCOPY completions report COPIED")
 
-    def _plan(self, state: LabState, topo: Topology, img: image.Image) -> list[qemu.VMSpec]:
+    def _plan(self, state: LabState, topo: Topology, boots: dict[str, kernel_mod.Boot]) -> list[qemu.VMSpec]:
         """Each VM's spec, without the host-side details (ports, sockets) a boot fills in."""
         specs = []
         for index, name in enumerate(topo.vms):
+            boot = boots[name]
             lab_nic = qemu.LabNic(mode=state.segment, mac=net.mac_address(0x5A, index),
                                   ifname=f"sl{self.id}{index}" if state.segment == "tap" else "")
             specs.append(qemu.VMSpec(
-                name=name, run_dir=self.run_dir, kernel=img.kernel, initrd=img.initrd,
+                name=name, run_dir=self.run_dir, kernel=boot.kernel, initrd=boot.initrd,
                 overlay=self.run_dir / f"{name}.qcow2", ssh_port=0, mgmt_mac=net.mac_address(0, index),
                 lab_ip=net.lab_address(index), lab_nic=lab_nic, accel=state.accel, memory_mib=topo.memory_mib,
                 sandbox=True,
+                modules_disk=boot.modules_disk,
             ))
+        self._boots = boots
         return specs
 
-    def _usable_snapshots(self, store: snapshot.SnapshotStore, keys: dict[str, str]) -> dict[str, snapshot.Snapshot]:
+    def _usable_snapshots(self, stores: dict[str, snapshot.SnapshotStore],
+                          keys: dict[str, str]) -> dict[str, snapshot.Snapshot]:
         """Every VM's snapshot if all are valid; a damaged one is discarded with a warning."""
         found = {}
         for name, key in keys.items():
-            snap = store.get(key)
+            snap = stores[name].get(key)
             problem = snap.problem()
             if problem is None:
                 found[name] = snap
             elif problem != "missing":
                 progress.say(f"[yellow]warning:[/] snapshot of {name} unusable ({problem}); it will be replaced")
-                store.discard(key)
+                stores[name].discard(key)
         return found if len(found) == len(keys) else {}
 
     def _boot(self, state: LabState, topo: Topology, plan: list[qemu.VMSpec],
@@ -496,15 +538,18 @@ class Lab:
             for index, spec in enumerate(plan):
                 lab_nic = replace(spec.lab_nic, listen_port=socket_port if index == 0 else 0,
                                   connect_port=socket_port if index > 0 else 0) if state.segment == "socket" else spec.lab_nic
+                boot = self._boots[spec.name]
                 vm = VMState(name=spec.name, index=index, ssh_port=0, lab_ip=spec.lab_ip, mgmt_mac=spec.mgmt_mac,
-                             lab_mac=spec.lab_nic.mac, tap=spec.lab_nic.ifname, overlay=str(spec.overlay))
+                             lab_mac=spec.lab_nic.mac, tap=spec.lab_nic.ifname, overlay=str(spec.overlay),
+                             image=str(boot.image.directory), kernel=boot.release,
+                             kernel_image=boot.source if boot.custom else "", host_key=boot.image.host_key)
                 state.vms.append(vm)
                 self.save(state)
                 snap = snapshots.get(spec.name)
                 if snap is not None:
                     qemu.create_overlay(snap.disk, spec.overlay, base_format="qcow2")
                 else:
-                    qemu.create_overlay(Path(state.image) / image.ROOTFS, spec.overlay)
+                    qemu.create_overlay(boot.image.rootfs, spec.overlay)
                 self._start_vm(state, vm, replace(spec, lab_nic=lab_nic, incoming=snap.state if snap else None))
                 if segment is not None:
                     segment.attach(vm.tap)
@@ -554,14 +599,15 @@ class Lab:
             except SSHError as exc:
                 raise LabError(f"restored guests cannot reach each other: {exc}") from exc
 
-    def _save_snapshots(self, state: LabState, store: snapshot.SnapshotStore, keys: dict[str, str]) -> None:
+    def _save_snapshots(self, state: LabState, stores: dict[str, snapshot.SnapshotStore],
+                        keys: dict[str, str]) -> None:
         """Save every VM's ready state for the next ``lab.up``; a failure only costs the next boot its speed."""
         with progress.step("save ready snapshots for the next lab.up") as step:
             self.close()  # no half-open SSH connections inside the saved state
             try:
                 for vm in state.vms:
                     step.update(f"saving {vm.name}")
-                    store.save(keys[vm.name], Path(vm.qmp), Path(vm.overlay))
+                    stores[vm.name].save(keys[vm.name], Path(vm.qmp), Path(vm.overlay))
                     qemu.qmp_command(Path(vm.qmp), "cont")
             except (LabError, OSError) as exc:
                 for vm in state.vms:
@@ -576,7 +622,7 @@ class Lab:
 
         def connect(vm: VMState) -> None:
             remaining = deadline - time.monotonic()
-            guest = GuestSSH(vm.name, vm.ssh_port, self.paths.client_key, state.host_key)
+            guest = GuestSSH(vm.name, vm.ssh_port, self.paths.client_key, vm.host_key or state.host_key)
             try:
                 self._connect_watching(guest, vm, remaining, abandon)
             except SSHError as exc:
@@ -657,7 +703,7 @@ class Lab:
         paused = self.paused(vm)
         if paused:
             raise GuestUnreachable(paused)
-        guest = GuestSSH(vm.name, vm.ssh_port, self.paths.client_key, state.host_key)
+        guest = GuestSSH(vm.name, vm.ssh_port, self.paths.client_key, vm.host_key or state.host_key)
         try:
             self._connect_watching(guest, vm, timeout)
         except SSHError as exc:
@@ -673,7 +719,7 @@ class Lab:
         known_hosts = self.run_dir / "known_hosts"
         fd = os.open(known_hosts, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
-            handle.write(f"[127.0.0.1]:{vm.ssh_port} {state.host_key}\n")
+            handle.write(f"[127.0.0.1]:{vm.ssh_port} {vm.host_key or state.host_key}\n")
         return [
             "ssh", "-p", str(vm.ssh_port), "-i", str(self.paths.client_key),
             "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",

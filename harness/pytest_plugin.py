@@ -1,6 +1,9 @@
 """pytest plugin (entry point ``socklab``): the ``vm`` marker and fixtures for live labs.
 
 ``lab`` attaches to a running lab or boots one, and stops only what it booted.
+``--socklab-kernel K`` (repeatable; or SOCKLAB_KERNEL) runs every test that uses
+``lab`` or ``model`` once per kernel, with ids like ``[kernel-6.12]``; the lab
+of one kernel is stopped before the next one boots.
 """
 
 from __future__ import annotations
@@ -13,21 +16,61 @@ from .lab import Lab
 from .paths import Paths
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--socklab-kernel", action="append", default=[], metavar="K",
+                     help="run live tests and the model fixture on this kernel (6.1, 6.12, 7.2; repeatable)")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm: needs the live lab (QEMU guests); boots it when none runs")
 
 
+def kernels(config: pytest.Config) -> list[str]:
+    chosen = config.getoption("socklab_kernel") or [os.environ.get("SOCKLAB_KERNEL", "")]
+    return [kernel for kernel in chosen]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "socklab_kernel" in metafunc.fixturenames:
+        chosen = kernels(metafunc.config)
+        ids = [f"kernel-{k}" if k else "kernel-default" for k in chosen]
+        metafunc.parametrize("socklab_kernel", chosen, ids=ids, scope="session")
+
+
+def _series(kernel: str) -> str:
+    """A kernel option as the model's series (``trixie`` -> ``6.12``); the lab's own when none was given."""
+    from . import image
+
+    if not kernel:
+        return "6.1"
+    return image.resolve(Paths.default().images, kernel).kernel
+
+
 @pytest.fixture(scope="session")
-def lab() -> Lab:
-    """The live lab (topology from SOCKLAB_TOPOLOGY, default ``default``; name from SOCKLAB_LAB); booted here if not running."""
+def lab(socklab_kernel: str) -> Lab:
+    """The live lab (topology from SOCKLAB_TOPOLOGY, default ``default``; name from SOCKLAB_LAB) on ``socklab_kernel``.
+
+    A running lab is used when it runs that kernel (any kernel when none was asked for); a running
+    lab on another kernel is not touched: the tests of that kernel are skipped, saying why.
+    """
     lab = Lab(Paths.default(), os.environ.get("SOCKLAB_LAB") or "default")
     state = lab.load()
     booted = False
-    if state is None or not all(lab.alive(state).values()):
+    if state is not None and all(lab.alive(state).values()):
+        if socklab_kernel:
+            from .model.versions import nearest_series
+
+            running = {nearest_series(vm.kernel) for vm in state.vms if vm.kernel}
+            if running and running != {_series(socklab_kernel)}:
+                pytest.skip(f"the running lab runs {', '.join(sorted(running))}, not {socklab_kernel}: "
+                            "`invoke lab.down` to let the tests boot it")
+    else:
         from . import image
 
-        image.build(lab.paths)
-        lab.up(os.environ.get("SOCKLAB_TOPOLOGY", "default"), accel=os.environ.get("SOCKLAB_ACCEL", "auto"))
+        kernel = socklab_kernel or "bookworm"
+        image.build(lab.paths, kernel)
+        lab.up(os.environ.get("SOCKLAB_TOPOLOGY", "default"), accel=os.environ.get("SOCKLAB_ACCEL", "auto"),
+               kernel=kernel)
         booted = True
     try:
         yield lab
@@ -50,11 +93,11 @@ def server(lab: Lab):
 
 
 @pytest.fixture
-def model():
-    """A fresh reference model with the lab's two hosts (client 198.51.100.1, server 198.51.100.2)."""
+def model(socklab_kernel: str):
+    """A fresh reference model of ``socklab_kernel`` with the lab's two hosts (client 198.51.100.1, server .2)."""
     from .model import Network
 
-    net = Network()
+    net = Network(kernel=_series(socklab_kernel))
     net.add_host("client", addrs=["198.51.100.1"])
     net.add_host("server", addrs=["198.51.100.2"])
     return net

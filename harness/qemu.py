@@ -70,6 +70,8 @@ class VMSpec:
     uuid: str = ""
     # seccomp (-sandbox): see SANDBOX.
     sandbox: bool = False
+    # A read-only ext4 disk with a user-built kernel's module tree (--kernel-image --modules).
+    modules_disk: Path | None = None
 
     @property
     def qmp_socket(self) -> Path:
@@ -104,6 +106,8 @@ class VMSpec:
         ]
         if self.lab_nic is not None:
             params += [f"socklab.lab_mac={self.lab_nic.mac}", f"socklab.lab_ip={self.lab_ip}"]
+        if self.modules_disk is not None:
+            params.append("socklab.modules_disk=1")
         return " ".join([*params, *self.extra_append])
 
 
@@ -133,6 +137,7 @@ def qemu_argv(spec: VMSpec, incoming_fd: int | None = None) -> list[str]:
         "-initrd", str(spec.initrd),
         "-append", spec.kernel_append(),
         "-drive", f"file={spec.overlay},if=virtio,format=qcow2,discard=unmap",
+        *(["-drive", f"file={spec.modules_disk},if=virtio,format=raw,readonly=on"] if spec.modules_disk else []),
         # Management NIC: user networking sealed with restrict=on; the only way in
         # is the SSH forward, and it listens on the host's loopback alone.
         "-netdev", f"user,id=mgmt,restrict=on,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22",

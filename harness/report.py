@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from rich.table import Table
 
@@ -25,11 +26,36 @@ def offloads(lab, name: str) -> tuple[str, str]:
     return shown("scatter-gather"), shown("tx-checksumming")
 
 
+def vm_kernel(vm) -> str:
+    """The kernel a VM runs as ``lab.status`` shows it: its release, marked when it is the user's own."""
+    if not vm.kernel:
+        return "-"
+    return f"{vm.kernel} (own)" if vm.kernel_image else vm.kernel
+
+
+def kernel_notes(state) -> list[str]:
+    """One caption line per image the VMs boot: recipe, suite and the kernel package version it resolved."""
+    from .image import Image
+
+    lines = []
+    for directory in sorted({vm.image for vm in state.vms if vm.image}):
+        try:
+            img = Image.load(Path(directory))
+        except Exception:  # noqa: BLE001 - a status line must not fail on a pruned or unreadable manifest
+            continue
+        users = ", ".join(vm.name for vm in state.vms if vm.image == directory)
+        package = f" {img.kernel_package}" if img.kernel_package else ""
+        lines.append(f"{users}: image {Path(directory).name} ({img.suite or img.recipe}), "
+                     f"linux-image-{img.kernel_release}{package}")
+    lines += [f"{vm.name}: own kernel {vm.kernel_image}" for vm in state.vms if vm.kernel_image]
+    return lines
+
+
 def status_table(lab, state, live: bool = True) -> Table:
     alive = lab.alive(state)
     name = getattr(state, "name", "default")
     table = Table(title=f"socklab lab {name!r}: {state.lab_id} ({state.topology})", title_justify="left")
-    for column in ("VM", "pid", "state", "SSH", "lab0", "up", "sg", "tx-csum"):
+    for column in ("VM", "kernel", "pid", "state", "SSH", "lab0", "up", "sg", "tx-csum"):
         table.add_column(column, overflow="fold")
     uptime = f"{time.time() - state.started_at:.0f} s" if state.started_at else "-"
     for vm in state.vms:
@@ -38,9 +64,10 @@ def status_table(lab, state, live: bool = True) -> Table:
         paused = running and hasattr(lab, "paused") and lab.paused(vm)
         sg, csum = offloads(lab, vm.name) if (live and running and not paused) else ("-", "-")
         shown = "[yellow]paused[/]" if paused else "running" if running else "[red]dead[/]"
-        table.add_row(vm.name, str(vm.pid or "-"), shown,
+        table.add_row(vm.name, vm_kernel(vm), str(vm.pid or "-"), shown,
                       f":{vm.ssh_port}", vm.address, uptime, sg, csum)
-    table.caption = (f"accelerator {state.accel}: {state.accel_reason}\n"
+    table.caption = ("".join(f"{line}\n" for line in kernel_notes(state)) +
+                     f"accelerator {state.accel}: {state.accel_reason}\n"
                      f"segment {state.segment}: {state.segment_reason}"
                      + (f"\nnetns {state.netns}" if state.netns else ""))
     table.caption_justify = "left"

@@ -995,6 +995,27 @@ def claim_stdio() -> tuple[int, int, int]:
     return moved  # type: ignore[return-value]
 
 
+def move_stray_fds(keep: tuple[int, ...], below: int = 64) -> set[int]:
+    """Move descriptors the interpreter's libraries opened out of the scenario's way; returns their new numbers.
+
+    forky's libffi (static trampolines) keeps its own .so open from the moment ctypes loads, on fd
+    3; a fresh C program has nothing there. libffi only uses that descriptor again to map more
+    trampolines for a new callback, and the agent makes no ctypes callbacks.
+    """
+    moved = set()
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2 or fd >= below or fd in keep:
+            continue
+        try:
+            high = fcntl.fcntl(fd, F_DUPFD_CLOEXEC, min(keep) - 16)
+        except OSError:
+            continue  # the directory's own descriptor, already closed
+        os.close(fd)
+        moved.add(high)
+    return moved
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--block-ms", type=int, default=DEFAULT_BLOCK_MS,
@@ -1002,6 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
 
     read_fd, write_fd, diag_fd = claim_stdio()
+    strays = move_stray_fds((read_fd, write_fd, diag_fd))
     sys.stderr = open(diag_fd, "w", buffering=1, closefd=False)
     sys.stdout = sys.stderr  # a stray print must never corrupt the reply stream
 
@@ -1015,7 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGPIPE])
 
     channel = LineChannel(read_fd, write_fd)
-    session = Session({read_fd, write_fd, diag_fd}, options.block_ms)
+    session = Session({read_fd, write_fd, diag_fd, *strays}, options.block_ms)
     try:
         hello = {"hello": {"agent": "socklab", "protocol": PROTOCOL, "kernel": os.uname().release,
                            "python": sys.version.split()[0], "t_ns": time.monotonic_ns(), **identity()}}

@@ -1,4 +1,8 @@
-"""Per-host configuration: sysctl defaults of Debian bookworm's 6.1 x86_64 kernel, and credentials."""
+"""Per-host configuration: the sysctl defaults a kernel boots with, and credentials.
+
+The table below is Debian bookworm's 6.1 on x86_64; ``defaults_for`` applies
+the version rules of ``versions.py`` and the memory-sized boot defaults.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,25 @@ from typing import Any, Mapping
 
 from .constants import CAP_IPC_LOCK, CAP_NET_ADMIN, CAP_NET_BIND_SERVICE, CAP_NET_RAW
 
-# Values a fresh 6.1 kernel boots with; sources noted where the number is derived.
-DEFAULT_SYSCTLS: dict[str, Any] = {
+from .versions import DEFAULT_KERNEL, DEFAULT_MEMORY_MIB, RULES, boot_defaults
+
+# Values a fresh 6.1 kernel boots with; sources noted where the number is derived. The entries a
+# version rule or the VM's memory decides are overwritten by defaults_for().
+BASE_SYSCTLS: dict[str, Any] = {
     "net.core.somaxconn": 4096,  # SOMAXCONN, include/linux/socket.h (raised from 128 in 5.4)
     "net.core.rmem_max": 212992,  # SK_RMEM_MAX = SKB_TRUESIZE(256) * 256 = 832 * 256
     "net.core.wmem_max": 212992,  # SK_WMEM_MAX, same formula
     "net.core.rmem_default": 212992,
     "net.core.wmem_default": 212992,
     "net.core.optmem_max": 20480,  # sizeof(long) * (2 * UIO_MAXIOV + 512) in 6.1
-    "net.ipv4.tcp_rmem": (4096, 131072, 6291456),  # tcp_init(): rmem[1] = 131072
-    "net.ipv4.tcp_wmem": (4096, 16384, 4194304),
+    "net.ipv4.tcp_rmem": (4096, 131072, 6291456),  # tcp_init(): rmem[1] = 131072; [2] from memory
+    "net.ipv4.tcp_wmem": (4096, 16384, 4194304),  # [2] from memory: see versions.boot_defaults
+    "net.ipv4.tcp_mem": (0, 0, 0),  # pages, from memory
+    "net.ipv4.udp_mem": (0, 0, 0),
     "net.ipv4.ip_local_port_range": (32768, 60999),
     "net.ipv4.ip_unprivileged_port_start": 1024,  # PROT_SOCK
     "net.ipv4.tcp_syncookies": 1,
-    "net.ipv4.tcp_max_syn_backlog": 512,  # really max(128, ehash size / 128): memory dependent
+    "net.ipv4.tcp_max_syn_backlog": 128,  # max(128, ehash size / 128): from memory
     "net.ipv4.ip_nonlocal_bind": 0,
     "net.ipv6.ip_nonlocal_bind": 0,
     "net.ipv6.bindv6only": 0,
@@ -31,6 +40,19 @@ DEFAULT_SYSCTLS: dict[str, Any] = {
     "net.ipv4.ping_group_range": (1, 0),
     "net.unix.max_dgram_qlen": 10,  # unix_net_init()  # kernel default; systemd's 50-default.conf widens it
 }
+
+
+def defaults_for(kernel: str = DEFAULT_KERNEL, memory_mib: int = DEFAULT_MEMORY_MIB) -> dict[str, Any]:
+    """The socket sysctls a fresh ``kernel`` boots with in a VM of ``memory_mib``."""
+    table = dict(BASE_SYSCTLS)
+    for name, rule in RULES.items():
+        if name in table:
+            table[name] = rule.value(kernel)
+    table.update(boot_defaults(memory_mib, kernel))
+    return table
+
+
+DEFAULT_SYSCTLS: dict[str, Any] = defaults_for()
 
 _VECTOR_KEYS = {key for key, value in DEFAULT_SYSCTLS.items() if isinstance(value, tuple)}
 
@@ -53,9 +75,10 @@ def _coerce(key: str, value: Any) -> Any:
     return int(value)
 
 
-def build_sysctls(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Defaults with overrides applied, keys canonicalised and values typed."""
-    table = dict(DEFAULT_SYSCTLS)
+def build_sysctls(overrides: Mapping[str, Any] | None, kernel: str = DEFAULT_KERNEL,
+                  memory_mib: int = DEFAULT_MEMORY_MIB) -> dict[str, Any]:
+    """The kernel's defaults with overrides applied, keys canonicalised and values typed."""
+    table = defaults_for(kernel, memory_mib)
     for key, value in (overrides or {}).items():
         name = _canonical_key(key)
         table[name] = _coerce(name, value)

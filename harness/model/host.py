@@ -65,8 +65,11 @@ class Host:
     """A machine in the lab. Build with Network.add_host(); drive with call(op, args, user)."""
 
     def __init__(self, net: "Network", name: str, addrs: list[str], sysctls: Mapping[str, Any] | None,
-                 sg: bool, mtu: int, kernel_sublevel: int):
+                 sg: bool, mtu: int, kernel_sublevel: int, kernel: str = "6.1", memory_mib: int = 512):
         self.net = net
+        # The kernel series this host runs (versions.KERNELS); its version rules apply.
+        self.kernel = kernel
+        self.memory_mib = memory_mib
         self.name = name
         self.addrs4: list[str] = []
         self.addrs6: list[str] = []
@@ -75,7 +78,7 @@ class Host:
             if parsed is None:
                 raise ValueError(f"{addr!r} is not an IP address")
             (self.addrs6 if parsed[0] == AF_INET6 else self.addrs4).append(parsed[1])
-        self.sysctls = build_sysctls(sysctls)
+        self.sysctls = build_sysctls(sysctls, kernel, memory_mib)
         self.kernel_sublevel = kernel_sublevel
         self.lo = Device("lo", 65536, sg=True, csum=True, loopback=True)
         self.nic = Device("eth0", mtu, sg=sg, csum=True)

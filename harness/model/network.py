@@ -13,6 +13,7 @@ from . import tcp, zerocopy
 from .result import fail
 from .sock import Device, Sock, TimeWaitSock
 from .zerocopy import ZEROCOPY_DEFERRED, ZEROCOPY_IMMEDIATE
+from .versions import DEFAULT_KERNEL, DEFAULT_MEMORY_MIB, check_kernel
 
 if TYPE_CHECKING:
     from .host import Host
@@ -39,10 +40,16 @@ class Network:
     ``tcp_zerocopy_copied_without_sg`` flips the one rule that could not be settled from source: whether
     TCP completions over a NIC without scatter-gather carry SO_EE_CODE_ZEROCOPY_COPIED.
     ``strict`` re-raises internal Python errors instead of turning them into EINVAL results (for tests).
+    ``kernel`` is the series every host runs unless ``add_host`` gives one its own (6.1, 6.12, 7.2, or a
+    release such as ``6.12.118+deb13-cloud-amd64``); ``memory_mib`` is each VM's RAM, from which the
+    kernel sizes tcp_mem and the TCP buffer maxima at boot (see versions.py).
     """
 
     def __init__(self, zerocopy: str = ZEROCOPY_IMMEDIATE, tcp_zerocopy_copied_without_sg: bool = False,
-                 strict: bool = False, seed: int = 6_1):
+                 strict: bool = False, seed: int = 6_1, kernel: str = DEFAULT_KERNEL,
+                 memory_mib: int = DEFAULT_MEMORY_MIB):
+        self.kernel = check_kernel(kernel)
+        self.memory_mib = memory_mib
         if zerocopy not in (ZEROCOPY_IMMEDIATE, ZEROCOPY_DEFERRED):
             raise ValueError(f"zerocopy must be {ZEROCOPY_IMMEDIATE!r} or {ZEROCOPY_DEFERRED!r}")
         self.hosts: dict[str, Host] = {}
@@ -59,13 +66,14 @@ class Network:
         self.zc_waiting: list[tuple[Sock, list[int]]] = []
 
     def add_host(self, name: str, addrs: Iterable[str] = (), sysctls: Mapping[str, Any] | None = None,
-                 sg: bool = True, mtu: int = 1500, kernel_sublevel: int = 158) -> "Host":
-        """Create a host with loopback plus one lab NIC carrying ``addrs``."""
+                 sg: bool = True, mtu: int = 1500, kernel_sublevel: int = 158, kernel: str | None = None) -> "Host":
+        """Create a host with loopback plus one lab NIC carrying ``addrs`` (on its own ``kernel`` if given)."""
         from .host import Host
 
         if name in self.hosts:
             raise ValueError(f"host {name!r} exists")
-        host = Host(self, name, list(addrs), sysctls, sg=sg, mtu=mtu, kernel_sublevel=kernel_sublevel)
+        host = Host(self, name, list(addrs), sysctls, sg=sg, mtu=mtu, kernel_sublevel=kernel_sublevel,
+                    kernel=check_kernel(kernel) if kernel else self.kernel, memory_mib=self.memory_mib)
         for addr in host.addrs4 + host.addrs6:
             if addr in self.addr_owner:
                 raise ValueError(f"address {addr} already belongs to {self.addr_owner[addr].name}")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .constants import (
-    AF_INET6, AF_UNIX, S_IFSOCK, SOCK_DGRAM, SOCK_STREAM, SS_STATE_NAMES, TCP_LISTEN, TCP_STATE_NAMES,
+    AF_INET6, AF_UNIX, S_IFSOCK, SOCK_DGRAM, SOCK_STREAM, SS_STATE_NAMES, TCP_CLOSE, TCP_LISTEN, TCP_STATE_NAMES,
     TCP_TIME_WAIT,
 )
 from .sock import OpenFile, Sock, TimeWaitSock
@@ -192,9 +192,17 @@ def _ss_row(proto: str, sk: Sock | TimeWaitSock) -> SsRow:
                  sk.inode)
 
 
+def _bound_only(proto: str, sk: Sock | TimeWaitSock) -> bool:
+    """A TCP socket that bind() put in the bind hash and nothing moved on (no listen, no connect)."""
+    return proto == "tcp" and isinstance(sk, Sock) and sk.sk_state == TCP_CLOSE
+
+
 def ss_rows(host: "Host") -> list[SsRow]:
+    from .versions import RULES
+
+    bound_listed = RULES["ss_lists_bound_only_tcp"].value(host.kernel)
     rows = []
     for proto, table in (("tcp", host.tcp_ports), ("udp", host.udp_ports)):
         for port in sorted(table.buckets):
-            rows.extend(_ss_row(proto, sk) for sk in table.owners(port))
+            rows.extend(_ss_row(proto, sk) for sk in table.owners(port) if bound_listed or not _bound_only(proto, sk))
     return rows

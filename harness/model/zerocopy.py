@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .constants import MSG_ZEROCOPY, SO_EE_CODE_ZEROCOPY_COPIED, SO_EE_ORIGIN_ZEROCOPY
-from .kmem import ZC_NOTIFY_CHECK, ZC_NOTIFY_TRUESIZE
+from .kmem import ZC_NOTIFY_CHECK
+from .versions import RULES
 from .result import fail
 from .sock import Sock
 
@@ -43,6 +44,11 @@ def realloc_notification(host: "Host", sk: Sock, size: int) -> tuple[list[int], 
     return alloc_notification(host, sk, size), False
 
 
+def _notify_truesize(sk: Sock) -> int:
+    """What a notification skb charges to sk_omem_alloc on this socket's kernel (a version rule)."""
+    return RULES["zerocopy_notification_truesize"].value(sk.host.kernel)
+
+
 def alloc_notification(host: "Host", sk: Sock, size: int = 0) -> list[int]:
     """msg_zerocopy_alloc() -> sock_omalloc(sk, 0): ENOBUFS once option memory would pass optmem_max."""
     optmem_max = host.sysctls["net.core.optmem_max"]
@@ -54,7 +60,7 @@ def alloc_notification(host: "Host", sk: Sock, size: int = 0) -> list[int]:
             f" {len(sk.zc_inflight)} in flight)",
             "sock_omalloc",
         )
-    sk.omem += ZC_NOTIFY_TRUESIZE
+    sk.omem += _notify_truesize(sk)
     uarg = [sk.zckey, 1, 1, size]  # id, len, zerocopy-still-possible, bytelen
     sk.zckey = (sk.zckey + 1) % U32
     return uarg
@@ -69,7 +75,7 @@ def abort_notification(sk: Sock, uarg: list[int] | None = None, extended: bool =
     if extended and uarg is not None:
         uarg[1] -= 1
         return
-    sk.omem -= ZC_NOTIFY_TRUESIZE
+    sk.omem -= _notify_truesize(sk)
 
 
 def mark_copied(uarg: list[int]) -> None:
@@ -108,7 +114,7 @@ def complete(sk: Sock, uarg: list[int]) -> None:
     """__msg_zerocopy_callback(): queue [lo, hi], or extend the tail notification when contiguous."""
     lo, length, zc_ok = uarg[:3]
     if sk.orphan:
-        sk.omem -= ZC_NOTIFY_TRUESIZE  # SOCK_DEAD: no notification
+        sk.omem -= _notify_truesize(sk)  # SOCK_DEAD: no notification
         return
     code = 0 if zc_ok else SO_EE_CODE_ZEROCOPY_COPIED
     hi = (lo + length - 1) % U32
@@ -123,7 +129,7 @@ def complete(sk: Sock, uarg: list[int]) -> None:
         # note that ee_code is not compared, the tail keeps its own code.
         if span < U32 and lo == (old_hi + 1) % U32:
             tail[2] = (old_hi + length) % U32
-            sk.omem -= ZC_NOTIFY_TRUESIZE  # consume_skb() of the merged notification
+            sk.omem -= _notify_truesize(sk)  # consume_skb() of the merged notification
             return
     queue.append([code, lo, hi])
 
@@ -133,5 +139,5 @@ def read_notification(sk: Sock) -> dict[str, int]:
     if not sk.errqueue:
         raise fail("EAGAIN", "error queue is empty (reading it never blocks)", "ip_recv_error")
     code, lo, hi = sk.errqueue.pop(0)
-    sk.omem -= ZC_NOTIFY_TRUESIZE
+    sk.omem -= _notify_truesize(sk)
     return {"origin": SO_EE_ORIGIN_ZEROCOPY, "code": code, "lo": lo, "hi": hi, "errno": 0}

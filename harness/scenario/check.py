@@ -78,6 +78,8 @@ class CheckReport:
     assertions: list[expect.Outcome] = field(default_factory=list)
     kernel: bool = True
     notes: list[str] = field(default_factory=list)
+    # host -> kernel series the model ran each host on
+    kernels: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -90,17 +92,38 @@ class CheckReport:
                 "assertions": len(self.assertions), "assertion_failures": sum(not a.ok for a in self.assertions)}
 
 
+def lab_kernels(lab: Any) -> dict[str, str]:
+    """The model series of each VM of the running lab (its kernel's release; a user's kernel maps to
+    the newest series the model knows that is not newer)."""
+    from ..model.versions import nearest_series
+
+    kernels = {}
+    for vm in lab.require().vms:
+        if getattr(vm, "kernel", ""):
+            try:
+                kernels[vm.name] = nearest_series(vm.kernel)
+            except ValueError as exc:
+                raise LabError(f"{vm.name}: {exc}") from None
+    return kernels
+
+
 def run_scenario(scenario: Scenario, lab: Any | None, on_step: Callable[[StepRecord], None] | None = None,
-                 scatter_gather: bool | None = None) -> RunResult:
-    """One scenario on the model, and on the lab's kernels too when ``lab`` is given."""
+                 scatter_gather: bool | None = None, model_kernel: str = "6.1") -> RunResult:
+    """One scenario on the model, and on the lab's kernels too when ``lab`` is given.
+
+    With a lab, each host is modelled on its VM's kernel; without one, on ``model_kernel``.
+    """
     kernel = None
+    kernels: dict[str, str] = {}
     if lab is not None:
         from .live import LabBackend
 
+        kernels = lab_kernels(lab)
         kernel = LabBackend(lab, scenario)
         if scatter_gather is None:
             scatter_gather = lab.require().segment == "tap"
-    model = ModelBackend(scenario, scatter_gather=True if scatter_gather is None else scatter_gather)
+    model = ModelBackend(scenario, scatter_gather=True if scatter_gather is None else scatter_gather,
+                         kernels=kernels, kernel=model_kernel)
     result: RunResult | None = None
     closing = None
     try:
@@ -149,12 +172,14 @@ def prepare(spec: LabSpec, overrides: Mapping[str, Any] | None = None) -> list[S
 
 
 def check(spec: LabSpec, lab: Any | None, overrides: Mapping[str, Any] | None = None,
-          on_step: Callable[[StepRecord], None] | None = None) -> CheckReport:
+          on_step: Callable[[StepRecord], None] | None = None, model_kernel: str = "6.1") -> CheckReport:
     """Run every scenario of ``spec``; with a lab, evaluate the expectation template over the kernel's run."""
     report = CheckReport(spec.title, kernel=lab is not None)
     scenarios = prepare(spec, overrides)
+    kernels = lab_kernels(lab) if lab is not None else {host: model_kernel for host in _hosts(spec)}
+    report.kernels = kernels
     for index, scenario in enumerate(scenarios):
-        result = run_scenario(scenario, lab, on_step)
+        result = run_scenario(scenario, lab, on_step, model_kernel=model_kernel)
         report.runs.append(result)
         report.notes += [f"{scenario.name}: {finding}" for finding in result.diagnosis]
         gone = _gone_vms(lab) if result.error else []
@@ -172,10 +197,16 @@ def check(spec: LabSpec, lab: Any | None, overrides: Mapping[str, Any] | None = 
         if result.error:
             continue
         sysctls = {host: snap.sysctls for host, snap in next(iter(result.kernel_snapshots.values()), {}).items()}
-        variables = {**scenario.params, "sysctl": sysctls}
+        variables = {**scenario.params, "sysctl": sysctls, "kernel": expect.KernelRules(kernels)}
         assertions = expect.load(spec.expected, variables)
         report.assertions += expect.evaluate(assertions, expect.context(result, scenario.params, sysctls))
     return report
+
+
+def _hosts(spec: LabSpec) -> tuple[str, ...]:
+    from ..lab import topology
+
+    return topology(spec.topology).vms
 
 
 def _gone_vms(lab: Any) -> list[str]:

@@ -177,10 +177,27 @@ def default_sysctls() -> Any:
     return Sysctls(**values)
 
 
+class KernelRules:
+    """``kernel.rule("name", host)`` in a template: a version rule's value on that host's kernel series
+    (``kernel.series(host)`` names it). Rules and their causes are in harness/model/versions.py."""
+
+    def __init__(self, kernels: Mapping[str, str]) -> None:
+        self.kernels = dict(kernels)
+
+    def series(self, host: str) -> str:
+        return self.kernels.get(host, "6.1")
+
+    def rule(self, name: str, host: str) -> Any:
+        from ..model.versions import RULES
+
+        return RULES[name].value(self.series(host))
+
+
 def precheck(path: Path, params: Mapping[str, Any], hosts: tuple[str, ...]) -> list[Assertion]:
     """Render and parse the template with default sysctls: syntax, undefined names and shape, before any run."""
     defaults = default_sysctls()
-    return load(path, {**params, "sysctl": _ByHost("sysctl", {host: defaults for host in hosts})})
+    return load(path, {**params, "sysctl": _ByHost("sysctl", {host: defaults for host in hosts}),
+                       "kernel": KernelRules({})})
 
 
 def context(result: RunResult, params: Mapping[str, Any], sysctls: Mapping[str, Any]) -> dict[str, Any]:

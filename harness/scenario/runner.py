@@ -105,11 +105,14 @@ class ModelBackend:
     """The reference model, set up like the lab: the scenario's hosts with their lab addresses and sysctls."""
 
     def __init__(self, scenario: Scenario, scatter_gather: bool = True,
-                 addresses: Mapping[str, str] = LAB_ADDRESSES) -> None:
-        self.net = Network()
+                 addresses: Mapping[str, str] = LAB_ADDRESSES, kernels: Mapping[str, str] | None = None,
+                 kernel: str = "6.1") -> None:
+        """``kernels`` gives a host its own kernel series (the lab's VMs); the others run ``kernel``."""
+        self.net = Network(kernel=kernel)
         for host in scenario.hosts:
             sysctls = {name: value for name, value in scenario.sysctls.get(host, {}).items()}
-            self.net.add_host(host, addrs=[addresses.get(host, "198.51.100.9")], sysctls=sysctls, sg=scatter_gather)
+            self.net.add_host(host, addrs=[addresses.get(host, "198.51.100.9")], sysctls=sysctls, sg=scatter_gather,
+                              kernel=(kernels or {}).get(host))
 
     def call(self, host: str, user: str, op: str, args: dict[str, Any]) -> Outcome:
         result = self.net[host].call(op, args, user=user)

@@ -131,7 +131,11 @@ def _parse_inet(line: _Line, netid: str, state: str, recv_q: int, send_q: int, r
     if details.skmem is None and not mini:
         raise line.cut(f"no skmem:(…) for a {state} socket (ss -m prints it for every full socket)")
     tcp = None
-    if netid == "tcp" and not mini:
+    if netid == "tcp" and state == "UNCONN" and not details.tcp_fields and not details.tcp_tokens:
+        # A bound, never-connected TCP socket: kernels since 6.8 list these ("tcp: Dump bound-only
+        # sockets in inet_diag"), with skmem but no tcp_info (measured on 6.12.118 and 7.2.12).
+        tcp = None
+    elif netid == "tcp" and not mini:
         if "cwnd" not in details.tcp_fields:
             raise line.cut("the TCP info is missing or cut short (every full TCP socket reports cwnd)")
         tcp = _tcp_info(line, details)

@@ -79,6 +79,7 @@ def test_probe_cached_per_host_boot(tmp_path, monkeypatch):
     cache = tmp_path / "accel-probe.json"
     calls = []
     monkeypatch.setattr(accel, "kvm_device_usable", lambda: (True, "ok"))
+    monkeypatch.setattr(accel, "kvm_flavour", lambda: "kvm")
     monkeypatch.setattr(accel, "probe_kvm", lambda kernel: calls.append(kernel) or HANGS)
     monkeypatch.setattr(accel, "boot_id", lambda: "boot-1")
     assert accel.choose("auto", tmp_path / "k", cache).accel == "tcg"
@@ -89,3 +90,20 @@ def test_probe_cached_per_host_boot(tmp_path, monkeypatch):
     accel.choose("auto", tmp_path / "k", cache)
     assert len(calls) == 2
     assert json.loads(cache.read_text())["boot_id"] == "boot-2"
+
+
+def test_a_pvm_host_is_named_and_auto_skips_the_doomed_probe(tmp_path):
+    assert accel.kvm_flavour(tmp_path / "kvm_pvm") == "kvm"
+    (tmp_path / "kvm_pvm").mkdir()
+    assert accel.kvm_flavour(tmp_path / "kvm_pvm") == "pvm"
+
+    def probe():
+        raise AssertionError("auto must not probe a PVM host")
+
+    choice = accel.decide("auto", (True, "/dev/kvm opens"), probe, "pvm")
+    assert choice.accel == "tcg" and "kvm_pvm" in choice.reason and "--kernel-image" in choice.reason
+
+
+def test_accel_kvm_on_a_pvm_host_still_probes_the_chosen_kernel():
+    boots = accel.ProbeResult(True, "booted", 0.3)
+    assert accel.decide("kvm", (True, "ok"), lambda: boots, "pvm").accel == "kvm"

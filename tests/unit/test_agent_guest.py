@@ -414,3 +414,22 @@ def test_timestamps_are_monotonic_and_durations_small(agent):
     second = agent.call("close", fd=first["ret"])
     assert 0 < first["t_ns"] < second["t_ns"] <= time.monotonic_ns()
     assert 0 <= first["dt_ns"] < 1e9 and second["t_ns"] - first["t_ns"] >= first["dt_ns"]
+
+
+def test_descriptors_a_library_opened_are_moved_out_of_the_scenarios_way():
+    """As forky's libffi holds fd 3: after the move the first new descriptor is that number again."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os
+        from harness.guest import agent
+        first = os.open("/dev/null", os.O_RDONLY)          # stands in for libffi's own .so
+        keep = tuple(os.dup2(0, fd) for fd in (900, 901, 902))
+        moved = agent.move_stray_fds(keep, below=first + 1)
+        again = os.open("/dev/null", os.O_RDONLY)
+        print(first, again, sorted(moved)[0] > first)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == out[1] and out[2] == "True"

@@ -33,7 +33,7 @@ def test_every_task_explains_itself(name, tmp_path):
     (["lab.up", "--segment", "vde"], "socklab: unknown segment mode 'vde'"),
     (["lab.up", "--timeout", "-5"], "socklab: --timeout must be a positive number of seconds"),
     (["lab.console", "server"], "socklab: no lab is running"),
-    (["images.build", "--recipe", "sid"], "socklab: unknown image recipe 'sid'"),
+    (["images.build", "--recipe", "sid"], "socklab: unknown kernel or image recipe 'sid'"),
     (["lab.exec"], "socklab: name a VM: client or server"),
     (["lab.exec", "--", "ls"], "socklab: name a VM: client or server"),
     (["lab.ssh"], "socklab: name a VM: client or server"),

@@ -118,7 +118,7 @@ def test_damage_is_found_by_digest(paths, pubkey):
 
 
 def test_find_without_image_says_how_to_build(paths, pubkey):
-    with pytest.raises(ImageError, match="run `invoke images.build` first"):
+    with pytest.raises(ImageError, match="run `invoke images.build --kernel 6.1` first"):
         image.find(paths)
 
 
@@ -282,3 +282,42 @@ def test_clean_removes_only_what_a_build_made(paths, pubkey):
     (stranger / "keep.txt").write_text("mine")
     removed = image.clean(paths)
     assert removed == [entry] and (stranger / "keep.txt").exists()
+
+
+def test_recipes_are_found_by_kernel_series_or_name():
+    images = REPO_ROOT / "images"
+    assert image.resolve(images, "6.12").name == "trixie" and image.resolve(images, "forky").kernel == "7.2"
+    assert image.resolve(images, "6.1").suite == "bookworm"
+    with pytest.raises(ImageError, match=r"unknown kernel or image recipe '5\.10'; known: 6\.1 \(bookworm\)"):
+        image.resolve(images, "5.10")
+
+
+def test_a_release_belongs_to_its_series_only():
+    assert image.release_in_series("6.1.0-57-cloud-amd64", "6.1")
+    assert not image.release_in_series("6.12.118+deb13-cloud-amd64", "6.1")
+    assert image.release_in_series("6.12.118+deb13-cloud-amd64", "6.12")
+    assert not image.release_in_series("7.3.1+deb14-cloud-amd64", "7.2")
+
+
+def test_prune_removes_older_entries_of_the_recipe_but_not_what_a_lab_boots(paths, pubkey):
+    keep = fake_entry(paths, pubkey)
+    old, booted, other = (paths.cache / name for name in ("bookworm-0000000000000001", "bookworm-0000000000000002",
+                                                          "bookwormish-0000000000000003"))
+    for directory in (old, booted, other):
+        directory.mkdir()
+        (directory / image.ROOTFS).write_bytes(b"x")
+        (directory / image.ROOTFS).chmod(0o444)
+    state = {"image": str(keep), "vms": [{"image": str(booted)}]}
+    (paths.home / "labs/second/run").mkdir(parents=True)
+    (paths.home / "labs/second/run/lab.json").write_text(json.dumps(state))
+    assert image.prune(paths, "bookworm", keep=keep) == [old]
+    assert keep.exists() and booted.exists() and other.exists() and not old.exists()
+
+
+def test_the_manifest_records_the_packages_a_moving_suite_resolved(tmp_path):
+    status = tmp_path / "var/lib/dpkg/status"
+    status.parent.mkdir(parents=True)
+    status.write_text("Package: linux-image-7.2.12+deb14-cloud-amd64\nStatus: install ok installed\nVersion: 7.2.12-1\n\n"
+                      "Package: busybox-static\nVersion: 1:1.37.0-6\n")
+    assert image.installed_packages(tmp_path) == {"busybox-static": "1:1.37.0-6",
+                                                  "linux-image-7.2.12+deb14-cloud-amd64": "7.2.12-1"}

@@ -11,6 +11,7 @@ import pytest
 from harness import lab as lab_mod
 from harness.accel import Choice
 from harness.errors import LabError
+from harness.kernel import Boot
 from harness.lab import Lab, LabState, VMState, check_up_args
 from harness.paths import Paths
 
@@ -96,15 +97,30 @@ class FakeImage:
         self.host_key = "ssh-ed25519 AAAA"
         self.sha256 = {"rootfs.ext4": "0" * 64}
 
+    kernel_release = "6.1.0-57-cloud-amd64"
+    recipe = "bookworm"
+
     def damaged(self):
         return []
+
+
+def fake_boots(monkeypatch, tmp_path: Path) -> None:
+    """Every VM boots one fake image's own kernel."""
+    img = FakeImage(tmp_path)
+    monkeypatch.setattr(Lab, "boots", lambda self, topo, *a: {name: Boot.of_image(img) for name in topo.vms})
+
+
+def test_a_topology_pins_a_vm_to_its_kernel_and_leaves_the_others_to_lab_up():
+    mixed = lab_mod.topology("mixed")
+    assert mixed.kernel_of("client", "6.12") == "6.1" and mixed.kernel_of("server", "6.12") == "7.2"
+    assert lab_mod.topology("default").kernel_of("server", "6.12") == "6.12"
 
 
 def test_failed_up_stops_everything_it_started(lab, tmp_path, monkeypatch):
     """The second QEMU fails to start: the first one is stopped, the state and overlays are gone."""
     started, stopped = [], []
     monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
-    monkeypatch.setattr(lab_mod.image, "find", lambda paths: FakeImage(tmp_path))
+    fake_boots(monkeypatch, tmp_path)
     monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
     monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "test"))
     monkeypatch.setattr(lab_mod.qemu, "create_overlay", lambda base, overlay: overlay.write_text("qcow2"))
@@ -127,7 +143,7 @@ def test_failed_up_stops_everything_it_started(lab, tmp_path, monkeypatch):
 def test_interrupted_up_stops_everything_it_started(lab, tmp_path, monkeypatch):
     stopped = []
     monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
-    monkeypatch.setattr(lab_mod.image, "find", lambda paths: FakeImage(tmp_path))
+    fake_boots(monkeypatch, tmp_path)
     monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
     monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "test"))
     monkeypatch.setattr(lab_mod.qemu, "create_overlay", lambda base, overlay: overlay.write_text("qcow2"))
@@ -147,7 +163,7 @@ def test_interrupted_up_stops_everything_it_started(lab, tmp_path, monkeypatch):
 def test_socket_segment_refuses_more_than_two_vms(lab, tmp_path, monkeypatch):
     monkeypatch.setitem(lab_mod.TOPOLOGIES, "trio", lab_mod.Topology("trio", ("a", "b", "c")))
     monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
-    monkeypatch.setattr(lab_mod.image, "find", lambda paths: FakeImage(tmp_path))
+    fake_boots(monkeypatch, tmp_path)
     monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
     monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "not root"))
     with pytest.raises(LabError, match="socket segment joins two VMs only"):
@@ -159,10 +175,10 @@ def test_a_restore_that_fails_falls_back_to_a_cold_boot(lab, tmp_path, monkeypat
     from harness import snapshot
 
     monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
-    monkeypatch.setattr(lab_mod.image, "find", lambda paths: FakeImage(tmp_path))
+    fake_boots(monkeypatch, tmp_path)
     monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
     monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "test"))
-    monkeypatch.setattr(Lab, "_usable_snapshots", lambda self, store, keys: {n: snapshot.Snapshot(tmp_path) for n in keys})
+    monkeypatch.setattr(Lab, "_usable_snapshots", lambda self, stores, keys: {n: snapshot.Snapshot(tmp_path) for n in keys})
     discarded, boots, saved = [], [], []
     monkeypatch.setattr(snapshot.SnapshotStore, "discard", lambda self, key: discarded.append(key))
     monkeypatch.setattr(Lab, "_save_snapshots", lambda self, state, store, keys: saved.append(sorted(keys)))
@@ -182,7 +198,7 @@ def test_a_restore_that_fails_falls_back_to_a_cold_boot(lab, tmp_path, monkeypat
 
 def test_cold_up_neither_restores_nor_saves(lab, tmp_path, monkeypatch):
     monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
-    monkeypatch.setattr(lab_mod.image, "find", lambda paths: FakeImage(tmp_path))
+    fake_boots(monkeypatch, tmp_path)
     monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
     monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "test"))
     monkeypatch.setattr(Lab, "_usable_snapshots", lambda *a: pytest.fail("--cold must not look for snapshots"))
@@ -337,7 +353,7 @@ def test_a_monitor_that_never_answers_does_not_hang_the_pause_check(lab, tmp_pat
 def test_the_lab_is_marked_ready_only_after_its_snapshots_are_saved(lab, tmp_path, monkeypatch):
     """A socklab killed while saving leaves ready=False, so the next up cleans the lab instead of trusting it."""
     monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
-    monkeypatch.setattr(lab_mod.image, "find", lambda paths: FakeImage(tmp_path))
+    fake_boots(monkeypatch, tmp_path)
     monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
     monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "test"))
     monkeypatch.setattr(Lab, "_usable_snapshots", lambda self, store, keys: {})

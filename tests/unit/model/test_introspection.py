@@ -60,19 +60,21 @@ def test_ss_listener_prediction(a, b):
 
 
 def test_default_sysctls_match_bookworm():
-    """The defaults equal Debian bookworm 6.1 x86_64."""
+    """The defaults equal Debian bookworm 6.1 x86_64 in a 512 MiB VM (measured on 6.1.0-57)."""
     host = Network().add_host("h")
     s = host.sysctls
     assert s["net.core.somaxconn"] == 4096
     assert s["net.core.rmem_max"] == s["net.core.wmem_max"] == 212992
     assert s["net.core.rmem_default"] == s["net.core.wmem_default"] == 212992
     assert s["net.core.optmem_max"] == 20480
-    assert s["net.ipv4.tcp_rmem"] == (4096, 131072, 6291456)
-    assert s["net.ipv4.tcp_wmem"] == (4096, 16384, 4194304)
+    assert s["net.ipv4.tcp_rmem"] == (4096, 131072, 3731168)
+    assert s["net.ipv4.tcp_wmem"] == (4096, 16384, 3731168)
+    assert s["net.ipv4.tcp_mem"] == (5463, 7287, 10926)
+    assert s["net.ipv4.udp_mem"] == (10929, 14574, 21858)
     assert s["net.ipv4.ip_local_port_range"] == (32768, 60999)
     assert s["net.ipv4.ip_unprivileged_port_start"] == 1024
     assert s["net.ipv4.tcp_syncookies"] == 1
-    assert s["net.ipv4.tcp_max_syn_backlog"] == 512
+    assert s["net.ipv4.tcp_max_syn_backlog"] == 128
     assert s["net.ipv4.ip_nonlocal_bind"] == 0 and s["net.ipv4.tcp_abort_on_overflow"] == 0
 
 

@@ -230,3 +230,18 @@ def test_unix_path_with_spaces_survives():
     line = UNIX.replace("/tmp/socklab-stats.sock", "/tmp/with two spaces.sock")
     sock = parse_ss(line + "\n", ORIGIN)[0]
     assert sock.local.address == "/tmp/with two spaces.sock" and sock.pending
+
+
+def test_a_bound_only_tcp_socket_of_newer_kernels_has_skmem_but_no_tcp_info():
+    """6.12.118 and 7.2.12 (with iproute2 6.15) list a bound, unconnected TCP socket like this."""
+    line = ("tcp   UNCONN     0      0           0.0.0.0:7777       0.0.0.0:*     ino:1620 sk:52 cgroup:/ <-> "
+            "skmem:(r0,rb131072,t0,tb16384,f0,w0,o0,bl0,d0)\n")
+    (sock,) = parse_ss(line)
+    assert sock.state == "UNCONN" and sock.tcp is None and sock.local.port == 7777
+
+
+def test_a_connected_tcp_socket_without_tcp_info_is_still_refused():
+    line = ("tcp   ESTAB     0      0           198.51.100.1:7777       198.51.100.2:40000     ino:1620 sk:52 "
+            "cgroup:/ <-> skmem:(r0,rb131072,t0,tb16384,f0,w0,o0,bl0,d0)\n")
+    with pytest.raises(StatsFormatError, match="TCP info is missing"):
+        parse_ss(line)
