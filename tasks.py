@@ -472,14 +472,16 @@ def grade(c, student=None, only=None, out=None, name=None):
     "kernel": "run on this kernel only (6.1, 6.12, 7.2 or a recipe name; repeatable); default: every recipe",
     "lab": "run this lab only (repeatable); default: every lab in labs/",
     "timeout": "seconds to wait for SSH on every guest",
+    "out": OUT_HELP,
 })
 @_friendly
-def matrix_(c, kernel=None, lab=None, timeout="300"):
+def matrix_(c, kernel=None, lab=None, timeout="300", out=None):
     """Every lab on every kernel, one kernel's lab at a time: a lab x kernel table (Markdown in results/)."""
     from harness import matrix
     from harness.scenario.check import LabSpec
 
     paths = Paths.default()
+    root = _results_root(c, out)
     timeout = _number(timeout, "--timeout", "a positive number of seconds")
     kernels = [image.resolve(paths.images, k).kernel for k in kernel] if kernel else \
         [r.kernel for r in sorted(image.recipes(paths.images), key=lambda r: tuple(map(int, r.kernel.split("."))))]
@@ -498,7 +500,7 @@ def matrix_(c, kernel=None, lab=None, timeout="300"):
         running.down()
 
     result = matrix.run(kernels, labs, boot, stop, say=progress.say)
-    directory = _results_dir("matrix")
+    directory = _results_dir(root, "matrix")
     matrix.save(result, directory)
     sys.stdout.write(matrix.markdown(result))
     progress.say(f"{'[green]PASS[/]' if result.ok else '[red]FAIL[/]'}: {len(labs)} labs x {len(kernels)} kernels; "
