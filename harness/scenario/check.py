@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,7 @@ def _lab_directory(name: str, labs_dir: Path) -> Path:
     hint = (f"; the lab {directory.name} is {labs_dir / directory.name} (a directory is taken relative to "
             f"{Path.cwd()})") if directory.name in known else f"; known labs: {', '.join(known) or 'none'}"
     if not directory.exists():
-        raise ScenarioError(f"no lab at {name}: {directory.absolute()} does not exist{hint}")
+        raise ScenarioError(f"no lab at {name}: {os.path.abspath(directory)} does not exist{hint}")
     if not directory.is_dir():
         raise ScenarioError(f"no lab at {name}: it is a file, not a lab directory{hint}")
     raise ScenarioError(f"no lab at {name}: the directory has no lab.yaml{hint}")

@@ -95,3 +95,38 @@ def test_a_named_lab_uses_its_own_directory(tmp_path):
                                 env=dict(os.environ, SOCKLAB_HOME=str(tmp_path), SOCKLAB_LAB="bad name"),
                                 capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert env_result.returncode == 2 and "socklab: lab name 'bad name'" in env_result.stderr
+
+
+def _tasks_module(monkeypatch, home):
+    import importlib.util
+
+    monkeypatch.setenv("SOCKLAB_HOME", str(home))
+    spec = importlib.util.spec_from_file_location("socklab_tasks_under_test", REPO_ROOT / "tasks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_interrupted_says_nothing_is_left_when_no_lab_runs(monkeypatch, tmp_path):
+    tasks = _tasks_module(monkeypatch, tmp_path)
+    assert tasks._left_running() == "no lab is running (nothing was left started)"
+
+
+def test_interrupted_says_the_lab_stays_up_when_it_does(monkeypatch, tmp_path):
+    from harness import lab as lab_mod
+    from harness.lab import Lab, LabState, VMState
+
+    tasks = _tasks_module(monkeypatch, tmp_path)
+    vm = VMState(name="server", index=1, ssh_port=1, lab_ip="198.51.100.2/24", mgmt_mac="m", lab_mac="l", pid=4242)
+    Lab().save(LabState(lab_id="x", topology="single", vms=[vm]))
+    monkeypatch.setattr(lab_mod.qemu, "is_running", lambda pid, name: pid == 4242)
+    assert tasks._left_running() == "the lab stays up (server; `invoke lab.down` stops it)"
+    monkeypatch.setattr(lab_mod.qemu, "is_running", lambda pid, name: False)
+    assert "not running but its state is left" in tasks._left_running()
+
+
+def test_interrupted_with_damaged_state_names_it(monkeypatch, tmp_path):
+    tasks = _tasks_module(monkeypatch, tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "lab.json").write_text("[]")
+    assert "unreadable lab state" in tasks._left_running()
