@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import gc
 import os
 import re
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.compiler
 import jinja2.sandbox
 import yaml
 from yaml.constructor import SafeConstructor
@@ -376,6 +378,7 @@ class TemplateLimit(Exception):
 
 class _Budget(threading.local):
     deadline: float | None = None
+    seconds: float = TEMPLATE_SECONDS
 
 
 _budget = _Budget()
@@ -383,21 +386,77 @@ _budget = _Budget()
 
 def _check_time() -> None:
     if _budget.deadline is not None and time.monotonic() > _budget.deadline:
-        raise TemplateLimit(f"took longer than {TEMPLATE_SECONDS:g} s (a loop too big?)")
+        raise TemplateLimit(f"took longer than {_budget.seconds:g} s (a loop too big?)")
 
 
 def _size(value: Any) -> int | None:
     return len(value) if isinstance(value, (str, bytes, list, tuple)) else None
 
 
-class Sandbox(jinja2.sandbox.SandboxedEnvironment):
-    """The sandbox with a budget: every call, attribute and item access checks the clock, and
-    ``*`` and ``**`` refuse results past ``MAX_TEMPLATE_INT_BITS`` bits or ``MAX_TEMPLATE_SEQUENCE`` items."""
+def _check_size(value: Any) -> Any:
+    """``value``, unless it is a string or list too long to be a step's worth of data."""
+    size = _size(value)
+    if size is not None and size > MAX_TEMPLATE_SEQUENCE:
+        raise TemplateLimit(f"a value of {size} characters or items is too long (at most {MAX_TEMPLATE_SEQUENCE})")
+    return value
 
-    intercepted_binops = frozenset({"*", "**", "<<"})
+
+def _check_counts(args: tuple, kwargs: dict) -> None:
+    """A width or count argument past ``MAX_TEMPLATE_SEQUENCE`` (``center(10**9)``) is refused before it allocates."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_TEMPLATE_SEQUENCE:
+            raise TemplateLimit(f"a width or count of {value} is too large (at most {MAX_TEMPLATE_SEQUENCE})")
+
+
+_FORMAT_WIDTH = re.compile(r"\{[^{}]*:[^{}]*(\d{7,}|\{)")
+
+
+def _budgeted_filter(function):
+    @functools.wraps(function)  # keeps jinja2's pass_context/pass_environment marks
+    def budgeted(*args, **kwargs):
+        _check_time()
+        _check_counts(args[1:], kwargs)
+        return _check_size(function(*args, **kwargs))
+
+    return budgeted
+
+
+class _CodeGenerator(jinja2.compiler.CodeGenerator):
+    """``a ~ b`` through ``environment.concat``, so a template that doubles a string in a loop is stopped."""
+
+    def visit_Concat(self, node, frame):
+        self.write("environment.concat((")
+        for argument in node.nodes:
+            self.visit(argument, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class Sandbox(jinja2.sandbox.SandboxedEnvironment):
+    """The sandbox with a budget: every call, filter, attribute and item access checks the clock; ``*``,
+    ``**``, ``+``, ``%`` and ``~`` refuse results past ``MAX_TEMPLATE_INT_BITS`` bits or
+    ``MAX_TEMPLATE_SEQUENCE`` characters or items (and calls and filters check what they return)."""
+
+    intercepted_binops = frozenset({"*", "**", "<<", "+", "%"})
+    code_generator_class = _CodeGenerator
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.filters = {name: _budgeted_filter(function) for name, function in self.filters.items()}
+
+    def concat(self, values: tuple) -> str:
+        _check_time()
+        parts = [str(value) for value in values]
+        if sum(map(len, parts)) > MAX_TEMPLATE_SEQUENCE:
+            raise TemplateLimit(f"a string of more than {MAX_TEMPLATE_SEQUENCE} characters")
+        return "".join(parts)
 
     def call_binop(self, context, operator, left, right):
         _check_time()
+        if operator == "%" and isinstance(left, str) and re.search(r"%[-+ #0]*(\*|\d{7,})", left):
+            raise TemplateLimit("a %-format with a huge or computed width")
+        if operator == "<<" and isinstance(right, int) and right > MAX_TEMPLATE_INT_BITS:
+            raise TemplateLimit(f"{left} << {right} is too large a number")
         numbers = all(isinstance(v, int) and not isinstance(v, bool) for v in (left, right))
         if operator == "**" and numbers and right > 0 and abs(left) > 1:
             if right * abs(left).bit_length() > MAX_TEMPLATE_INT_BITS:
@@ -409,11 +468,20 @@ class Sandbox(jinja2.sandbox.SandboxedEnvironment):
             for seq, count in ((left, right), (right, left)):
                 if _size(seq) is not None and isinstance(count, int) and _size(seq) * count > MAX_TEMPLATE_SEQUENCE:
                     raise TemplateLimit(f"a sequence of {_size(seq)} repeated {count} times is too long")
+        elif operator == "+" and _size(left) is not None and _size(right) is not None:
+            if _size(left) + _size(right) > MAX_TEMPLATE_SEQUENCE:
+                raise TemplateLimit(f"a value of more than {MAX_TEMPLATE_SEQUENCE} characters or items")
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's own signature
         _check_time()
-        return super().call(__context, __obj, *args, **kwargs)
+        method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+        if isinstance(getattr(method, "__self__", None), (str, list, bytes)):
+            _check_counts(args, kwargs)
+            if getattr(method, "__name__", "") in ("format", "format_map") and _FORMAT_WIDTH.search(
+                    method.__self__):
+                raise TemplateLimit("a format with a huge or computed width")
+        return _check_size(super().call(__context, __obj, *args, **kwargs))
 
     def getattr(self, obj, attribute):
         _check_time()
@@ -430,10 +498,16 @@ def sandbox() -> Sandbox:
 
 
 @contextlib.contextmanager
-def template_budget(seconds: float = TEMPLATE_SECONDS) -> Iterator[None]:
-    """Bound what runs inside: the checks above, and on the main thread a timer signal that interrupts
-    even a loop that makes no call (the previous SIGALRM handler and timer are restored after)."""
+def template_budget(seconds: float | None = None) -> Iterator[None]:
+    """Bound what runs inside (``TEMPLATE_SECONDS`` by default): the checks above, and on the main thread a
+    timer signal that interrupts even a loop that makes no call (the previous SIGALRM handler and timer are
+    restored after). Nested budgets keep the outer deadline."""
+    seconds = TEMPLATE_SECONDS if seconds is None else seconds
+    if _budget.deadline is not None:
+        yield
+        return
     _budget.deadline = time.monotonic() + seconds
+    _budget.seconds = seconds
     use_alarm = (threading.current_thread() is threading.main_thread()
                  and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0))
     previous = None
