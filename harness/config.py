@@ -53,7 +53,8 @@ def files_invoke_reads(project_dir: Path, argv: list[str], environ: Mapping[str,
             runtime = argv[index + 1]
         elif arg.startswith("--config="):
             runtime = arg.split("=", 1)[1]
-    candidates = [path for path in found if path.exists() or path.is_symlink()]
+    # lexists, not Path.exists: a HOME the user cannot search raises PermissionError from exists().
+    candidates = [path for path in found if os.path.lexists(path)]
     return candidates + ([Path(runtime)] if runtime else [])
 
 
