@@ -179,7 +179,7 @@ class Image:
                 kernel_series=manifest.get("kernel_series", ""),
                 packages=manifest.get("packages", {}),
             )
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # TypeError: a manifest that is [] or null
             raise ImageError(f"{directory}: unreadable image manifest ({exc}); rebuild with `invoke images.build`") from exc
 
     def damaged(self, full: bool = False) -> list[str]:

@@ -130,3 +130,21 @@ def test_interrupted_with_damaged_state_names_it(monkeypatch, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "lab.json").write_text("[]")
     assert "unreadable lab state" in tasks._left_running()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_a_report_that_cannot_be_written_is_named_after_the_tables(monkeypatch, tmp_path):
+    """A student's read-only checkout: the tables are printed, then one line says where the report could not go."""
+    import rich._emoji_codes  # noqa: F401 - the child cannot read root's site-packages to import it late
+    import harness.report  # noqa: F401
+    from harness.scenario.check import CheckReport, run_scenario
+    from harness.scenario.format import load
+    from tests.unit.test_load import as_nobody
+
+    tasks = _tasks_module(monkeypatch, tmp_path)
+    scenario = load(REPO_ROOT / "tests" / "badinput" / "labs" / "good" / "scenario.yaml")
+    report = CheckReport("good", runs=[run_scenario(scenario, None)], kernel=False)
+    message = as_nobody(tasks._show_and_save, report, "read-only-checkout-test")
+    assert message.startswith("SocklabError: the check passed (tables above), but its report could not be written: "
+                              f"{REPO_ROOT / 'results'}"), message
+    assert message.endswith("Permission denied"), message
