@@ -210,6 +210,7 @@ def test_output_past_the_cap_is_stopped(monkeypatch):
 def test_an_ordinary_template_renders_and_the_alarm_is_put_back():
     import signal
 
+    before = signal.getsignal(signal.SIGALRM)
     assert _render("{% for i in range(3) %}{{ i ~ 'a' }}{{ i * 2 }}{% endfor %}") == "0a01a22a4"
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
-    assert signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, signal.default_int_handler, None)
+    assert signal.getsignal(signal.SIGALRM) is before
