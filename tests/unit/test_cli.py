@@ -132,19 +132,40 @@ def test_interrupted_with_damaged_state_names_it(monkeypatch, tmp_path):
     assert "unreadable lab state" in tasks._left_running()
 
 
+def _good_report():
+    from harness.scenario.check import CheckReport, run_scenario
+    from harness.scenario.format import load
+
+    scenario = load(REPO_ROOT / "tests" / "badinput" / "labs" / "good" / "scenario.yaml")
+    return CheckReport("good", runs=[run_scenario(scenario, None)], kernel=False)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
-def test_a_report_that_cannot_be_written_is_named_after_the_tables(monkeypatch, tmp_path):
+def test_a_read_only_results_root_is_named_after_the_tables(monkeypatch, tmp_path):
     """A student's read-only checkout: the tables are printed, then one line says where the report could not go."""
     import rich._emoji_codes  # noqa: F401 - the child cannot read root's site-packages to import it late
     import harness.report  # noqa: F401
-    from harness.scenario.check import CheckReport, run_scenario
-    from harness.scenario.format import load
     from tests.unit.test_load import as_nobody
 
     tasks = _tasks_module(monkeypatch, tmp_path)
-    scenario = load(REPO_ROOT / "tests" / "badinput" / "labs" / "good" / "scenario.yaml")
-    report = CheckReport("good", runs=[run_scenario(scenario, None)], kernel=False)
-    message = as_nobody(tasks._show_and_save, report, "read-only-checkout-test")
-    assert message.startswith("SocklabError: the check passed (tables above), but its report could not be written: "
-                              f"{REPO_ROOT / 'results'}"), message
-    assert message.endswith("Permission denied"), message
+    root = tmp_path / "results"  # under pytest's 0700 tmp dir: uid 65534 cannot create it
+    message = as_nobody(tasks._show_and_save, root, _good_report(), "read-only-checkout-test")
+    assert message == (f"SocklabError: cannot write reports to {root}: Permission denied; "
+                       "choose another place with --out DIR or SOCKLAB_RESULTS"), message
+
+
+def test_a_report_file_that_cannot_be_written_says_the_check_s_verdict_and_where(monkeypatch, tmp_path):
+    import errno
+
+    from harness import report as report_mod
+    from harness.errors import SocklabError
+
+    tasks = _tasks_module(monkeypatch, tmp_path)
+
+    def disk_full(report, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(report_mod, "write_junit", disk_full)
+    with pytest.raises(SocklabError, match=r"^the check passed \(tables above\), but its report could not be "
+                                           r"written: \S+/junit\.xml: No space left on device$"):
+        tasks._show_and_save(tmp_path / "results", _good_report(), "disk-full-test")
