@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +48,35 @@ def files_invoke_reads(project_dir: Path, argv: list[str], environ: Mapping[str,
     for prefix in (Path("/etc/invoke"), Path.home() / ".invoke", project_dir / "invoke"):
         found += [prefix.with_name(prefix.name + suffix) for suffix in SUFFIXES]
     runtime = environ.get("INVOKE_RUNTIME_CONFIG")
-    for index, arg in enumerate(argv):
-        if arg in ("-f", "--config") and index + 1 < len(argv):
-            runtime = argv[index + 1]
+    for arg, value in _core_flags(argv[1:]):
+        if arg in ("-f", "--config"):
+            runtime = value
         elif arg.startswith("--config="):
             runtime = arg.split("=", 1)[1]
     # lexists, not Path.exists: a HOME the user cannot search raises PermissionError from exists().
     candidates = [path for path in found if os.path.lexists(path)]
     return candidates + ([Path(runtime)] if runtime else [])
+
+
+# invoke's core flags that take a value (`invoke --help`); they come before the first task name.
+_VALUE_FLAGS = {"-c", "--collection", "-f", "--config", "-r", "--search-root", "-T", "--command-timeout",
+                "--hide", "-D", "--list-depth", "-F", "--list-format", "--print-completion-script"}
+
+
+def _core_flags(args: list[str]) -> Iterator[tuple[str, str | None]]:
+    """(flag, value) of invoke's own flags: those before the first task name or `--`. A task's
+    arguments (`lab.exec server -- rm -f x`) are not invoke's."""
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--" or not arg.startswith("-"):
+            return
+        if arg in _VALUE_FLAGS and index + 1 < len(args):
+            yield arg, args[index + 1]
+            index += 2
+            continue
+        yield arg, None
+        index += 1
 
 
 def check_files(paths: Iterable[Path]) -> None:

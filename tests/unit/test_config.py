@@ -52,6 +52,14 @@ def test_the_files_invoke_reads_include_project_and_runtime_ones(tmp_path):
     assert Path("/y.yaml") in files_invoke_reads(tmp_path, ["invoke"], {"INVOKE_RUNTIME_CONFIG": "/y.yaml"})
 
 
+def test_a_task_s_own_f_flag_is_not_taken_for_invoke_s():
+    argv = ["invoke", "--echo", "lab.exec", "server", "--", "rm", "-f", "/run/fill"]
+    assert Path("/run/fill") not in files_invoke_reads(Path("/nonexistent"), argv, {})
+    argv = ["invoke", "-c", "tasks", "-f", "/x.yaml", "lab.exec", "server", "--", "rm", "-f", "/y"]
+    found = files_invoke_reads(Path("/nonexistent"), argv, {})
+    assert Path("/x.yaml") in found and Path("/y") not in found
+
+
 def test_the_defaults_are_what_the_checks_accept(tmp_path):
     import yaml
 
