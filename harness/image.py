@@ -60,8 +60,9 @@ class Recipe:
     def load(cls, images_dir: Path, name: str) -> "Recipe":
         """``images_dir/<name>.yaml``, checked: a name is a plain file name in images/, every field its type."""
         known = sorted(p.stem for p in images_dir.glob("*.yaml"))
-        if not isinstance(name, str) or not _RECIPE_NAME.match(name) or not (images_dir / f"{name}.yaml").exists():
-            raise ImageError(f"unknown image recipe {name!r}; known: {', '.join(known) or 'none'}")
+        if not isinstance(name, str) or not _RECIPE_NAME.match(name) or not os.path.exists(images_dir / f"{name}.yaml"):
+            shown = name if not isinstance(name, str) or len(name) <= 80 else name[:80] + "…"
+            raise ImageError(f"unknown image recipe {shown!r}; known: {', '.join(known) or 'none'}")
         path = images_dir / f"{name}.yaml"
         where = str(path)
         data = textio.parse_yaml(textio.read_text(path, "image recipe", error=ImageError), where, error=ImageError)

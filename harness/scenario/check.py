@@ -68,21 +68,24 @@ LAB_KEYS: dict[str, tuple[type, ...]] = {"title": (str,), "topology": (str,), "s
 
 def _lab_directory(name: str, labs_dir: Path) -> Path:
     """The directory of lab ``name``; a name that is not a lab is one line saying what exists."""
+    # os.path's tests, not Path's: they answer False for a name too long for the file system too.
     known = known_labs(labs_dir)
+    shown = name if len(name) <= 80 else name[:80] + "…"
     if "/" not in name:
-        if not (labs_dir / name / "lab.yaml").is_file():
-            raise ScenarioError(f"unknown lab {name!r}{textio.did_you_mean(name, known)}")
+        if not os.path.isfile(labs_dir / name / "lab.yaml"):
+            raise ScenarioError(f"unknown lab {shown!r}{textio.did_you_mean(name, known)}")
         return labs_dir / name
     directory = Path(name)
-    if (directory / "lab.yaml").exists():
+    if os.path.lexists(directory / "lab.yaml"):
         return directory
     hint = (f"; the lab {directory.name} is {labs_dir / directory.name} (a directory is taken relative to "
             f"{Path.cwd()})") if directory.name in known else f"; known labs: {', '.join(known) or 'none'}"
-    if not directory.exists():
-        raise ScenarioError(f"no lab at {name}: {os.path.abspath(directory)} does not exist{hint}")
-    if not directory.is_dir():
-        raise ScenarioError(f"no lab at {name}: it is a file, not a lab directory{hint}")
-    raise ScenarioError(f"no lab at {name}: the directory has no lab.yaml{hint}")
+    if not os.path.exists(directory):
+        where = os.path.abspath(directory) if len(name) <= 80 else "it"
+        raise ScenarioError(f"no lab at {shown}: {where} does not exist{hint}")
+    if not os.path.isdir(directory):
+        raise ScenarioError(f"no lab at {shown}: it is a file, not a lab directory{hint}")
+    raise ScenarioError(f"no lab at {shown}: the directory has no lab.yaml{hint}")
 
 
 def _inside(directory: Path, relative: str, where: str, what: str) -> Path:
