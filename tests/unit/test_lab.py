@@ -115,7 +115,7 @@ def test_down_clears_damaged_state_and_kills_what_uses_the_run_dir(lab, monkeypa
     lab.paths.ensure_private(lab.run_dir)
     lab.state_file.write_text("[]")
     killed = []
-    monkeypatch.setattr(lab_mod, "qemu_pids_using", lambda run_dir: [4242] if run_dir == lab.run_dir else [])
+    monkeypatch.setattr(lab, "qemu_pids", lambda: [4242])  # found by the lab's key, with no state to go on
     monkeypatch.setattr(lab_mod.os, "kill", lambda pid, sig: killed.append(pid))
     done = lab.down()
     assert killed == [4242]
