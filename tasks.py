@@ -15,13 +15,16 @@ from pathlib import Path
 from invoke import Collection, Exit, task
 from rich.markup import escape
 
-from harness import image, progress
+from harness import config, image, progress
 from harness.errors import SocklabError
 from harness.lab import Lab, check_up_args, topology
 from harness.lab import topology as topology_of
 from harness.paths import DEFAULT_LAB, Paths, check_lab_name
 
 NAME_HELP = "which lab of this checkout (default: $SOCKLAB_LAB or 'default'); each name is a lab of its own"
+
+# invoke reads invoke.yaml right after this import, with no check of its own: check it first.
+config.check_at_import(Path(__file__).resolve().parent)
 
 
 # Tasks whose VM name is checked by the task itself, so that a missing one gives the usual one
@@ -80,18 +83,47 @@ def _friendly(fn):
             progress.console.print(f"[red]socklab:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise Exit(code=exc.exit_code) from None
         except KeyboardInterrupt:
-            progress.console.print("[yellow]socklab: interrupted; everything started was stopped[/]")
+            progress.console.print(f"[yellow]socklab: interrupted; {_left_running()}[/]")
             raise Exit(code=130) from None
 
     return wrapper
 
 
+def _left_running() -> str:
+    """What an interrupted command leaves, as seen now (not assumed): which labs of this install are up, or none."""
+    from harness.lab import lab_names
+
+    paths = Paths.default()
+    up, stale = [], []
+    try:
+        for name in lab_names(paths):
+            lab = Lab(paths, name)
+            state = lab.load()
+            if state is None:
+                continue
+            running = [vm for vm, alive in lab.alive(state).items() if alive]
+            label = "the lab" if name == DEFAULT_LAB else f"lab {name}"
+            (up if running else stale).append((label, running, lab))
+    except (SocklabError, OSError) as exc:
+        return f"a lab's state cannot be read ({exc}); `invoke lab.down` clears it"
+    if up:
+        return "; ".join(f"{label} stays up ({', '.join(running)}; `{_down_hint(lab)}` stops it)"
+                         for label, running, lab in up)
+    if stale:
+        return "; ".join(f"{label}'s VMs are not running but its state is left; `{_down_hint(lab)}` clears it"
+                         for label, _running, lab in stale)
+    return "no lab is running (nothing was left started)"
+
+
 def _number(text, option: str, what: str, kind=float):
     """A number given on the command line; invoke would otherwise turn a typo into a traceback."""
     try:
-        value = kind(text)
+        value = kind(text) if len(str(text)) <= 32 else None  # past Python's digit limit int() raises
+        if value is None or value != value or value in (float("inf"), float("-inf")):
+            raise ValueError
     except (TypeError, ValueError):
-        raise SocklabError(f"{option} must be {what}, not {text!r}") from None
+        shown = str(text) if len(str(text)) <= 32 else f"{str(text)[:32]}…"
+        raise SocklabError(f"{option} must be {what}, not {shown!r}") from None
     if value <= 0:
         raise SocklabError(f"{option} must be {what}, not {text}")
     return value
@@ -340,8 +372,14 @@ def _show_and_save(root, report, name: str) -> None:
     for note in report.notes:
         progress.say(f"note: {note}")
     directory = _results_dir(root, name)
-    write_junit(report, directory / "junit.xml")
-    (directory / "report.md").write_text(markdown(report))
+    try:
+        write_junit(report, directory / "junit.xml")
+        (directory / "report.md").write_text(markdown(report))
+    except OSError as exc:
+        # The tables above are the results; only the files are missing (a full disk, say): say where.
+        verdict = "passed" if report.ok else "failed"
+        raise SocklabError(f"the check {verdict} (tables above), but its report could not be written: "
+                           f"{exc.filename or directory}: {exc.strerror or exc}") from None
     counts = report.counts
     verdict = "[green]PASS[/]" if report.ok else "[red]FAIL[/]"
     progress.show(f"{verdict}: {counts['steps'] - counts['step_failures']}/{counts['steps']} steps agree, "
@@ -539,9 +577,11 @@ def bench_(c, repeats="3", only=None, out=None):
 @_friendly
 def soak_(c, cycles="30", lab_name="03-listen", name=None):
     """Leak check: cycles of lab.up -> lab.check -> lab.down, counting QEMUs, taps, netns, fds, threads, run files."""
+    from harness.scenario.check import LabSpec, prepare
     from harness.soak import soak
 
     cycles = _number(cycles, "--cycles", "at least 1", kind=int)
+    prepare(LabSpec.load(lab_name))  # a lab that cannot be checked stops here, before the first boot
     lab = _lab(name)
     report = soak(lambda: Lab(lab.paths, lab.name), cycles=cycles, lab_name=lab_name,
                   say=lambda line: print(line, flush=True))
@@ -565,8 +605,4 @@ def test_(c, unit=False, live=False, pytest_args=""):
 images = Collection("images", build, clean)
 lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, grade, soak_, matrix_)
 ns = Collection(images, lab, test_, bench_)
-ns.configure({
-    "images": {"recipe": "bookworm", "mirror": None},
-    "lab": {"topology": "default", "accel": "auto", "segment": "auto"},
-    "results": {"dir": None},
-})
+ns.configure(config.DEFAULTS)

@@ -134,7 +134,7 @@ def choose(requested: str, kernel: Path, cache_file: Path) -> Choice:
             if saved.get("boot_id") == current and saved.get("kernel", str(kernel)) == str(kernel):
                 result = ProbeResult(**saved["result"])
                 return ProbeResult(result.boots, result.detail + " (probed earlier this boot)", result.seconds)
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a damaged cache: probe again
             pass
         result = probe_kvm(kernel)
         cache_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -168,6 +168,49 @@ def bench_model(bench: Bench, repeats: int) -> None:
 
     samples = tuple(measure(n_calls=100_000, repeats=1)["median"] for _ in range(max(3, repeats)))
     bench.add(Figure("model throughput (CPU time)", "syscalls/s", samples))
+    big = tuple(scenario_seconds(20_000) for _ in range(repeats))
+    half = tuple(scenario_seconds(10_000) for _ in range(repeats))
+    bench.add(Figure("20,000-step scenario: parse + model run", "s", big, alternative="10,000 steps",
+                     alternative_samples=half, note="target < 10 s; linear: about twice the 10,000-step time"))
+
+
+# One connection's lifetime, repeated by a template loop: how a user generates a long scenario.
+BIG_SCENARIO = """name: generated
+hosts: [server, client]
+params: {rounds: 1}
+---
+steps:
+  - {on: server, call: socket, args: {family: AF_INET, type: SOCK_STREAM}, as: l}
+  - {on: server, call: bind, args: {fd: $l, addr: [0.0.0.0, 7000]}}
+  - {on: server, call: listen, args: {fd: $l, backlog: 4096}}
+{% for i in range(rounds) %}
+  - {on: client, call: socket, args: {family: AF_INET, type: SOCK_STREAM}, as: c{{ i }}}
+  - {on: client, call: connect, args: {fd: $c{{ i }}, addr: [198.51.100.1, 7000]}}
+  - {on: server, call: accept, args: {fd: $l}, as: a{{ i }}}
+  - {on: client, call: send, args: {fd: $c{{ i }}, length: 100}}
+  - {on: server, call: recv, args: {fd: $a{{ i }}, length: 100}}
+  - {on: client, call: close, args: {fd: $c{{ i }}}}
+  - {on: server, call: close, args: {fd: $a{{ i }}}}
+{% endfor %}
+"""
+BIG_SCENARIO_STEPS_PER_ROUND = 7
+
+
+def scenario_seconds(steps: int) -> float:
+    """Wall-clock seconds to load (read, render, parse, check) and run on the model a generated scenario of ``steps``."""
+    from .scenario.check import run_scenario
+    from .scenario.format import load
+
+    with tempfile.TemporaryDirectory(prefix="socklab-bench-") as tmp:
+        path = Path(tmp, "generated.yaml")
+        path.write_text(BIG_SCENARIO)
+        started = time.perf_counter()
+        scenario = load(path, {"rounds": (steps - 3) // BIG_SCENARIO_STEPS_PER_ROUND})
+        result = run_scenario(scenario, None)
+        elapsed = time.perf_counter() - started
+    if not result.ok:
+        raise RuntimeError(f"the generated scenario failed on the model: {result.error}")
+    return elapsed
 
 
 def bench_check(bench: Bench, lab: Lab, repeats: int) -> None:

@@ -26,9 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from . import hostdeps, progress
+from . import load as textio
 from .errors import ImageError
 from .initrd import build_initrd
 from .paths import Paths
@@ -59,25 +58,56 @@ class Recipe:
 
     @classmethod
     def load(cls, images_dir: Path, name: str) -> "Recipe":
+        """``images_dir/<name>.yaml``, checked: a name is a plain file name in images/, every field its type."""
+        known = sorted(p.stem for p in images_dir.glob("*.yaml"))
+        if not isinstance(name, str) or not _RECIPE_NAME.match(name) or not os.path.exists(images_dir / f"{name}.yaml"):
+            shown = name if not isinstance(name, str) or len(name) <= 80 else name[:80] + "…"
+            raise ImageError(f"unknown image recipe {shown!r}; known: {', '.join(known) or 'none'}")
         path = images_dir / f"{name}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in images_dir.glob("*.yaml"))
-            raise ImageError(f"unknown image recipe {name!r}; known: {', '.join(known) or 'none'}")
-        try:
-            data = yaml.safe_load(path.read_text())
-            return cls(
-                name=name,
-                suite=str(data["suite"]),
-                kernel=str(data["kernel"]),
-                variant=str(data.get("variant", "minbase")),
-                packages=tuple(data["packages"]),
-                dpkg_excludes=tuple(data.get("dpkg_excludes", ())),
-                apt_options=tuple(data.get("apt_options", ())),
-                initrd_modules=tuple(data["initrd_modules"]),
-                free_space_mib=int(data.get("free_space_mib", 256)),
-            )
-        except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
-            raise ImageError(f"{path}: bad recipe: {exc}") from exc
+        where = str(path)
+        data = textio.parse_yaml(textio.read_text(path, "image recipe", error=ImageError), where, error=ImageError)
+        if not isinstance(data, dict):
+            raise ImageError(f"{where}:1: a recipe is a mapping (suite, packages, initrd_modules, ...)")
+        textio.check_keys(data, RECIPE_FIELDS, where, error=ImageError)
+        for key in ("suite", "kernel", "packages", "initrd_modules"):
+            if key not in data:
+                raise ImageError(f"{where}:1: the recipe needs `{key}:`")
+        for key, (kind, pattern) in RECIPE_FIELDS.items():
+            if key not in data:
+                continue
+            value = textio.expect_type(data[key], kind, where, data.line_of(key), key, error=ImageError)
+            for index, item in enumerate(value if kind is list else [value]):
+                line = value.line_of(index) if kind is list else data.line_of(key)
+                if kind is list:
+                    textio.expect_type(item, str, where, line, key, error=ImageError)
+                if pattern is not None and not pattern.match(str(item)):
+                    raise ImageError(f"{where}:{line}: `{key}:` has {item!r}, which is not a valid name")
+        free = data.get("free_space_mib", 256)
+        if not 0 <= free <= 1 << 16:
+            raise ImageError(f"{where}:{data.line_of('free_space_mib')}: `free_space_mib:` takes 0 to 65536, not {free}")
+        return cls(
+            name=name,
+            suite=data["suite"],
+            kernel=data["kernel"],
+            variant=data.get("variant", "minbase"),
+            packages=tuple(data["packages"]),
+            dpkg_excludes=tuple(data.get("dpkg_excludes", ())),
+            apt_options=tuple(data.get("apt_options", ())),
+            initrd_modules=tuple(data["initrd_modules"]),
+            free_space_mib=free,
+        )
+
+
+# A recipe is a file name in images/, never a path: "../x" must not read a file elsewhere.
+_RECIPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_WORD = re.compile(r"^[a-z0-9][a-z0-9+._-]*$")  # Debian package, suite and variant names
+# field -> (type, pattern each value must match)
+RECIPE_FIELDS: dict[str, tuple[type, re.Pattern | None]] = {
+    "suite": (str, _WORD), "kernel": (str, re.compile(r"^[0-9]+(\.[0-9]+)*$")), "variant": (str, _WORD),
+    "packages": (list, _WORD), "apt_options": (list, re.compile(r"^[^\n]+$")),
+    "dpkg_excludes": (list, re.compile(r"^/[^,\s]*$")), "initrd_modules": (list, re.compile(r"^[A-Za-z0-9_-]+$")),
+    "free_space_mib": (int, None),
+}
 
 
 def recipes(images_dir: Path) -> list[Recipe]:
@@ -87,14 +117,15 @@ def recipes(images_dir: Path) -> list[Recipe]:
 
 def resolve(images_dir: Path, name_or_kernel: str) -> Recipe:
     """The recipe named ``name_or_kernel`` (``trixie``), or the one whose kernel series it is (``6.12``)."""
-    if (images_dir / f"{name_or_kernel}.yaml").is_file():
+    if _RECIPE_NAME.match(str(name_or_kernel)) and os.path.isfile(images_dir / f"{name_or_kernel}.yaml"):
         return Recipe.load(images_dir, name_or_kernel)
     known = recipes(images_dir)
     for recipe in known:
         if recipe.kernel == str(name_or_kernel):
             return recipe
     choices = ", ".join(f"{r.kernel} ({r.name})" for r in known) or "none"
-    raise ImageError(f"unknown kernel or image recipe {name_or_kernel!r}; known: {choices}")
+    shown = str(name_or_kernel) if len(str(name_or_kernel)) <= 80 else str(name_or_kernel)[:80] + "…"
+    raise ImageError(f"unknown kernel or image recipe {shown!r}; known: {choices}")
 
 
 def release_in_series(release: str, series: str) -> bool:
@@ -149,7 +180,7 @@ class Image:
                 kernel_series=manifest.get("kernel_series", ""),
                 packages=manifest.get("packages", {}),
             )
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # TypeError: a manifest that is [] or null
             raise ImageError(f"{directory}: unreadable image manifest ({exc}); rebuild with `invoke images.build`") from exc
 
     def damaged(self, full: bool = False) -> list[str]:

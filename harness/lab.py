@@ -26,12 +26,13 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from . import accel as accel_mod
 from . import hostdeps, image, lock, net, owner, progress, qemu, snapshot
 from . import kernel as kernel_mod
+from . import load as textio
 from .console import GuestConsole, log_tail, panic_lines
 from .deadline import QMP_PROBE, SNAPSHOT_RESTORE, SSH_CONNECT
 from .errors import GuestUnreachable, LabError, SSHError
@@ -165,6 +166,19 @@ class LabState:
         raise LabError(f"no VM named {name!r} in this lab; it has: {', '.join(v.name for v in self.vms)}")
 
 
+def _check_field_types(state: LabState) -> None:
+    """Every field of a loaded state has its declared type: ``down`` must not trip over a pid that is a string."""
+    kinds = {"int": int, "str": str, "float": (int, float), "bool": bool}
+    for record in [state, *state.vms]:
+        for spec in fields(record):
+            kind = kinds.get(str(spec.type))
+            value = getattr(record, spec.name)
+            if kind is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is int)):
+                raise ValueError(f"`{spec.name}` is {value!r}")
+        if isinstance(record, LabState) and not all(isinstance(vm, VMState) for vm in record.vms):
+            raise ValueError("`vms` is not a list of VMs")
+
+
 def lab_key(paths: Paths, name: str = DEFAULT_LAB) -> str:
     """8 hex digits, stable per install and lab name; the first 6 name the netns and taps, all 8 start VM UUIDs.
 
@@ -207,12 +221,27 @@ class Lab:
     # -- state ---------------------------------------------------------------
 
     def load(self) -> LabState | None:
-        try:
-            return LabState.from_json(self.state_file.read_text())
-        except FileNotFoundError:
+        """The lab's state, None when no lab runs; a damaged state file is a LabError naming it."""
+        if not self.state_file.exists() and not self.state_file.is_symlink():
             return None
-        except (ValueError, TypeError) as exc:
-            raise LabError(f"{self.state_file}: unreadable lab state ({exc}); run `invoke lab.down` to clear it") from exc
+        try:
+            text = textio.read_text(self.state_file, "lab state", error=LabError)
+            if not text.strip():
+                raise ValueError("the file is empty")
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError(f"it holds {textio.describe_type(data) if data is not None else 'null'}, "
+                                 "not the lab's record")
+            state = LabState.from_json(text)
+            _check_field_types(state)
+            return state
+        except LabError as exc:
+            message = str(exc)
+            reason = message[len(str(self.state_file)):].lstrip(":0123456789 ") if message.startswith(
+                str(self.state_file)) else message
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise LabError(f"{self.state_file}: unreadable lab state ({reason}); run `invoke lab.down` to clear it")
 
     def save(self, state: LabState) -> None:
         self.paths.ensure_private(self.run_dir)
@@ -740,7 +769,13 @@ class Lab:
     def down(self) -> list[str]:
         """Stop every VM, remove taps, netns, overlays and state. Safe to call any time, twice."""
         with self.locked():
-            return self._down_locked(self.load())
+            try:
+                state = self.load()
+            except LabError as exc:
+                # Still stop what can be found: QEMUs using the run directory, the lab's netns and taps.
+                progress.say(f"{exc.args[0].split('; run `invoke lab.down`')[0]}; cleaning up by what can be found")
+                state = None
+            return self._down_locked(state)
 
     def _down_locked(self, state: LabState | None, quiet: bool = False) -> list[str]:
         self.close()

@@ -84,6 +84,8 @@ class Snapshot:
             return "missing"
         except (OSError, ValueError) as exc:
             return f"unreadable metadata ({exc})"
+        if not isinstance(meta, dict):
+            return "unreadable metadata (not a JSON object)"
         for path, key in ((self.state, "state"), (self.disk, "disk")):
             if not path.is_file():
                 return f"{path.name} is missing"

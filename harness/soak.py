@@ -207,13 +207,14 @@ def soak(paths_or_lab_factory: Paths | Callable[[], Lab], cycles: int = 30, lab_
     check (tests); it returns a one-line summary. ``quiet`` keeps the
     progress lines of up and down out of the output.
     """
-    from .scenario.check import LabSpec
+    from .scenario.check import LabSpec, prepare
 
     if cycles < 1:
         raise LabError(f"cycles must be at least 1, not {cycles}")
     make_lab = (lambda: Lab(paths_or_lab_factory)) if isinstance(paths_or_lab_factory, Paths) else paths_or_lab_factory
     probe = probe or Probe()
     spec = LabSpec.load(lab_name)
+    prepare(spec)  # a lab that cannot be checked is one line now, not the same failure in every cycle
     check_lab = check_lab or _check
     first = make_lab()
     if first.load() is not None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .. import load as textio
 from ..errors import LabError
 from ..paths import REPO_ROOT
 from . import expect
@@ -32,37 +32,68 @@ class LabSpec:
     @classmethod
     def load(cls, name: str, labs_dir: Path = LABS_DIR) -> "LabSpec":
         """A lab by name (``03-listen``) or, when ``name`` contains a slash, by its directory."""
-        directory = Path(name) if "/" in name else labs_dir / name
-        name = directory.name
-        path = directory / "lab.yaml"
-        if not path.is_file():
-            known = ", ".join(known_labs(labs_dir)) or "none"
-            raise ScenarioError(f"unknown lab {name!r}; known: {known}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise ScenarioError(f"{path}:{mark.line + 1 if mark else 1}: malformed YAML") from None
-        if not isinstance(data, dict) or not data.get("scenarios"):
-            raise ScenarioError(f"{path}:1: lab.yaml needs `title:` and a list of `scenarios:`")
-        if not isinstance(data["scenarios"], list):
-            raise ScenarioError(f"{path}:1: `scenarios:` must be a list of scenario files, not {data['scenarios']!r}")
         from ..lab import TOPOLOGIES
 
-        if str(data.get("topology", "default")) not in TOPOLOGIES:
-            raise ScenarioError(f"{path}:1: unknown topology {data['topology']!r}; known: {', '.join(TOPOLOGIES)}")
-        unknown = set(data) - {"title", "topology", "scenarios", "expected", "minutes", "article"}
-        if unknown:
-            raise ScenarioError(f"{path}:1: unknown key(s) {', '.join(sorted(unknown))}")
-        scenarios = tuple(directory / str(item) for item in data["scenarios"])
-        for scenario in scenarios:
-            if not scenario.is_file():
-                raise ScenarioError(f"{path}: scenario {scenario.name} does not exist")
-        expected = directory / str(data["expected"]) if data.get("expected") else None
-        if expected is not None and not expected.is_file():
-            raise ScenarioError(f"{path}: expectation template {expected.name} does not exist")
-        return cls(name, directory, str(data.get("title", name)), str(data.get("topology", "default")), scenarios,
-                   expected)
+        directory = _lab_directory(name, labs_dir)
+        name = directory.name
+        path = directory / "lab.yaml"
+        where = str(path)
+        data = textio.parse_yaml(textio.read_text(path, "lab description", error=ScenarioError), where,
+                                 error=ScenarioError)
+        if not isinstance(data, dict) or not data.get("scenarios"):
+            raise ScenarioError(f"{path}:1: lab.yaml needs `title:` and a list of `scenarios:`")
+        textio.check_keys(data, LAB_KEYS, where, error=ScenarioError)
+        for key, kinds in LAB_KEYS.items():
+            if key in data:
+                textio.expect_type(data[key], kinds, where, data.line_of(key), key, error=ScenarioError)
+        topology = data.get("topology", "default")
+        if topology not in TOPOLOGIES:
+            raise ScenarioError(f"{path}:{data.line_of('topology')}: unknown topology {topology!r}; "
+                                f"known: {', '.join(TOPOLOGIES)}")
+        scenarios = []
+        for index, item in enumerate(data["scenarios"]):
+            textio.expect_type(item, str, where, data["scenarios"].line_of(index), "scenarios", error=ScenarioError)
+            scenarios.append(textio.check_path(_inside(directory, item, where, "scenario"), "scenario", where,
+                                               error=ScenarioError))
+        expected = None
+        if data.get("expected"):
+            expected = textio.check_path(_inside(directory, data["expected"], where, "expectation template"),
+                                         "expectation template", where, error=ScenarioError)
+        return cls(name, directory, str(data.get("title", name)), topology, tuple(scenarios), expected)
+
+
+LAB_KEYS: dict[str, tuple[type, ...]] = {"title": (str,), "topology": (str,), "scenarios": (list,),
+                                         "expected": (str,), "minutes": (int, float), "article": (str,)}
+
+
+def _lab_directory(name: str, labs_dir: Path) -> Path:
+    """The directory of lab ``name``; a name that is not a lab is one line saying what exists."""
+    # os.path's tests, not Path's: they answer False for a name too long for the file system too.
+    known = known_labs(labs_dir)
+    shown = name if len(name) <= 80 else name[:80] + "…"
+    if "/" not in name:
+        if not os.path.isfile(labs_dir / name / "lab.yaml"):
+            raise ScenarioError(f"unknown lab {shown!r}{textio.did_you_mean(name, known)}")
+        return labs_dir / name
+    directory = Path(name)
+    if os.path.lexists(directory / "lab.yaml"):
+        return directory
+    hint = (f"; the lab {directory.name} is {labs_dir / directory.name} (a directory is taken relative to "
+            f"{Path.cwd()})") if directory.name in known else f"; known labs: {', '.join(known) or 'none'}"
+    if not os.path.exists(directory):
+        where = os.path.abspath(directory) if len(name) <= 80 else "it"
+        raise ScenarioError(f"no lab at {shown}: {where} does not exist{hint}")
+    if not os.path.isdir(directory):
+        raise ScenarioError(f"no lab at {shown}: it is a file, not a lab directory{hint}")
+    raise ScenarioError(f"no lab at {shown}: the directory has no lab.yaml{hint}")
+
+
+def _inside(directory: Path, relative: str, where: str, what: str) -> Path:
+    """``directory/relative``, refusing a path that leaves the lab's directory."""
+    path = directory / relative
+    if Path(relative).is_absolute() or not path.resolve().is_relative_to(directory.resolve()):
+        raise ScenarioError(f"{where}: {what} {relative!r} is outside the lab's directory")
+    return path
 
 
 def known_labs(labs_dir: Path = LABS_DIR) -> list[str]:

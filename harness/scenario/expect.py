@@ -34,7 +34,8 @@ from typing import Any
 
 import jinja2
 
-from .format import ScenarioError, _LineLoader, _strip_lines, render, sandbox
+from .. import load as textio
+from .format import ScenarioError, _shown, _strip_lines, render, sandbox
 from .runner import RunResult, StepRecord
 
 COMPARISONS = ("equals", "not_equals", "at_least", "at_most", "between", "one_of")
@@ -117,37 +118,31 @@ class Trace:
 
 def load(path: Path, variables: Mapping[str, Any]) -> list[Assertion]:
     """Render and parse an expectation template."""
-    import yaml
-
     where = str(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ScenarioError(f"{where}: cannot read: {exc.strerror}") from None
+    text = textio.read_text(path, "expectation template", error=ScenarioError)
     rendered = render(text, variables, where)
-    try:
-        raw = yaml.load(rendered, Loader=_LineLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ScenarioError(f"{where}:{mark.line + 1 if mark else 1}: malformed YAML: {getattr(exc, 'problem', exc)}") from None
+    raw = textio.parse_yaml(rendered, where, error=ScenarioError)
     if not isinstance(raw, list):
         raise ScenarioError(f"{where}:1: an expectation file is a list of assertions")
     assertions = []
     for number, item in enumerate(raw, start=1):
-        line = (item.get("__line__", 0) + 1) if isinstance(item, dict) else 1
+        line = raw.line_of(number - 1)
         at = f"{where}:{line}: assertion {number}"
         if not isinstance(item, dict):
             raise ScenarioError(f"{at}: an assertion is a mapping with name, value and one comparison")
+        textio.check_keys(item, ("name", "value", "why", *COMPARISONS), at, error=ScenarioError, add_line=False)
+        for key in ("name", "why"):
+            if key in item and (not isinstance(item[key], (str, int)) or isinstance(item[key], bool)):
+                raise ScenarioError(f"{at}: `{key}:` must be a string, not {_shown(item[key])}")
         item = _strip_lines(item)
-        unknown = set(item) - {"name", "value", "why", *COMPARISONS}
-        if unknown:
-            raise ScenarioError(f"{at}: unknown key(s) {', '.join(sorted(unknown))}")
         comparisons = [key for key in COMPARISONS if key in item]
         if len(comparisons) != 1 or not isinstance(item.get("value"), str):
             raise ScenarioError(f"{at}: needs `value:` (an expression) and exactly one of {', '.join(COMPARISONS)}")
         comparison = comparisons[0]
         operand = item[comparison]
-        if comparison == "between" and not (isinstance(operand, list) and len(operand) == 2):
+        if comparison == "between" and not (isinstance(operand, list) and len(operand) == 2
+                                            and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                    for v in operand)):
             raise ScenarioError(f"{at}: `between:` takes [low, high]")
         if comparison == "one_of" and not isinstance(operand, list):
             raise ScenarioError(f"{at}: `one_of:` takes a list")
@@ -220,7 +215,8 @@ def evaluate(assertions: list[Assertion], names: Mapping[str, Any]) -> list[Outc
     outcomes = []
     for assertion in assertions:
         try:
-            value = env.compile_expression(assertion.value, undefined_to_none=False)(**names)
+            with textio.template_budget():
+                value = env.compile_expression(assertion.value, undefined_to_none=False)(**names)
             if isinstance(value, jinja2.Undefined):
                 value._fail_with_undefined_error()
         except jinja2.exceptions.SecurityError as exc:

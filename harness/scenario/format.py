@@ -31,8 +31,8 @@ from typing import Any
 
 import jinja2
 import jinja2.sandbox
-import yaml
 
+from .. import load as textio
 from ..errors import SocklabError
 
 # Each call the scenario language knows, with its arguments: name -> kind (a trailing ? = optional).
@@ -60,6 +60,12 @@ CALLS: dict[str, dict[str, str]] = {
     "fstat": {"fd": "fd"},
 }
 COMPARE_MODES = ("exact", "ok", "errno", "none")
+HEADER_KEYS = ("name", "description", "hosts", "params")
+BODY_KEYS = ("sysctls", "steps")
+STEP_KEYS = ("on", "call", "args", "as", "user", "expect", "compare", "label")
+# The largest buffer the guest agent allocates for one send or recv (harness/guest/agent.py MAX_BUFFER);
+# a bigger step is refused here, before a VM is touched, not by the agent halfway through a run.
+MAX_BUFFER = 64 << 20
 USERS = ("root", "student")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -131,9 +137,8 @@ class Scenario:
 
 
 def sandbox() -> jinja2.sandbox.SandboxedEnvironment:
-    """The one template environment: sandboxed, strict about undefined names, no autoescape (YAML, not HTML)."""
-    return jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                                               autoescape=False)
+    """The one template environment (harness.load's budgeted sandbox)."""
+    return textio.sandbox()
 
 
 def _split(text: str) -> tuple[str, str, int]:
@@ -146,46 +151,18 @@ def _split(text: str) -> tuple[str, str, int]:
 
 
 def _yaml(text: str, where: str, line_offset: int, note: str = "") -> Any:
-    try:
-        return yaml.load(text, Loader=_LineLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = (mark.line + line_offset) if mark else line_offset
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ScenarioError(f"{where}:{line}{note}: malformed YAML: {problem}") from None
-
-
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that remembers the line of every mapping as key ``__line__``.
-
-    It also reads booleans as YAML 1.2 does (true/false only): in YAML 1.1 the
-    key ``on:`` of every step would be the boolean True.
-    """
-
-
-_LineLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_LineLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                  list("tTfF"))
-
-
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict:
-    mapping = loader.construct_mapping(node, deep=True)
-    mapping["__line__"] = node.start_mark.line
-    return mapping
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    return textio.parse_yaml(text, where, line_offset, note, error=ScenarioError)
 
 
 def _strip_lines(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _strip_lines(v) for k, v in value.items() if k != "__line__"}
-    if isinstance(value, list):
-        return [_strip_lines(v) for v in value]
-    return value
+    """Plain dicts and lists (the parsed file's line bookkeeping stays behind)."""
+    return textio.plain(value)
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut short: a message quotes what was given, not all of a megabyte of it."""
+    text = repr(_strip_lines(value))
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def parse_params(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -194,39 +171,64 @@ def parse_params(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not _NAME.match(key.strip()):
-            raise ScenarioError(f"--param {pair!r}: use name=value, e.g. --param backlog=4")
+            raise ScenarioError(f"--param {_shown(pair, 200)}: use name=value, e.g. --param backlog=4")
+        if key.strip() in out:
+            raise ScenarioError(f"--param {key.strip()} is given twice")
+        if not raw.strip():
+            out[key.strip()] = ""
+            continue
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            raise ScenarioError(f"--param {pair!r}: the value is not valid YAML") from None
+            value = textio.parse_yaml(raw, "--param", error=ScenarioError)
+        except ScenarioError as exc:
+            if "malformed YAML" in str(exc):
+                raise ScenarioError(f"--param {_shown(pair, 200)}: the value is not valid YAML") from None
+            reason = str(exc).split(": ", 1)[1]
+            raise ScenarioError(f"--param {key.strip()}: {reason}") from None
+        out[key.strip()] = _strip_lines(value)
     return out
+
+
+def _read(path: Path) -> str:
+    return textio.read_text(path, "scenario", error=ScenarioError)
+
+
+def _header(header_text: str, where: str) -> dict:
+    header = _yaml(header_text, where, 1)
+    if not isinstance(header, dict):
+        raise ScenarioError(f"{where}:1: the header must be a mapping (name, hosts, params)")
+    textio.check_keys(header, HEADER_KEYS, where, "header key", error=ScenarioError)
+    for key, kind in (("name", (str, int)), ("description", str), ("hosts", list), ("params", dict)):
+        if header.get(key) is not None:
+            textio.expect_type(header[key], kind, where, header.line_of(key), key, error=ScenarioError)
+    hosts = header.get("hosts") or []
+    for index, host in enumerate(hosts):
+        textio.expect_type(host, str, where, hosts.line_of(index), "hosts", error=ScenarioError)
+    params = header.get("params") or {}
+    for name in params:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ScenarioError(f"{where}:{params.line_of(name)}: parameter {_shown(name)} is not a name "
+                                "(letters, digits, _)")
+    return header
 
 
 def declared_params(path: Path) -> dict[str, Any]:
     """The parameters a scenario's header declares, with their defaults."""
-    header_text, _body, _line = _split(path.read_text())
-    header = _strip_lines(_yaml(header_text, str(path), 1)) if header_text.strip() else {}
-    return dict(header.get("params") or {}) if isinstance(header, dict) else {}
+    header_text, _body, _line = _split(_read(path))
+    if not header_text.strip():
+        return {}
+    return dict(_strip_lines(_header(header_text, str(path)).get("params") or {}))
 
 
 def load(path: Path, overrides: Mapping[str, Any] | None = None, known_hosts: tuple[str, ...] | None = None) -> Scenario:
     """Read, render and check the scenario at ``path``; ``overrides`` replace header params."""
     where = str(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ScenarioError(f"{where}: cannot read the scenario: {exc.strerror}") from None
+    text = _read(path)
     header_text, body_text, body_line = _split(text)
     if not header_text.strip():
         raise ScenarioError(f"{where}:1: no `---` line: a scenario is a header (name, hosts, params), "
                             "a line `---`, then the steps")
-    header = _strip_lines(_yaml(header_text, where, 1))
-    if not isinstance(header, dict):
-        raise ScenarioError(f"{where}:1: the header must be a mapping (name, hosts, params)")
-    unknown = set(header) - {"name", "description", "hosts", "params"}
-    if unknown:
-        raise ScenarioError(f"{where}:1: unknown header key(s): {', '.join(sorted(unknown))}")
-    params = dict(header.get("params") or {})
+    header = _header(header_text, where)
+    params = dict(_strip_lines(header.get("params") or {}))
     for key in (overrides or {}):
         if key not in params:
             known = ", ".join(sorted(params)) or "none"
@@ -236,19 +238,38 @@ def load(path: Path, overrides: Mapping[str, Any] | None = None, known_hosts: tu
     body = _yaml(rendered, where, body_line, " (line of the rendered body)")
     if not isinstance(body, dict) or "steps" not in body:
         raise ScenarioError(f"{where}:{body_line}: the body must be a mapping with `steps:`")
+    textio.check_keys(body, BODY_KEYS, where, "body key", error=ScenarioError)
     hosts = tuple(header.get("hosts") or ())
     if not hosts:
         raise ScenarioError(f"{where}:1: the header names no `hosts:`")
+    if len(set(hosts)) != len(hosts):
+        raise ScenarioError(f"{where}:{header.line_of('hosts')}: a host is named twice in `hosts:`")
     if known_hosts is not None:
         for host in hosts:
             if host not in known_hosts:
                 raise ScenarioError(f"{where}:1: host {host!r} is not a VM of this lab ({', '.join(known_hosts)})")
-    sysctls = _strip_lines(body.get("sysctls") or {})
-    if not isinstance(sysctls, dict) or any(h not in hosts for h in sysctls):
-        raise ScenarioError(f"{where}:{body_line}: `sysctls:` maps hosts of the header to settings")
-    steps = _steps(body["steps"], where, body_line, hosts, _item_lines(rendered))
+    sysctls = _sysctls(body.get("sysctls") or {}, where, body.line_of("sysctls") if "sysctls" in body else body_line,
+                       hosts)
+    steps = _steps(body["steps"], where, body_line, hosts)
     return Scenario(path=path, name=str(header.get("name", path.stem)), description=str(header.get("description", "")),
                     hosts=hosts, params=params, sysctls=sysctls, steps=steps)
+
+
+def _sysctls(raw: Any, where: str, line: int, hosts: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    if not isinstance(raw, dict) or any(h not in hosts for h in raw):
+        raise ScenarioError(f"{where}:{line}: `sysctls:` maps hosts of the header to settings")
+    for host, settings in raw.items():
+        at = raw.line_of(host) if isinstance(raw, textio.YamlMap) else line
+        textio.expect_type(settings, dict, where, at, f"sysctls: {host}", error=ScenarioError)
+        for name, value in settings.items():
+            if not isinstance(name, str):
+                raise ScenarioError(f"{where}:{settings.line_of(name)}: a sysctl is named by a string, not {_shown(name)}")
+            ok = (isinstance(value, (int, str)) and not isinstance(value, bool)) or (
+                isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+            if not ok:
+                raise ScenarioError(f"{where}:{settings.line_of(name)}: sysctl {name} takes a number, a string or a "
+                                    f"list of numbers, not {_shown(value)}")
+    return _strip_lines(raw)
 
 
 def _template_line(exc: BaseException) -> int | None:
@@ -263,14 +284,18 @@ def _template_line(exc: BaseException) -> int | None:
 
 
 def render(text: str, params: Mapping[str, Any], where: str, line_offset: int = 1) -> str:
-    """Render a template in the sandbox; undefined names and unsafe access become ScenarioErrors."""
+    """Render a template in the budgeted sandbox; undefined names, unsafe access and budget overruns become ScenarioErrors."""
     env = sandbox()
     try:
-        return env.from_string(text).render(**params)
+        return textio.render_budgeted(env.from_string(text), params)
     except jinja2.TemplateSyntaxError as exc:
         raise ScenarioError(f"{where}:{(exc.lineno or 1) + line_offset - 1}: template syntax: {exc.message}") from None
-    except (jinja2.UndefinedError, jinja2.exceptions.SecurityError, TypeError, ValueError, ArithmeticError,
-            LookupError, AttributeError) as exc:
+    except RecursionError:
+        raise ScenarioError(f"{where}: template: recursion too deep (a macro that calls itself without end?)") from None
+    except MemoryError:
+        raise ScenarioError(f"{where}: template: ran out of memory (a loop too big?)") from None
+    except (jinja2.UndefinedError, jinja2.exceptions.SecurityError, textio.TemplateLimit, TypeError, ValueError,
+            ArithmeticError, LookupError, AttributeError) as exc:
         line = _template_line(exc)
         at = f"{where}:{line + line_offset - 1}" if line else where
         if isinstance(exc, jinja2.exceptions.SecurityError):
@@ -279,46 +304,33 @@ def render(text: str, params: Mapping[str, Any], where: str, line_offset: int = 
             message = f"{exc.message} (params: {', '.join(sorted(params)) or 'none'})"
         else:  # a KeyError's str() is the repr of its key; its argument reads better
             message = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc) or type(exc).__name__
-        raise ScenarioError(f"{at}: template: {message}") from None
+        raise ScenarioError(f"{at}: template: {' '.join(message.split())[:300]}") from None
 
 
-def _item_lines(rendered: str) -> list[int]:
-    """The line of every entry of ``steps:`` in the rendered body, mappings or not (for error messages)."""
-    try:
-        root = yaml.compose(rendered, Loader=_LineLoader)
-    except yaml.YAMLError:
-        return []
-    for key, value in getattr(root, "value", []):
-        if getattr(key, "value", None) == "steps" and isinstance(value, yaml.SequenceNode):
-            return [item.start_mark.line for item in value.value]
-    return []
-
-
-def _steps(raw: Any, where: str, line_offset: int, hosts: tuple[str, ...],
-           item_lines: list[int] | None = None) -> tuple[Step, ...]:
+def _steps(raw: Any, where: str, line_offset: int, hosts: tuple[str, ...]) -> tuple[Step, ...]:
     if not isinstance(raw, list):
         raise ScenarioError(f"{where}:{line_offset}: `steps:` must be a list")
     names: dict[str, str] = {}  # socket name -> host it lives on
     steps = []
     for index, item in enumerate(raw, start=1):
-        if item_lines and len(item_lines) == len(raw):
-            line = item_lines[index - 1] + line_offset
-        else:
-            line = (item.get("__line__", 0) if isinstance(item, dict) else 0) + line_offset
+        line = raw.line_of(index - 1) if isinstance(raw, textio.YamlList) else line_offset
         at = f"{where}:{line}: step {index}"
         if not isinstance(item, dict):
-            raise ScenarioError(f"{at}: a step is a mapping, not {item!r}")
-        item = {k: v for k, v in item.items() if k != "__line__"}
+            raise ScenarioError(f"{at}: a step is a mapping, not {_shown(item)}")
         if "sleep" in item:
+            textio.check_keys(item, ("sleep",), at, "key of a sleep step", error=ScenarioError,
+                              add_line=False)
             seconds = item["sleep"]
             if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= 60:
-                raise ScenarioError(f"{at}: `sleep:` takes 0 to 60 seconds, not {seconds!r}")
+                raise ScenarioError(f"{at}: `sleep:` takes 0 to 60 seconds, not {_shown(seconds)}")
             steps.append(Step(index, line, "sleep", seconds=float(seconds)))
             continue
         if "snapshot" in item:
+            textio.check_keys(item, ("snapshot",), at, "key of a snapshot step", error=ScenarioError,
+                              add_line=False)
             name = item["snapshot"]
             if not isinstance(name, str) or not _NAME.match(name):
-                raise ScenarioError(f"{at}: `snapshot:` takes a name like `before`, not {name!r}")
+                raise ScenarioError(f"{at}: `snapshot:` takes a name like `before`, not {_shown(name)}")
             steps.append(Step(index, line, "snapshot", snapshot=name))
             continue
         steps.append(_call_step(item, index, line, at, hosts, names))
@@ -326,43 +338,45 @@ def _steps(raw: Any, where: str, line_offset: int, hosts: tuple[str, ...],
 
 
 def _call_step(item: dict, index: int, line: int, at: str, hosts: tuple[str, ...], names: dict[str, str]) -> Step:
-    unknown = set(item) - {"on", "call", "args", "as", "user", "expect", "compare", "label"}
-    if unknown:
-        raise ScenarioError(f"{at}: unknown key(s) {', '.join(sorted(unknown))}")
+    for key in item:
+        if key not in STEP_KEYS:
+            raise ScenarioError(f"{at}: unknown key {_shown(key)}{textio.did_you_mean(key, STEP_KEYS + ('sleep', 'snapshot'))}")
     host, call = item.get("on"), item.get("call")
-    if host not in hosts:
-        raise ScenarioError(f"{at}: `on: {host}` is not one of the scenario's hosts ({', '.join(hosts)})")
-    if call not in CALLS:
-        raise ScenarioError(f"{at}: unknown call {call!r}; known: {', '.join(CALLS)}")
-    args = _strip_lines(item.get("args") or {})
+    if not isinstance(host, str) or host not in hosts:
+        raise ScenarioError(f"{at}: `on: {_strip_lines(host)}` is not one of the scenario's hosts ({', '.join(hosts)})")
+    if not isinstance(call, str) or call not in CALLS:
+        raise ScenarioError(f"{at}: unknown call {_shown(call)}; known: {', '.join(CALLS)}")
+    args = item.get("args") or {}
     if not isinstance(args, dict):
         raise ScenarioError(f"{at}: `args:` must be a mapping")
-    args = _numbers(call, args)
+    args = _numbers(call, _strip_lines(args))
     _check_args(call, args, at, host, names)
     user = item.get("user", "root")
-    if user not in USERS:
-        raise ScenarioError(f"{at}: `user: {user}`; steps run as one of: {', '.join(USERS)}")
+    if not isinstance(user, str) or user not in USERS:
+        raise ScenarioError(f"{at}: `user: {_strip_lines(user)}`; steps run as one of: {', '.join(USERS)}")
     save_as = item.get("as")
     if save_as is not None:
         if not isinstance(save_as, str) or not _NAME.match(save_as):
-            raise ScenarioError(f"{at}: `as:` takes a socket name like `listener`, not {save_as!r}")
+            raise ScenarioError(f"{at}: `as:` takes a socket name like `listener`, not {_shown(save_as)}")
         names[save_as] = host
     compare = item.get("compare", "exact")
-    if compare not in COMPARE_MODES:
-        raise ScenarioError(f"{at}: `compare: {compare}`; use one of: {', '.join(COMPARE_MODES)}")
+    if not isinstance(compare, str) or compare not in COMPARE_MODES:
+        raise ScenarioError(f"{at}: `compare: {_strip_lines(compare)}`; use one of: {', '.join(COMPARE_MODES)}")
+    label = item.get("label", "")
+    if not isinstance(label, (str, int)) or isinstance(label, bool):
+        raise ScenarioError(f"{at}: `label:` takes a name or a number, not {_shown(label)}")
     return Step(index, line, "call", host=host, call=call, args=args, user=user, save_as=save_as,
                 expect=_expect(item.get("expect"), at) if "expect" in item else None,
-                compare=compare, label=str(item.get("label", "")))
+                compare=compare, label=str(label))
 
 
 def _expect(raw: Any, at: str) -> Expect:
     if isinstance(raw, dict):
-        raw = {k: v for k, v in raw.items() if k != "__line__"}
         if set(raw) - {"ret", "errno"} or not raw:
             raise ScenarioError(f"{at}: `expect:` is a value, or a mapping with `ret:` or `errno:`")
         errno = raw.get("errno")
         if errno is not None and (not isinstance(errno, str) or not errno.startswith("E")):
-            raise ScenarioError(f"{at}: `expect: errno:` takes a name like EADDRINUSE, not {errno!r}")
+            raise ScenarioError(f"{at}: `expect: errno:` takes a name like EADDRINUSE, not {_shown(errno)}")
         return Expect(ret=_strip_lines(raw.get("ret")), errno=errno)
     if isinstance(raw, str) and raw.startswith("E") and raw.isupper():
         return Expect(errno=raw)
@@ -370,7 +384,8 @@ def _expect(raw: Any, at: str) -> Expect:
 
 
 def _as_int(value: Any) -> Any:
-    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+    # At most 20 digits: past Python's digit limit int() raises, and no socket quantity needs more.
+    if isinstance(value, str) and re.fullmatch(r"-?\d{1,20}", value.strip()):
         return int(value)
     return value
 
@@ -401,9 +416,21 @@ def _check_args(call: str, args: dict, at: str, host: str, names: dict[str, str]
                 raise ScenarioError(f"{at}: {call}() needs `{key}`")
             continue
         value = args[key]
-        problem = _type_problem(kind, value, host, names)
+        problem = _type_problem(kind, value, host, names) or _size_problem(call, key, value)
         if problem:
             raise ScenarioError(f"{at}: {call}() argument {key}: {problem}")
+
+
+def _size_problem(call: str, key: str, value: Any) -> str | None:
+    """What the guest cannot do: buffers past the agent's limit, numbers past 64 bits."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -(1 << 63) <= value < (1 << 64):
+        return f"{value} does not fit in 64 bits"
+    if key in ("length", "data") and call in ("send", "sendmsg", "recv", "recvmsg"):
+        size = len(value.encode()) if isinstance(value, str) else value
+        if isinstance(size, int) and size > MAX_BUFFER:
+            return (f"{size} bytes is more than the guest agent's {MAX_BUFFER >> 20} MiB buffer for one step "
+                    "(split it into several steps)")
+    return None
 
 
 def _type_problem(kind: str, value: Any, host: str, names: dict[str, str]) -> str | None:
@@ -411,18 +438,18 @@ def _type_problem(kind: str, value: Any, host: str, names: dict[str, str]) -> st
         return _fd_problem(value, host, names)
     if kind == "fds":
         if not isinstance(value, list) or not value:
-            return f"a list of sockets, not {value!r}"
+            return f"a list of sockets, not {_shown(value)}"
         for entry in value:
             if (problem := _fd_problem(entry, host, names)):
                 return problem
         return None
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            return f"an integer, not {value!r}"
+            return f"an integer, not {_shown(value)}"
         return None
     if kind == "const":
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            return f"an integer or constant name, not {value!r}"
+            return f"an integer or constant name, not {_shown(value)}"
         if isinstance(value, str):
             from ..model.constants import resolve
 
@@ -437,9 +464,9 @@ def _type_problem(kind: str, value: Any, host: str, names: dict[str, str]) -> st
         if (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
                 and isinstance(value[1], int) and not isinstance(value[1], bool) and 0 <= value[1] <= 65535):
             return None
-        return f"[ip, port] with a port 0-65535, or a path; not {value!r}"
+        return f"[ip, port] with a port 0-65535, or a path; not {_shown(value, 120)}"
     if kind == "str":
-        return None if isinstance(value, str) else f"a string, not {value!r}"
+        return None if isinstance(value, str) else f"a string, not {_shown(value)}"
     return None
 
 
@@ -447,7 +474,7 @@ def _fd_problem(value: Any, host: str, names: dict[str, str]) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return None  # a raw number: lets a scenario ask about a bad fd (EBADF)
     if not isinstance(value, str) or not value.startswith("$"):
-        return f"a socket name like $listener, not {value!r}"
+        return f"a socket name like $listener, not {_shown(value)}"
     name = value[1:]
     if name not in names:
         return f"no socket named {value} yet (name it earlier with `as: {name}`)"

@@ -33,7 +33,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CORPUS = REPO_ROOT / "tests" / "badinput"
 CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text())
 TIMEOUT = 120.0
-CATEGORIES = {"lab.yaml", "scenario", "template", "expectation", "param", "cli", "security"}
+CATEGORIES = {"lab.yaml", "scenario", "template", "expectation", "param", "cli", "security", "files", "limits",
+              "config", "state", "recipe"}
+NOBODY = 65534  # the uid and gid a `nobody: true` case runs as
 
 
 def _params():
@@ -79,8 +81,9 @@ def _results_for(case: dict) -> set[Path]:
     return {p for stem in {path.name, path.stem} for p in results.glob(f"{stem}-2*")}
 
 
-def _subprocess(argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+def _subprocess(argv: list[str], env: dict[str, str], uid: int | None = None) -> tuple[int, str, str]:
     """`python -m invoke ARGV`, the way a user runs it."""
+    assert uid is None, "a case run as another user needs the fork server (this interpreter is in root's home)"
     try:
         result = subprocess.run([sys.executable, "-m", "invoke", *argv], cwd=REPO_ROOT, env=env, capture_output=True,
                                 text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
@@ -96,10 +99,11 @@ class Forker:
         self.proc = subprocess.Popen([sys.executable, __file__, "--serve"], cwd=REPO_ROOT, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
 
-    def __call__(self, argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    def __call__(self, argv: list[str], env: dict[str, str], uid: int | None = None) -> tuple[int, str, str]:
         with tempfile.TemporaryDirectory(prefix="socklab-badinput-io-") as io:
             out, err = Path(io, "stdout"), Path(io, "stderr")
-            self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "out": str(out), "err": str(err)}) + "\n")
+            self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "out": str(out), "err": str(err),
+                                              "uid": uid}) + "\n")
             self.proc.stdin.flush()
             reply = self.proc.stdout.readline()
             if not reply:
@@ -116,6 +120,9 @@ def _serve() -> None:
     sys.path.insert(0, str(REPO_ROOT))
     import invoke.main  # noqa: F401 - everything tasks.py imports, imported once here
     import harness.lab, harness.image, harness.scenario.check, harness.scenario.format  # noqa: E401,F401
+    # rich imports its emoji table on first use; a `nobody: true` child may not be able to read this
+    # interpreter's site-packages (here under root's 0700 home), so it is imported before the fork.
+    import rich._emoji_codes  # noqa: F401
 
     for line in sys.stdin:
         request = json.loads(line)
@@ -144,6 +151,10 @@ def _child(request: dict) -> None:
         for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["out"], os.O_WRONLY | os.O_CREAT),
                                 (2, request["err"], os.O_WRONLY | os.O_CREAT)):
             os.dup2(os.open(path, flags, 0o600), fd)
+        if request.get("uid") is not None:  # a `nobody: true` case: an unprivileged user, as students are
+            os.setgroups([])
+            os.setgid(request["uid"])
+            os.setuid(request["uid"])
         sys.argv = ["invoke", *request["argv"]]
         from invoke.main import program
 
@@ -167,24 +178,67 @@ def _child(request: dict) -> None:
             os._exit(code)
 
 
+def _fill(text: str, case: dict, tmp: Path) -> str:
+    """{case}, {tmp}, {home} and {private} (the private copy of the case) in an argv entry."""
+    return (text.replace("{case}", _case_path(case)).replace("{tmp}", str(tmp)).replace("{home}", str(tmp / "home"))
+            .replace("{private}", str(tmp / "private" / Path(case.get("case", "x")).name)))
+
+
+def _install(case: dict, tmp: Path, home: Path, images: Path) -> set[Path]:
+    """What a case sets up before it runs: a damaged state file, a recipe, a private copy of its input.
+
+    Returns the files put into the images directory (the only ones allowed there afterwards).
+    """
+    if case.get("state"):
+        (home / "run").mkdir(mode=0o700)
+        shutil.copyfile(CORPUS / case["state"], home / "run" / "lab.json")
+    installed = set()
+    if case.get("recipe"):
+        target = images / f"{Path(case['recipe']).stem}.yaml"
+        shutil.copyfile(CORPUS / case["recipe"], target)
+        installed.add(target)
+    if case.get("private"):
+        # A copy only its owner (root) can read, in directories anyone may search: for `nobody: true`.
+        tmp.chmod(0o755)
+        private = tmp / "private" / Path(case["case"]).name
+        source = CORPUS / case["case"]
+        if source.is_dir():
+            shutil.copytree(source, private)
+        else:
+            private.parent.mkdir()
+            shutil.copyfile(source, private)
+        private.parent.chmod(0o755)
+        for path in [private, *private.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o600)
+    return installed
+
+
 def _run(case: dict, runner=_subprocess) -> Outcome:
     tmp = Path(tempfile.mkdtemp(prefix=f"socklab-badinput-{case['id']}-"))
     home, images = tmp / "home", tmp / "images"
     home.mkdir()
     images.mkdir()
+    installed = _install(case, tmp, home, images)
     path = _case_path(case)
-    argv = [arg.replace("{case}", path).replace("{tmp}", str(tmp)) for arg in case["argv"]]
+    argv = [_fill(arg, case, tmp) for arg in case["argv"]]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOCKLAB_")}
     env.update(SOCKLAB_HOME=str(home), SOCKLAB_IMAGES=str(images), SOCKLAB_CACHE=str(tmp / "cache"),
                COLUMNS="200", TERM="dumb")
     before = _results_for(case)
-    returncode, stdout, stderr = runner(argv, env)
+    if case.get("nobody"):
+        env["HOME"] = str(tmp)  # a student has a home of their own (invoke reads ~/.invoke.yaml)
+        returncode, stdout, stderr = runner(argv, env, uid=NOBODY)
+    else:
+        returncode, stdout, stderr = runner(argv, env)
     leftovers = []
-    if (home / "run").exists():
-        leftovers.append(f"{home / 'run'} exists")
+    run_files = sorted(p.relative_to(home) for p in (home / "run").rglob("*")) if (home / "run").exists() else []
+    if (home / "run").exists() and run_files != [Path("run/lab.json")] * bool(case.get("state")):
+        leftovers.append(f"{home / 'run'} exists with {[str(p) for p in run_files]}")
+    if case.get("state") and (home / "run" / "lab.json").read_bytes() != (CORPUS / case["state"]).read_bytes():
+        leftovers.append("the damaged state file was changed (only lab.down may clear it)")
     if (tmp / "pwned").exists():
         leftovers.append(f"{tmp / 'pwned'} was created: a shell ran user input")
-    if any(images.iterdir()) or (tmp / "cache").exists():
+    if set(images.iterdir()) != installed or (tmp / "cache").exists():
         leftovers.append("something was written to the image dirs")
     pids = _qemu_using(str(tmp))
     if pids:
@@ -240,7 +294,8 @@ def test_bad_input_gives_one_line_and_starts_nothing(case, outcomes):
     assert outcome.returncode == case.get("exit", 2), shown
     assert len(lines) == 1, shown
     assert lines[0].startswith("socklab: "), shown
-    pattern = case["error"].replace("{case}", re.escape(_case_path(case)))
+    pattern = (case["error"].replace("{case}", re.escape(_case_path(case)))
+               .replace("{home}", re.escape(str(outcome.home))).replace("{tmp}", re.escape(str(outcome.tmp))))
     assert re.search(pattern, lines[0]), f"{shown}\nwanted: {pattern}"
     assert not outcome.leftovers, f"{shown}\nleft behind: {outcome.leftovers}"
 
@@ -248,23 +303,30 @@ def test_bad_input_gives_one_line_and_starts_nothing(case, outcomes):
 def test_the_corpus_is_well_formed():
     ids = [case["id"] for case in CASES]
     assert len(ids) == len(set(ids)), "duplicate ids"
-    assert len(CASES) >= 40
+    assert len(CASES) >= 160
     for case in CASES:
-        assert set(case) <= {"id", "category", "case", "argv", "error", "bug", "exit"}, case["id"]
+        assert set(case) <= {"id", "category", "case", "argv", "error", "bug", "exit", "state", "recipe", "private",
+                             "nobody"}, case["id"]
         assert case.get("exit", 2) in (2, 255), case["id"]
+        for field in ("state", "recipe"):
+            if case.get(field):
+                assert (CORPUS / case[field]).is_file(), case["id"]
+        if case.get("private"):
+            assert case.get("nobody") and case.get("case"), case["id"]
         assert case["category"] in CATEGORIES, case["id"]
         assert case["error"].startswith("^socklab: "), case["id"]
         re.compile(case["error"].replace("{case}", "x"))
         if case.get("case"):
             assert (CORPUS / case["case"]).exists(), case["id"]
-            assert any("{case}" in arg for arg in case["argv"]), case["id"]
+            assert any("{case}" in arg or "{private}" in arg for arg in case["argv"]), case["id"]
     assert {case["category"] for case in CASES} == CATEGORIES
 
 
 def test_every_corpus_file_is_used():
-    used = {CORPUS / case["case"] for case in CASES if case.get("case")}
+    used = {CORPUS / case[field] for case in CASES for field in ("case", "state", "recipe") if case.get(field)}
     for path in CORPUS.rglob("*"):
-        if path.is_file() and path.name != "cases.yaml" and path.parent.parent.name != "labs":
+        # .gitkeep keeps a directory that stands where a file belongs (labs/*/steps.yaml/)
+        if path.is_file() and path.name not in ("cases.yaml", ".gitkeep") and path.parent.parent.name != "labs":
             assert path in used, f"{path} belongs to no case"
     for lab in (CORPUS / "labs").iterdir():
         assert lab in used or any(lab in p.parents for p in used), f"{lab} belongs to no case"

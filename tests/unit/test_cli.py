@@ -95,3 +95,77 @@ def test_a_named_lab_uses_its_own_directory(tmp_path):
                                 env=dict(os.environ, SOCKLAB_HOME=str(tmp_path), SOCKLAB_LAB="bad name"),
                                 capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert env_result.returncode == 2 and "socklab: lab name 'bad name'" in env_result.stderr
+
+
+def _tasks_module(monkeypatch, home):
+    import importlib.util
+
+    monkeypatch.setenv("SOCKLAB_HOME", str(home))
+    spec = importlib.util.spec_from_file_location("socklab_tasks_under_test", REPO_ROOT / "tasks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_interrupted_says_nothing_is_left_when_no_lab_runs(monkeypatch, tmp_path):
+    tasks = _tasks_module(monkeypatch, tmp_path)
+    assert tasks._left_running() == "no lab is running (nothing was left started)"
+
+
+def test_interrupted_says_the_lab_stays_up_when_it_does(monkeypatch, tmp_path):
+    from harness import lab as lab_mod
+    from harness.lab import Lab, LabState, VMState
+
+    tasks = _tasks_module(monkeypatch, tmp_path)
+    vm = VMState(name="server", index=1, ssh_port=1, lab_ip="198.51.100.2/24", mgmt_mac="m", lab_mac="l", pid=4242)
+    Lab().save(LabState(lab_id="x", topology="single", vms=[vm]))
+    monkeypatch.setattr(lab_mod.qemu, "is_running", lambda pid, name: pid == 4242)
+    assert tasks._left_running() == "the lab stays up (server; `invoke lab.down` stops it)"
+    monkeypatch.setattr(lab_mod.qemu, "is_running", lambda pid, name: False)
+    assert "not running but its state is left" in tasks._left_running()
+
+
+def test_interrupted_with_damaged_state_names_it(monkeypatch, tmp_path):
+    tasks = _tasks_module(monkeypatch, tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "lab.json").write_text("[]")
+    assert "unreadable lab state" in tasks._left_running()
+
+
+def _good_report():
+    from harness.scenario.check import CheckReport, run_scenario
+    from harness.scenario.format import load
+
+    scenario = load(REPO_ROOT / "tests" / "badinput" / "labs" / "good" / "scenario.yaml")
+    return CheckReport("good", runs=[run_scenario(scenario, None)], kernel=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_a_read_only_results_root_is_named_after_the_tables(monkeypatch, tmp_path):
+    """A student's read-only checkout: the tables are printed, then one line says where the report could not go."""
+    import rich._emoji_codes  # noqa: F401 - the child cannot read root's site-packages to import it late
+    import harness.report  # noqa: F401
+    from tests.unit.test_load import as_nobody
+
+    tasks = _tasks_module(monkeypatch, tmp_path)
+    root = tmp_path / "results"  # under pytest's 0700 tmp dir: uid 65534 cannot create it
+    message = as_nobody(tasks._show_and_save, root, _good_report(), "read-only-checkout-test")
+    assert message == (f"SocklabError: cannot write reports to {root}: Permission denied; "
+                       "choose another place with --out DIR or SOCKLAB_RESULTS"), message
+
+
+def test_a_report_file_that_cannot_be_written_says_the_check_s_verdict_and_where(monkeypatch, tmp_path):
+    import errno
+
+    from harness import report as report_mod
+    from harness.errors import SocklabError
+
+    tasks = _tasks_module(monkeypatch, tmp_path)
+
+    def disk_full(report, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(report_mod, "write_junit", disk_full)
+    with pytest.raises(SocklabError, match=r"^the check passed \(tables above\), but its report could not be "
+                                           r"written: \S+/junit\.xml: No space left on device$"):
+        tasks._show_and_save(tmp_path / "results", _good_report(), "disk-full-test")

@@ -61,7 +61,7 @@ def test_unknown_recipe_lists_the_known_ones(paths):
 
 def test_broken_recipe_names_the_file(paths):
     (paths.images / "bad.yaml").write_text("suite: bookworm\n")
-    with pytest.raises(ImageError, match="bad.yaml: bad recipe"):
+    with pytest.raises(ImageError, match=r"bad.yaml:1: the recipe needs `kernel:`"):
         image.Recipe.load(paths.images, "bad")
 
 

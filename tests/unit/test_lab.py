@@ -85,6 +85,45 @@ def test_lab_ids_differ_per_install(tmp_path):
     assert len(f"sl{first}7") <= 15  # a tap name must fit IFNAMSIZ
 
 
+@pytest.mark.parametrize("content, reason", [
+    (b"", "the file is empty"),
+    (b"[]", "it holds a list, not the lab's record"),
+    (b"null", "it holds null, not the lab's record"),
+    (b'{"lab_id": "abc", "topol', "Unterminated string"),
+    (b"\xff\xfe{}", "not UTF-8 text"),
+    (b'{"version": 1, "lab_id": "a", "topology": "default", "vms": 5}', "not iterable"),
+    (b'{"version": 1, "lab_id": "a", "topology": "default", "vms": [{"name": "server", "index": 1, '
+     b'"ssh_port": 1, "lab_ip": "x", "mgmt_mac": "m", "lab_mac": "l", "pid": "123"}]}', "`pid` is '123'"),
+])
+def test_damaged_state_is_named_with_its_path(lab, content, reason):
+    lab.paths.ensure_private(lab.run_dir)
+    lab.state_file.write_bytes(content)
+    with pytest.raises(LabError) as caught:
+        lab.load()
+    message = str(caught.value)
+    assert message.startswith(f"{lab.state_file}: unreadable lab state (")
+    assert reason in message and "\n" not in message
+
+
+def test_state_path_that_is_a_directory_is_named_as_such(lab):
+    lab.state_file.mkdir(parents=True)
+    with pytest.raises(LabError, match="is a directory"):
+        lab.load()
+
+
+def test_down_clears_damaged_state_and_kills_what_uses_the_run_dir(lab, monkeypatch):
+    lab.paths.ensure_private(lab.run_dir)
+    lab.state_file.write_text("[]")
+    killed = []
+    monkeypatch.setattr(lab, "qemu_pids", lambda: [4242])  # found by the lab's key, with no state to go on
+    monkeypatch.setattr(lab_mod.os, "kill", lambda pid, sig: killed.append(pid))
+    done = lab.down()
+    assert killed == [4242]
+    assert "state, overlays and sockets: removed" in done
+    assert not lab.run_dir.exists()
+    assert lab.load() is None
+
+
 def test_down_without_a_lab_is_a_no_op(lab):
     assert lab.down() == []
     assert lab.down() == []
