@@ -213,6 +213,22 @@ def sys_unlink(host, proc, op, args) -> Result:
                   "do_unlinkat")
 
 
+def sys_sysctl_get(host, proc, op, args) -> Result:
+    """Not a system call: reading /proc/sys/<name> (anyone may read the net sysctls the model keeps)."""
+    from .config import _canonical_key
+
+    name = args.get("name")
+    try:
+        key = _canonical_key(name) if isinstance(name, str) and name else None
+    except KeyError:
+        key = None
+    if key is None or key != str(name).replace("/", "."):
+        raise fail("ENOENT", f"no sysctl {name!r} in the model", "proc_sys_lookup")
+    value = host.sysctls[key]
+    return Result(op, list(value) if isinstance(value, tuple) else value, None, f"{key} reads {value}",
+                  "proc_sys_call_handler")
+
+
 SYSCALLS: dict[str, Callable[..., Result]] = {
     "socket": sys_socket,
     "bind": sys_bind,
@@ -236,4 +252,5 @@ SYSCALLS: dict[str, Callable[..., Result]] = {
     "fcntl": sys_fcntl,
     "fstat": sys_fstat,
     "unlink": sys_unlink,
+    "sysctl_get": sys_sysctl_get,
 }
