@@ -547,6 +547,35 @@ def soak_(c, cycles="30", lab_name="03-listen", name=None):
         raise Exit(code=1)
 
 
+@task(name="fuzz", help={
+    "steps": "how many call steps to run (default 5000)",
+    "seed": "the seed: the same seed runs the same programs (default 1)",
+    "model_only": "run the programs on the model alone (no VM): a smoke test of the generator",
+    "no_shrink": "report disagreements without shrinking them",
+    "corpus": "where to write the shrunk disagreements (default results/fuzz-SEED-TIME/)",
+})
+@_friendly
+def fuzz_(c, steps="5000", seed="1", model_only=False, no_shrink=False, corpus=None):
+    """Differential fuzz: random socket programs on the live kernels and the model, disagreements shrunk."""
+    from pathlib import Path
+
+    from harness.fuzz import cli
+
+    count = _number(steps, "--steps", "a positive number of steps", int)
+    try:
+        seed_value = int(seed)
+    except ValueError:
+        raise SocklabError(f"--seed must be an integer, not {seed!r}") from None
+    directory = Path(corpus) if corpus else _results_dir(f"fuzz-{seed_value}")
+    lab = None if model_only else _running_lab("default")
+    try:
+        outcome = cli.run(lab, count, seed_value, directory, progress=progress.say, shrink=not no_shrink)
+    finally:
+        if lab is not None:
+            lab.close()
+    print(outcome.text())
+
+
 @task(name="test", help={
     "unit": "only the unit tests (no VM)",
     "live": "only the live tests (marker vm)",
@@ -561,7 +590,7 @@ def test_(c, unit=False, live=False, pytest_args=""):
 
 
 images = Collection("images", build, clean)
-lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, grade, soak_, matrix_)
+lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, grade, soak_, matrix_, fuzz_)
 ns = Collection(images, lab, test_, bench_)
 ns.configure({
     "images": {"recipe": "bookworm", "mirror": None},

@@ -88,6 +88,7 @@ def load_libc() -> ctypes.CDLL:
         "recvfrom": (ssize, [i, vp, size, i, vp, u32p]),
         "recvmsg": (ssize, [i, ctypes.POINTER(MsgHdr), i]),
         "poll": (i, [ctypes.POINTER(PollFd), ctypes.c_ulong, i]),
+        "fcntl": (i, [i, i, i]),
     }
     for name, (restype, argtypes) in prototypes.items():
         func = getattr(libc, name)
@@ -722,7 +723,11 @@ class Session:
         refused = self.check_fd(fd)
         if refused:
             return refused
-        ret, err = self._os_call(lambda: fcntl.fcntl(fd, cmd, arg))
+        if fd < 0:
+            # Python's fcntl refuses negative descriptors itself; the kernel's answer is EBADF.
+            ret, err = self.syscall(self.libc.fcntl, fd, cmd, arg)
+        else:
+            ret, err = self._os_call(lambda: fcntl.fcntl(fd, cmd, arg))
         if cmd in (F_DUPFD, F_DUPFD_CLOEXEC) and not err:
             self.track(ret)
         return Outcome(ret, err)
@@ -975,6 +980,8 @@ class Batch:
                 result = result[key]
             else:
                 raise LookupError(name)
+        if result is None and not value.get("fd"):
+            raise LookupError(name)  # nothing to pass on, as the host side decides (UnsetReference)
         return result if not value.get("fd") or isinstance(result, int) else -1
 
     def once(self, op: str, handler: Callable[[dict], Outcome], args: dict) -> dict:

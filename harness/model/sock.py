@@ -43,6 +43,8 @@ class Sock:
     v6only = False
     zerocopy = False  # SOCK_ZEROCOPY flag
     broadcast = False  # SOCK_BROADCAST (SO_BROADCAST)
+    keepalive = False  # SOCK_KEEPOPEN (SO_KEEPALIVE)
+    nodelay = False  # tp->nonagle & TCP_NAGLE_OFF (TCP_NODELAY)
     sndbuf = 0
     rcvbuf = 0
     sndbuf_locked = False  # SOCK_SNDBUF_LOCK

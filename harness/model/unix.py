@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from .addr import SOCKADDR_UN_LEN, SUN_PATH_OFFSET, SockAddr
 from .constants import (
-    AF_UNIX, MSG_DONTWAIT, MSG_NOSIGNAL, MSG_PEEK, SOCK_CLOEXEC, SOCK_DGRAM, SOCK_NONBLOCK, SOCK_SEQPACKET,
+    AF_UNIX, MSG_DONTWAIT, MSG_NOSIGNAL, MSG_OOB, MSG_PEEK, SOCK_CLOEXEC, SOCK_DGRAM, SOCK_NONBLOCK, SOCK_SEQPACKET,
     SOCK_STREAM, SS_CONNECTED, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN,
 )
 from .result import Result, fail
@@ -156,8 +156,10 @@ def unix_getname(op: str, host: "Host", f: OpenFile, peer: bool) -> Result:
         other = sk.peer
         if other is None:
             raise fail("ENOTCONN", "not connected", "unix_getname")
-        return Result(op, other.unix_path or "", None, "peer's bound name ('' when unnamed)", "unix_getname")
-    return Result(op, sk.unix_path or "", None, "bound name ('' when unnamed)", "unix_getname")
+        return Result(op, other.unix_path or None, None, "peer's bound name (None: unnamed, only sun_family)",
+                      "unix_getname")
+    return Result(op, sk.unix_path or None, None, "bound name (None: unnamed, addrlen is sizeof(sun_family))",
+                  "unix_getname")
 
 
 def unix_shutdown(op: str, host: "Host", f: OpenFile, how: int) -> Result:
@@ -235,16 +237,20 @@ def unix_dgram_connect(op, host, creds, f: OpenFile, sa: SockAddr) -> Result:
 
 
 def unix_dgram_sendmsg(op, host, creds, f: OpenFile, payload: bytes, flags: int, dest) -> Result:
-    """unix_dgram_sendmsg(): EMSGSIZE past sk_sndbuf - 32, EAGAIN past max_dgram_qlen queued datagrams."""
+    """unix_dgram_sendmsg(): MSG_OOB, the address (or a peer), EMSGSIZE past sk_sndbuf - 32, then the lookup;
+    EAGAIN past max_dgram_qlen queued datagrams."""
     sk = f.sock
+    if flags & MSG_OOB:
+        raise fail("EOPNOTSUPP", "datagram sockets have no out-of-band data", "unix_dgram_sendmsg")
+    name = _validate(dest, "unix_dgram_sendmsg") if dest is not None else None
+    if name is None and sk.peer is None:
+        raise fail("ENOTCONN", "no destination and not connected", "unix_dgram_sendmsg")
     if len(payload) > sk.sndbuf - 32:
         raise fail("EMSGSIZE", f"{len(payload)} > sk_sndbuf - 32", "unix_dgram_sendmsg")
-    if dest is not None:
-        other = _find_other(host, sk, _validate(dest, "unix_dgram_sendmsg"), "unix_dgram_sendmsg")
+    if name is not None:
+        other = _find_other(host, sk, name, "unix_dgram_sendmsg")
     else:
         other = sk.peer
-        if other is None:
-            raise fail("ENOTCONN", "no destination and not connected", "unix_dgram_sendmsg")
         if other.orphan:
             raise fail("ECONNREFUSED", "peer is gone", "unix_dgram_sendmsg")
     if other.shutdown & RCV_SHUTDOWN:

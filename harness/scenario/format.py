@@ -65,7 +65,7 @@ CALLS: dict[str, dict[str, str]] = {
     "fstat": {"fd": "fd"},
     "sysctl_get": {"name": "str"},  # not a system call: a read of /proc/sys/<name>
 }
-COMPARE_MODES = ("exact", "ok", "errno", "none")
+COMPARE_MODES = ("exact", "ok", "errno", "none", "eventually")
 USERS = ("root", "student")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A reference to an earlier step's result: $name, $name.port, $name.ip, $name[1] (see resolve_reference).
@@ -535,3 +535,15 @@ def _fd_problem(value: Any, host: str, names: dict[str, str]) -> str | None:
     if names[name] != host:
         return f"{value} lives on {names[name]}, not on {host}"
     return None
+
+
+def from_body(name: str, hosts: tuple[str, ...], body: Mapping[str, Any], description: str = "",
+              where: str = "<generated>") -> Scenario:
+    """A scenario from a body already in memory (a generated program), checked as a file's would be."""
+    hosts = tuple(hosts)
+    sysctls = {host: dict(settings) for host, settings in (body.get("sysctls") or {}).items()}
+    if any(host not in hosts for host in sysctls):
+        raise ScenarioError(f"{where}: `sysctls:` maps hosts of the header to settings")
+    steps = _steps(list(body.get("steps") or []), where, 1, hosts)
+    return Scenario(path=Path(where), name=name, description=description, hosts=hosts, params={},
+                    sysctls=sysctls, steps=steps)

@@ -90,6 +90,8 @@ def resolve_reference(text: str, values: Mapping[str, Any]) -> Any:
             value = value[accessor]
         else:
             raise UnsetReference(text)
+    if value is None:
+        raise UnsetReference(text)  # e.g. the name of an unnamed AF_UNIX socket: nothing to pass on
     return value
 
 

@@ -1,0 +1,59 @@
+"""`invoke lab.fuzz`: run a seeded fuzz on the lab (or the model alone) and print what it found."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .engine import FuzzReport, fuzz, write_corpus
+from .live import LiveKernel
+
+
+@dataclass(frozen=True)
+class FuzzRun:
+    report: FuzzReport
+    written: tuple[Path, ...]
+    round_trips: int
+    live_steps_per_s: float | None
+
+    def text(self, never_reached: int = 25) -> str:
+        report = self.report
+        cov = report.coverage
+        lines = [
+            f"seed: {report.seed}",
+            f"steps run: {report.steps} in {report.programs} programs"
+            + (f", {self.round_trips} agent round trips" if self.round_trips else " (model only)"),
+            f"disagreements found: {len(report.disagreements)}",
+            f"shrunk: {report.shrunk}",
+        ]
+        for disagreement, path in zip(report.disagreements, self.written):
+            size = len(disagreement.shrunk.steps) if disagreement.shrunk else len(disagreement.program.steps)
+            lines.append(f"  {disagreement.signature}  [{size} steps: {path}]")
+        lines.append(f"rule coverage: {cov.summary()}")
+        missing = cov.functions_never_reached
+        lines.append(f"kernel functions never reached ({len(missing)}): {', '.join(missing[:never_reached])}"
+                     + (" ..." if len(missing) > never_reached else ""))
+        rules = cov.never_reached
+        lines.append(f"model rules never reached ({len(rules)}): {', '.join(rules[:never_reached])}"
+                     + (" ..." if len(rules) > never_reached else ""))
+        if self.live_steps_per_s is not None:
+            lines.append(f"throughput: live {self.live_steps_per_s:,.0f} steps/s over the batched segments; "
+                         f"model {report.steps / max(report.model_seconds, 1e-9):,.0f} steps/s")
+        else:
+            lines.append(f"throughput: model {report.steps / max(report.model_seconds, 1e-9):,.0f} steps/s")
+        return "\n".join(lines)
+
+
+def run(lab: Any | None, steps: int, seed: int, corpus: Path, hosts: tuple[str, ...] = ("server", "client"),
+        progress: Callable[[str], None] | None = None, shrink: bool = True) -> FuzzRun:
+    """Fuzz ``steps`` steps from ``seed`` on ``lab`` (None: the model against itself, a smoke test)."""
+    kernel = LiveKernel(lab) if lab is not None else None
+    try:
+        report = fuzz(steps, seed, kernel, hosts=hosts, do_shrink=shrink, progress=progress)
+    finally:
+        if kernel is not None:
+            kernel.close()
+    written = tuple(write_corpus(d, corpus) for d in report.disagreements)
+    rate = kernel.steps / kernel.segment_seconds if kernel is not None and kernel.segment_seconds else None
+    return FuzzRun(report, written, kernel.round_trips if kernel else 0, rate)

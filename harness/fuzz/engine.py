@@ -1,0 +1,242 @@
+"""Run generated programs on the kernel (batched) and the model, shrink every disagreement, write the corpus."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from ..scenario.batch import run_batched
+from ..scenario.format import ScenarioError, from_body
+from ..scenario.runner import ModelBackend, RunResult
+from .coverage import Coverage, coverage, rule_id
+from .generate import Program, generate
+
+MAX_SHRINK_RUNS = 150
+
+
+class Kernel(Protocol):
+    """The kernel side of a fuzz run: ``begin`` readies the guests for a program, then batched segments."""
+
+    def begin(self, program: Program) -> None: ...
+
+    def run_segment(self, host: str, user: str, steps: list[dict[str, Any]]) -> list[Any]: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+    def snapshot(self, name: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Disagreement:
+    """The first step of a program where kernel and model differ, and the program shrunk around it."""
+
+    program: Program
+    step: int  # index into program.steps
+    signature: str
+    kernel: str
+    model: str
+    model_rule: str
+    kernel_fn: str
+    shrunk: Program | None = None
+    shrunk_step: int = -1
+
+
+@dataclass
+class FuzzReport:
+    seed: int
+    programs: int = 0
+    steps: int = 0
+    kernel_seconds: float = 0.0
+    model_seconds: float = 0.0
+    disagreements: list[Disagreement] = field(default_factory=list)
+    reached: set[str] = field(default_factory=set)
+    invalid: int = 0
+
+    @property
+    def coverage(self) -> Coverage:
+        return coverage(self.reached)
+
+    @property
+    def shrunk(self) -> int:
+        return sum(1 for d in self.disagreements if d.shrunk is not None)
+
+
+def scenario_of(program: Program):
+    return from_body(f"fuzz-{program.seed}-{program.number}", program.hosts,
+                     {"sysctls": program.sysctls, "steps": program.steps})
+
+
+def run_program(program: Program, kernel: Kernel | None) -> RunResult:
+    scenario = scenario_of(program)
+    model = ModelBackend(scenario)
+    if kernel is None:
+        from ..scenario.runner import run
+        return run(scenario, None, model)
+    kernel.begin(program)
+    return run_batched(scenario, kernel, model)
+
+
+def first_disagreement(result: RunResult) -> int | None:
+    for index, record in enumerate(result.records):
+        if record.verdict is not None and not record.verdict.ok:
+            return index
+    return None
+
+
+def signature(result: RunResult, index: int) -> str:
+    """What makes two disagreements the same: the call, and each side's answer (errno, or the value)."""
+    record = result.records[index]
+    return f"{record.step.call}: kernel {_answer(record.kernel)}, model {_answer(record.model)}"
+
+
+def _answer(outcome: Any) -> str:
+    if outcome is None:
+        return "-"
+    if outcome.blocked:
+        return "blocks"
+    if outcome.errno:
+        return outcome.errno
+    if isinstance(outcome.ret, dict) and "stopped" in outcome.ret:
+        return f"loop stopped by {outcome.ret['stopped']}"
+    return "ok " + type(outcome.ret).__name__
+
+
+def shrink(program: Program, still_fails: Callable[[Program], int | None], budget: int = MAX_SHRINK_RUNS
+           ) -> tuple[Program, int]:
+    """The smallest program (by delta debugging over steps, then sysctls) for which ``still_fails`` holds.
+
+    ``still_fails`` returns the index of the disagreeing step, or None. Candidates that are no
+    longer valid scenarios (a step refers to a name whose step was removed) do not count.
+    """
+    runs = 0
+    best = program
+    best_index = still_fails(program)
+    if best_index is None:
+        return program, -1
+
+    def attempt(steps: list[dict], sysctls: dict) -> bool:
+        nonlocal best, best_index, runs
+        if runs >= budget:
+            return False
+        candidate = Program(program.seed, program.number, program.hosts, sysctls, steps)
+        try:
+            scenario_of(candidate)
+        except ScenarioError:
+            return False
+        runs += 1
+        index = still_fails(candidate)
+        if index is None:
+            return False
+        best, best_index = candidate, index
+        return True
+
+    chunk = max(1, len(best.steps) // 2)
+    while chunk >= 1 and runs < budget:
+        start = 0
+        progressed = False
+        while start < len(best.steps) and runs < budget:
+            steps = best.steps[:start] + best.steps[start + chunk:]
+            if steps and attempt(steps, best.sysctls):
+                progressed = True
+            else:
+                start += chunk
+        if not progressed:
+            chunk //= 2
+    for host in list(best.sysctls):
+        for name in list(best.sysctls[host]):
+            trimmed = {h: {k: v for k, v in s.items() if (h, k) != (host, name)} for h, s in best.sysctls.items()}
+            attempt(best.steps, {h: s for h, s in trimmed.items() if s})
+    # Tail steps after the disagreement never matter.
+    best = Program(best.seed, best.number, best.hosts, best.sysctls, best.steps[:best_index + 1])
+    return best, best_index
+
+
+def fuzz(steps: int, seed: int, kernel: Kernel | None, hosts: tuple[str, ...] = ("server", "client"),
+         length: int = 40, do_shrink: bool = True, progress: Callable[[str], None] | None = None,
+         known: Iterable[str] = ()) -> FuzzReport:
+    """Generate and run programs until ``steps`` call steps ran; shrink each new kind of disagreement."""
+    report = FuzzReport(seed)
+    seen = set(known)
+    number = 0
+    while report.steps < steps:
+        program = generate(seed, number, hosts, min(length, max(1, steps - report.steps)))
+        number += 1
+        started = time.perf_counter()
+        try:
+            result = run_program(program, kernel)
+        except ScenarioError:
+            report.invalid += 1
+            continue
+        report.kernel_seconds += time.perf_counter() - started
+        report.programs += 1
+        report.steps += sum(1 for r in result.records if r.step.kind == "call")
+        for record in result.records:
+            if record.model is not None and record.model.kernel_fn:
+                report.reached.add(rule_id(record.model.kernel_fn, record.model.errno))
+        index = first_disagreement(result)
+        if index is None:
+            continue
+        sig = signature(result, index)
+        if sig in seen:
+            continue
+        seen.add(sig)
+        record = result.records[index]
+        shrunk, shrunk_index = (None, -1)
+        if do_shrink:
+            def still_fails(candidate: Program) -> int | None:
+                try:
+                    again = run_program(candidate, kernel)
+                except ScenarioError:
+                    return None
+                at = first_disagreement(again)
+                return at if at is not None and signature(again, at) == sig else None
+            shrunk, shrunk_index = shrink(program, still_fails)
+        report.disagreements.append(Disagreement(
+            program, index, sig, record.kernel.describe() if record.kernel else "-",
+            record.model.describe() if record.model else "-", record.model.rule if record.model else "",
+            record.model.kernel_fn if record.model else "", shrunk, shrunk_index))
+        if progress:
+            progress(f"program {program.number}: {sig} (shrunk to {len(shrunk.steps) if shrunk else '?'} steps)")
+    # Model time is what the model alone costs: run the same programs again without the kernel.
+    started = time.perf_counter()
+    for n in range(number):
+        try:
+            run_program(generate(seed, n, hosts, length), None)
+        except ScenarioError:
+            pass
+    report.model_seconds = time.perf_counter() - started
+    return report
+
+
+def corpus_text(disagreement: Disagreement, reason: str = "") -> str:
+    """A shrunk disagreement as an ordinary scenario file, with the kernel's and the model's answers."""
+    program = disagreement.shrunk or disagreement.program
+    step_index = disagreement.shrunk_step if disagreement.shrunk else disagreement.step
+    header = {
+        "name": f"fuzz-{program.seed}-{program.number}",
+        "description": (f"found by lab.fuzz --seed {program.seed} (program {program.number}); "
+                        f"the kernel said {disagreement.kernel}, the model said {disagreement.model} "
+                        f"({disagreement.model_rule}; {disagreement.kernel_fn})" + (f". {reason}" if reason else "")),
+        "hosts": list(program.hosts),
+    }
+    steps = [dict(step) for step in program.steps]
+    steps[step_index]["label"] = "disagreement"
+    body: dict[str, Any] = {}
+    if program.sysctls:
+        body["sysctls"] = program.sysctls
+    body["steps"] = steps
+    return (yaml.safe_dump(header, sort_keys=False, width=110) + "---\n"
+            + yaml.safe_dump(body, sort_keys=False, default_flow_style=None, width=110))
+
+
+def write_corpus(disagreement: Disagreement, directory: Path) -> Path:
+    program = disagreement.shrunk or disagreement.program
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"fuzz-{program.seed}-{program.number}.yaml"
+    path.write_text(corpus_text(disagreement))
+    return path
