@@ -14,7 +14,7 @@ from ..scenario.batch import run_batched
 from ..scenario.format import ScenarioError, from_body
 from ..scenario.runner import ModelBackend, RunResult
 from .coverage import Coverage, coverage, rule_id
-from .generate import Program, generate
+from .generate import PROGRAM_LENGTH, Program, generate
 
 MAX_SHRINK_RUNS = 150
 
@@ -157,7 +157,7 @@ def shrink(program: Program, still_fails: Callable[[Program], int | None], budge
 
 
 def fuzz(steps: int, seed: int, kernel: Kernel | None, hosts: tuple[str, ...] = ("server", "client"),
-         length: int = 40, do_shrink: bool = True, progress: Callable[[str], None] | None = None,
+         length: int = PROGRAM_LENGTH, do_shrink: bool = True, progress: Callable[[str], None] | None = None,
          known: Iterable[str] = ()) -> FuzzReport:
     """Generate and run programs until ``steps`` call steps ran; shrink each new kind of disagreement."""
     report = FuzzReport(seed)
@@ -214,24 +214,47 @@ def fuzz(steps: int, seed: int, kernel: Kernel | None, hosts: tuple[str, ...] = 
 
 
 def corpus_text(disagreement: Disagreement, reason: str = "") -> str:
-    """A shrunk disagreement as an ordinary scenario file, with the kernel's and the model's answers."""
+    """A shrunk disagreement as an ordinary scenario file, with the kernel's and the model's answers.
+
+    The disagreeing step expects the kernel's answer when it is one an expectation can hold (an
+    errno, or a number that is no descriptor), so the file fails on the model until the model is
+    fixed, and keeps the kernel to its word when it runs live.
+    """
     program = disagreement.shrunk or disagreement.program
     step_index = disagreement.shrunk_step if disagreement.shrunk else disagreement.step
+    used = [host for host in program.hosts if any(step["on"] == host for step in program.steps)]
     header = {
         "name": f"fuzz-{program.seed}-{program.number}",
-        "description": (f"found by lab.fuzz --seed {program.seed} (program {program.number}); "
-                        f"the kernel said {disagreement.kernel}, the model said {disagreement.model} "
+        "description": (f"found by lab.fuzz --seed {program.seed} (program {program.number}): {disagreement.signature}. "
+                        f"The kernel said {disagreement.kernel}; the model said {disagreement.model} "
                         f"({disagreement.model_rule}; {disagreement.kernel_fn})" + (f". {reason}" if reason else "")),
-        "hosts": list(program.hosts),
+        "hosts": used or list(program.hosts[:1]),
     }
     steps = [dict(step) for step in program.steps]
     steps[step_index]["label"] = "disagreement"
-    body: dict[str, Any] = {}
-    if program.sysctls:
-        body["sysctls"] = program.sysctls
-    body["steps"] = steps
-    return (yaml.safe_dump(header, sort_keys=False, width=110) + "---\n"
-            + yaml.safe_dump(body, sort_keys=False, default_flow_style=None, width=110))
+    expect = _expectable(disagreement.kernel, steps[step_index]["call"])
+    if expect is not None:
+        steps[step_index]["expect"] = expect
+    lines = [yaml.safe_dump(header, sort_keys=False, width=110).rstrip(), "---"]
+    sysctls = {host: settings for host, settings in program.sysctls.items() if host in header["hosts"]}
+    if sysctls:
+        lines.append("sysctls: " + _flow(sysctls))
+    lines.append("steps:")
+    lines += [f"  - {_flow(step)}" for step in steps]
+    return "\n".join(lines) + "\n"
+
+
+def _flow(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10_000).strip()
+
+
+def _expectable(kernel: str, call: str) -> Any:
+    """The kernel's answer as an `expect:` value, or None when it is not one to hold a model to."""
+    if kernel.startswith("-1 E"):
+        return kernel[3:]
+    if call not in ("socket", "accept", "accept4") and kernel.lstrip("-").isdigit():
+        return int(kernel)
+    return None
 
 
 def write_corpus(disagreement: Disagreement, directory: Path) -> Path:

@@ -46,6 +46,7 @@ GETOPTS = [
     ("SOL_TCP", "TCP_NODELAY"), ("SOL_SOCKET", "SO_KEEPALIVE"),
 ]
 # Calls whose answer can lag the model's instant handshake: compared with `eventually` (docs/scenarios.md).
+PROGRAM_LENGTH = 60  # steps per program: long enough for long batches, short enough to shrink fast
 SWITCH_ACTOR = 1 / 25  # mean length of a run of steps on one (host, user)
 SETTLING = {"accept", "accept4", "recv", "recvmsg", "recvfrom", "poll", "getpeername"}
 
@@ -82,7 +83,7 @@ def port_block(seed: int, number: int) -> list[int]:
 class Generator:
     """Builds one program step by step from ``random.Random(f"{seed}:{number}")``."""
 
-    def __init__(self, seed: int, number: int, hosts: tuple[str, ...] = ("server", "client"), length: int = 40,
+    def __init__(self, seed: int, number: int, hosts: tuple[str, ...] = ("server", "client"), length: int = PROGRAM_LENGTH,
                  users: tuple[str, ...] = ("root", "student")) -> None:
         self.rng = random.Random(f"{seed}:{number}")
         self.seed, self.number = seed, number
@@ -381,5 +382,5 @@ class Generator:
         self.emit(host, user, "sysctl_get", {"name": self.rng.choice(sorted(SAFE_SYSCTLS))})
 
 
-def generate(seed: int, number: int, hosts: tuple[str, ...] = ("server", "client"), length: int = 40) -> Program:
+def generate(seed: int, number: int, hosts: tuple[str, ...] = ("server", "client"), length: int = PROGRAM_LENGTH) -> Program:
     return Generator(seed, number, hosts, length).build()

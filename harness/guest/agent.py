@@ -1030,7 +1030,7 @@ class Batch:
             response = self.once(op, handler, args)
             retries += 1
         if retries:
-            response["extra"] = {**response.get("extra", {}), "settled": retries}
+            response["extra"] = {**(response.get("extra") or {}), "settled": retries}
         return response
 
     @staticmethod
@@ -1169,7 +1169,7 @@ def claim_stdio() -> tuple[int, int, int]:
     moved = tuple(fcntl.fcntl(fd, F_DUPFD_CLOEXEC, base) for fd in (0, 1, 2))
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
-        os.dup2(null, fd, inheritable=False)
+        os.dup2(null, fd)  # inheritable, as a fresh C program's 0-2 are (F_GETFD says 0)
     if null > 2:
         os.close(null)
     return moved  # type: ignore[return-value]

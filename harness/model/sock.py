@@ -52,6 +52,7 @@ class Sock:
     bindport_locked = False  # SOCK_BINDPORT_LOCK: bind() named the port
     rcv_addr: "str | None" = None  # None: not bound; "0.0.0.0"/"::" wildcard
     port = 0
+    sport = 0  # inet_sport left behind when a TCP socket lost its port (getsockname still shows it)
     bound = False
     peer_addr: "str | None" = None
     peer_port = 0

@@ -260,6 +260,8 @@ def _unbind(sk: Sock) -> None:
     if sk.bound:
         sk.host.tcp_ports.remove(sk, sk.port)
         sk.bound = False
+        # inet_put_port() clears inet_num but not inet_sport: getsockname() still shows the old port.
+        sk.sport = sk.port
         sk.port = 0
 
 

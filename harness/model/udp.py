@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from . import zerocopy
 from .binding import autobind, unbind
-from .addr import ANY4, ANY6, SIN6_LEN_RFC2133, SOCKADDR_IN_LEN, SockAddr, v4_of_v6
+from .addr import ANY4, ANY6, SIN6_LEN_RFC2133, SOCKADDR_IN6_LEN, SOCKADDR_IN_LEN, SockAddr, canonical_ip, v4_of_v6
 from .constants import (
     AF_INET, AF_INET6, AF_UNSPEC, MSG_DONTWAIT, MSG_ERRQUEUE, MSG_OOB, MSG_PEEK, MSG_TRUNC, TCP_CLOSE,
     TCP_ESTABLISHED,
@@ -28,6 +28,12 @@ def _autobind(host: "Host", sk: Sock) -> None:
         autobind(host, sk)
     except SyscallError:
         raise fail("EAGAIN", "no ephemeral port left for the implicit bind", "inet_autobind") from None
+
+
+def _mapped(sa: SockAddr) -> SockAddr:
+    """An AF_INET name as an AF_INET6 socket's IPv4 path sees it: the v4-mapped address."""
+    host = "::ffff:" + (sa.host or "0.0.0.0")
+    return SockAddr(AF_INET6, canonical_ip(host)[1] if canonical_ip(host) else host, sa.port, SOCKADDR_IN6_LEN)
 
 
 def _check_dest(sk: Sock, sa: SockAddr, fn: str) -> None:
@@ -56,13 +62,23 @@ def connect(op: str, host: "Host", sk: Sock, sa: SockAddr) -> Result:
         return Result(op, 0, None, "AF_UNSPEC: default destination removed", "udp_disconnect")
     _autobind(host, sk)  # happens before the address is even checked
     fn = "ip6_datagram_connect" if sk.family == AF_INET6 else "ip4_datagram_connect"
+    if sk.family == AF_INET6 and sa.family == AF_INET:
+        # __ip6_datagram_connect(): an AF_INET name takes the IPv4 path, then the ends read v4-mapped.
+        if sk.v6only:
+            raise fail("EAFNOSUPPORT", "IPv4 destination on an IPV6_V6ONLY socket", fn)
+        if sa.addrlen < SOCKADDR_IN_LEN:
+            raise fail("EINVAL", f"addrlen {sa.addrlen} < sizeof(struct sockaddr_in)", "__ip4_datagram_connect")
+        sa = _mapped(sa)
     _check_dest(sk, sa, fn)
+    if sk.family == AF_INET6 and sk.v6only and v4_of_v6(sa.host) is not None:
+        raise fail("ENETUNREACH", "v4-mapped destination on an IPV6_V6ONLY socket", fn)
     route = host.net.route(host, sa.host, sa.family == AF_INET6)
     mapped = sk.family == AF_INET6 and ":" not in route.src
     src = f"::ffff:{route.src}" if mapped else route.src
     if sk.rcv_addr in (ANY4, ANY6, None):
         sk.rcv_addr = src
-    dst = sa.host if not mapped or ":" in sa.host else f"::ffff:{sa.host}"
+    # ip_route_connect() resolves a wildcard destination (to the loopback): the peer is what the route says.
+    dst = f"::ffff:{route.dst}" if sk.family == AF_INET6 and ":" not in route.dst else route.dst
     sk.peer_addr, sk.peer_port = dst, sa.port
     sk.sk_state = TCP_ESTABLISHED
     sk.device = route.device
@@ -105,6 +121,9 @@ def lookup(host: "Host", dst: str, dport: int, src: str, sport: int, v4_path: bo
 def sendmsg(op: str, host: "Host", creds, f: OpenFile, payload: bytes, flags: int, dest: SockAddr | None) -> Result:
     """udp_sendmsg(): size and destination checks, autobind, route, zerocopy uarg, then delivery."""
     sk = f.sock
+    # inet_sendmsg() -> inet_send_prepare(): the implicit bind comes before udp_sendmsg() looks at anything,
+    # so a send that then fails (EDESTADDRREQ, EMSGSIZE) still leaves the socket bound.
+    _autobind(host, sk)
     size = len(payload)
     v6 = sk.family == AF_INET6
     limit = UDP_MAX_PAYLOAD6 if v6 else UDP_MAX_PAYLOAD4
@@ -113,6 +132,12 @@ def sendmsg(op: str, host: "Host", creds, f: OpenFile, payload: bytes, flags: in
     if flags & MSG_OOB:
         raise fail("EOPNOTSUPP", "MSG_OOB on UDP", "udp_sendmsg")
     fn = "udpv6_sendmsg" if v6 else "udp_sendmsg"
+    if dest is not None and v6 and dest.family == AF_UNSPEC and dest.addrlen >= 2:
+        dest = None  # udpv6_sendmsg(): an AF_UNSPEC name counts as no name at all
+    if dest is not None and v6 and dest.family == AF_INET:
+        if sk.v6only:
+            raise fail("ENETUNREACH", "IPv4 destination on an IPV6_V6ONLY socket", fn)
+        dest = _mapped(dest)  # do_udp_sendmsg: the IPv4 path
     if dest is not None:
         _check_dest(sk, dest, fn)
         if dest.port == 0:
@@ -122,7 +147,8 @@ def sendmsg(op: str, host: "Host", creds, f: OpenFile, payload: bytes, flags: in
         if sk.sk_state != TCP_ESTABLISHED:
             raise fail("EDESTADDRREQ", "no destination and not connected", fn)
         dst, dport = sk.peer_addr, sk.peer_port
-    _autobind(host, sk)
+    if v6 and sk.v6only and v4_of_v6(dst) is not None:
+        raise fail("ENETUNREACH", "v4-mapped destination on an IPV6_V6ONLY socket", fn)
     route = host.net.route(host, dst, ":" in dst)
     if dst == "255.255.255.255" and not sk.broadcast:
         raise fail("EACCES", "broadcast destination without SO_BROADCAST", fn)

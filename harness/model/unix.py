@@ -209,6 +209,8 @@ def unix_stream_recvmsg(op, host, f: OpenFile, length: int, flags: int) -> Resul
     """unix_stream_read_generic(): EINVAL unless connected; data, then sk_err, then EOF, then EAGAIN."""
     sk = f.sock
     if sk.sk_state != TCP_ESTABLISHED:
+        if sk.type == SOCK_SEQPACKET:
+            raise fail("ENOTCONN", "not connected", "unix_seqpacket_recvmsg")
         raise fail("EINVAL", "not connected", "unix_stream_read_generic")
     if sk.rx:
         count = min(length, len(sk.rx))
