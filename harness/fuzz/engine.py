@@ -16,7 +16,7 @@ from ..scenario.runner import ModelBackend, RunResult
 from .coverage import Coverage, coverage, rule_id
 from .generate import PROGRAM_LENGTH, Program, generate
 
-MAX_SHRINK_RUNS = 150
+MAX_SHRINK_RUNS = 80
 
 
 class Kernel(Protocol):
@@ -118,6 +118,11 @@ def shrink(program: Program, still_fails: Callable[[Program], int | None], budge
     best_index = still_fails(program)
     if best_index is None:
         return program, -1
+    # Steps after the first disagreement cannot change it: start from the prefix that ends there.
+    prefix = Program(program.seed, program.number, program.hosts, program.sysctls, program.steps[:best_index + 1])
+    if len(prefix.steps) < len(program.steps) and (index := still_fails(prefix)) is not None:
+        runs += 1
+        best, best_index = prefix, index
 
     def attempt(steps: list[dict], sysctls: dict) -> bool:
         nonlocal best, best_index, runs

@@ -46,9 +46,10 @@ GETOPTS = [
     ("SOL_TCP", "TCP_NODELAY"), ("SOL_SOCKET", "SO_KEEPALIVE"),
 ]
 # Calls whose answer can lag the model's instant handshake: compared with `eventually` (docs/scenarios.md).
-PROGRAM_LENGTH = 60  # steps per program: long enough for long batches, short enough to shrink fast
-SWITCH_ACTOR = 1 / 25  # mean length of a run of steps on one (host, user)
-SETTLING = {"accept", "accept4", "recv", "recvmsg", "recvfrom", "poll", "getpeername"}
+PROGRAM_LENGTH = 50  # steps per program: long enough for long batches, short enough to shrink fast
+SOLO_SHARE, SOLO_LENGTH_FACTOR = 0.5, 3
+SWITCH_ACTOR = 1 / 20  # mean length of a run of steps on one (host, user)
+SETTLING = {"accept", "accept4", "recv", "recvmsg", "recvfrom", "poll", "getpeername", "connect"}
 
 
 @dataclass
@@ -87,9 +88,12 @@ class Generator:
                  users: tuple[str, ...] = ("root", "student")) -> None:
         self.rng = random.Random(f"{seed}:{number}")
         self.seed, self.number = seed, number
-        self.hosts = hosts if len(hosts) == 1 or self.rng.random() < 0.6 else hosts[:1]
-        self.users = users
-        self.length = length
+        # Half the programs are one process's (one host, one user): one batch, one round trip, and the
+        # longest runs of state. The others cross users and hosts, in runs of steps on one of them.
+        self.solo = self.rng.random() < SOLO_SHARE
+        self.hosts = hosts if len(hosts) == 1 or (not self.solo and self.rng.random() < 0.7) else hosts[:1]
+        self.users = (self.rng.choice(users),) if self.solo else users
+        self.length = length * SOLO_LENGTH_FACTOR if self.solo else length
         self.ports = port_block(seed, number)
         self.socks: list[Sock] = []
         self.counter = 0
