@@ -201,6 +201,8 @@ def fuzz(steps: int, seed: int, kernel: Kernel | None, hosts: tuple[str, ...] = 
                 at = first_disagreement(again)
                 return at if at is not None and signature(again, at) == sig else None
             shrunk, shrunk_index = shrink(program, still_fails)
+            if shrunk_index < 0:
+                shrunk = None  # it did not happen again: timing, reported as found
         report.disagreements.append(Disagreement(
             program, index, sig, record.kernel.describe() if record.kernel else "-",
             record.model.describe() if record.model else "-", record.model.rule if record.model else "",
@@ -227,6 +229,10 @@ def corpus_text(disagreement: Disagreement, reason: str = "") -> str:
     """
     program = disagreement.shrunk or disagreement.program
     step_index = disagreement.shrunk_step if disagreement.shrunk else disagreement.step
+    if disagreement.shrunk is None:
+        program = Program(program.seed, program.number, program.hosts, program.sysctls,
+                          program.steps[:step_index + 1])
+        reason = (reason + " " if reason else "") + "Not shrunk: it did not happen again when the program was rerun."
     used = [host for host in program.hosts if any(step["on"] == host for step in program.steps)]
     header = {
         "name": f"fuzz-{program.seed}-{program.number}",

@@ -94,10 +94,14 @@ def inet_bind(op: str, host: "Host", creds: Creds, f: OpenFile, sa: SockAddr) ->
     fn = "__inet_bind" if sk.family == AF_INET else "__inet6_bind"
     _check_unbound(sk, fn)
     sk.rcv_addr = addr
+    saved_v6only = sk.v6only
+    if sk.family == AF_INET6 and addr != ANY6 and v4_of_v6(addr) is None:
+        sk.v6only = True  # __inet6_bind(): a specific IPv6 address makes the socket IPv6-only, before get_port
     try:
         port, rule = get_port(host, sk, sa.port, fn)
     except Exception:
         sk.rcv_addr = None
+        sk.v6only = saved_v6only
         raise
     sk.port = port
     sk.bound = True

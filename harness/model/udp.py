@@ -36,6 +36,14 @@ def _mapped(sa: SockAddr) -> SockAddr:
     return SockAddr(AF_INET6, canonical_ip(host)[1] if canonical_ip(host) else host, sa.port, SOCKADDR_IN6_LEN)
 
 
+def _check_mapped_source(sk: Sock, dst: str) -> None:
+    """ip6_dst_lookup_tail(): an IPv6 route from a v4-mapped source address is refused (EAFNOSUPPORT)."""
+    if sk.family == AF_INET6 and v4_of_v6(dst) is None and sk.rcv_addr is not None \
+            and v4_of_v6(sk.rcv_addr) is not None and sk.rcv_addr != "::ffff:0.0.0.0":
+        raise fail("EAFNOSUPPORT", f"IPv6 destination {dst} from the v4-mapped source {sk.rcv_addr}",
+                   "ip6_dst_lookup_tail")
+
+
 def _check_dest(sk: Sock, sa: SockAddr, fn: str) -> None:
     v6 = sk.family == AF_INET6
     if sa.addrlen < (SIN6_LEN_RFC2133 if v6 else SOCKADDR_IN_LEN):
@@ -72,6 +80,7 @@ def connect(op: str, host: "Host", sk: Sock, sa: SockAddr) -> Result:
     _check_dest(sk, sa, fn)
     if sk.family == AF_INET6 and sk.v6only and v4_of_v6(sa.host) is not None:
         raise fail("ENETUNREACH", "v4-mapped destination on an IPV6_V6ONLY socket", fn)
+    _check_mapped_source(sk, sa.host)
     route = host.net.route(host, sa.host, sa.family == AF_INET6)
     mapped = sk.family == AF_INET6 and ":" not in route.src
     src = f"::ffff:{route.src}" if mapped else route.src
@@ -129,7 +138,7 @@ def sendmsg(op: str, host: "Host", creds, f: OpenFile, payload: bytes, flags: in
     limit = UDP_MAX_PAYLOAD6 if v6 else UDP_MAX_PAYLOAD4
     if size > limit:
         raise fail("EMSGSIZE", f"{size} bytes exceed the largest datagram ({limit})", "ip_append_data")
-    if flags & MSG_OOB:
+    if flags & MSG_OOB and not v6:
         raise fail("EOPNOTSUPP", "MSG_OOB on UDP", "udp_sendmsg")
     fn = "udpv6_sendmsg" if v6 else "udp_sendmsg"
     if dest is not None and v6 and dest.family == AF_UNSPEC and dest.addrlen >= 2:
@@ -147,8 +156,15 @@ def sendmsg(op: str, host: "Host", creds, f: OpenFile, payload: bytes, flags: in
         if sk.sk_state != TCP_ESTABLISHED:
             raise fail("EDESTADDRREQ", "no destination and not connected", fn)
         dst, dport = sk.peer_addr, sk.peer_port
+        if v6 and dport == 0 and v4_of_v6(dst) is not None:
+            # udpv6_sendmsg() hands a v4-mapped peer to udp_sendmsg() as an explicit sockaddr_in,
+            # whose port 0 it refuses; a native peer on port 0 is sent to as it is.
+            raise fail("EINVAL", "connected to port 0 of a v4-mapped address", "udp_sendmsg")
+    if v6 and flags & MSG_OOB:
+        raise fail("EOPNOTSUPP", "MSG_OOB on UDP (udpv6_sendmsg checks the destination first)", "udp_sendmsg")
     if v6 and sk.v6only and v4_of_v6(dst) is not None:
         raise fail("ENETUNREACH", "v4-mapped destination on an IPV6_V6ONLY socket", fn)
+    _check_mapped_source(sk, dst)
     route = host.net.route(host, dst, ":" in dst)
     if dst == "255.255.255.255" and not sk.broadcast:
         raise fail("EACCES", "broadcast destination without SO_BROADCAST", fn)
@@ -195,7 +211,10 @@ def _deliver(host: "Host", sk: Sock, route, dport: int, payload: bytes) -> str:
     target = lookup(receiver_host, route.dst, dport, src, sk.port, v4_path)
     if target is None:
         receiver_host.bump("Udp.NoPorts")
-        if sk.sk_state == TCP_ESTABLISHED:
+        peer = v4_of_v6(sk.peer_addr) or sk.peer_addr if v4_path and sk.peer_addr else sk.peer_addr
+        # __udp4_lib_err() finds the sender by the datagram's addresses: a connected socket only
+        # when the datagram went to its peer.
+        if sk.sk_state == TCP_ESTABLISHED and peer == route.dst and sk.peer_port == dport:
             sk.err = "ECONNREFUSED"  # __udp4_lib_err(): port unreachable is a hard error for connected sockets
             return "sent; no socket on that port: ICMP port unreachable sets ECONNREFUSED on this socket"
         return "sent; no socket on that port (Udp.NoPorts on the receiver)"

@@ -97,6 +97,10 @@ def _find_other(host: "Host", sk: Sock, name: str, fn: str) -> Sock:
     if not isinstance(other, Sock) or other.orphan:
         raise fail("ECONNREFUSED", f"{name} is a socket file with no socket behind it", "unix_find_bsd")
     if other.type != sk.type:
+        if name.startswith("@"):
+            # unix_find_abstract(): the abstract hash includes the socket type, so another type's name is
+            # simply not found; only path names (unix_find_bsd) report the clash.
+            raise fail("ECONNREFUSED", f"no {sk.type} socket bound to abstract name {name}", "unix_find_abstract")
         raise fail("EPROTOTYPE", "socket types differ", fn)
     return other
 
