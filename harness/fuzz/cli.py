@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .engine import FuzzReport, fuzz, write_corpus
+from .engine import FuzzReport, fuzz, known_signatures, write_corpus
 from .live import LiveKernel
 
 
@@ -24,7 +24,9 @@ class FuzzRun:
             f"seed: {report.seed}",
             f"steps run: {report.steps} in {report.programs} programs"
             + (f", {self.round_trips} agent round trips" if self.round_trips else " (model only)"),
-            f"disagreements found: {len(report.disagreements)}",
+            f"disagreements found: {len(report.disagreements)}"
+            + (f" (and {sum(report.known_met.values())} of the {len(report.known_met)} open ones filed in the corpus)"
+               if report.known_met else ""),
             f"shrunk: {report.shrunk}",
         ]
         for disagreement, path in zip(report.disagreements, self.written):
@@ -45,12 +47,20 @@ class FuzzRun:
         return "\n".join(lines)
 
 
+OPEN = Path(__file__).resolve().parents[2] / "tests" / "corpus" / "open"
+
+
 def run(lab: Any | None, steps: int, seed: int, corpus: Path, hosts: tuple[str, ...] = ("server", "client"),
-        progress: Callable[[str], None] | None = None, shrink: bool = True) -> FuzzRun:
-    """Fuzz ``steps`` steps from ``seed`` on ``lab`` (None: the model against itself, a smoke test)."""
+        progress: Callable[[str], None] | None = None, shrink: bool = True, open_dir: Path = OPEN) -> FuzzRun:
+    """Fuzz ``steps`` steps from ``seed`` on ``lab`` (None: the model against itself, a smoke test).
+
+    Disagreements filed in ``open_dir`` (found before, not yet fixed, the reason in each file) are
+    counted but not reported as new.
+    """
     kernel = LiveKernel(lab) if lab is not None else None
+    known = known_signatures(open_dir) if open_dir.is_dir() else {}
     try:
-        report = fuzz(steps, seed, kernel, hosts=hosts, do_shrink=shrink, progress=progress)
+        report = fuzz(steps, seed, kernel, hosts=hosts, do_shrink=shrink, progress=progress, known=known)
     finally:
         if kernel is not None:
             kernel.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class FuzzReport:
     disagreements: list[Disagreement] = field(default_factory=list)
     reached: set[str] = field(default_factory=set)
     invalid: int = 0
+    known_met: dict[str, int] = field(default_factory=dict)  # filed open disagreements seen again
 
     @property
     def coverage(self) -> Coverage:
@@ -166,7 +168,8 @@ def fuzz(steps: int, seed: int, kernel: Kernel | None, hosts: tuple[str, ...] = 
          known: Iterable[str] = ()) -> FuzzReport:
     """Generate and run programs until ``steps`` call steps ran; shrink each new kind of disagreement."""
     report = FuzzReport(seed)
-    seen = set(known)
+    known = set(known)
+    seen: set[str] = set()
     number = 0
     while report.steps < steps:
         program = generate(seed, number, hosts, min(length, max(1, steps - report.steps)))
@@ -187,6 +190,9 @@ def fuzz(steps: int, seed: int, kernel: Kernel | None, hosts: tuple[str, ...] = 
         if index is None:
             continue
         sig = signature(result, index)
+        if sig in known:
+            report.known_met[sig] = report.known_met.get(sig, 0) + 1
+            continue
         if sig in seen:
             continue
         seen.add(sig)
@@ -218,6 +224,20 @@ def fuzz(steps: int, seed: int, kernel: Kernel | None, hosts: tuple[str, ...] = 
             pass
     report.model_seconds = time.perf_counter() - started
     return report
+
+
+SIGNATURE_IN_DESCRIPTION = re.compile(r"\(program \d+\): (.+?)\. The kernel said")
+
+
+def known_signatures(directory: Path) -> dict[str, Path]:
+    """The signatures of the disagreements filed in ``directory`` (open ones, with the reason in the file)."""
+    found = {}
+    for path in sorted(directory.glob("*.yaml")):
+        header = yaml.safe_load(path.read_text().split("\n---\n", 1)[0]) or {}
+        match = SIGNATURE_IN_DESCRIPTION.search(" ".join(str(header.get("description", "")).split()))
+        if match:
+            found[match.group(1)] = path
+    return found
 
 
 def corpus_text(disagreement: Disagreement, reason: str = "") -> str:

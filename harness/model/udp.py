@@ -164,6 +164,10 @@ def sendmsg(op: str, host: "Host", creds, f: OpenFile, payload: bytes, flags: in
         raise fail("EOPNOTSUPP", "MSG_OOB on UDP (udpv6_sendmsg checks the destination first)", "udp_sendmsg")
     if v6 and sk.v6only and v4_of_v6(dst) is not None:
         raise fail("ENETUNREACH", "v4-mapped destination on an IPV6_V6ONLY socket", fn)
+    if v6 and sk.err and v4_of_v6(dst) is None:
+        # Seen on 6.1 (tests/corpus/fuzz-1-25.yaml): a pending ICMP error is reported before the route
+        # lookup refuses a v4-mapped source.
+        raise fail(sk.take_error(), "pending socket error reported (ICMP)", "sock_error")
     _check_mapped_source(sk, dst)
     route = host.net.route(host, dst, ":" in dst)
     if dst == "255.255.255.255" and not sk.broadcast:

@@ -38,15 +38,15 @@ def unix_bind(op: str, host: "Host", creds, f: OpenFile, sa: SockAddr) -> Result
     if sa.addrlen == SUN_PATH_OFFSET and sa.family == AF_UNIX:
         if sk.unix_path is not None:
             return Result(op, 0, None, "already bound: autobind is a no-op", "unix_autobind")
-        name = _autoname(host)
+        name = _autoname(host, sk.type)
         _publish(host, sk, name)
         return Result(op, 0, None, f"autobound to abstract name {name}", "unix_autobind")
     name = _validate(sa, "unix_bind")
     if name.startswith("@"):
         if sk.unix_path is not None:
             raise fail("EINVAL", "socket already bound", "unix_bind_abstract")
-        if name in host.unix_names:
-            raise fail("EADDRINUSE", f"abstract name {name} in use", "unix_bind_abstract")
+        if _key(name, sk.type) in host.unix_names:
+            raise fail("EADDRINUSE", f"abstract name {name} in use by a socket of this type", "unix_bind_abstract")
         _publish(host, sk, name)
         return Result(op, 0, None, f"bound to abstract name {name}", "unix_bind_abstract")
     if name in host.unix_names:
@@ -57,15 +57,21 @@ def unix_bind(op: str, host: "Host", creds, f: OpenFile, sa: SockAddr) -> Result
     return Result(op, 0, None, f"bound to {name} (a socket file now exists)", "unix_bind_bsd")
 
 
-def _autoname(host: "Host") -> str:
+def _autoname(host: "Host", sock_type: int) -> str:
     while True:
         name = f"@{host.rng.getrandbits(20):05x}"
-        if name not in host.unix_names:
+        if _key(name, sock_type) not in host.unix_names:
             return name
 
 
+def _key(name: str, sock_type: int) -> str:
+    """unix_names key: a path is one file for every type; an abstract name is hashed with the socket type
+    (unix_abstract_hash), so a stream and a datagram socket can both hold @name."""
+    return f"{name}\0{sock_type}" if name.startswith("@") else name
+
+
 def _publish(host: "Host", sk: Sock, name: str) -> None:
-    host.unix_names[name] = sk
+    host.unix_names[_key(name, sk.type)] = sk
     sk.unix_path = name
     sk.bound = True
 
@@ -89,7 +95,7 @@ def unix_listen(op: str, host: "Host", creds, f: OpenFile, backlog: int) -> Resu
 
 def _find_other(host: "Host", sk: Sock, name: str, fn: str) -> Sock:
     """unix_find_other(): ENOENT for a missing path, ECONNREFUSED for a dead name, EPROTOTYPE for a type clash."""
-    other = host.unix_names.get(name)
+    other = host.unix_names.get(_key(name, sk.type))
     if other is None:
         if name.startswith("@"):
             raise fail("ECONNREFUSED", f"no socket bound to abstract name {name}", "unix_find_abstract")
@@ -253,6 +259,9 @@ def unix_dgram_sendmsg(op, host, creds, f: OpenFile, payload: bytes, flags: int,
         raise fail("ENOTCONN", "no destination and not connected", "unix_dgram_sendmsg")
     if len(payload) > sk.sndbuf - 32:
         raise fail("EMSGSIZE", f"{len(payload)} > sk_sndbuf - 32", "unix_dgram_sendmsg")
+    if sk.shutdown & SEND_SHUTDOWN:
+        # sock_alloc_send_pskb() comes before the receiver is looked up (no SIGPIPE for datagrams).
+        raise fail("EPIPE", "send side shut down", "sock_alloc_send_pskb")
     if name is not None:
         other = _find_other(host, sk, name, "unix_dgram_sendmsg")
     else:
@@ -289,9 +298,9 @@ def unix_release(host: "Host", sk: Sock) -> str:
     """unix_release_sock(): abstract names vanish, path files stay; peers see EOF or ECONNRESET."""
     sk.orphan = True
     name = sk.unix_path
-    if name is not None and host.unix_names.get(name) is sk:
+    if name is not None and host.unix_names.get(_key(name, sk.type)) is sk:
         if name.startswith("@"):
-            del host.unix_names[name]
+            del host.unix_names[_key(name, sk.type)]
         else:
             host.unix_names[name] = LEFTOVER_FILE
     notes = []

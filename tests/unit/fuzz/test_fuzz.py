@@ -169,3 +169,14 @@ def test_the_fuzz_report_prints_steps_disagreements_shrunk_and_coverage(tmp_path
                  "kernel functions never reached", "throughput: model"):
         assert line in text
     assert cli.run(None, 200, 4, tmp_path).text().splitlines()[:4] == text.splitlines()[:4]  # reproducible
+
+
+def test_a_disagreement_filed_as_open_is_counted_but_not_reported_again(tmp_path):
+    report = fuzz(3000, seed=5, kernel=ModelKernel(listen_zero_is_einval))
+    (tmp_path / "open.yaml").write_text(corpus_text(report.disagreements[0], reason="OPEN: planted."))
+    from harness.fuzz.engine import known_signatures
+
+    known = known_signatures(tmp_path)
+    assert list(known) == ["listen: kernel EINVAL, model ok int"]
+    again = fuzz(3000, seed=5, kernel=ModelKernel(listen_zero_is_einval), known=known, do_shrink=False)
+    assert again.disagreements == [] and again.known_met["listen: kernel EINVAL, model ok int"] >= 1
