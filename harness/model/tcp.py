@@ -563,6 +563,8 @@ def _attach(host: "Host", sk: Sock, uarg, extended: bool = False) -> None:
         return
     if _zerocopy_copied(sk):
         zerocopy.mark_copied(uarg)
+    elif sk.device is not None and not sk.device.sg:
+        zerocopy.uncertain_code(uarg)
     if sk.tx_pending:
         sk.zc_tail = uarg
     if extended:
@@ -580,8 +582,10 @@ def recvmsg(op: str, host: "Host", f: OpenFile, length: int, flags: int) -> Resu
     sk = f.sock
     if flags & MSG_ERRQUEUE:
         note = zerocopy.read_notification(sk)
-        return Result(op, [note], None, f"one notification: ids {note['lo']}..{note['hi']}, code {note['code']}",
-                      "ip_recv_error")
+        uncertain = note.pop("uncertain", False)
+        return Result(op, [note], None, f"one notification: ids {note['lo']}..{note['hi']}, code {note['code']}"
+                      + (" (no SG on the NIC: a few such sends complete COPIED)" if uncertain else ""),
+                      "ip_recv_error", approx=uncertain)
     if sk.sk_state == TCP_LISTEN:
         raise fail("ENOTCONN", "recv on a listening socket", "tcp_recvmsg_locked")
     if sk.rx:

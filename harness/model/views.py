@@ -133,7 +133,7 @@ def socket_view(host: "Host", entry: OpenFile) -> SocketView:
         reuseport=sk.reuseport,
         zerocopy=sk.zerocopy,
         zerocopy_next_id=sk.zckey,
-        zerocopy_pending=tuple({"code": c, "lo": lo, "hi": hi} for c, lo, hi in sk.errqueue),
+        zerocopy_pending=tuple({"code": c, "lo": lo, "hi": hi} for c, lo, hi, *_ in sk.errqueue),
         zerocopy_inflight=len(sk.zc_inflight),
         omem=sk.omem,
         error=sk.err,
