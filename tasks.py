@@ -552,13 +552,12 @@ def soak_(c, cycles="30", lab_name="03-listen", name=None):
     "seed": "the seed: the same seed runs the same programs (default 1)",
     "model_only": "run the programs on the model alone (no VM): a smoke test of the generator",
     "no_shrink": "report disagreements without shrinking them",
-    "corpus": "where to write the shrunk disagreements (default results/fuzz-SEED-TIME/)",
+    "out": OUT_HELP + "; the shrunk disagreements go to a fuzz-SEED directory there",
+    "name": NAME_HELP,
 })
 @_friendly
-def fuzz_(c, steps="5000", seed="1", model_only=False, no_shrink=False, corpus=None):
+def fuzz_(c, steps="5000", seed="1", model_only=False, no_shrink=False, out=None, name=None):
     """Differential fuzz: random socket programs on the live kernels and the model, disagreements shrunk."""
-    from pathlib import Path
-
     from harness.fuzz import cli
 
     count = _number(steps, "--steps", "a positive number of steps", int)
@@ -566,13 +565,19 @@ def fuzz_(c, steps="5000", seed="1", model_only=False, no_shrink=False, corpus=N
         seed_value = int(seed)
     except ValueError:
         raise SocklabError(f"--seed must be an integer, not {seed!r}") from None
-    directory = Path(corpus) if corpus else _results_dir(f"fuzz-{seed_value}")
-    lab = None if model_only else _running_lab("default")
-    try:
-        outcome = cli.run(lab, count, seed_value, directory, progress=progress.say, shrink=not no_shrink)
-    finally:
-        if lab is not None:
-            lab.close()
+    root = _results_root(c, out)
+    if model_only:
+        outcome = cli.run(None, count, seed_value, _results_dir(root, f"fuzz-{seed_value}"), progress=progress.say,
+                          shrink=not no_shrink)
+    else:
+        lab = _lab(name)
+        with lab.using():  # programs bind fixed ports: one fuzz, check or run at a time on this lab
+            running = _running_lab(lab, "default")
+            try:
+                outcome = cli.run(running, count, seed_value, _results_dir(root, f"fuzz-{seed_value}"),
+                                  progress=progress.say, shrink=not no_shrink)
+            finally:
+                running.close()
     print(outcome.text())
 
 

@@ -55,7 +55,9 @@ def segments(steps: tuple[Step, ...]) -> list[tuple[int, int]]:
 def wanted(step: Step, model: Outcome) -> dict[str, Any]:
     """The model's answer as the agent compares it while settling: the errno, or poll's revents in order."""
     if step.call == "poll" and isinstance(model.ret, dict):
-        return {"revents": [model.ret.get(f if isinstance(f, str) else str(f)) for f in step.args.get("fds", [])]}
+        # Keys are $names, or the number for raw fds and for names never set on the model side (-1).
+        return {"revents": [model.ret.get(f, model.ret.get("-1")) if isinstance(f, str) else model.ret.get(str(f))
+                            for f in step.args.get("fds", [])]}
     return {"errno": model.errno}
 
 

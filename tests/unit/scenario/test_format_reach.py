@@ -198,3 +198,18 @@ def test_the_new_keys_are_checked_before_any_vm_is_touched(tmp_path, body, messa
     with pytest.raises(ScenarioError) as error:
         scenario_of(tmp_path, "steps:\n" + body)
     assert message in str(error.value)
+
+
+def test_the_model_answer_a_settling_poll_waits_for_names_unset_ones_too(tmp_path):
+    from harness.scenario.batch import wanted
+
+    scenario = scenario_of(tmp_path, """\
+        steps:
+          - {on: server, call: socket, args: {family: AF_INET, type: SOCK_DGRAM}, as: u}
+          - {on: server, call: accept, args: {fd: $u}, as: never}
+          - {on: server, call: poll, args: {fds: [$u, $never, 7], events: POLLOUT}, compare: eventually}
+        """)
+    result = run(scenario, None, ModelBackend(scenario))
+    poll = result.records[2]
+    # POLLOUT for the socket, nothing for -1 (the unset name: poll ignores negative fds), POLLNVAL for 7.
+    assert wanted(poll.step, poll.model) == {"revents": [4, 0, 0x20]}
