@@ -25,8 +25,8 @@ class FuzzRun:
             f"steps run: {report.steps} in {report.programs} programs"
             + (f", {self.round_trips} agent round trips" if self.round_trips else " (model only)"),
             f"disagreements found: {len(report.disagreements)}"
-            + (f" (and {sum(report.known_met.values())} of the {len(report.known_met)} open ones filed in the corpus)"
-               if report.known_met else ""),
+            + (f" new; {sum(report.known_met.values())} more met the {len(report.known_met)} open one(s) "
+               "filed in tests/corpus/open" if report.known_met else ""),
             f"shrunk: {report.shrunk}",
         ]
         for disagreement, path in zip(report.disagreements, self.written):
