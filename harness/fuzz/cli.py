@@ -29,6 +29,8 @@ class FuzzRun:
                "filed in tests/corpus/open" if report.known_met else ""),
             f"shrunk: {report.shrunk}",
         ]
+        if report.invalid:
+            lines.append(f"programs skipped: {report.invalid} (a sysctl value the guest refused)")
         for disagreement, path in zip(report.disagreements, self.written):
             size = len(disagreement.shrunk.steps) if disagreement.shrunk else len(disagreement.program.steps)
             lines.append(f"  {disagreement.signature}  [{size} steps: {path}]")

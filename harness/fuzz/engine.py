@@ -16,6 +16,7 @@ from ..scenario.format import ScenarioError, from_body
 from ..scenario.runner import ModelBackend, RunResult
 from .coverage import Coverage, coverage, rule_id
 from .generate import PROGRAM_LENGTH, Program, generate
+from .live import SysctlRefused
 
 MAX_SHRINK_RUNS = 80
 
@@ -177,8 +178,10 @@ def fuzz(steps: int, seed: int, kernel: Kernel | None, hosts: tuple[str, ...] = 
         started = time.perf_counter()
         try:
             result = run_program(program, kernel)
-        except ScenarioError:
+        except (ScenarioError, SysctlRefused) as exc:
             report.invalid += 1
+            if progress:
+                progress(f"program {program.number} skipped: {exc}")
             continue
         report.kernel_seconds += time.perf_counter() - started
         report.programs += 1

@@ -22,8 +22,8 @@ PORT_BASE, PORTS_PER_PROGRAM, PORT_SPAN = 10000, 4, 20000
 # Sysctls varied within ranges that keep the guest healthy (and far from the fixed port blocks).
 SAFE_SYSCTLS: dict[str, list[Any]] = {
     "net.core.somaxconn": [1, 4, 128, 4096],
-    "net.core.rmem_max": [4096, 65536, 212992],
-    "net.core.wmem_max": [4096, 65536, 212992],
+    "net.core.rmem_max": [2304, 65536, 212992],  # at least SOCK_MIN_RCVBUF
+    "net.core.wmem_max": [4608, 65536, 212992],  # proc_dointvec_minmax: at least SOCK_MIN_SNDBUF
     "net.core.optmem_max": [4096, 20480],
     "net.ipv4.ip_local_port_range": [[32768, 60999], [40000, 50000]],
     "net.ipv4.ip_unprivileged_port_start": [1024, 0, 11000],

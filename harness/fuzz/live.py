@@ -14,6 +14,10 @@ BLOCK_MS = 300  # a call that would block longer is reported as blocked (the mod
 SSH_TIMEOUT = 10.0
 
 
+class SysctlRefused(LabError):
+    """The guest refused a program's sysctl value: the program is skipped, the run goes on."""
+
+
 class LiveKernel:
     """Runs program segments on the lab's guests through agents kept for the whole fuzz run.
 
@@ -50,7 +54,7 @@ class LiveKernel:
             replies = self._batch(host, "root", steps)
             for (name, value), reply in zip(settings.items(), replies):
                 if reply.errno is not None:
-                    raise LabError(f"{host}: cannot set {name} = {value}: {reply.errno} {reply.error or ''}".strip())
+                    raise SysctlRefused(f"{host}: cannot set {name} = {value}: {reply.errno} {reply.error or ''}".strip())
             self.dirty.add((host, "root"))
 
     def _batch(self, host: str, user: str, steps: list[dict[str, Any]]) -> list[Any]:
