@@ -15,7 +15,7 @@ from ..scenario.batch import run_batched
 from ..scenario.format import ScenarioError, from_body
 from ..scenario.runner import ModelBackend, RunResult
 from .coverage import Coverage, coverage, rule_id
-from .generate import PROGRAM_LENGTH, Program, generate
+from .generate import PROGRAM_LENGTH, SHRINK_BLOCKS, Program, generate, relocate
 from .live import SysctlRefused
 
 MAX_SHRINK_RUNS = 80
@@ -109,21 +109,33 @@ def _answer(outcome: Any) -> str:
     return "ok " + type(outcome.ret).__name__
 
 
-def shrink(program: Program, still_fails: Callable[[Program], int | None], budget: int = MAX_SHRINK_RUNS
-           ) -> tuple[Program, int]:
+def shrink(program: Program, still_fails: Callable[[Program], int | None], budget: int = MAX_SHRINK_RUNS,
+           blocks_from: int | None = None) -> tuple[Program, int]:
     """The smallest program (by delta debugging over steps, then sysctls) for which ``still_fails`` holds.
 
     ``still_fails`` returns the index of the disagreeing step, or None. Candidates that are no
-    longer valid scenarios (a step refers to a name whose step was removed) do not count.
+    longer valid scenarios (a step refers to a name whose step was removed) do not count. With
+    ``blocks_from``, each run is relocated to ports and names of its own (program numbers from
+    there on), so TIME_WAIT left by earlier runs never decides it.
     """
     runs = 0
+    next_block = blocks_from or 0
+
+    def fresh(candidate: Program) -> Program:
+        nonlocal next_block
+        next_block += 1
+        return relocate(candidate, next_block)
+
+    def check(candidate: Program) -> int | None:
+        return still_fails(fresh(candidate) if blocks_from is not None else candidate)
+
     best = program
-    best_index = still_fails(program)
+    best_index = check(program)
     if best_index is None:
         return program, -1
     # Steps after the first disagreement cannot change it: start from the prefix that ends there.
     prefix = Program(program.seed, program.number, program.hosts, program.sysctls, program.steps[:best_index + 1])
-    if len(prefix.steps) < len(program.steps) and (index := still_fails(prefix)) is not None:
+    if len(prefix.steps) < len(program.steps) and (index := check(prefix)) is not None:
         runs += 1
         best, best_index = prefix, index
 
@@ -137,11 +149,12 @@ def shrink(program: Program, still_fails: Callable[[Program], int | None], budge
         except ScenarioError:
             return False
         runs += 1
-        index = still_fails(candidate)
+        index = check(candidate)
         if index is None:
             return False
         best, best_index = candidate, index
         return True
+
 
     chunk = max(1, len(best.steps) // 2)
     while chunk >= 1 and runs < budget:
@@ -209,7 +222,8 @@ def fuzz(steps: int, seed: int, kernel: Kernel | None, hosts: tuple[str, ...] = 
                     return None
                 at = first_disagreement(again)
                 return at if at is not None and signature(again, at) == sig else None
-            shrunk, shrunk_index = shrink(program, still_fails)
+            shrunk, shrunk_index = shrink(program, still_fails,
+                                          blocks_from=SHRINK_BLOCKS + 100 * len(report.disagreements))
             if shrunk_index < 0:
                 shrunk = None  # it did not happen again: timing, reported as found
         report.disagreements.append(Disagreement(

@@ -81,6 +81,39 @@ def port_block(seed: int, number: int) -> list[int]:
     return [start + i for i in range(PORTS_PER_PROGRAM)]
 
 
+def low_port(seed: int, number: int) -> int:
+    return 100 + (seed * 31 + number) % 900
+
+
+SHRINK_BLOCKS = 2500  # program numbers from here on are for shrink candidates (their own ports)
+
+
+def relocate(program: Program, number: int) -> Program:
+    """``program`` with its ports and AF_UNIX names moved to those of program ``number``.
+
+    A shrink candidate reruns a program whose first run may have left TIME_WAIT on its ports;
+    moved, it meets nothing of that run.
+    """
+    moves: dict[Any, Any] = dict(zip(port_block(program.seed, program.number), port_block(program.seed, number)))
+    moves[low_port(program.seed, program.number)] = low_port(program.seed, number)
+    old_tag, new_tag = f"fz{program.seed}-{program.number}-", f"fz{program.seed}-{number}-"
+
+    def move(value: Any) -> Any:
+        if isinstance(value, list):
+            return [move(item) for item in value]
+        if isinstance(value, str) and old_tag in value:
+            return value.replace(old_tag, new_tag)
+        if isinstance(value, int) and not isinstance(value, bool) and value in moves:
+            return moves[value]
+        return value
+
+    steps = []
+    for step in program.steps:
+        args = {key: (move(value) if key == "addr" else value) for key, value in step["args"].items()}
+        steps.append({**step, "args": args})
+    return Program(program.seed, number, program.hosts, program.sysctls, steps)
+
+
 class Generator:
     """Builds one program step by step from ``random.Random(f"{seed}:{number}")``."""
 
@@ -95,6 +128,7 @@ class Generator:
         self.users = (self.rng.choice(users),) if self.solo else users
         self.length = length * SOLO_LENGTH_FACTOR if self.solo else length
         self.ports = port_block(seed, number)
+        self.low_port = low_port(seed, number)
         self.socks: list[Sock] = []
         self.counter = 0
         self.program = Program(seed, number, self.hosts)
@@ -179,7 +213,8 @@ class Generator:
         family = sock.family
         if rng.random() < 0.06:
             family = rng.choice(["AF_INET", "AF_INET6", "AF_UNIX"])  # the wrong family's address
-        port = rng.choice(self.ports) if rng.random() < 0.85 else rng.choice([0, 80, 1023, 1024])
+        # Now and then port 0 or a privileged port of this program's own (EACCES for the student).
+        port = rng.choice(self.ports) if rng.random() < 0.85 else rng.choice([0, self.low_port])
         others = [LAB_ADDRESSES[h] for h in self.hosts if h != sock.host]
         own = LAB_ADDRESSES[sock.host]
         if family == "AF_UNIX":

@@ -180,3 +180,16 @@ def test_a_disagreement_filed_as_open_is_counted_but_not_reported_again(tmp_path
     assert list(known) == ["listen: kernel EINVAL, model ok int"]
     again = fuzz(3000, seed=5, kernel=ModelKernel(listen_zero_is_einval), known=known, do_shrink=False)
     assert again.disagreements == [] and again.known_met["listen: kernel EINVAL, model ok int"] >= 1
+
+
+def test_a_relocated_program_uses_another_program_s_ports_and_names_only():
+    from harness.fuzz.generate import low_port, relocate
+
+    program = generate(3, 9)
+    moved = relocate(program, 2600)
+    old = set(port_block(3, 9)) | {low_port(3, 9)}
+    text = repr(moved.steps)
+    assert not any(f", {port}]" in text for port in old) and "fz3-9-" not in text
+    assert len(moved.steps) == len(program.steps)
+    assert [s["call"] for s in moved.steps] == [s["call"] for s in program.steps]
+    scenario_of(moved)
