@@ -398,7 +398,10 @@ class Session:
             return refused
         ret, err, raw = self._address_call(self.libc.bind, args)
         if ret == 0 and isinstance(args.get("addr"), str) and not args["addr"].startswith("@"):
-            self.unix_paths.add(args["addr"])
+            # The file the kernel made: a short addrlen binds a truncated name, which must go too.
+            addrlen = args.get("addrlen")
+            name = raw[2:addrlen] if isinstance(addrlen, int) and addrlen >= 2 else raw[2:]
+            self.unix_paths.add(name.split(b"\0", 1)[0].decode(errors="surrogateescape"))
         return Outcome(ret, err)
 
     def op_connect(self, args: dict) -> Outcome:

@@ -174,7 +174,8 @@ def inet_getname(op: str, host: "Host", f: OpenFile, peer: bool) -> Result:
     """inet_getname(): ENOTCONN for the peer of an unconnected socket (or one in CLOSE/SYN_SENT)."""
     sk = f.sock
     if peer:
-        if sk.peer_addr is None or sk.sk_state in (TCP_CLOSE, TCP_SYN_SENT) and sk.type == SOCK_STREAM:
+        # inet_getname(): no inet_dport (a UDP connect to port 0 included) is no peer.
+        if sk.peer_addr is None or not sk.peer_port or sk.sk_state in (TCP_CLOSE, TCP_SYN_SENT) and sk.type == SOCK_STREAM:
             raise fail("ENOTCONN", "no peer: not connected", "inet_getname")
         return Result(op, endpoint(sk, True), None, "inet_daddr/inet_dport", "inet_getname")
     return Result(op, endpoint(sk, False), None, "inet_rcv_saddr (or inet_saddr) and inet_sport", "inet_getname")

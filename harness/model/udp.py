@@ -37,11 +37,10 @@ def _mapped(sa: SockAddr) -> SockAddr:
 
 
 def _check_mapped_source(sk: Sock, dst: str) -> None:
-    """ip6_dst_lookup_tail(): an IPv6 route from a v4-mapped source address is refused (EAFNOSUPPORT)."""
-    if sk.family == AF_INET6 and v4_of_v6(dst) is None and sk.rcv_addr is not None \
-            and v4_of_v6(sk.rcv_addr) is not None and sk.rcv_addr != "::ffff:0.0.0.0":
-        raise fail("EAFNOSUPPORT", f"IPv6 destination {dst} from the v4-mapped source {sk.rcv_addr}",
-                   "ip6_dst_lookup_tail")
+    """ip6_dst_lookup_tail() and __mkroute_output() on the socket's bound source (see tcp.check_route_source)."""
+    from .tcp import check_route_source
+
+    check_route_source(sk, dst, "ip6_datagram_connect")
 
 
 def _check_dest(sk: Sock, sa: SockAddr, fn: str) -> None:
@@ -143,6 +142,8 @@ def sendmsg(op: str, host: "Host", creds, f: OpenFile, payload: bytes, flags: in
     fn = "udpv6_sendmsg" if v6 else "udp_sendmsg"
     if dest is not None and v6 and dest.family == AF_UNSPEC and dest.addrlen >= 2:
         dest = None  # udpv6_sendmsg(): an AF_UNSPEC name counts as no name at all
+    if dest is not None and v6 and dest.family not in (AF_INET, AF_INET6) and dest.addrlen >= 2:
+        raise fail("EINVAL", f"sockaddr family {dest.family}", fn)  # udpv6_sendmsg(): default: -EINVAL
     if dest is not None and v6 and dest.family == AF_INET:
         if sk.v6only:
             raise fail("ENETUNREACH", "IPv4 destination on an IPV6_V6ONLY socket", fn)

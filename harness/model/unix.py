@@ -268,6 +268,9 @@ def unix_dgram_sendmsg(op, host, creds, f: OpenFile, payload: bytes, flags: int,
         other = sk.peer
         if other.orphan:
             raise fail("ECONNREFUSED", "peer is gone", "unix_dgram_sendmsg")
+    if other.type == SOCK_DGRAM and other.peer is not None and other.peer is not sk:
+        # unix_may_send(): a receiver connected to another socket takes datagrams from that one only.
+        raise fail("EPERM", "the receiver is connected to another socket", "unix_may_send")
     if other.shutdown & RCV_SHUTDOWN:
         raise _epipe(flags, "receiver shut down", "unix_dgram_sendmsg")
     limit = host.sysctls.get("net.unix.max_dgram_qlen", 10)
