@@ -40,7 +40,7 @@ def check_route_source(sk: Sock, dst: str, fn: str) -> None:
     if sk.family == AF_INET6 and src4 is not None and dst4 is None and dst != "::":
         raise fail("EAFNOSUPPORT", f"IPv6 destination {dst} from the v4-mapped source {src}", "ip6_dst_lookup_tail")
     if src4 is not None and dst4 is not None and src4.startswith("127.") and not (
-            dst4.startswith("127.") or dst4 == "0.0.0.0"):
+            dst4 == "0.0.0.0" or sk.host.is_local4(dst4)):  # the host's own addresses route through lo
         raise fail("EINVAL", f"loopback source {src4} towards {dst4}", "__mkroute_output")
 
 
