@@ -509,7 +509,7 @@ def matrix_(c, kernel=None, lab=None, timeout="300"):
 
 @task(name="bench", iterable=["only"], help={
     "repeats": "runs per figure (each figure is the median); default 3",
-    "only": "measure just this section (repeatable): build, boot, kernels, latency, stats, model, check, memory",
+    "only": "measure just this section (repeatable): build, boot, kernels, latency, stats, model, check, memory, fuzz",
     "out": OUT_HELP,
 })
 @_friendly
