@@ -554,9 +554,10 @@ def soak_(c, cycles="30", lab_name="03-listen", name=None):
     "no_shrink": "report disagreements without shrinking them",
     "out": OUT_HELP + "; the shrunk disagreements go to a fuzz-SEED directory there",
     "name": NAME_HELP,
+    "kernel": "with --model-only: the kernel to model (6.1, 6.12, 7.2); live runs model each VM's own kernel",
 })
 @_friendly
-def fuzz_(c, steps="5000", seed="1", model_only=False, no_shrink=False, out=None, name=None):
+def fuzz_(c, steps="5000", seed="1", model_only=False, no_shrink=False, out=None, name=None, kernel=None):
     """Differential fuzz: random socket programs on the live kernels and the model, disagreements shrunk."""
     from harness.fuzz import cli
 
@@ -565,10 +566,14 @@ def fuzz_(c, steps="5000", seed="1", model_only=False, no_shrink=False, out=None
         seed_value = int(seed)
     except ValueError:
         raise SocklabError(f"--seed must be an integer, not {seed!r}") from None
+    if kernel and not model_only:
+        raise SocklabError("--kernel goes with --model-only: a live fuzz models each VM's own kernel "
+                           "(boot another with `invoke lab.up --kernel K`)")
+    series = _model_kernel(kernel)
     root = _results_root(c, out)
     if model_only:
         outcome = cli.run(None, count, seed_value, _results_dir(root, f"fuzz-{seed_value}"), progress=progress.say,
-                          shrink=not no_shrink)
+                          shrink=not no_shrink, model_kernel=series)
     else:
         lab = _lab(name)
         with lab.using():  # programs bind fixed ports: one fuzz, check or run at a time on this lab

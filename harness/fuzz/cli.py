@@ -16,12 +16,13 @@ class FuzzRun:
     written: tuple[Path, ...]
     round_trips: int
     live_steps_per_s: float | None
+    kernels: str = ""
 
     def text(self, never_reached: int = 25) -> str:
         report = self.report
         cov = report.coverage
         lines = [
-            f"seed: {report.seed}",
+            f"seed: {report.seed}" + (f"; model kernels: {self.kernels}" if self.kernels else ""),
             f"steps run: {report.steps} in {report.programs} programs"
             + (f", {self.round_trips} agent round trips" if self.round_trips else " (model only)"),
             f"disagreements found: {len(report.disagreements)}"
@@ -53,7 +54,8 @@ OPEN = Path(__file__).resolve().parents[2] / "tests" / "corpus" / "open"
 
 
 def run(lab: Any | None, steps: int, seed: int, corpus: Path, hosts: tuple[str, ...] = ("server", "client"),
-        progress: Callable[[str], None] | None = None, shrink: bool = True, open_dir: Path = OPEN) -> FuzzRun:
+        progress: Callable[[str], None] | None = None, shrink: bool = True, open_dir: Path = OPEN,
+        model_kernel: str = "6.1") -> FuzzRun:
     """Fuzz ``steps`` steps from ``seed`` on ``lab`` (None: the model against itself, a smoke test).
 
     Disagreements filed in ``open_dir`` (found before, not yet fixed, the reason in each file) are
@@ -61,11 +63,18 @@ def run(lab: Any | None, steps: int, seed: int, corpus: Path, hosts: tuple[str, 
     """
     kernel = LiveKernel(lab) if lab is not None else None
     known = known_signatures(open_dir) if open_dir.is_dir() else {}
+    kernels = None
+    if lab is not None:
+        from ..scenario.check import lab_kernels
+
+        kernels = lab_kernels(lab)  # each VM is modelled on its own kernel's series
     try:
-        report = fuzz(steps, seed, kernel, hosts=hosts, do_shrink=shrink, progress=progress, known=known)
+        report = fuzz(steps, seed, kernel, hosts=hosts, do_shrink=shrink, progress=progress, known=known,
+                      model_kernels=kernels, model_kernel=model_kernel)
     finally:
         if kernel is not None:
             kernel.close()
     written = tuple(write_corpus(d, corpus) for d in report.disagreements)
     rate = kernel.steps / kernel.segment_seconds if kernel is not None and kernel.segment_seconds else None
-    return FuzzRun(report, written, kernel.round_trips if kernel else 0, rate)
+    described = ", ".join(f"{host} {series}" for host, series in sorted((kernels or {}).items())) or model_kernel
+    return FuzzRun(report, written, kernel.round_trips if kernel else 0, rate, described)

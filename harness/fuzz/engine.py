@@ -74,9 +74,11 @@ def scenario_of(program: Program):
                      {"sysctls": program.sysctls, "steps": program.steps})
 
 
-def run_program(program: Program, kernel: Kernel | None) -> RunResult:
+def run_program(program: Program, kernel: Kernel | None, model_kernels: dict[str, str] | None = None,
+                model_kernel: str = "6.1") -> RunResult:
+    """One program on the model (each host on its own kernel series when given) and, with ``kernel``, live."""
     scenario = scenario_of(program)
-    model = ModelBackend(scenario)
+    model = ModelBackend(scenario, kernels=model_kernels, kernel=model_kernel)
     if kernel is None:
         from ..scenario.runner import run
         return run(scenario, None, model)
@@ -179,7 +181,8 @@ def shrink(program: Program, still_fails: Callable[[Program], int | None], budge
 
 def fuzz(steps: int, seed: int, kernel: Kernel | None, hosts: tuple[str, ...] = ("server", "client"),
          length: int = PROGRAM_LENGTH, do_shrink: bool = True, progress: Callable[[str], None] | None = None,
-         known: Iterable[str] = ()) -> FuzzReport:
+         known: Iterable[str] = (), model_kernels: dict[str, str] | None = None, model_kernel: str = "6.1"
+         ) -> FuzzReport:
     """Generate and run programs until ``steps`` call steps ran; shrink each new kind of disagreement."""
     report = FuzzReport(seed)
     known = set(known)
@@ -190,7 +193,7 @@ def fuzz(steps: int, seed: int, kernel: Kernel | None, hosts: tuple[str, ...] = 
         number += 1
         started = time.perf_counter()
         try:
-            result = run_program(program, kernel)
+            result = run_program(program, kernel, model_kernels, model_kernel)
         except (ScenarioError, SysctlRefused) as exc:
             report.invalid += 1
             if progress:
@@ -217,7 +220,7 @@ def fuzz(steps: int, seed: int, kernel: Kernel | None, hosts: tuple[str, ...] = 
         if do_shrink:
             def still_fails(candidate: Program) -> int | None:
                 try:
-                    again = run_program(candidate, kernel)
+                    again = run_program(candidate, kernel, model_kernels, model_kernel)
                 except ScenarioError:
                     return None
                 at = first_disagreement(again)
@@ -236,7 +239,7 @@ def fuzz(steps: int, seed: int, kernel: Kernel | None, hosts: tuple[str, ...] = 
     started = time.perf_counter()
     for n in range(number):
         try:
-            run_program(generate(seed, n, hosts, length), None)
+            run_program(generate(seed, n, hosts, length), None, model_kernels, model_kernel)
         except ScenarioError:
             pass
     report.model_seconds = time.perf_counter() - started
