@@ -549,7 +549,7 @@ def matrix_(c, kernel=None, lab=None, timeout="300", out=None):
 
 @task(name="bench", iterable=["only"], help={
     "repeats": "runs per figure (each figure is the median); default 3",
-    "only": "measure just this section (repeatable): build, boot, kernels, latency, stats, model, check, memory",
+    "only": "measure just this section (repeatable): build, boot, kernels, latency, stats, model, check, memory, fuzz",
     "out": OUT_HELP,
 })
 @_friendly
@@ -589,6 +589,45 @@ def soak_(c, cycles="30", lab_name="03-listen", name=None):
         raise Exit(code=1)
 
 
+@task(name="fuzz", help={
+    "steps": "how many call steps to run (default 5000)",
+    "seed": "the seed: the same seed runs the same programs (default 1)",
+    "model_only": "run the programs on the model alone (no VM): a smoke test of the generator",
+    "no_shrink": "report disagreements without shrinking them",
+    "out": OUT_HELP + "; the shrunk disagreements go to a fuzz-SEED directory there",
+    "name": NAME_HELP,
+    "kernel": "with --model-only: the kernel to model (6.1, 6.12, 7.2); live runs model each VM's own kernel",
+})
+@_friendly
+def fuzz_(c, steps="5000", seed="1", model_only=False, no_shrink=False, out=None, name=None, kernel=None):
+    """Differential fuzz: random socket programs on the live kernels and the model, disagreements shrunk."""
+    from harness.fuzz import cli
+
+    count = _number(steps, "--steps", "a positive number of steps", int)
+    try:
+        seed_value = int(seed)
+    except ValueError:
+        raise SocklabError(f"--seed must be an integer, not {seed!r}") from None
+    if kernel and not model_only:
+        raise SocklabError("--kernel goes with --model-only: a live fuzz models each VM's own kernel "
+                           "(boot another with `invoke lab.up --kernel K`)")
+    series = _model_kernel(kernel)
+    root = _results_root(c, out)
+    if model_only:
+        outcome = cli.run(None, count, seed_value, _results_dir(root, f"fuzz-{seed_value}"), progress=progress.say,
+                          shrink=not no_shrink, model_kernel=series)
+    else:
+        lab = _lab(name)
+        with lab.using():  # programs bind fixed ports: one fuzz, check or run at a time on this lab
+            running = _running_lab(lab, "default")
+            try:
+                outcome = cli.run(running, count, seed_value, _results_dir(root, f"fuzz-{seed_value}"),
+                                  progress=progress.say, shrink=not no_shrink)
+            finally:
+                running.close()
+    print(outcome.text())
+
+
 @task(name="test", help={
     "unit": "only the unit tests (no VM)",
     "live": "only the live tests (marker vm)",
@@ -603,6 +642,6 @@ def test_(c, unit=False, live=False, pytest_args=""):
 
 
 images = Collection("images", build, clean)
-lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, grade, soak_, matrix_)
+lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, grade, soak_, matrix_, fuzz_)
 ns = Collection(images, lab, test_, bench_)
 ns.configure(config.DEFAULTS)

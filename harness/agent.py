@@ -446,6 +446,34 @@ class Agent:
             raise AgentRequestError(f"{self.vm}: the agent ({self.user}) refused {step}: {reply.error}")
         return reply
 
+    def batch(self, steps: list[Mapping[str, Any]], *, block_ms: int | None = None,
+              timeout: float | None = None) -> list[AgentReply]:
+        """Run a whole program in one round trip; one reply per step, in order.
+
+        Each step is ``{"op", "args", "save"?, "until"?, "max"?, "await"?, "settle_ms"?}`` (see the
+        guest's ``Batch``); ``{"$ref": name, "path": [...], "fd": bool}`` in an argument stands for
+        the result an earlier step of the same batch saved under ``name``.
+        """
+        encoded = []
+        for step in steps:
+            op = step["op"]
+            entry = {key: value for key, value in step.items() if key != "args"}
+            entry["args"] = encode_args(op, step.get("args") or {})
+            encoded.append(entry)
+        args: dict[str, Any] = {"steps": encoded}
+        if block_ms is not None:
+            args["block_ms"] = block_ms
+        if timeout is None:
+            per_step = (block_ms if block_ms is not None else self.block_ms) / 1000 * 0.05 + 0.02
+            timeout = self.timeout + per_step * len(steps)
+        started = time.perf_counter_ns()
+        reply = self.request("batch", args, timeout=timeout)
+        rtt = time.perf_counter_ns() - started
+        if not isinstance(reply.ret, list) or len(reply.ret) != len(steps):
+            raise AgentError(f"{self.vm}: the agent ({self.user}) answered a batch of {len(steps)} steps with "
+                             f"{type(reply.ret).__name__} of {len(reply.ret) if isinstance(reply.ret, list) else '?'}")
+        return [decode_reply(message, self.vm, self.user, rtt, reply.host_ns) for message in reply.ret]
+
     def reset(self) -> AgentReply:
         """Close every socket the session opened (and undo its sysctls) without ending the agent."""
         return self.call("reset")

@@ -22,7 +22,7 @@ from . import image, progress
 from .lab import Lab
 from .paths import Paths
 
-SECTIONS = ("build", "boot", "kernels", "latency", "stats", "model", "check", "memory")
+SECTIONS = ("build", "boot", "kernels", "latency", "stats", "model", "check", "memory", "fuzz")
 
 
 @dataclass(frozen=True)
@@ -213,6 +213,23 @@ def scenario_seconds(steps: int) -> float:
     return elapsed
 
 
+def bench_fuzz(bench: Bench, lab: Lab | None, repeats: int) -> None:
+    """Differential throughput (issue 16): batched live steps/s on one VM, the fuzzer's live and model rates."""
+    from .fuzz import bench as fuzz_bench
+
+    runs = max(3, repeats)
+    if lab is None:
+        samples = tuple(fuzz_bench.model_programs() for _ in range(runs))
+        bench.add(Figure("fuzz programs on the model", "steps/s", samples))
+        return
+    pairs = [fuzz_bench.live_batched(lab) for _ in range(runs)]
+    bench.add(Figure(f"live steps, one batch of {fuzz_bench.BATCH_STEPS} on one VM", "steps/s",
+                     tuple(p[0] for p in pairs), "one round trip per step", tuple(p[1] for p in pairs),
+                     note="TCG; goal >= 1,000 steps/s per VM"))
+    bench.add(Figure("lab.fuzz live segments (both VMs, root and student)", "steps/s",
+                     tuple(fuzz_bench.fuzz_live(lab) for _ in range(runs))))
+
+
 def bench_check(bench: Bench, lab: Lab, repeats: int) -> None:
     from .scenario.check import LabSpec, check, known_labs
 
@@ -247,7 +264,10 @@ def run(paths: Paths, repeats: int = 3, only: tuple[str, ...] = SECTIONS) -> Ben
     if "model" in only:
         progress.say("model")
         bench_model(bench, repeats)
-    lab_sections = [s for s in only if s in ("boot", "kernels", "latency", "stats", "check", "memory")]
+    if "fuzz" in only:
+        progress.say("fuzz on the model")
+        bench_fuzz(bench, None, repeats)
+    lab_sections = [s for s in only if s in ("boot", "kernels", "latency", "stats", "check", "memory", "fuzz")]
     if not lab_sections:
         return bench
     with tempfile.TemporaryDirectory(prefix="socklab-bench-") as home:
@@ -262,13 +282,14 @@ def run(paths: Paths, repeats: int = 3, only: tuple[str, ...] = SECTIONS) -> Ben
             if not set(lab_sections) & {"latency", "stats", "check", "memory"}:
                 return bench
             lab.up("default")
-            for section in ("latency", "stats", "check", "memory"):
+            for section in ("latency", "stats", "check", "memory", "fuzz"):
                 if section in lab_sections:
                     progress.say(section)
                     {"latency": lambda: bench_latency(bench, lab, repeats),
                      "stats": lambda: bench_stats(bench, lab, repeats),
                      "check": lambda: bench_check(bench, lab, repeats),
-                     "memory": lambda: bench_memory(bench, lab)}[section]()
+                     "memory": lambda: bench_memory(bench, lab),
+                     "fuzz": lambda: bench_fuzz(bench, lab, repeats)}[section]()
         finally:
             lab.down()
     return bench

@@ -88,6 +88,7 @@ def load_libc() -> ctypes.CDLL:
         "recvfrom": (ssize, [i, vp, size, i, vp, u32p]),
         "recvmsg": (ssize, [i, ctypes.POINTER(MsgHdr), i]),
         "poll": (i, [ctypes.POINTER(PollFd), ctypes.c_ulong, i]),
+        "fcntl": (i, [i, i, i]),
     }
     for name, (restype, argtypes) in prototypes.items():
         func = getattr(libc, name)
@@ -397,7 +398,10 @@ class Session:
             return refused
         ret, err, raw = self._address_call(self.libc.bind, args)
         if ret == 0 and isinstance(args.get("addr"), str) and not args["addr"].startswith("@"):
-            self.unix_paths.add(args["addr"])
+            # The file the kernel made: a short addrlen binds a truncated name, which must go too.
+            addrlen = args.get("addrlen")
+            name = raw[2:addrlen] if isinstance(addrlen, int) and addrlen >= 2 else raw[2:]
+            self.unix_paths.add(name.split(b"\0", 1)[0].decode(errors="surrogateescape"))
         return Outcome(ret, err)
 
     def op_connect(self, args: dict) -> Outcome:
@@ -722,7 +726,11 @@ class Session:
         refused = self.check_fd(fd)
         if refused:
             return refused
-        ret, err = self._os_call(lambda: fcntl.fcntl(fd, cmd, arg))
+        if fd < 0:
+            # Python's fcntl refuses negative descriptors itself; the kernel's answer is EBADF.
+            ret, err = self.syscall(self.libc.fcntl, fd, cmd, arg)
+        else:
+            ret, err = self._os_call(lambda: fcntl.fcntl(fd, cmd, arg))
         if cmd in (F_DUPFD, F_DUPFD_CLOEXEC) and not err:
             self.track(ret)
         return Outcome(ret, err)
@@ -789,6 +797,15 @@ class Session:
         closed = self.cleanup()
         self.t_ns, self.dt_ns = start, time.monotonic_ns() - start
         return Outcome(0, 0, closed)
+
+    # -- programs ------------------------------------------------------------------------------
+
+    def op_batch(self, args: dict) -> Outcome:
+        """A whole program in one request: ``{"steps": [...]}`` -> ``ret``, one response per step (see Batch)."""
+        start = time.monotonic_ns()
+        replies = Batch(self).run(args.get("steps"), args.get("block_ms"))
+        self.t_ns, self.dt_ns = start, time.monotonic_ns() - start
+        return Outcome(replies, 0, {"steps": len(replies)})
 
     # -- the end -------------------------------------------------------------------------------
 
@@ -871,6 +888,172 @@ class Session:
     def error_response(request_id: Any, op: Any, errno_name: str, message: str, received: int) -> dict:
         return {"id": request_id, "op": op, "ret": -1, "errno": errno_name, "t_ns": received, "dt_ns": 0,
                 "extra": {}, "error": message}
+
+
+# -- programs -----------------------------------------------------------------------------------
+
+MAX_BATCH_STEPS = 100_000
+MAX_REPEATS = 100_000
+MAX_SETTLE_MS = 5000
+# Answers that say "not yet" and leave the socket as it was, so asking again changes nothing.
+TRANSIENT = {"accept": {"EAGAIN"}, "accept4": {"EAGAIN"}, "recv": {"EAGAIN"}, "recvfrom": {"EAGAIN"},
+             "recvmsg": {"EAGAIN"}, "connect": {"EALREADY"}, "getpeername": {"ENOTCONN"}}
+
+
+class Batch:
+    """Runs a program's steps in one request, so 10,000 steps cost one round trip, not 10,000.
+
+    Each step is ``{"op", "args", "save"?, "until"?, "max"?, "await"?, "settle_ms"?}``:
+
+    - ``save`` names the step's result; a later step's argument ``{"$ref": name, "path": [...],
+      "fd": true}`` stands for it (``path`` indexes into it: 1 or "port" is an address's port).
+      A reference to a result that was never produced is -1 for a descriptor (EBADF, as in a C
+      program that ignored an error) and otherwise makes the step answer ``errno: "UNSET"``.
+    - ``until: "EAGAIN"`` repeats the call until that errno, any other errno, or ``max`` calls;
+      the step answers ``{"calls", "total", "stopped"}``.
+    - ``await`` is the answer the reference model gave. While the kernel's answer is a transient
+      one (EAGAIN from accept/recv, EALREADY from connect, ENOTCONN from getpeername, any poll
+      result) and differs from it, the call is asked again every millisecond for up to
+      ``settle_ms``: a handshake or a datagram still on the wire is waited for, not reported as a
+      disagreement. ``extra.settled`` says how many extra calls that took.
+    """
+
+    def __init__(self, session: "Session") -> None:
+        self.session = session
+        self.saved: dict[str, Any] = {}
+
+    def run(self, steps: Any, block_ms: Any = None) -> list[dict]:
+        if not isinstance(steps, list) or len(steps) > MAX_BATCH_STEPS:
+            raise BadRequest(f"'steps' must be a list of at most {MAX_BATCH_STEPS} steps")
+        if block_ms is not None and (isinstance(block_ms, bool) or not isinstance(block_ms, int) or block_ms < 0):
+            raise BadRequest("block_ms must be an integer >= 0")
+        saved_block = self.session.block_ms
+        if block_ms is not None:
+            self.session.block_ms = block_ms
+        try:
+            return [self.step(item) for item in steps]
+        finally:
+            self.session.block_ms = saved_block
+
+    def step(self, item: Any) -> dict:
+        if not isinstance(item, dict) or not isinstance(item.get("op"), str) or item.get("op") == "batch":
+            return self.error(None, "a batch step is an object with an 'op' other than batch")
+        op = item["op"]
+        handler = self.session.handlers.get(op)
+        if handler is None:
+            return self.error(op, f"unknown op {op!r}", "ENOSYS")
+        args = item.get("args") or {}
+        if not isinstance(args, dict):
+            return self.error(op, "'args' must be an object")
+        try:
+            args = {key: self.resolve(value) for key, value in args.items()}
+        except LookupError as exc:
+            return {"op": op, "ret": None, "errno": "UNSET", "t_ns": time.monotonic_ns(), "dt_ns": 0,
+                    "extra": {"unset": str(exc.args[0])}}
+        until = item.get("until")
+        if until is not None:
+            response = self.repeat(op, handler, args, until, item.get("max", MAX_REPEATS))
+        else:
+            response = self.once(op, handler, args)
+            if "await" in item and response.get("error") is None:
+                response = self.settle(op, handler, args, response, item["await"], item.get("settle_ms", 200))
+        name = item.get("save")
+        if isinstance(name, str) and response.get("errno") is None and not response.get("blocked"):
+            ret = response.get("ret")
+            if op not in ("socket", "accept", "accept4") or (isinstance(ret, int) and ret >= 0):
+                self.saved[name] = ret
+        return response
+
+    def resolve(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return [self.resolve(item) for item in value]
+        if not isinstance(value, dict) or "$ref" not in value:
+            return value
+        name = value["$ref"]
+        if name not in self.saved:
+            if value.get("fd"):
+                return -1
+            raise LookupError(name)
+        result = self.saved[name]
+        for key in value.get("path") or ():
+            index = {"ip": 0, "host": 0, "port": 1}.get(key, key)
+            if isinstance(index, int) and isinstance(result, list) and -len(result) <= index < len(result):
+                result = result[index]
+            elif isinstance(result, dict) and key in result:
+                result = result[key]
+            else:
+                raise LookupError(name)
+        if result is None and not value.get("fd"):
+            raise LookupError(name)  # nothing to pass on, as the host side decides (UnsetReference)
+        return result if not value.get("fd") or isinstance(result, int) else -1
+
+    def once(self, op: str, handler: Callable[[dict], Outcome], args: dict) -> dict:
+        session = self.session
+        session.t_ns, session.dt_ns = time.monotonic_ns(), 0
+        try:
+            outcome = handler(args)
+        except BadRequest as exc:
+            return self.error(op, str(exc))
+        except Exception as exc:  # an agent bug costs one step, not the program
+            traceback.print_exc(file=sys.stderr)
+            return self.error(op, f"agent failed: {type(exc).__name__}: {exc}")
+        response = {"op": op, "ret": outcome.ret, "errno": errno_name(outcome.errno) if outcome.errno else None,
+                    "t_ns": session.t_ns, "dt_ns": session.dt_ns, "extra": outcome.extra}
+        if outcome.blocked:
+            response["blocked"] = True
+        return response
+
+    def repeat(self, op: str, handler: Callable[[dict], Outcome], args: dict, until: Any, limit: Any) -> dict:
+        if not isinstance(until, str) or isinstance(limit, bool) or not isinstance(limit, int) \
+                or not 1 <= limit <= MAX_REPEATS:
+            return self.error(op, f"until must be an errno name and max 1..{MAX_REPEATS}")
+        calls = total = 0
+        stopped = "max"
+        started = time.monotonic_ns()
+        for _ in range(limit):
+            response = self.once(op, handler, args)
+            if response.get("error") is not None:
+                return response
+            if response.get("blocked") or response.get("errno") is not None:
+                stopped = "blocked" if response.get("blocked") else response["errno"]
+                break
+            calls += 1
+            total += response["ret"] if isinstance(response["ret"], int) else 0
+        return {"op": op, "ret": {"calls": calls, "total": total, "stopped": stopped}, "errno": None,
+                "t_ns": started, "dt_ns": time.monotonic_ns() - started, "extra": {}}
+
+    def settle(self, op: str, handler: Callable[[dict], Outcome], args: dict, response: dict, wanted: Any,
+               settle_ms: Any) -> dict:
+        if isinstance(settle_ms, bool) or not isinstance(settle_ms, int) or not 0 <= settle_ms <= MAX_SETTLE_MS:
+            return self.error(op, f"settle_ms must be 0..{MAX_SETTLE_MS}")
+        deadline = time.monotonic() + settle_ms / 1000
+        retries = 0
+        while self.transient(op, args, response, wanted) and time.monotonic() < deadline:
+            time.sleep(0.001)
+            response = self.once(op, handler, args)
+            retries += 1
+        if retries:
+            response["extra"] = {**(response.get("extra") or {}), "settled": retries}
+        return response
+
+    @staticmethod
+    def transient(op: str, args: dict, response: dict, wanted: Any) -> bool:
+        """Whether ``response`` is a "not yet" answer that differs from the model's ``wanted`` one."""
+        if not isinstance(wanted, dict) or response.get("blocked"):
+            return False
+        if op == "poll":
+            if response.get("errno") is not None or not isinstance(response.get("ret"), dict):
+                return False
+            order = [item[0] if isinstance(item, list) else item for item in args.get("fds") or []]
+            got = [response["ret"].get(str(fd)) for fd in order]
+            return got != wanted.get("revents")
+        errno = response.get("errno")
+        return errno in TRANSIENT.get(op, ()) and errno != wanted.get("errno")
+
+    @staticmethod
+    def error(op: Any, message: str, errno: str = "EINVAL") -> dict:
+        return {"op": op, "ret": -1, "errno": errno, "t_ns": time.monotonic_ns(), "dt_ns": 0, "extra": {},
+                "error": f"{op}: {message}" if op else message}
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -989,7 +1172,7 @@ def claim_stdio() -> tuple[int, int, int]:
     moved = tuple(fcntl.fcntl(fd, F_DUPFD_CLOEXEC, base) for fd in (0, 1, 2))
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
-        os.dup2(null, fd, inheritable=False)
+        os.dup2(null, fd)  # inheritable, as a fresh C program's 0-2 are (F_GETFD says 0)
     if null > 2:
         os.close(null)
     return moved  # type: ignore[return-value]

@@ -36,7 +36,11 @@ def canonical_ip(text: str) -> tuple[int, str] | None:
         ip = ipaddress.ip_address(text)
     except ValueError:
         return None
-    return (AF_INET6, ip.compressed) if ip.version == 6 else (AF_INET, ip.compressed)
+    if ip.version == 6:
+        mapped = ip.ipv4_mapped
+        # inet_ntop() (and the guest agent) write a v4-mapped address with its IPv4 part dotted.
+        return AF_INET6, f"::ffff:{mapped}" if mapped is not None else ip.compressed
+    return AF_INET, ip.compressed
 
 
 @lru_cache(maxsize=4096)
@@ -62,6 +66,12 @@ def default_len(family: int, host: str) -> int:
     return SOCKADDR_IN_LEN
 
 
+def _int_family(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise fail("EINVAL", f"sockaddr family {value!r} is not an integer", "move_addr_to_kernel")
+    return value
+
+
 def parse_sockaddr(args: dict[str, Any], key: str = "addr") -> SockAddr:
     """Decode args[key] (tuple, dict or AF_UNIX path) plus optional 'family'/'addrlen' overrides."""
     raw = args.get(key)
@@ -83,6 +93,9 @@ def parse_sockaddr(args: dict[str, Any], key: str = "addr") -> SockAddr:
         port = raw.get("port", 0)
     elif isinstance(raw, str):
         host, port = raw, 0
+        if family_override is not None and "addrlen" not in args:
+            # A path laid out as sockaddr_un under another sa_family: the protocol judges it by its length.
+            return SockAddr(_int_family(family_override), raw, 0, default_len(AF_UNIX, raw))
         if family_override is None:
             family_override = AF_UNIX
     elif isinstance(raw, (tuple, list)) and len(raw) >= 2:
@@ -97,7 +110,7 @@ def parse_sockaddr(args: dict[str, Any], key: str = "addr") -> SockAddr:
         family = family_override
     else:
         family = AF_INET6 if ":" in host else AF_INET
-    if family in (AF_INET, AF_INET6, AF_UNSPEC):
+    if family in (AF_INET, AF_INET6, AF_UNSPEC) or (family != AF_UNIX and not isinstance(raw, str)):
         if not 0 <= port <= 0xFFFF:
             raise fail("EINVAL", f"port {port} does not fit the 16-bit sin_port field", "move_addr_to_kernel")
         parsed = canonical_ip(host) if host else (family, ANY4 if family != AF_INET6 else ANY6)
@@ -106,6 +119,9 @@ def parse_sockaddr(args: dict[str, Any], key: str = "addr") -> SockAddr:
                        "move_addr_to_kernel")
         host = parsed[1]
     addrlen = args.get("addrlen")
+    if addrlen is None and family not in (AF_INET, AF_INET6, AF_UNSPEC, AF_UNIX):
+        # Another family's number on an IP address: the length is the layout's (as the agent sends it).
+        addrlen = SOCKADDR_IN6_LEN if ":" in host else SOCKADDR_IN_LEN
     if addrlen is None:
         addrlen = default_len(family, host)
     elif isinstance(addrlen, bool) or not isinstance(addrlen, int):

@@ -94,10 +94,14 @@ def inet_bind(op: str, host: "Host", creds: Creds, f: OpenFile, sa: SockAddr) ->
     fn = "__inet_bind" if sk.family == AF_INET else "__inet6_bind"
     _check_unbound(sk, fn)
     sk.rcv_addr = addr
+    saved_v6only = sk.v6only
+    if sk.family == AF_INET6 and addr != ANY6 and v4_of_v6(addr) is None:
+        sk.v6only = True  # __inet6_bind(): a specific IPv6 address makes the socket IPv6-only, before get_port
     try:
         port, rule = get_port(host, sk, sa.port, fn)
     except Exception:
         sk.rcv_addr = None
+        sk.v6only = saved_v6only
         raise
     sk.port = port
     sk.bound = True
@@ -170,7 +174,8 @@ def inet_getname(op: str, host: "Host", f: OpenFile, peer: bool) -> Result:
     """inet_getname(): ENOTCONN for the peer of an unconnected socket (or one in CLOSE/SYN_SENT)."""
     sk = f.sock
     if peer:
-        if sk.peer_addr is None or sk.sk_state in (TCP_CLOSE, TCP_SYN_SENT) and sk.type == SOCK_STREAM:
+        # inet_getname(): no inet_dport (a UDP connect to port 0 included) is no peer.
+        if sk.peer_addr is None or not sk.peer_port or sk.sk_state in (TCP_CLOSE, TCP_SYN_SENT) and sk.type == SOCK_STREAM:
             raise fail("ENOTCONN", "no peer: not connected", "inet_getname")
         return Result(op, endpoint(sk, True), None, "inet_daddr/inet_dport", "inet_getname")
     return Result(op, endpoint(sk, False), None, "inet_rcv_saddr (or inet_saddr) and inet_sport", "inet_getname")

@@ -43,6 +43,8 @@ class Sock:
     v6only = False
     zerocopy = False  # SOCK_ZEROCOPY flag
     broadcast = False  # SOCK_BROADCAST (SO_BROADCAST)
+    keepalive = False  # SOCK_KEEPOPEN (SO_KEEPALIVE)
+    nodelay = False  # tp->nonagle & TCP_NAGLE_OFF (TCP_NODELAY)
     sndbuf = 0
     rcvbuf = 0
     sndbuf_locked = False  # SOCK_SNDBUF_LOCK
@@ -50,6 +52,7 @@ class Sock:
     bindport_locked = False  # SOCK_BINDPORT_LOCK: bind() named the port
     rcv_addr: "str | None" = None  # None: not bound; "0.0.0.0"/"::" wildcard
     port = 0
+    sport = 0  # inet_sport left behind when a TCP socket lost its port (getsockname still shows it)
     bound = False
     peer_addr: "str | None" = None
     peer_port = 0

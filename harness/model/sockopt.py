@@ -109,6 +109,9 @@ def _sk_setsockopt(op, host: "Host", creds: Creds, sk: Sock, optname: int, val: 
         if optlen < 8:
             raise fail("EINVAL", "SO_LINGER needs a struct linger", fn)
         return Result(op, 0, None, "linger recorded (not modelled further)", fn)
+    if optname == SO_KEEPALIVE:
+        sk.keepalive = bool(valbool)
+        return Result(op, 0, None, f"SOCK_KEEPOPEN = {valbool}", fn)
     if optname in _ACCEPTED_FLAGS:
         return Result(op, 0, None, "flag recorded (not modelled further)", fn)
     raise fail("ENOPROTOOPT", f"SOL_SOCKET option {optname} is not modelled", fn)
@@ -137,7 +140,8 @@ def _proto_setsockopt(op, host, creds, sk: Sock, level: int, optname: int, val: 
         if optlen < 4:
             raise fail("EINVAL", "optlen < sizeof(int)", "do_tcp_setsockopt")
         if optname == TCP_NODELAY:
-            return Result(op, 0, None, "TCP_NODELAY recorded", "do_tcp_setsockopt")
+            sk.nodelay = bool(val)
+            return Result(op, 0, None, f"TCP_NODELAY = {int(bool(val))}", "do_tcp_setsockopt")
         if optname == TCP_MAXSEG:
             if val and (val < 88 or val > 65535):
                 raise fail("EINVAL", "TCP_MAXSEG outside TCP_MIN_MSS..MAX_TCP_WINDOW", "do_tcp_setsockopt")
@@ -199,7 +203,7 @@ def getsockopt(op: str, host: "Host", creds: Creds, f: OpenFile, args: Mapping[s
             SO_DOMAIN: sk.family,
             SO_ACCEPTCONN: int(sk.sk_state == TCP_LISTEN),
             SO_ZEROCOPY: int(sk.zerocopy),
-            SO_KEEPALIVE: 0,
+            SO_KEEPALIVE: int(sk.keepalive),
             SO_BROADCAST: int(sk.broadcast),
         }
         if optname in values:
@@ -213,5 +217,14 @@ def getsockopt(op: str, host: "Host", creds: Creds, f: OpenFile, args: Mapping[s
         return Result(op, int(sk.v6only), None, "sk_ipv6only", "do_ipv6_getsockopt")
     if level == SOL_TCP and sk.protocol == IPPROTO_TCP and optname == TCP_MAXSEG:
         return Result(op, sk.mss_cache or 536, None, "tp->mss_cache (536 before connect)", "do_tcp_getsockopt")
+    if level == SOL_TCP and sk.protocol == IPPROTO_TCP and optname == TCP_NODELAY:
+        return Result(op, int(sk.nodelay), None, "!!(tp->nonagle & TCP_NAGLE_OFF)", "do_tcp_getsockopt")
+    if level == SOL_TCP and sk.protocol == IPPROTO_TCP:
+        raise fail("ENOPROTOOPT", f"TCP option {optname} is not modelled", "do_tcp_getsockopt")
+    if sk.family == AF_INET6 and level not in (SOL_IP, SOL_IPV6):
+        raise fail("ENOPROTOOPT", f"level {level} is neither SOL_IP nor SOL_IPV6", "ipv6_getsockopt")
+    if sk.family != AF_INET6 and level != SOL_IP:
+        # do_ip_getsockopt(): EOPNOTSUPP here, where ip_setsockopt() says ENOPROTOOPT.
+        raise fail("EOPNOTSUPP", f"level {level} is not SOL_IP", "do_ip_getsockopt")
     raise fail("ENOPROTOOPT", f"level {level} option {optname} is not modelled", "ip_getsockopt")
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 from .constants import F_GETFD, F_GETFL, F_SETFD, F_SETFL  # noqa: E402 - the fcntl commands, named once
 FD_CLOEXEC = 1
+O_LARGEFILE = 0o100000  # x86_64's value; sockets never carry it, files opened on 64-bit always do
 
 
 _FLAG_TEXT = {(False, False): "no flags", (True, False): "O_NONBLOCK", (False, True): "O_CLOEXEC",
@@ -184,7 +185,14 @@ def sys_fcntl(host, proc, op, args) -> Result:
     entry = proc.fds[fd]
     cmd = arg_int(args, "cmd")
     if not isinstance(entry, OpenFile):
-        raise fail("EINVAL", "the model only tracks flags of socket descriptors", "model")
+        # fds 0-2: a terminal (the agent: /dev/null) opened O_RDWR, which the kernel marks O_LARGEFILE.
+        if cmd == F_GETFL:
+            return Result(op, 0o2 | O_LARGEFILE, None, "O_RDWR|O_LARGEFILE (force_o_largefile)", "do_fcntl")
+        if cmd == F_GETFD:
+            return Result(op, 0, None, "inherited without FD_CLOEXEC", "do_fcntl")
+        if cmd in (F_SETFL, F_SETFD):
+            return Result(op, 0, None, "flags of a non-socket descriptor (not tracked further)", "do_fcntl")
+        raise fail("EINVAL", f"fcntl command {cmd} is not modelled", "do_fcntl")
     if cmd == F_GETFL:
         return Result(op, 0o2 | (O_NONBLOCK if entry.nonblock else 0), None, "O_RDWR plus status flags", "do_fcntl")
     if cmd == F_SETFL:
@@ -213,6 +221,22 @@ def sys_unlink(host, proc, op, args) -> Result:
                   "do_unlinkat")
 
 
+def sys_sysctl_get(host, proc, op, args) -> Result:
+    """Not a system call: reading /proc/sys/<name> (anyone may read the net sysctls the model keeps)."""
+    from .config import _canonical_key
+
+    name = args.get("name")
+    try:
+        key = _canonical_key(name) if isinstance(name, str) and name else None
+    except KeyError:
+        key = None
+    if key is None or key != str(name).replace("/", "."):
+        raise fail("ENOENT", f"no sysctl {name!r} in the model", "proc_sys_lookup")
+    value = host.sysctls[key]
+    return Result(op, list(value) if isinstance(value, tuple) else value, None, f"{key} reads {value}",
+                  "proc_sys_call_handler")
+
+
 SYSCALLS: dict[str, Callable[..., Result]] = {
     "socket": sys_socket,
     "bind": sys_bind,
@@ -236,4 +260,5 @@ SYSCALLS: dict[str, Callable[..., Result]] = {
     "fcntl": sys_fcntl,
     "fstat": sys_fstat,
     "unlink": sys_unlink,
+    "sysctl_get": sys_sysctl_get,
 }

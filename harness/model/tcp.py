@@ -26,6 +26,24 @@ ARP_FAILURE_DELAY = 3.0  # neighbour resolution gives up after 3 probes, 1 s apa
 
 # -- connection set-up ---------------------------------------------------------------------------
 
+def check_route_source(sk: Sock, dst: str, fn: str) -> None:
+    """Source-address rules of the route lookup a connect or send makes from a bound socket.
+
+    - ip6_dst_lookup_tail(): an IPv6 route from a v4-mapped source is refused (EAFNOSUPPORT);
+    - __mkroute_output(): an IPv4 route from a loopback source leaves only through loopback (EINVAL).
+    """
+    src = sk.rcv_addr
+    if src is None or src in ("0.0.0.0", "::", "::ffff:0.0.0.0"):
+        return
+    src4 = v4_of_v6(src) if sk.family == AF_INET6 else src
+    dst4 = v4_of_v6(dst) if ":" in dst else dst
+    if sk.family == AF_INET6 and src4 is not None and dst4 is None and dst != "::":
+        raise fail("EAFNOSUPPORT", f"IPv6 destination {dst} from the v4-mapped source {src}", "ip6_dst_lookup_tail")
+    if src4 is not None and dst4 is not None and src4.startswith("127.") and not (
+            dst4 == "0.0.0.0" or sk.host.is_local4(dst4)):  # the host's own addresses route through lo
+        raise fail("EINVAL", f"loopback source {src4} towards {dst4}", "__mkroute_output")
+
+
 def connect(host: "Host", sk: Sock, sa: SockAddr) -> None:
     """tcp_v4_connect()/tcp_v6_connect(): validate, route, bind a source port, send the SYN."""
     v6 = sk.family == AF_INET6
@@ -36,6 +54,9 @@ def connect(host: "Host", sk: Sock, sa: SockAddr) -> None:
         raise fail("EAFNOSUPPORT", f"sockaddr family {sa.family} does not match the socket", fn)
     if not v6 and (sa.host == "255.255.255.255" or 224 <= int(sa.host.split(".", 1)[0]) <= 239):
         raise fail("ENETUNREACH", "TCP cannot connect to a multicast or broadcast address", fn)
+    if v6 and sa.host == "::" and sk.rcv_addr and v4_of_v6(sk.rcv_addr) is not None:
+        sa = sa._replace(host="::ffff:127.0.0.1")  # tcp_v6_connect(): "::" means loopback, v4-mapped for a mapped source
+    check_route_source(sk, sa.host, fn)
     route = host.net.route(host, sa.host, v6)
     mapped = v6 and v4_of_v6(sa.host) is not None
     src = f"::ffff:{route.src}" if mapped else route.src
@@ -260,6 +281,8 @@ def _unbind(sk: Sock) -> None:
     if sk.bound:
         sk.host.tcp_ports.remove(sk, sk.port)
         sk.bound = False
+        # inet_put_port() clears inet_num but not inet_sport: getsockname() still shows the old port.
+        sk.sport = sk.port
         sk.port = 0
 
 
@@ -561,6 +584,8 @@ def _attach(host: "Host", sk: Sock, uarg, extended: bool = False) -> None:
         return
     if _zerocopy_copied(sk):
         zerocopy.mark_copied(uarg)
+    elif sk.device is not None and not sk.device.sg:
+        zerocopy.uncertain_code(uarg)
     if sk.tx_pending:
         sk.zc_tail = uarg
     if extended:
@@ -578,8 +603,10 @@ def recvmsg(op: str, host: "Host", f: OpenFile, length: int, flags: int) -> Resu
     sk = f.sock
     if flags & MSG_ERRQUEUE:
         note = zerocopy.read_notification(sk)
-        return Result(op, [note], None, f"one notification: ids {note['lo']}..{note['hi']}, code {note['code']}",
-                      "ip_recv_error")
+        uncertain = note.pop("uncertain", False)
+        return Result(op, [note], None, f"one notification: ids {note['lo']}..{note['hi']}, code {note['code']}"
+                      + (" (no SG on the NIC: a few such sends complete COPIED)" if uncertain else ""),
+                      "ip_recv_error", approx=uncertain)
     if sk.sk_state == TCP_LISTEN:
         raise fail("ENOTCONN", "recv on a listening socket", "tcp_recvmsg_locked")
     if sk.rx:

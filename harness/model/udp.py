@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from . import zerocopy
 from .binding import autobind, unbind
-from .addr import ANY4, ANY6, SIN6_LEN_RFC2133, SOCKADDR_IN_LEN, SockAddr, v4_of_v6
+from .addr import ANY4, ANY6, SIN6_LEN_RFC2133, SOCKADDR_IN6_LEN, SOCKADDR_IN_LEN, SockAddr, canonical_ip, v4_of_v6
 from .constants import (
     AF_INET, AF_INET6, AF_UNSPEC, MSG_DONTWAIT, MSG_ERRQUEUE, MSG_OOB, MSG_PEEK, MSG_TRUNC, TCP_CLOSE,
     TCP_ESTABLISHED,
@@ -28,6 +28,19 @@ def _autobind(host: "Host", sk: Sock) -> None:
         autobind(host, sk)
     except SyscallError:
         raise fail("EAGAIN", "no ephemeral port left for the implicit bind", "inet_autobind") from None
+
+
+def _mapped(sa: SockAddr) -> SockAddr:
+    """An AF_INET name as an AF_INET6 socket's IPv4 path sees it: the v4-mapped address."""
+    host = "::ffff:" + (sa.host or "0.0.0.0")
+    return SockAddr(AF_INET6, canonical_ip(host)[1] if canonical_ip(host) else host, sa.port, SOCKADDR_IN6_LEN)
+
+
+def _check_mapped_source(sk: Sock, dst: str) -> None:
+    """ip6_dst_lookup_tail() and __mkroute_output() on the socket's bound source (see tcp.check_route_source)."""
+    from .tcp import check_route_source
+
+    check_route_source(sk, dst, "ip6_datagram_connect")
 
 
 def _check_dest(sk: Sock, sa: SockAddr, fn: str) -> None:
@@ -56,13 +69,24 @@ def connect(op: str, host: "Host", sk: Sock, sa: SockAddr) -> Result:
         return Result(op, 0, None, "AF_UNSPEC: default destination removed", "udp_disconnect")
     _autobind(host, sk)  # happens before the address is even checked
     fn = "ip6_datagram_connect" if sk.family == AF_INET6 else "ip4_datagram_connect"
+    if sk.family == AF_INET6 and sa.family == AF_INET:
+        # __ip6_datagram_connect(): an AF_INET name takes the IPv4 path, then the ends read v4-mapped.
+        if sk.v6only:
+            raise fail("EAFNOSUPPORT", "IPv4 destination on an IPV6_V6ONLY socket", fn)
+        if sa.addrlen < SOCKADDR_IN_LEN:
+            raise fail("EINVAL", f"addrlen {sa.addrlen} < sizeof(struct sockaddr_in)", "__ip4_datagram_connect")
+        sa = _mapped(sa)
     _check_dest(sk, sa, fn)
+    if sk.family == AF_INET6 and sk.v6only and v4_of_v6(sa.host) is not None:
+        raise fail("ENETUNREACH", "v4-mapped destination on an IPV6_V6ONLY socket", fn)
+    _check_mapped_source(sk, sa.host)
     route = host.net.route(host, sa.host, sa.family == AF_INET6)
     mapped = sk.family == AF_INET6 and ":" not in route.src
     src = f"::ffff:{route.src}" if mapped else route.src
     if sk.rcv_addr in (ANY4, ANY6, None):
         sk.rcv_addr = src
-    dst = sa.host if not mapped or ":" in sa.host else f"::ffff:{sa.host}"
+    # ip_route_connect() resolves a wildcard destination (to the loopback): the peer is what the route says.
+    dst = f"::ffff:{route.dst}" if sk.family == AF_INET6 and ":" not in route.dst else route.dst
     sk.peer_addr, sk.peer_port = dst, sa.port
     sk.sk_state = TCP_ESTABLISHED
     sk.device = route.device
@@ -105,14 +129,25 @@ def lookup(host: "Host", dst: str, dport: int, src: str, sport: int, v4_path: bo
 def sendmsg(op: str, host: "Host", creds, f: OpenFile, payload: bytes, flags: int, dest: SockAddr | None) -> Result:
     """udp_sendmsg(): size and destination checks, autobind, route, zerocopy uarg, then delivery."""
     sk = f.sock
+    # inet_sendmsg() -> inet_send_prepare(): the implicit bind comes before udp_sendmsg() looks at anything,
+    # so a send that then fails (EDESTADDRREQ, EMSGSIZE) still leaves the socket bound.
+    _autobind(host, sk)
     size = len(payload)
     v6 = sk.family == AF_INET6
     limit = UDP_MAX_PAYLOAD6 if v6 else UDP_MAX_PAYLOAD4
     if size > limit:
         raise fail("EMSGSIZE", f"{size} bytes exceed the largest datagram ({limit})", "ip_append_data")
-    if flags & MSG_OOB:
+    if flags & MSG_OOB and not v6:
         raise fail("EOPNOTSUPP", "MSG_OOB on UDP", "udp_sendmsg")
     fn = "udpv6_sendmsg" if v6 else "udp_sendmsg"
+    if dest is not None and v6 and dest.family == AF_UNSPEC and dest.addrlen >= 2:
+        dest = None  # udpv6_sendmsg(): an AF_UNSPEC name counts as no name at all
+    if dest is not None and v6 and dest.family not in (AF_INET, AF_INET6) and dest.addrlen >= 2:
+        raise fail("EINVAL", f"sockaddr family {dest.family}", fn)  # udpv6_sendmsg(): default: -EINVAL
+    if dest is not None and v6 and dest.family == AF_INET:
+        if sk.v6only:
+            raise fail("ENETUNREACH", "IPv4 destination on an IPV6_V6ONLY socket", fn)
+        dest = _mapped(dest)  # do_udp_sendmsg: the IPv4 path
     if dest is not None:
         _check_dest(sk, dest, fn)
         if dest.port == 0:
@@ -122,7 +157,19 @@ def sendmsg(op: str, host: "Host", creds, f: OpenFile, payload: bytes, flags: in
         if sk.sk_state != TCP_ESTABLISHED:
             raise fail("EDESTADDRREQ", "no destination and not connected", fn)
         dst, dport = sk.peer_addr, sk.peer_port
-    _autobind(host, sk)
+        if v6 and dport == 0 and v4_of_v6(dst) is not None:
+            # udpv6_sendmsg() hands a v4-mapped peer to udp_sendmsg() as an explicit sockaddr_in,
+            # whose port 0 it refuses; a native peer on port 0 is sent to as it is.
+            raise fail("EINVAL", "connected to port 0 of a v4-mapped address", "udp_sendmsg")
+    if v6 and flags & MSG_OOB:
+        raise fail("EOPNOTSUPP", "MSG_OOB on UDP (udpv6_sendmsg checks the destination first)", "udp_sendmsg")
+    if v6 and sk.v6only and v4_of_v6(dst) is not None:
+        raise fail("ENETUNREACH", "v4-mapped destination on an IPV6_V6ONLY socket", fn)
+    if v6 and sk.err and v4_of_v6(dst) is None:
+        # Seen on 6.1 (tests/corpus/fuzz-1-25.yaml): a pending ICMP error is reported before the route
+        # lookup refuses a v4-mapped source.
+        raise fail(sk.take_error(), "pending socket error reported (ICMP)", "sock_error")
+    _check_mapped_source(sk, dst)
     route = host.net.route(host, dst, ":" in dst)
     if dst == "255.255.255.255" and not sk.broadcast:
         raise fail("EACCES", "broadcast destination without SO_BROADCAST", fn)
@@ -169,7 +216,10 @@ def _deliver(host: "Host", sk: Sock, route, dport: int, payload: bytes) -> str:
     target = lookup(receiver_host, route.dst, dport, src, sk.port, v4_path)
     if target is None:
         receiver_host.bump("Udp.NoPorts")
-        if sk.sk_state == TCP_ESTABLISHED:
+        peer = v4_of_v6(sk.peer_addr) or sk.peer_addr if v4_path and sk.peer_addr else sk.peer_addr
+        # __udp4_lib_err() finds the sender by the datagram's addresses: a connected socket only
+        # when the datagram went to its peer.
+        if sk.sk_state == TCP_ESTABLISHED and peer == route.dst and sk.peer_port == dport:
             sk.err = "ECONNREFUSED"  # __udp4_lib_err(): port unreachable is a hard error for connected sockets
             return "sent; no socket on that port: ICMP port unreachable sets ECONNREFUSED on this socket"
         return "sent; no socket on that port (Udp.NoPorts on the receiver)"

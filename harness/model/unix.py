@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from .addr import SOCKADDR_UN_LEN, SUN_PATH_OFFSET, SockAddr
 from .constants import (
-    AF_UNIX, MSG_DONTWAIT, MSG_NOSIGNAL, MSG_PEEK, SOCK_CLOEXEC, SOCK_DGRAM, SOCK_NONBLOCK, SOCK_SEQPACKET,
+    AF_UNIX, MSG_DONTWAIT, MSG_NOSIGNAL, MSG_OOB, MSG_PEEK, SOCK_CLOEXEC, SOCK_DGRAM, SOCK_NONBLOCK, SOCK_SEQPACKET,
     SOCK_STREAM, SS_CONNECTED, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN,
 )
 from .result import Result, fail
@@ -38,15 +38,15 @@ def unix_bind(op: str, host: "Host", creds, f: OpenFile, sa: SockAddr) -> Result
     if sa.addrlen == SUN_PATH_OFFSET and sa.family == AF_UNIX:
         if sk.unix_path is not None:
             return Result(op, 0, None, "already bound: autobind is a no-op", "unix_autobind")
-        name = _autoname(host)
+        name = _autoname(host, sk.type)
         _publish(host, sk, name)
         return Result(op, 0, None, f"autobound to abstract name {name}", "unix_autobind")
     name = _validate(sa, "unix_bind")
     if name.startswith("@"):
         if sk.unix_path is not None:
             raise fail("EINVAL", "socket already bound", "unix_bind_abstract")
-        if name in host.unix_names:
-            raise fail("EADDRINUSE", f"abstract name {name} in use", "unix_bind_abstract")
+        if _key(name, sk.type) in host.unix_names:
+            raise fail("EADDRINUSE", f"abstract name {name} in use by a socket of this type", "unix_bind_abstract")
         _publish(host, sk, name)
         return Result(op, 0, None, f"bound to abstract name {name}", "unix_bind_abstract")
     if name in host.unix_names:
@@ -57,15 +57,21 @@ def unix_bind(op: str, host: "Host", creds, f: OpenFile, sa: SockAddr) -> Result
     return Result(op, 0, None, f"bound to {name} (a socket file now exists)", "unix_bind_bsd")
 
 
-def _autoname(host: "Host") -> str:
+def _autoname(host: "Host", sock_type: int) -> str:
     while True:
         name = f"@{host.rng.getrandbits(20):05x}"
-        if name not in host.unix_names:
+        if _key(name, sock_type) not in host.unix_names:
             return name
 
 
+def _key(name: str, sock_type: int) -> str:
+    """unix_names key: a path is one file for every type; an abstract name is hashed with the socket type
+    (unix_abstract_hash), so a stream and a datagram socket can both hold @name."""
+    return f"{name}\0{sock_type}" if name.startswith("@") else name
+
+
 def _publish(host: "Host", sk: Sock, name: str) -> None:
-    host.unix_names[name] = sk
+    host.unix_names[_key(name, sk.type)] = sk
     sk.unix_path = name
     sk.bound = True
 
@@ -89,7 +95,7 @@ def unix_listen(op: str, host: "Host", creds, f: OpenFile, backlog: int) -> Resu
 
 def _find_other(host: "Host", sk: Sock, name: str, fn: str) -> Sock:
     """unix_find_other(): ENOENT for a missing path, ECONNREFUSED for a dead name, EPROTOTYPE for a type clash."""
-    other = host.unix_names.get(name)
+    other = host.unix_names.get(_key(name, sk.type))
     if other is None:
         if name.startswith("@"):
             raise fail("ECONNREFUSED", f"no socket bound to abstract name {name}", "unix_find_abstract")
@@ -97,6 +103,10 @@ def _find_other(host: "Host", sk: Sock, name: str, fn: str) -> Sock:
     if not isinstance(other, Sock) or other.orphan:
         raise fail("ECONNREFUSED", f"{name} is a socket file with no socket behind it", "unix_find_bsd")
     if other.type != sk.type:
+        if name.startswith("@"):
+            # unix_find_abstract(): the abstract hash includes the socket type, so another type's name is
+            # simply not found; only path names (unix_find_bsd) report the clash.
+            raise fail("ECONNREFUSED", f"no {sk.type} socket bound to abstract name {name}", "unix_find_abstract")
         raise fail("EPROTOTYPE", "socket types differ", fn)
     return other
 
@@ -156,8 +166,10 @@ def unix_getname(op: str, host: "Host", f: OpenFile, peer: bool) -> Result:
         other = sk.peer
         if other is None:
             raise fail("ENOTCONN", "not connected", "unix_getname")
-        return Result(op, other.unix_path or "", None, "peer's bound name ('' when unnamed)", "unix_getname")
-    return Result(op, sk.unix_path or "", None, "bound name ('' when unnamed)", "unix_getname")
+        return Result(op, other.unix_path or None, None, "peer's bound name (None: unnamed, only sun_family)",
+                      "unix_getname")
+    return Result(op, sk.unix_path or None, None, "bound name (None: unnamed, addrlen is sizeof(sun_family))",
+                  "unix_getname")
 
 
 def unix_shutdown(op: str, host: "Host", f: OpenFile, how: int) -> Result:
@@ -207,6 +219,8 @@ def unix_stream_recvmsg(op, host, f: OpenFile, length: int, flags: int) -> Resul
     """unix_stream_read_generic(): EINVAL unless connected; data, then sk_err, then EOF, then EAGAIN."""
     sk = f.sock
     if sk.sk_state != TCP_ESTABLISHED:
+        if sk.type == SOCK_SEQPACKET:
+            raise fail("ENOTCONN", "not connected", "unix_seqpacket_recvmsg")
         raise fail("EINVAL", "not connected", "unix_stream_read_generic")
     if sk.rx:
         count = min(length, len(sk.rx))
@@ -235,18 +249,28 @@ def unix_dgram_connect(op, host, creds, f: OpenFile, sa: SockAddr) -> Result:
 
 
 def unix_dgram_sendmsg(op, host, creds, f: OpenFile, payload: bytes, flags: int, dest) -> Result:
-    """unix_dgram_sendmsg(): EMSGSIZE past sk_sndbuf - 32, EAGAIN past max_dgram_qlen queued datagrams."""
+    """unix_dgram_sendmsg(): MSG_OOB, the address (or a peer), EMSGSIZE past sk_sndbuf - 32, then the lookup;
+    EAGAIN past max_dgram_qlen queued datagrams."""
     sk = f.sock
+    if flags & MSG_OOB:
+        raise fail("EOPNOTSUPP", "datagram sockets have no out-of-band data", "unix_dgram_sendmsg")
+    name = _validate(dest, "unix_dgram_sendmsg") if dest is not None else None
+    if name is None and sk.peer is None:
+        raise fail("ENOTCONN", "no destination and not connected", "unix_dgram_sendmsg")
     if len(payload) > sk.sndbuf - 32:
         raise fail("EMSGSIZE", f"{len(payload)} > sk_sndbuf - 32", "unix_dgram_sendmsg")
-    if dest is not None:
-        other = _find_other(host, sk, _validate(dest, "unix_dgram_sendmsg"), "unix_dgram_sendmsg")
+    if sk.shutdown & SEND_SHUTDOWN:
+        # sock_alloc_send_pskb() comes before the receiver is looked up (no SIGPIPE for datagrams).
+        raise fail("EPIPE", "send side shut down", "sock_alloc_send_pskb")
+    if name is not None:
+        other = _find_other(host, sk, name, "unix_dgram_sendmsg")
     else:
         other = sk.peer
-        if other is None:
-            raise fail("ENOTCONN", "no destination and not connected", "unix_dgram_sendmsg")
         if other.orphan:
             raise fail("ECONNREFUSED", "peer is gone", "unix_dgram_sendmsg")
+    if other.type == SOCK_DGRAM and other.peer is not None and other.peer is not sk:
+        # unix_may_send(): a receiver connected to another socket takes datagrams from that one only.
+        raise fail("EPERM", "the receiver is connected to another socket", "unix_may_send")
     if other.shutdown & RCV_SHUTDOWN:
         raise _epipe(flags, "receiver shut down", "unix_dgram_sendmsg")
     limit = host.sysctls.get("net.unix.max_dgram_qlen", 10)
@@ -277,9 +301,9 @@ def unix_release(host: "Host", sk: Sock) -> str:
     """unix_release_sock(): abstract names vanish, path files stay; peers see EOF or ECONNRESET."""
     sk.orphan = True
     name = sk.unix_path
-    if name is not None and host.unix_names.get(name) is sk:
+    if name is not None and host.unix_names.get(_key(name, sk.type)) is sk:
         if name.startswith("@"):
-            del host.unix_names[name]
+            del host.unix_names[_key(name, sk.type)]
         else:
             host.unix_names[name] = LEFTOVER_FILE
     notes = []

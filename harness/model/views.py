@@ -92,7 +92,7 @@ def endpoint(sk: Sock | TimeWaitSock, peer: bool) -> Any:
         addr, port = sk.peer_addr, sk.peer_port
     else:
         addr = sk.rcv_addr or ("::" if sk.family == AF_INET6 else "0.0.0.0")
-        port = sk.port
+        port = sk.port or getattr(sk, "sport", 0)
     return (addr, port, 0, 0) if sk.family == AF_INET6 else (addr, port)
 
 
@@ -106,7 +106,7 @@ def ep_text(sk: Sock | TimeWaitSock, peer: bool) -> str:
             return "-"
     else:
         addr = sk.rcv_addr or ("::" if sk.family == AF_INET6 else "0.0.0.0")
-        port = sk.port
+        port = sk.port or getattr(sk, "sport", 0)
     return f"[{addr}]:{port}" if sk.family == AF_INET6 else f"{addr}:{port}"
 
 
@@ -133,7 +133,7 @@ def socket_view(host: "Host", entry: OpenFile) -> SocketView:
         reuseport=sk.reuseport,
         zerocopy=sk.zerocopy,
         zerocopy_next_id=sk.zckey,
-        zerocopy_pending=tuple({"code": c, "lo": lo, "hi": hi} for c, lo, hi in sk.errqueue),
+        zerocopy_pending=tuple({"code": c, "lo": lo, "hi": hi} for c, lo, hi, *_ in sk.errqueue),
         zerocopy_inflight=len(sk.zc_inflight),
         omem=sk.omem,
         error=sk.err,

@@ -131,13 +131,30 @@ def complete(sk: Sock, uarg: list[int]) -> None:
             tail[2] = (old_hi + length) % U32
             sk.omem -= _notify_truesize(sk)  # consume_skb() of the merged notification
             return
-    queue.append([code, lo, hi])
+    # A fourth field marks a code the kernel does not always give (see uncertain_code()).
+    queue.append([code, lo, hi, len(uarg) > 3 and uarg[3]])
 
 
 def read_notification(sk: Sock) -> dict[str, int]:
     """ip_recv_error() -> sock_dequeue_err_skb(): one sock_extended_err per recvmsg(MSG_ERRQUEUE)."""
     if not sk.errqueue:
         raise fail("EAGAIN", "error queue is empty (reading it never blocks)", "ip_recv_error")
-    code, lo, hi = sk.errqueue.pop(0)
+    code, lo, hi, uncertain = sk.errqueue.pop(0)
     sk.omem -= _notify_truesize(sk)
-    return {"origin": SO_EE_ORIGIN_ZEROCOPY, "code": code, "lo": lo, "hi": hi, "errno": 0}
+    note = {"origin": SO_EE_ORIGIN_ZEROCOPY, "code": code, "lo": lo, "hi": hi, "errno": 0}
+    if uncertain:
+        note["uncertain"] = True  # read by the caller; never part of what the kernel answers
+    return note
+
+
+def uncertain_code(uarg: list[int]) -> None:
+    """Mark a send whose completion code is code 0 only most of the time.
+
+    Measured on the 6.1 guests (``ethtool -K lab0 sg off``, completions read after every send): TCP
+    MSG_ZEROCOPY sends across the segment complete with code 0 for 116 of 120 sends of 4 KiB and
+    91 of 96 of 64 KiB, COPIED for the rest. sk_setup_caps() gives every TCP socket NETIF_F_SG, so
+    tcp_sendmsg_locked() keeps uarg->zerocopy = 1 and the pages are linearised at transmit
+    (validate_xmit_skb) without marking the copy; the few COPIED ones depend on timing.
+    """
+    if len(uarg) == 3:
+        uarg.append(1)

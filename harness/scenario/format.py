@@ -40,34 +40,45 @@ from ..errors import SocklabError
 #   addr: [ip, port] or a path;  int, str: as said;  fds: a list of fds;  any: passed through.
 CALLS: dict[str, dict[str, str]] = {
     "socket": {"family": "const", "type": "const", "protocol": "const?"},
-    "bind": {"fd": "fd", "addr": "addr", "addrlen": "int?"},
+    "bind": {"fd": "fd", "addr": "addr", "addrlen": "int?", "family": "const?"},
     "listen": {"fd": "fd", "backlog": "int"},
     "accept": {"fd": "fd"},
     "accept4": {"fd": "fd", "flags": "const?"},
-    "connect": {"fd": "fd", "addr": "addr"},
+    "connect": {"fd": "fd", "addr": "addr", "addrlen": "int?", "family": "const?"},
     "close": {"fd": "fd"},
     "shutdown": {"fd": "fd", "how": "const"},
     "getsockname": {"fd": "fd"},
     "getpeername": {"fd": "fd"},
-    "setsockopt": {"fd": "fd", "level": "const", "optname": "const", "value": "const"},
-    "getsockopt": {"fd": "fd", "level": "const", "optname": "const"},
-    "send": {"fd": "fd", "length": "int?", "data": "str?", "flags": "const?"},
-    "sendmsg": {"fd": "fd", "length": "int?", "data": "str?", "flags": "const?"},
+    "setsockopt": {"fd": "fd", "level": "const", "optname": "const", "value": "const", "optlen": "int?"},
+    "getsockopt": {"fd": "fd", "level": "const", "optname": "const", "optlen": "int?"},
+    "send": {"fd": "fd", "length": "int?", "data": "str?", "flags": "const?",
+             "addr": "addr?", "addrlen": "int?", "family": "const?"},
+    "sendto": {"fd": "fd", "length": "int?", "data": "str?", "flags": "const?",
+               "addr": "addr?", "addrlen": "int?", "family": "const?"},
+    "sendmsg": {"fd": "fd", "length": "int?", "data": "str?", "flags": "const?",
+                "addr": "addr?", "addrlen": "int?", "family": "const?"},
     "recv": {"fd": "fd", "length": "int?", "flags": "const?"},
+    "recvfrom": {"fd": "fd", "length": "int?", "flags": "const?"},
     "recvmsg": {"fd": "fd", "length": "int?", "flags": "const?"},
     "poll": {"fds": "fds", "events": "const?", "timeout": "int?"},
     "fcntl": {"fd": "fd", "cmd": "const", "arg": "const?"},
     "fstat": {"fd": "fd"},
+    "sysctl_get": {"name": "str"},  # not a system call: a read of /proc/sys/<name>
 }
-COMPARE_MODES = ("exact", "ok", "errno", "none")
+COMPARE_MODES = ("exact", "ok", "errno", "none", "eventually")
 HEADER_KEYS = ("name", "description", "hosts", "params")
 BODY_KEYS = ("sysctls", "steps")
-STEP_KEYS = ("on", "call", "args", "as", "user", "expect", "compare", "label")
+STEP_KEYS = ("on", "call", "args", "as", "user", "expect", "compare", "label", "until", "max")
+VALUE_STEP_KEYS = ("value", "as", "expect", "compare", "label")
 # The largest buffer the guest agent allocates for one send or recv (harness/guest/agent.py MAX_BUFFER);
 # a bigger step is refused here, before a VM is touched, not by the agent halfway through a run.
 MAX_BUFFER = 64 << 20
 USERS = ("root", "student")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A reference to an earlier step's result: $name, $name.port, $name.ip, $name[1] (see resolve_reference).
+REFERENCE = re.compile(r"^\$([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*)$")
+UNTIL_MAX = 100_000  # `max:` of a step repeated `until:` an errno
+
 
 
 class ScenarioError(SocklabError):
@@ -102,8 +113,13 @@ class Step:
     label: str = ""
     seconds: float = 0.0
     snapshot: str = ""
+    until: str | None = None  # repeat the call until it fails with this errno (or `max` times)
+    max_repeats: int = 0
+    expression: str = ""  # a value step's expression over the snapshots taken so far
 
     def describe(self) -> str:
+        if self.kind == "value":
+            return f"value {self.expression}"
         if self.kind == "sleep":
             return f"sleep {self.seconds:g} s"
         if self.kind == "snapshot":
@@ -116,7 +132,8 @@ class Step:
                 value = "[" + ", ".join(str(v) for v in value) + "]"
             # The descriptor and the address read best without their names, as in C.
             parts.append(str(value) if key in ("fd", "addr", "fds") else f"{key}={value}")
-        return f"{self.call}({', '.join(parts)})"
+        text = f"{self.call}({', '.join(parts)})"
+        return f"{text} until {self.until}" if self.until else text
 
 
 @dataclass(frozen=True)
@@ -333,6 +350,9 @@ def _steps(raw: Any, where: str, line_offset: int, hosts: tuple[str, ...]) -> tu
                 raise ScenarioError(f"{at}: `snapshot:` takes a name like `before`, not {_shown(name)}")
             steps.append(Step(index, line, "snapshot", snapshot=name))
             continue
+        if "value" in item:
+            steps.append(_value_step(item, index, line, at, names))
+            continue
         steps.append(_call_step(item, index, line, at, hosts, names))
     return tuple(steps)
 
@@ -340,7 +360,7 @@ def _steps(raw: Any, where: str, line_offset: int, hosts: tuple[str, ...]) -> tu
 def _call_step(item: dict, index: int, line: int, at: str, hosts: tuple[str, ...], names: dict[str, str]) -> Step:
     for key in item:
         if key not in STEP_KEYS:
-            raise ScenarioError(f"{at}: unknown key {_shown(key)}{textio.did_you_mean(key, STEP_KEYS + ('sleep', 'snapshot'))}")
+            raise ScenarioError(f"{at}: unknown key {_shown(key)}{textio.did_you_mean(key, STEP_KEYS + ('sleep', 'snapshot', 'value'))}")
     host, call = item.get("on"), item.get("call")
     if not isinstance(host, str) or host not in hosts:
         raise ScenarioError(f"{at}: `on: {_strip_lines(host)}` is not one of the scenario's hosts ({', '.join(hosts)})")
@@ -365,9 +385,51 @@ def _call_step(item: dict, index: int, line: int, at: str, hosts: tuple[str, ...
     label = item.get("label", "")
     if not isinstance(label, (str, int)) or isinstance(label, bool):
         raise ScenarioError(f"{at}: `label:` takes a name or a number, not {_shown(label)}")
+    until, max_repeats = _until(item, at)
     return Step(index, line, "call", host=host, call=call, args=args, user=user, save_as=save_as,
                 expect=_expect(item.get("expect"), at) if "expect" in item else None,
-                compare=compare, label=str(label))
+                compare=compare, label=str(label), until=until, max_repeats=max_repeats)
+
+
+def _until(item: dict, at: str) -> tuple[str | None, int]:
+    """`until: EAGAIN` (and `max: N`, default and cap UNTIL_MAX) repeats a call until that errno."""
+    until = item.get("until")
+    if until is None:
+        if "max" in item:
+            raise ScenarioError(f"{at}: `max:` only bounds a step with `until:`")
+        return None, 0
+    if not isinstance(until, str) or not re.fullmatch(r"E[A-Z0-9]+", until):
+        raise ScenarioError(f"{at}: `until:` takes an errno name like EAGAIN, not {until!r}")
+    limit = item.get("max", UNTIL_MAX)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= UNTIL_MAX:
+        raise ScenarioError(f"{at}: `max:` takes 1 to {UNTIL_MAX} repetitions, not {limit!r}")
+    return until, limit
+
+
+def _value_step(item: dict, index: int, line: int, at: str, names: dict[str, str]) -> Step:
+    """`{value: "before.server.sysctls.somaxconn", as: q}`: a snapshot's content, compared and named."""
+    for key in item:
+        if key not in VALUE_STEP_KEYS:
+            raise ScenarioError(f"{at}: unknown key {_shown(key)} for a value step"
+                                f"{textio.did_you_mean(key, VALUE_STEP_KEYS)}")
+    expression = item["value"]
+    if not isinstance(expression, str) or not expression.strip():
+        raise ScenarioError(f"{at}: `value:` takes an expression over the snapshots, like before.server.sysctls.somaxconn")
+    try:
+        sandbox().compile_expression(expression)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ScenarioError(f"{at}: `value: {expression}`: {exc.message}") from None
+    save_as = item.get("as")
+    if save_as is not None:
+        if not isinstance(save_as, str) or not _NAME.match(save_as):
+            raise ScenarioError(f"{at}: `as:` takes a name like `queue`, not {_shown(save_as)}")
+        names[save_as] = ""  # a value, on no host
+    compare = item.get("compare", "exact")
+    if not isinstance(compare, str) or compare not in COMPARE_MODES:
+        raise ScenarioError(f"{at}: `compare: {_strip_lines(compare)}`; use one of: {', '.join(COMPARE_MODES)}")
+    return Step(index, line, "value", save_as=save_as, expression=expression.strip(),
+                expect=_expect(item.get("expect"), at) if "expect" in item else None,
+                compare=compare, label=str(item.get("label", "")))
 
 
 def _expect(raw: Any, at: str) -> Expect:
@@ -425,7 +487,7 @@ def _size_problem(call: str, key: str, value: Any) -> str | None:
     """What the guest cannot do: buffers past the agent's limit, numbers past 64 bits."""
     if isinstance(value, int) and not isinstance(value, bool) and not -(1 << 63) <= value < (1 << 64):
         return f"{value} does not fit in 64 bits"
-    if key in ("length", "data") and call in ("send", "sendmsg", "recv", "recvmsg"):
+    if key in ("length", "data") and call in ("send", "sendto", "sendmsg", "recv", "recvfrom", "recvmsg"):
         size = len(value.encode()) if isinstance(value, str) else value
         if isinstance(size, int) and size > MAX_BUFFER:
             return (f"{size} bytes is more than the guest agent's {MAX_BUFFER >> 20} MiB buffer for one step "
@@ -433,7 +495,26 @@ def _size_problem(call: str, key: str, value: Any) -> str | None:
     return None
 
 
+def _reference_problem(value: Any, names: dict[str, str]) -> str | None:
+    """None when ``value`` is a reference to a name an earlier step set ("" when it is no reference)."""
+    match = REFERENCE.match(value) if isinstance(value, str) else None
+    if match is None:
+        return ""
+    if match.group(1) not in names:
+        return f"no result named ${match.group(1)} yet (name it earlier with `as: {match.group(1)}`)"
+    return None
+
+
 def _type_problem(kind: str, value: Any, host: str, names: dict[str, str]) -> str | None:
+    if kind in ("int", "const", "addr") and (problem := _reference_problem(value, names)) != "":
+        return problem
+    if kind == "addr" and isinstance(value, list) and len(value) == 2:
+        # [ip, $srv.port]: either part may be an earlier result.
+        for part in value:
+            if (problem := _reference_problem(part, names)) not in ("", None):
+                return problem
+        if any(_reference_problem(part, names) is None for part in value):
+            return None
     if kind == "fd":
         return _fd_problem(value, host, names)
     if kind == "fds":
@@ -478,6 +559,20 @@ def _fd_problem(value: Any, host: str, names: dict[str, str]) -> str | None:
     name = value[1:]
     if name not in names:
         return f"no socket named {value} yet (name it earlier with `as: {name}`)"
+    if names[name] == "":
+        return f"{value} is a value step's result, not a socket"
     if names[name] != host:
         return f"{value} lives on {names[name]}, not on {host}"
     return None
+
+
+def from_body(name: str, hosts: tuple[str, ...], body: Mapping[str, Any], description: str = "",
+              where: str = "<generated>") -> Scenario:
+    """A scenario from a body already in memory (a generated program), checked as a file's would be."""
+    hosts = tuple(hosts)
+    sysctls = {host: dict(settings) for host, settings in (body.get("sysctls") or {}).items()}
+    if any(host not in hosts for host in sysctls):
+        raise ScenarioError(f"{where}: `sysctls:` maps hosts of the header to settings")
+    steps = _steps(list(body.get("steps") or []), where, 1, hosts)
+    return Scenario(path=Path(where), name=name, description=description, hosts=hosts, params={},
+                    sysctls=sysctls, steps=steps)

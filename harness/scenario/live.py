@@ -40,6 +40,7 @@ class LabBackend:
         self.lab = lab
         self.scenario = scenario
         self.agents: dict[tuple[str, str], Agent] = {}
+        self.block_ms: int | None = None  # for batches: the agent's own default unless set
         missing = [host for host in scenario.hosts if host not in {vm.name for vm in lab.require().vms}]
         if missing:
             raise LabError(f"{scenario.path}: the running lab has no VM {', '.join(missing)}")
@@ -112,6 +113,23 @@ class LabBackend:
         if reply.error and reply.errno is None:
             raise LabError(f"{host}: the agent refused {op}: {reply.error}")
         return Outcome(ret=reply.ret, errno=reply.errno, blocked=reply.blocked, extra=dict(reply.extra))
+
+    def run_segment(self, host: str, user: str, steps: list[dict[str, Any]]) -> list[Outcome]:
+        """Consecutive steps of one (VM, user) in one agent request (see harness.scenario.batch)."""
+        agent = self.agent(host, user)
+        try:
+            replies = agent.batch(steps, block_ms=self.block_ms)
+        except AgentRequestError:
+            raise
+        except (AgentError, SSHError) as exc:
+            raise self.explain(host, exc) from exc
+        return [Outcome(ret=reply.ret, errno=reply.errno, blocked=reply.blocked,
+                        extra={**reply.extra, **({"error": reply.error} if reply.error else {})})
+                for reply in replies]
+
+    def call_until(self, host: str, user: str, op: str, args: dict[str, Any], until: str, limit: int) -> Outcome:
+        """A step repeated until an errno, looped in the guest: one round trip, not one per call."""
+        return self.run_segment(host, user, [{"op": op, "args": args, "until": until, "max": limit}])[0]
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)

@@ -11,7 +11,7 @@ from ..errors import LabError
 from ..model import Network
 from ..model.constants import resolve
 from .compare import Outcome, Verdict, judge
-from .format import CALLS, Scenario, Step
+from .format import CALLS, REFERENCE, Scenario, Step, sandbox
 
 LAB_ADDRESSES = {"client": "198.51.100.1", "server": "198.51.100.2"}
 
@@ -70,26 +70,74 @@ class RunAborted(LabError):
         self.result = result
 
 
-def resolve_args(call: str, args: Mapping[str, Any], names: Mapping[str, int]) -> dict[str, Any]:
-    """Constant names to ints and ``$socket`` names to this side's descriptors.
+class UnsetReference(LookupError):
+    """A step refers to a result that this side never produced (the naming step failed there)."""
+
+
+def resolve_reference(text: str, values: Mapping[str, Any]) -> Any:
+    """``$name`` (the whole result), ``$name.port`` / ``.ip`` (of an address), ``$name[1]``, ``$name.key``."""
+    match = REFERENCE.match(text)
+    if match is None or match.group(1) not in values:
+        raise UnsetReference(text)
+    value = values[match.group(1)]
+    for accessor in re_accessors(match.group(2)):
+        if isinstance(accessor, int) or accessor in ("ip", "host", "port"):
+            index = {"ip": 0, "host": 0, "port": 1}.get(accessor, accessor)  # type: ignore[arg-type]
+            if not isinstance(value, (list, tuple)) or not -len(value) <= index < len(value):
+                raise UnsetReference(text)
+            value = value[index]
+        elif isinstance(value, Mapping) and accessor in value:
+            value = value[accessor]
+        else:
+            raise UnsetReference(text)
+    if value is None:
+        raise UnsetReference(text)  # e.g. the name of an unnamed AF_UNIX socket: nothing to pass on
+    return value
+
+
+def re_accessors(text: str) -> list[str | int]:
+    """``.port[0].x`` -> ["port", 0, "x"]."""
+    out: list[str | int] = []
+    for part in text.replace("[", ".[").split("."):
+        if part:
+            out.append(int(part[1:-1]) if part.startswith("[") else part)
+    return out
+
+
+def _value(value: Any, values: Mapping[str, Any] | None) -> Any:
+    if values is not None and isinstance(value, str) and REFERENCE.match(value):
+        return resolve_reference(value, values)
+    return value
+
+
+def resolve_args(call: str, args: Mapping[str, Any], names: Mapping[str, int],
+                 values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Constant names to ints, ``$socket`` names to this side's descriptors, ``$name.port`` to results.
 
     A name whose socket() failed on this side becomes -1, so using it fails
     with EBADF there, as it would in a program that ignored the error.
+    ``values`` holds every named result of this side (any host): a reference
+    to one that is missing raises UnsetReference.
     """
     schema = CALLS[call]
     out: dict[str, Any] = {}
     for key, value in args.items():
         kind = schema.get(key, "any").rstrip("?")
         if kind == "fd":
-            out[key] = names.get(value[1:], -1) if isinstance(value, str) else value
+            fd = names.get(value[1:], -1) if isinstance(value, str) else value
+            out[key] = fd if isinstance(fd, int) else -1
         elif kind == "fds":
             out[key] = [names.get(v[1:], -1) if isinstance(v, str) else v for v in value]
         elif kind == "const":
-            out[key] = resolve(value)
+            value = _value(value, values)
+            out[key] = resolve(value) if isinstance(value, str) else value
         elif kind == "addr" and isinstance(value, list):
-            out[key] = tuple(value)
+            out[key] = tuple(_value(part, values) for part in value)
+        elif kind == "addr":
+            value = _value(value, values)
+            out[key] = tuple(value) if isinstance(value, list) else value
         else:
-            out[key] = value
+            out[key] = _value(value, values)
     return out
 
 
@@ -101,35 +149,60 @@ def _fds_to_names(value: Any, by_fd: Mapping[int, str]) -> Any:
 
 
 class SocketNames:
-    """One side's socket names: per process (host, user), name -> descriptor and descriptor -> name.
+    """One side's named results: name -> (host, user, value), indexed per process (host, user).
 
-    Kept per process so that a step looks up its own process's names in
-    constant time: building them from one flat table on every step made a
-    run quadratic in its steps (20,000 steps: minutes).
+    A step looks up its own process's names, and every name a reference may
+    use, in constant time: building them from one flat table on every step
+    made a run quadratic in its steps (20,000 steps: minutes). Used as a
+    mapping: ``names[name] = (host, user, value)``, ``names.items()``.
     """
 
     def __init__(self) -> None:
-        self._fds: dict[tuple[str, str], dict[str, int]] = {}
-        self._names: dict[tuple[str, str], dict[int, str]] = {}
-        self._owner: dict[str, tuple[str, str]] = {}
+        self._all: dict[str, tuple[str, str, Any]] = {}
+        self._values: dict[str, Any] = {}
+        self._mine: dict[tuple[str, str], dict[str, Any]] = {}
+        self._by_fd: dict[tuple[str, str], dict[int, str]] = {}
 
-    def of(self, host: str, user: str) -> dict[str, int]:
-        """name -> descriptor in that process (do not change it: use ``save``)."""
-        return self._fds.get((host, user), {})
+    def __setitem__(self, name: str, entry: tuple[str, str, Any]) -> None:
+        """``name`` now means ``value`` in that process, and nothing anywhere else."""
+        old = self._all.get(name)
+        if old is not None:
+            old_host, old_user, old_value = old
+            self._mine.get((old_host, old_user), {}).pop(name, None)
+            by_fd = self._by_fd.get((old_host, old_user), {})
+            if _is_fd(old_value) and by_fd.get(old_value) == name:
+                del by_fd[old_value]
+        host, user, value = entry
+        self._all[name] = entry
+        self._values[name] = value
+        self._mine.setdefault((host, user), {})[name] = value
+        if _is_fd(value):
+            self._by_fd.setdefault((host, user), {})[value] = name
 
-    def by_fd(self, host: str, user: str) -> dict[int, str]:
-        return self._names.get((host, user), {})
+    def __getitem__(self, name: str) -> tuple[str, str, Any]:
+        return self._all[name]
 
-    def save(self, name: str, host: str, user: str, fd: int) -> None:
-        """``name`` now means ``fd`` in that process, and nothing anywhere else."""
-        owner = self._owner.get(name)
-        if owner is not None:
-            old = self._fds[owner].pop(name)
-            if self._names[owner].get(old) == name:
-                del self._names[owner][old]
-        self._owner[name] = (host, user)
-        self._fds.setdefault((host, user), {})[name] = fd
-        self._names.setdefault((host, user), {})[fd] = name
+    def __contains__(self, name: object) -> bool:
+        return name in self._all
+
+    def items(self):
+        return self._all.items()
+
+    def of(self, host: str, user: str) -> Mapping[str, Any]:
+        """name -> value in that process (do not change it: assign to ``names[name]``)."""
+        return self._mine.get((host, user), {})
+
+    def by_fd(self, host: str, user: str) -> Mapping[int, str]:
+        return self._by_fd.get((host, user), {})
+
+    @property
+    def values(self) -> Mapping[str, Any]:
+        """name -> value of every named result of this side, any process (for ``$name.port`` references)."""
+        return self._values
+
+
+def _is_fd(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class ModelBackend:
@@ -170,10 +243,21 @@ class ModelStats:
 
     rows: tuple[Any, ...]
     counters: Mapping[str, int]
+    sysctl_values: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, host: Any) -> "ModelStats":
-        return cls(tuple(host.ss()), dict(host.predict_counters()))
+        return cls(tuple(host.ss()), dict(host.predict_counters()), dict(host.sysctls))
+
+    @property
+    def sysctls(self) -> Any:
+        """The host's sysctls by their last name component (``.somaxconn``), as a kernel snapshot names them."""
+        from types import SimpleNamespace
+
+        short: dict[str, Any] = {}
+        for name, value in self.sysctl_values.items():
+            short.setdefault(name.rsplit(".", 1)[-1], value)  # net.ipv4.ip_nonlocal_bind before net.ipv6's
+        return SimpleNamespace(**short)
 
     def listener(self, port: int) -> Any:
         """The TCP listener on ``port`` (recv_q = sk_ack_backlog, send_q = sk_max_ack_backlog), or None."""
@@ -229,6 +313,12 @@ def run(scenario: Scenario, kernel: Backend | None, model: ModelBackend | None,
                     result.kernel_snapshots[step.snapshot] = kernel.snapshot(step.snapshot)
                 if model is not None:
                     result.model_snapshots[step.snapshot] = model.snapshot(step.snapshot)
+            elif step.kind == "value":
+                if kernel is not None:
+                    record.kernel = evaluate_value(step, result.kernel_snapshots, kernel_names)
+                if model is not None:
+                    record.model = evaluate_value(step, result.model_snapshots, model_names)
+                record.verdict = judge(step, record.kernel, record.model)
             else:
                 if kernel is not None:
                     record.kernel = _call(kernel, step, kernel_names)
@@ -257,13 +347,66 @@ def run(scenario: Scenario, kernel: Backend | None, model: ModelBackend | None,
     return result
 
 
+UNSET = "UNSET"  # the errno-like mark of a step that refers to a result its side never produced
+
+
 def _call(backend: Backend, step: Step, names: SocketNames) -> Outcome:
-    """One call on one side; ``names`` holds that side's socket names per process."""
+    """One call on one side; ``names`` holds that side's named results per process."""
     # Descriptor numbers belong to one process: only this host's and this user's names apply.
     mine = names.of(step.host, step.user)
-    outcome = backend.call(step.host, step.user, step.call, resolve_args(step.call, step.args, mine))
+    try:
+        args = resolve_args(step.call, step.args, mine, names.values)
+    except UnsetReference as exc:
+        return Outcome(ret=None, errno=UNSET, rule=f"{exc.args[0]} was never set on this side: the step did not run")
+    if step.until:
+        outcome = call_until(backend, step, args)
+    else:
+        outcome = backend.call(step.host, step.user, step.call, args)
     if step.call == "poll":
         outcome = replace(outcome, ret=_fds_to_names(outcome.ret, names.by_fd(step.host, step.user)))
-    if step.save_as and outcome.errno is None and isinstance(outcome.ret, int) and outcome.ret >= 0:
-        names.save(step.save_as, step.host, step.user, outcome.ret)
+    if step.save_as and outcome.errno is None and not outcome.blocked:
+        if step.call not in ("socket", "accept", "accept4") or _is_fd(outcome.ret):
+            names[step.save_as] = (step.host, step.user, outcome.ret)
     return outcome
+
+
+def call_until(backend: Backend, step: Step, args: dict[str, Any]) -> Outcome:
+    """Repeat one call until it fails with ``step.until`` (or any other errno, or ``max`` times).
+
+    The outcome is ``{"calls": successful calls, "total": the sum of their
+    return values, "stopped": the errno that ended the loop or "max"}``. A
+    backend with its own ``call_until`` (the guest agent) runs the loop there,
+    in one round trip.
+    """
+    own = getattr(backend, "call_until", None)
+    if own is not None:
+        return own(step.host, step.user, step.call, args, step.until, step.max_repeats)
+    calls = total = 0
+    approx = False
+    last = Outcome(ret=None)
+    stopped = "max"
+    for _ in range(step.max_repeats):
+        last = backend.call(step.host, step.user, step.call, args)
+        approx = approx or last.approx
+        if last.errno is not None or last.blocked:
+            stopped = "blocked" if last.blocked else last.errno
+            break
+        calls += 1
+        total += last.ret if isinstance(last.ret, int) else 0
+    return Outcome(ret={"calls": calls, "total": total, "stopped": stopped}, rule=last.rule,
+                   kernel_fn=last.kernel_fn, approx=approx)
+
+
+def evaluate_value(step: Step, snapshots: Mapping[str, Any], names: SocketNames) -> Outcome:
+    """A value step on one side: its expression over that side's snapshots (and named results)."""
+    scope = dict(names.values)
+    scope.update(snapshots)
+    try:
+        value = sandbox().compile_expression(step.expression, undefined_to_none=False)(**scope)
+    except Exception as exc:  # noqa: BLE001 - a template error is this step's outcome, not the run's end
+        return Outcome(ret=None, errno=UNSET, rule=f"cannot evaluate {step.expression}: {exc}")
+    if hasattr(value, "_asdict"):
+        value = list(value)
+    if step.save_as:
+        names[step.save_as] = ("", "", value)
+    return Outcome(ret=value)

@@ -605,3 +605,54 @@ def test_measure_latency_times_all_three_paths(remote_dir):
     for row in (report.agent_step, report.paramiko_exec, report.ssh_process):
         assert 0 < row.min_ms <= row.median_ms <= row.max_ms
     assert "agent step" in report.table() and "new ssh process" in report.table()
+
+
+# -- batches ----------------------------------------------------------------------------------------
+
+def test_a_batch_runs_a_program_in_one_round_trip_with_references_loops_and_settling(ssh, remote_dir):
+    with local_agent(ssh, remote_dir) as agent:
+        sent_before = agent._next_id
+        replies = agent.batch([
+            {"op": "socket", "args": {"family": "AF_INET", "type": "SOCK_STREAM"}, "save": "l"},
+            {"op": "bind", "args": {"fd": {"$ref": "l", "fd": True}, "addr": ["127.0.0.1", 0]}},
+            {"op": "listen", "args": {"fd": {"$ref": "l", "fd": True}, "backlog": 4}},
+            {"op": "getsockname", "args": {"fd": {"$ref": "l", "fd": True}}, "save": "where"},
+            {"op": "socket", "args": {"family": "AF_INET", "type": "SOCK_STREAM|SOCK_NONBLOCK"}, "save": "c"},
+            {"op": "connect", "args": {"fd": {"$ref": "c", "fd": True},
+                                       "addr": ["127.0.0.1", {"$ref": "where", "path": ["port"]}]}},
+            {"op": "accept4", "args": {"fd": {"$ref": "l", "fd": True}, "flags": "SOCK_NONBLOCK"}, "save": "a",
+             "await": {"errno": None}, "settle_ms": 2000},
+            {"op": "send", "args": {"fd": {"$ref": "c", "fd": True}, "length": 65536, "flags": "MSG_DONTWAIT"},
+             "until": "EAGAIN", "max": 1000},
+            {"op": "recv", "args": {"fd": {"$ref": "nobody", "fd": True}}},
+            {"op": "listen", "args": {"fd": 3, "backlog": {"$ref": "nothing"}}},
+            {"op": "no_such_op", "args": {}},
+        ])
+        assert agent._next_id == sent_before + 1  # eleven steps, one request
+        assert [r.op for r in replies][:3] == ["socket", "bind", "listen"] and replies[2].ok
+        port = replies[3].ret[1]
+        assert port > 0 and replies[5].errno == "EINPROGRESS"
+        assert replies[6].ok and replies[6].ret > replies[4].ret
+        loop = replies[7].ret
+        assert loop["stopped"] == "EAGAIN" and loop["calls"] >= 1 and loop["total"] > 65536
+        assert replies[8].errno == "EBADF"  # an unset descriptor is -1, as in C
+        assert replies[9].errno == "UNSET" and replies[9].extra["unset"] == "nothing"
+        assert replies[10].errno == "ENOSYS" and replies[10].error
+
+
+def test_settling_retries_only_transient_answers_and_only_until_the_deadline(ssh, remote_dir):
+    with local_agent(ssh, remote_dir) as agent:
+        replies = agent.batch([
+            {"op": "socket", "args": {"family": "AF_INET", "type": "SOCK_STREAM|SOCK_NONBLOCK"}, "save": "l"},
+            {"op": "bind", "args": {"fd": {"$ref": "l", "fd": True}, "addr": ["127.0.0.1", 0]}},
+            {"op": "listen", "args": {"fd": {"$ref": "l", "fd": True}, "backlog": 4}},
+            # Nobody connects: the kernel keeps saying EAGAIN, the model's "a connection" never comes.
+            {"op": "accept", "args": {"fd": {"$ref": "l", "fd": True}}, "await": {"errno": None}, "settle_ms": 50},
+            # EINVAL is no "not yet" answer: it is reported at once, not retried.
+            {"op": "accept", "args": {"fd": 0}, "await": {"errno": None}, "settle_ms": 1000},
+            {"op": "poll", "args": {"fds": [{"$ref": "l", "fd": True}], "events": "POLLIN"},
+             "await": {"revents": [1]}, "settle_ms": 50},
+        ])
+        assert replies[3].errno == "EAGAIN" and replies[3].extra["settled"] >= 5
+        assert replies[4].errno in ("ENOTSOCK", "EBADF") and "settled" not in replies[4].extra
+        assert replies[5].ret == {replies[0].ret: 0} and replies[5].extra["settled"] >= 5

@@ -1,0 +1,95 @@
+"""The live side of a fuzz run: one long-lived guest agent per (VM, user), reset between programs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..agent import Agent, AgentError
+from ..errors import LabError, SSHError
+from ..scenario.compare import Outcome
+from .generate import Program
+
+BLOCK_MS = 300  # a call that would block longer is reported as blocked (the model says so at once)
+SSH_TIMEOUT = 10.0
+
+
+class SysctlRefused(LabError):
+    """The guest refused a program's sysctl value: the program is skipped, the run goes on."""
+
+
+class LiveKernel:
+    """Runs program segments on the lab's guests through agents kept for the whole fuzz run.
+
+    Starting python under TCG costs about a second, so agents are not restarted per program:
+    each gets a ``reset`` (close every socket, undo sysctls) folded into its first batch of the
+    next program that uses it, and a host whose sysctls a program changed is reset before the
+    next program whether that program uses it or not.
+    """
+
+    def __init__(self, lab: Any, block_ms: int = BLOCK_MS) -> None:
+        self.lab = lab
+        self.block_ms = block_ms
+        self.agents: dict[tuple[str, str], Agent] = {}
+        self.dirty: set[tuple[str, str]] = set()  # agents holding sockets of an earlier program
+        self.to_reset: set[tuple[str, str]] = set()
+        self.round_trips = 0
+        self.segment_seconds = 0.0
+        self.steps = 0
+
+    def agent(self, host: str, user: str) -> Agent:
+        key = (host, user)
+        if key not in self.agents:
+            try:
+                self.agents[key] = Agent(self.lab.ssh(host, timeout=SSH_TIMEOUT), host, user,
+                                         block_ms=self.block_ms).start()
+            except (AgentError, SSHError) as exc:
+                raise LabError(f"{host}: cannot start the agent as {user}: {exc}") from exc
+        return self.agents[key]
+
+    def begin(self, program: Program) -> None:
+        self.to_reset = set(self.dirty)
+        for host, settings in program.sysctls.items():
+            steps = [{"op": "sysctl_set", "args": {"name": name, "value": value}} for name, value in settings.items()]
+            replies = self._batch(host, "root", steps)
+            for (name, value), reply in zip(settings.items(), replies):
+                if reply.errno is not None:
+                    raise SysctlRefused(f"{host}: cannot set {name} = {value}: {reply.errno} {reply.error or ''}".strip())
+            self.dirty.add((host, "root"))
+
+    def _batch(self, host: str, user: str, steps: list[dict[str, Any]]) -> list[Any]:
+        key = (host, user)
+        reset = key in self.to_reset
+        if reset:
+            steps = [{"op": "reset", "args": {}}] + steps
+            self.to_reset.discard(key)
+        started = time.perf_counter()
+        try:
+            replies = self.agent(host, user).batch(steps, block_ms=self.block_ms)
+        except (AgentError, SSHError) as exc:
+            raise LabError(f"{host}/{user}: {exc}") from exc
+        self.segment_seconds += time.perf_counter() - started
+        self.round_trips += 1
+        self.dirty.add(key)
+        return replies[1:] if reset else replies
+
+    def run_segment(self, host: str, user: str, steps: list[dict[str, Any]]) -> list[Outcome]:
+        self.steps += len(steps)
+        replies = self._batch(host, user, steps)
+        return [Outcome(ret=reply.ret, errno=reply.errno, blocked=reply.blocked,
+                        extra={**reply.extra, **({"error": reply.error} if reply.error else {})})
+                for reply in replies]
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def snapshot(self, name: str) -> Any:
+        return {}
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            try:
+                agent.close()
+            except (LabError, OSError, EOFError):
+                pass
+        self.agents.clear()

@@ -1,0 +1,195 @@
+"""The fuzz engine against a kernel side that is the model itself, with a bug planted in it.
+
+The kernel side runs each batch through the guest agent's own ``Batch`` (references, loops,
+settling), so the wire format is exercised as on a VM; only the system calls are the model's.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+from pathlib import Path
+
+import pytest
+
+from harness.fuzz import cli
+from harness.fuzz.coverage import model_rules, rule_id
+from harness.fuzz.engine import corpus_text, fuzz, run_program, shrink, first_disagreement, scenario_of
+from harness.fuzz.generate import Program, generate, port_block
+from harness.guest import agent as guest
+from harness.model import Network
+from harness.scenario.compare import Outcome
+from harness.scenario.format import load
+from harness.scenario.runner import LAB_ADDRESSES, ModelBackend, run
+
+
+class ModelKernel:
+    """A fake kernel: a second model, driven through the guest's Batch; ``plant`` rewrites some answers."""
+
+    def __init__(self, plant=None) -> None:
+        self.plant = plant
+        self.net: Network | None = None
+        self.round_trips = 0
+
+    def begin(self, program: Program) -> None:
+        self.net = Network()
+        for host in program.hosts:
+            self.net.add_host(host, addrs=[LAB_ADDRESSES[host]], sysctls=program.sysctls.get(host, {}))
+
+    def run_segment(self, host, user, steps):
+        self.round_trips += 1
+        session = _Session(self, host, user)
+        replies = guest.Batch(session).run([{**s, "args": _ints(s["args"])} for s in steps])
+        return [Outcome(ret=_keys(r["ret"]), errno=r["errno"], blocked=bool(r.get("blocked")), extra=r["extra"])
+                for r in replies]
+
+    def sleep(self, seconds):
+        self.net.advance(seconds)
+
+    def snapshot(self, name):
+        return {}
+
+
+class _Session:
+    def __init__(self, kernel: ModelKernel, host: str, user: str) -> None:
+        self.block_ms, self.t_ns, self.dt_ns = 0, 0, 0
+        self.handlers = _Handlers(kernel, host, user)
+
+
+class _Handlers(dict):
+    def __init__(self, kernel, host, user):
+        super().__init__()
+        self.kernel, self.host, self.user = kernel, host, user
+
+    def get(self, op, default=None):
+        def handler(args):
+            result = self.kernel.net[self.host].call(op, args, user=self.user)
+            if self.kernel.plant is not None:
+                result = self.kernel.plant(op, args, result)
+            number = getattr(errno_mod, result.errno, 22) if result.errno else 0
+            ret = {str(k): v for k, v in result.ret.items()} if isinstance(result.ret, dict) else result.ret
+            return guest.Outcome(list(ret) if isinstance(ret, tuple) else ret, number, {}, bool(result.blocked))
+        return handler
+
+
+def _ints(args):
+    from harness.agent import encode_args
+    return encode_args("x", args)
+
+
+def _keys(ret):
+    if isinstance(ret, dict) and all(isinstance(k, str) and k.lstrip("-").isdigit() for k in ret):
+        return {int(k): v for k, v in ret.items()}
+    return tuple(ret) if isinstance(ret, list) and len(ret) in (2, 4) and isinstance(ret[0], str) else ret
+
+
+def listen_zero_is_einval(op, args, result):
+    """The planted bug: listen(fd, 0) fails as if backlog 0 were invalid."""
+    if op == "listen" and args.get("backlog") == 0 and result.ok:
+        from harness.model.result import Result
+        return Result(op, -1, "EINVAL", "planted", "planted")
+    return result
+
+
+def test_the_same_seed_generates_the_same_programs_and_another_seed_others():
+    assert generate(7, 3).steps == generate(7, 3).steps
+    assert generate(7, 3).steps != generate(8, 3).steps
+    assert generate(7, 3).steps != generate(7, 4).steps
+    assert set(port_block(7, 3)).isdisjoint(port_block(7, 4))
+
+
+def test_generated_programs_are_valid_scenarios_that_cover_every_call_family_and_user():
+    calls, users, families = set(), set(), set()
+    for number in range(60):
+        program = generate(1, number)
+        scenario_of(program)  # raises ScenarioError if the generator wrote something invalid
+        for step in program.steps:
+            calls.add(step["call"])
+            users.add(step.get("user", "root"))
+            families.add(step["args"].get("family"))
+    assert {"socket", "bind", "listen", "connect", "accept", "accept4", "setsockopt", "getsockopt", "send",
+            "sendto", "sendmsg", "recv", "recvmsg", "poll", "shutdown", "close", "fcntl"} <= calls
+    assert users == {"root", "student"}
+    assert {"AF_INET", "AF_INET6", "AF_UNIX"} <= families
+
+
+def test_the_model_agrees_with_itself_through_the_batch_wire_format():
+    report = fuzz(1500, seed=3, kernel=ModelKernel())
+    assert report.steps >= 1500 and report.disagreements == []
+    assert report.coverage.reached_rules
+
+
+def test_a_planted_bug_is_found_shrunk_to_a_minimal_program_and_written_as_a_scenario(tmp_path):
+    report = fuzz(3000, seed=5, kernel=ModelKernel(listen_zero_is_einval))
+    assert len(report.disagreements) == 1
+    found = report.disagreements[0]
+    assert found.signature == "listen: kernel EINVAL, model ok int"
+    shrunk = found.shrunk
+    # socket() and listen(0) are all it takes (a bind may stay when the listen needs it).
+    assert 2 <= len(shrunk.steps) <= 3 and shrunk.steps[-1]["call"] == "listen"
+    assert shrunk.steps[-1]["args"]["backlog"] == 0
+    path = tmp_path / "found.yaml"
+    path.write_text(corpus_text(found))
+    scenario = load(path)
+    assert "The kernel said -1 EINVAL; the model said 0" in scenario.description
+    assert scenario.steps[-1].label == "disagreement" and scenario.steps[-1].expect.errno == "EINVAL"
+    # The file is an ordinary scenario: the model alone runs it, and fails it until the model is fixed.
+    result = run(scenario, None, ModelBackend(scenario))
+    assert not result.ok and result.record("disagreement").verdict.problems == (
+        "model gave 0, expected -1 EINVAL",)
+
+
+def test_shrinking_keeps_the_disagreement_and_gives_up_within_its_budget():
+    program = generate(5, 0)
+    calls = []
+
+    def always(candidate):
+        calls.append(candidate)
+        return len(candidate.steps) - 1
+
+    smallest, index = shrink(program, always, budget=20)
+    assert len(calls) <= 21 and len(smallest.steps) < len(program.steps) and index == len(smallest.steps) - 1
+    unchanged, index = shrink(program, lambda candidate: None)
+    assert unchanged is program and index == -1
+
+
+def test_coverage_reads_rules_from_the_model_source_and_counts_what_ran():
+    rules = model_rules()
+    assert rule_id("inet_csk_bind_conflict", "EADDRINUSE") in rules or any(r.endswith(":EADDRINUSE") for r in rules)
+    assert all(not rule.startswith("model:") for rule in rules)
+    report = fuzz(300, seed=2, kernel=None)
+    cov = report.coverage
+    assert 0 < len(cov.reached_rules & rules) < len(rules)
+    assert cov.never_reached and "exercised" in cov.summary()
+
+
+def test_the_fuzz_report_prints_steps_disagreements_shrunk_and_coverage(tmp_path):
+    outcome = cli.run(None, 200, 4, tmp_path)
+    text = outcome.text()
+    for line in ("steps run: ", "disagreements found: 0", "shrunk: 0", "rule coverage: model rules exercised",
+                 "kernel functions never reached", "throughput: model"):
+        assert line in text
+    assert cli.run(None, 200, 4, tmp_path).text().splitlines()[:4] == text.splitlines()[:4]  # reproducible
+
+
+def test_a_disagreement_filed_as_open_is_counted_but_not_reported_again(tmp_path):
+    report = fuzz(3000, seed=5, kernel=ModelKernel(listen_zero_is_einval))
+    (tmp_path / "open.yaml").write_text(corpus_text(report.disagreements[0], reason="OPEN: planted."))
+    from harness.fuzz.engine import known_signatures
+
+    known = known_signatures(tmp_path)
+    assert list(known) == ["listen: kernel EINVAL, model ok int"]
+    again = fuzz(3000, seed=5, kernel=ModelKernel(listen_zero_is_einval), known=known, do_shrink=False)
+    assert again.disagreements == [] and again.known_met["listen: kernel EINVAL, model ok int"] >= 1
+
+
+def test_a_relocated_program_uses_another_program_s_ports_and_names_only():
+    from harness.fuzz.generate import low_port, relocate
+
+    program = generate(3, 9)
+    moved = relocate(program, 2600)
+    old = set(port_block(3, 9)) | {low_port(3, 9)}
+    text = repr(moved.steps)
+    assert not any(f", {port}]" in text for port in old) and "fz3-9-" not in text
+    assert len(moved.steps) == len(program.steps)
+    assert [s["call"] for s in moved.steps] == [s["call"] for s in program.steps]
+    scenario_of(moved)
