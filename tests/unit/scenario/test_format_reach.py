@@ -191,7 +191,7 @@ def test_a_value_step_reads_a_snapshot_and_feeds_a_later_argument(tmp_path):
     ("  - {on: server, call: listen, args: {fd: 3, backlog: $nothing}}\n", "no result named $nothing yet"),
     ("  - {on: client, call: connect, args: {fd: 3, addr: [198.51.100.2, $gone.port]}}\n", "no result named $gone"),
     ("  - {value: \"a.(\"}\n", "`value: a.(`"),
-    ("  - {value: x, on: server}\n", "unknown key(s) on for a value step"),
+    ("  - {value: x, on: server}\n", "unknown key 'on' for a value step"),
     ("  - {value: x, as: v}\n  - {on: server, call: close, args: {fd: $v}}\n", "$v is a value step's result"),
 ])
 def test_the_new_keys_are_checked_before_any_vm_is_touched(tmp_path, body, message):
