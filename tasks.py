@@ -331,10 +331,12 @@ def _model_kernel(kernel) -> str:
 
 
 def _show_and_save(root, report, name: str) -> None:
-    from harness.report import assertion_table, markdown, step_table, write_junit
+    from harness.report import assertion_table, markdown, step_table, trace_panels, write_junit
 
     for result in report.runs:
         progress.show(step_table(result, kernel=report.kernel))
+        for panel in trace_panels(result):
+            progress.show(panel)
     if report.assertions:
         progress.show(assertion_table(report.assertions))
     for note in report.notes:
@@ -351,6 +353,23 @@ def _show_and_save(root, report, name: str) -> None:
         raise Exit(code=1)
 
 
+def _trace_options(trace, depth, function=None):
+    """--trace [--depth N] [--function NAME] -> TraceOptions (None without --trace); checked before any VM."""
+    from harness.trace import TraceError, TraceOptions, check_depth, check_function
+
+    if not trace:
+        if depth is not None or function:
+            raise TraceError("--depth and --function go with --trace")
+        return None
+    return TraceOptions(check_depth(6 if depth is None else depth), check_function(function))
+
+
+TRACE_HELP = {
+    "trace": "record the kernel's call graph of every call step (function_graph in the guest; docs/tracing.md)",
+    "depth": "with --trace: how deep the graph goes, 1..20 (default 6)",
+}
+
+
 @task(name="check", iterable=["param"], help={
     "lab_name": "the course lab, e.g. 03-listen (see labs/README.md)",
     "param": "override a scenario parameter, e.g. --param backlog=4 (repeatable)",
@@ -358,9 +377,10 @@ def _show_and_save(root, report, name: str) -> None:
     "out": OUT_HELP,
     "name": NAME_HELP,
     "kernel": "with --model-only: the kernel to model (6.1, 6.12, 7.2); live checks model each VM's own kernel",
+    **TRACE_HELP,
 })
 @_friendly
-def check_(c, lab_name, param=None, model_only=False, out=None, name=None, kernel=None):
+def check_(c, lab_name, param=None, model_only=False, out=None, name=None, kernel=None, trace=False, depth=None):
     """Check a lab: its scenarios on the live kernels and the model, then its expectations. Exit 0 only if all agree."""
     from harness.scenario.check import LabSpec, check, prepare
     from harness.scenario.format import parse_params
@@ -368,6 +388,9 @@ def check_(c, lab_name, param=None, model_only=False, out=None, name=None, kerne
     root = _results_root(c, out)
     spec = LabSpec.load(lab_name)
     overrides = parse_params(param or [])
+    options = _trace_options(trace, depth)
+    if options is not None and model_only:
+        raise SocklabError("--trace needs the kernels: it cannot go with --model-only")
     prepare(spec, overrides)  # every input checked before a VM is booted or touched
     if kernel and not model_only:
         raise SocklabError("--kernel goes with --model-only: a live check models each VM's own kernel "
@@ -378,7 +401,7 @@ def check_(c, lab_name, param=None, model_only=False, out=None, name=None, kerne
     else:
         lab = _lab(name)
         with lab.using():  # one check, run or grade at a time on this lab: they would share ports
-            report = check(spec, _running_lab(lab, spec.topology), overrides)
+            report = check(spec, _running_lab(lab, spec.topology), overrides, trace=options)
             lab.close()
     _show_and_save(root, report, spec.name)
 
@@ -388,9 +411,10 @@ def check_(c, lab_name, param=None, model_only=False, out=None, name=None, kerne
     "param": "override a scenario parameter, e.g. --param port=7001 (repeatable)",
     "out": OUT_HELP,
     "name": NAME_HELP,
+    **TRACE_HELP,
 })
 @_friendly
-def run_(c, file, param=None, out=None, name=None):
+def run_(c, file, param=None, out=None, name=None, trace=False, depth=None):
     """Run any scenario file on the live kernels and the model, step by step."""
     from pathlib import Path
 
@@ -399,10 +423,12 @@ def run_(c, file, param=None, out=None, name=None):
 
     root = _results_root(c, out)
     path = Path(file)
+    options = _trace_options(trace, depth)
     scenario = load(path, parse_params(param or []), known_hosts=topology("default").vms)
     lab = _lab(name)
     with lab.using():
-        report = CheckReport(scenario.name, runs=[run_scenario(scenario, _running_lab(lab, "default"))])
+        report = CheckReport(scenario.name, runs=[run_scenario(scenario, _running_lab(lab, "default"),
+                                                               trace=options)])
         lab.close()
     _show_and_save(root, report, path.stem)
 

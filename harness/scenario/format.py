@@ -96,6 +96,7 @@ class Step:
     label: str = ""
     seconds: float = 0.0
     snapshot: str = ""
+    trace: Any = None  # harness.trace.TraceOptions when the step asks for the kernel's call graph (`trace: true`)
 
     def describe(self) -> str:
         if self.kind == "sleep":
@@ -326,7 +327,7 @@ def _steps(raw: Any, where: str, line_offset: int, hosts: tuple[str, ...],
 
 
 def _call_step(item: dict, index: int, line: int, at: str, hosts: tuple[str, ...], names: dict[str, str]) -> Step:
-    unknown = set(item) - {"on", "call", "args", "as", "user", "expect", "compare", "label"}
+    unknown = set(item) - {"on", "call", "args", "as", "user", "expect", "compare", "label", "trace"}
     if unknown:
         raise ScenarioError(f"{at}: unknown key(s) {', '.join(sorted(unknown))}")
     host, call = item.get("on"), item.get("call")
@@ -350,9 +351,15 @@ def _call_step(item: dict, index: int, line: int, at: str, hosts: tuple[str, ...
     compare = item.get("compare", "exact")
     if compare not in COMPARE_MODES:
         raise ScenarioError(f"{at}: `compare: {compare}`; use one of: {', '.join(COMPARE_MODES)}")
+    from ..trace import TraceError, TraceOptions
+
+    try:
+        trace = TraceOptions.of(item.get("trace"), at)
+    except TraceError as exc:
+        raise ScenarioError(str(exc)) from None
     return Step(index, line, "call", host=host, call=call, args=args, user=user, save_as=save_as,
                 expect=_expect(item.get("expect"), at) if "expect" in item else None,
-                compare=compare, label=str(item.get("label", "")))
+                compare=compare, label=str(item.get("label", "")), trace=trace)
 
 
 def _expect(raw: Any, at: str) -> Expect:

@@ -37,6 +37,8 @@ class StepRecord:
     model: Outcome | None = None
     verdict: Verdict | None = None
     seconds: float = 0.0
+    trace: Any = None  # harness.trace.KernelTrace of the kernel side, when the step was traced
+    citation: Any = None  # harness.trace.Citation: the model's kernel_fn held against that trace
 
 
 @dataclass
@@ -171,9 +173,19 @@ def crosses_hosts(step: Step, addresses: Mapping[str, str] = LAB_ADDRESSES) -> b
     return isinstance(value, (list, tuple)) and bool(value) and value[0] in others
 
 
+def traced_options(step: Step, trace: Any = None) -> Any:
+    """The trace options of ``step`` in a run traced with ``trace`` (every call step) or not (``trace: true`` steps)."""
+    if step.kind != "call":
+        return None
+    return step.trace or trace
+
+
 def run(scenario: Scenario, kernel: Backend | None, model: ModelBackend | None,
-        on_step: Callable[[StepRecord], None] | None = None) -> RunResult:
+        on_step: Callable[[StepRecord], None] | None = None, trace: Any = None) -> RunResult:
     """Run every step on both sides (either may be None), judging each call step as it completes.
+
+    A step is traced on the kernel side (``record.trace``, ``record.citation``)
+    when it says ``trace:`` or ``trace`` (TraceOptions) is given for all.
 
     Once a step has crossed the lab segment, the first call step that fails
     makes the kernel side check the segment (``segment_faults``, when it has
@@ -200,10 +212,22 @@ def run(scenario: Scenario, kernel: Backend | None, model: ModelBackend | None,
                 if model is not None:
                     result.model_snapshots[step.snapshot] = model.snapshot(step.snapshot)
             else:
-                if kernel is not None:
-                    record.kernel = _call(kernel, step, kernel_names)
-                if model is not None:
+                if kernel is not None and model is not None and traced_options(step, trace) is not None \
+                        and hasattr(kernel, "call_traced"):
+                    # The model first: its citation is one of the functions the trace looks for.
                     record.model = _call(model, step, model_names)
+                    record.kernel = _call(kernel, step, kernel_names, traced_options(step, trace),
+                                          record.model.kernel_fn)
+                    record.trace = record.kernel.extra.get("trace")
+                    if record.trace is not None:
+                        from ..trace import check_citation
+
+                        record.citation = check_citation(record.trace, record.model.kernel_fn)
+                else:
+                    if kernel is not None:
+                        record.kernel = _call(kernel, step, kernel_names)
+                    if model is not None:
+                        record.model = _call(model, step, model_names)
                 port_range = model.port_range(step.host) if model is not None else (32768, 60999)
                 record.verdict = judge(step, record.kernel, record.model, port_range)
                 crossed = crossed or crosses_hosts(step)
@@ -227,11 +251,16 @@ def run(scenario: Scenario, kernel: Backend | None, model: ModelBackend | None,
     return result
 
 
-def _call(backend: Backend, step: Step, names: dict[str, tuple[str, str, int]]) -> Outcome:
+def _call(backend: Backend, step: Step, names: dict[str, tuple[str, str, int]], trace: Any = None,
+          cited: str = "") -> Outcome:
     """One call on one side; ``names`` maps each socket name to (host, user, descriptor) on that side."""
     # Descriptor numbers belong to one process: only this host's and this user's names apply.
     mine = {name: fd for name, (host, user, fd) in names.items() if host == step.host and user == step.user}
-    outcome = backend.call(step.host, step.user, step.call, resolve_args(step.call, step.args, mine))
+    args = resolve_args(step.call, step.args, mine)
+    if trace is not None:
+        outcome = backend.call_traced(step.host, step.user, step.call, args, trace, [cited] if cited else [])
+    else:
+        outcome = backend.call(step.host, step.user, step.call, args)
     if step.call == "poll":
         outcome = replace(outcome, ret=_fds_to_names(outcome.ret, mine))
     if step.save_as and outcome.errno is None and isinstance(outcome.ret, int) and outcome.ret >= 0:
