@@ -433,6 +433,40 @@ def run_(c, file, param=None, out=None, name=None, trace=False, depth=None):
     _show_and_save(root, report, path.stem)
 
 
+@task(name="trace", positional=["name"], help={
+    "name": "VM name; the program follows `--`, e.g. invoke lab.trace server -- python3 /root/client.py",
+    "depth": "how deep the graph goes, 1..20 (default 6)",
+    "function": "also root a graph at this kernel function (e.g. inet_csk_accept)",
+    "timeout": "seconds the program may run (at most 120)",
+})
+@_friendly
+def trace_(c, name=None, depth=None, function=None, timeout="60"):
+    """Run a program in a guest and print the kernel's call graph of each of its socket calls."""
+    import shlex
+
+    from harness.trace import TraceError, trace_program
+
+    name = _vm_name(name)
+    options = _trace_options(True, depth, function)
+    timeout = _number(timeout, "--timeout", "a number of seconds in 1..120")
+    if timeout > 120:
+        raise TraceError(f"--timeout {timeout:g}: a traced program may run at most 120 s")
+    argv = shlex.split(c.remainder)
+    if not argv:
+        raise TraceError("no program: put it after --, e.g. `invoke lab.trace server -- python3 /root/client.py`")
+    lab = Lab()
+    lab.require()
+    result = trace_program(lab, name, argv, options, timeout)
+    lab.close()
+    if result.output:
+        sys.stderr.write(result.output if result.output.endswith("\n") else result.output + "\n")
+    shown = result.socket_calls()
+    print(shown.tree())
+    status = "timed out (killed)" if result.timed_out else f"exit status {result.status}"
+    progress.say(f"{name}: {shlex.join(argv)}: {status}; {len(shown.roots)} socket call(s) traced at depth "
+                 f"{shown.depth} ({len(result.syscalls()) - len(shown.roots)} other calls left out)")
+
+
 @task(name="model", iterable=["param"], help={
     "file": "a scenario file (YAML)",
     "param": "override a scenario parameter (repeatable)",
@@ -587,7 +621,7 @@ def test_(c, unit=False, live=False, pytest_args=""):
 
 
 images = Collection("images", build, clean)
-lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, grade, soak_, matrix_)
+lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, trace_, grade, soak_, matrix_)
 ns = Collection(images, lab, test_, bench_)
 ns.configure({
     "images": {"recipe": "bookworm", "mirror": None},

@@ -10,7 +10,7 @@ inlined (absent from ``available_filter_functions``) or simply elsewhere.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import SocklabError
@@ -139,7 +139,8 @@ class Citation:
     """Whether the model's ``kernel_fn`` for a step is in the kernel's graph of that step, and if not, why."""
 
     function: str
-    status: str  # "on the path", "not traceable", "not on the path", "beyond the depth", "not a function"
+    # "on the path", "not traceable", "not on the path", "beyond the depth", "another outcome", "not a function"
+    status: str
     path: tuple[str, ...] = ()
 
     @property
@@ -155,12 +156,15 @@ class Citation:
                     "(absent from available_filter_functions)")
         if self.status == "beyond the depth":
             return f"model cites {self.function}: not within the traced depth (trace deeper to tell)"
+        if self.status == "another outcome":
+            return f"model cites {self.function} for an outcome the kernel did not have: its path is not this one"
         if self.status == "not a function":
             return f"model cites {self.function or 'nothing'}: no kernel function to look for"
         return f"model cites {self.function}: traceable but NOT on the path (a wrong citation in the model)"
 
 
-def check_citation(trace: KernelTrace, kernel_fn: str) -> Citation:
+def check_citation(trace: KernelTrace, kernel_fn: str, same_outcome: bool = True) -> Citation:
+    """Where ``kernel_fn`` stands in ``trace``; a step whose two sides ended differently is not judged."""
     if kernel_fn in NOT_A_FUNCTION:
         return Citation(kernel_fn, "not a function")
     path = trace.path_to(kernel_fn)
@@ -168,6 +172,70 @@ def check_citation(trace: KernelTrace, kernel_fn: str) -> Citation:
         return Citation(kernel_fn, "on the path", tuple(path))
     if trace.traceable.get(kernel_fn) is False:
         return Citation(kernel_fn, "not traceable")
+    if not same_outcome:
+        return Citation(kernel_fn, "another outcome")
     if trace.reaches_limit:
         return Citation(kernel_fn, "beyond the depth")
     return Citation(kernel_fn, "not on the path")
+
+
+SOCKET_SYSCALLS = frozenset({
+    "socket", "socketpair", "bind", "listen", "accept", "accept4", "connect", "shutdown", "getsockname",
+    "getpeername", "setsockopt", "getsockopt", "sendto", "sendmsg", "sendmmsg", "recvfrom", "recvmsg", "recvmmsg",
+})
+
+
+def _socket_layer(name: str) -> bool:
+    return name.startswith(("sock_", "__sock_", "sk_", "inet", "tcp_", "udp", "unix_", "__sys_"))
+
+
+@dataclass(frozen=True)
+class ProgramTrace:
+    """``lab.trace``: a program run in a guest, its exit status and output, and the kernel's graph of its calls."""
+
+    vm: str
+    argv: tuple[str, ...]
+    status: int | None
+    output: str
+    trace: KernelTrace
+    timed_out: bool = False
+
+    def syscalls(self) -> list[str]:
+        return self.trace.roots
+
+    def socket_calls(self) -> KernelTrace:
+        """Only the trees about sockets: the socket syscalls, and any other (read, close, ...) that reached one."""
+        kept: list[Call] = []
+        tree: list[Call] = []
+
+        def flush() -> None:
+            if tree and (tree[0].name.split("sys_")[-1] in SOCKET_SYSCALLS
+                         or any(_socket_layer(call.name) for call in tree[1:])):
+                kept.extend(tree)
+            tree.clear()
+
+        for call in self.trace.calls:
+            if call.depth == 0:
+                flush()
+            tree.append(call)
+        flush()
+        return replace(self.trace, calls=tuple(kept))
+
+
+def trace_program(lab: Any, vm: str, argv: list[str], options: TraceOptions, timeout: float = 60) -> ProgramTrace:
+    """Run ``argv`` on ``vm`` under the root agent's tracer: every socket call of it (and its threads) is graphed."""
+    from .agent import Agent
+
+    if not argv:
+        raise TraceError("no program: put it after --, e.g. `invoke lab.trace server -- python3 /root/echo.py`")
+    request: dict[str, Any] = {"argv": list(argv), "depth": options.depth, "timeout": timeout}
+    if options.function:
+        request["function"] = options.function
+    with Agent(lab.ssh(vm), vm, timeout=30) as agent:
+        reply = agent.request("trace_program", request, check=False, timeout=timeout + 120)
+    if reply.error:
+        head, sep, rest = reply.error.partition(": ")
+        raise TraceError(f"{vm}: cannot trace {argv[0]}: {rest if sep else reply.error}")
+    extra = reply.extra
+    return ProgramTrace(vm, tuple(argv), extra.get("status"), str(extra.get("output") or ""),
+                        KernelTrace.of(extra), bool(extra.get("timed_out")))

@@ -1049,7 +1049,8 @@ TRACED_FUNCTIONS = (
     "new_inode_pseudo", "do_fcntl", "vfs_fstat", "vfs_getattr*", "do_sys_poll", "*_poll", "poll_*",
     "dev_queue_xmit", "__dev_queue_xmit", "dev_hard_start_xmit", "netif_*", "__netif_*", "napi_*",
     "neigh_*", "__neigh_*", "virtnet_*", "start_xmit", "fib_*", "dst_*", "nf_hook_slow", "qdisc_*",
-    "__qdisc_*", "sch_direct_xmit",
+    "__qdisc_*", "sch_direct_xmit", "call_timer_fn", "net_rx_action", "run_timer_softirq", "__do_softirq",
+    "handle_softirqs", "irq_exit_rcu",
 )
 # The system calls whose trees are recorded (set_graph_function, behind the arch's wrapper prefix).
 # read/write are left out for the agent's own steps (its protocol pipes use them) and added for
@@ -1057,12 +1058,14 @@ TRACED_FUNCTIONS = (
 TRACED_SYSCALLS = ("socket", "socketpair", "bind", "listen", "accept", "accept4", "connect", "close", "shutdown",
                    "getsockname", "getpeername", "setsockopt", "getsockopt", "sendto", "sendmsg", "sendmmsg",
                    "recvfrom", "recvmsg", "recvmmsg", "poll", "ppoll", "select", "pselect6", "epoll_wait",
-                   "epoll_pwait", "fcntl", "newfstat", "ioctl", "readlink")
+                   "epoll_pwait", "fcntl", "newfstat", "newfstatat", "statx", "ioctl", "readlink")
 PROGRAM_SYSCALLS = ("read", "write", "readv", "writev", "close_range", "exit_group")
 # Dropped from the tree with everything below them: locking and memory bookkeeping that the
-# traced set still catches (lock_sock, release_sock), and empty BPF LSM stubs.
+# traced set still catches (lock_sock, release_sock), and softirq work (timers, packets received)
+# that happens to run on the traced thread's stack without being part of its call.
 TRACE_NOISE = ("lock_sock*", "release_sock", "__release_sock", "_raw_spin_*", "__cond_resched", "*rcu*",
-               "kmem_cache_*", "__kmalloc*", "kfree*", "__local_bh_*", "mutex_*", "*trace*")
+               "kmem_cache_*", "__kmalloc*", "kfree*", "__local_bh_*", "mutex_*", "*trace*", "call_timer_fn",
+               "net_rx_action", "run_timer_softirq", "__do_softirq", "handle_softirqs", "irq_exit_rcu")
 # The syscall (wrapper) each op enters, so a step's own trees can be told from others.
 TRACE_SYSCALLS = {
     "send": ("sendto",), "recv": ("recvfrom",), "sendto": ("sendto",), "recvfrom": ("recvfrom",),
@@ -1415,13 +1418,23 @@ class KernelTracer:
 
     # -- one step ----------------------------------------------------------------------------------
 
-    def begin(self, pid: int, depth: int, extra: list[str], root: str | None = None) -> dict:
-        if not self.armed:
-            self.arm(extra + ([root] if root else []))
-        self.available()
-        if root is not None and root not in self.index:
+    def check_function(self, root: str) -> None:
+        """Refuse an unknown graph root before anything in tracefs changes."""
+        mounted = False if self.armed else self.probe()
+        try:
+            self.available()
+        finally:
+            if not self.armed:
+                self._unmount(mounted)
+        if root not in self.index:
             raise TraceRefused(f"unknown function {root!r}: it is not in available_filter_functions "
                                "(misspelt, inlined, or marked notrace)")
+
+    def begin(self, pid: int, depth: int, extra: list[str], root: str | None = None) -> dict:
+        if root is not None:
+            self.check_function(root)
+        if not self.armed:
+            self.arm(extra + ([root] if root else []))
         self.include(extra + ([root] if root else []))
         roots = self.graph_roots + ((root,) if root else ())
         if roots != self.roots_written:

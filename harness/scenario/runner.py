@@ -222,7 +222,8 @@ def run(scenario: Scenario, kernel: Backend | None, model: ModelBackend | None,
                     if record.trace is not None:
                         from ..trace import check_citation
 
-                        record.citation = check_citation(record.trace, record.model.kernel_fn)
+                        record.citation = check_citation(record.trace, record.model.kernel_fn,
+                                                         same_outcome=_same_outcome(record.kernel, record.model))
                 else:
                     if kernel is not None:
                         record.kernel = _call(kernel, step, kernel_names)
@@ -249,6 +250,11 @@ def run(scenario: Scenario, kernel: Backend | None, model: ModelBackend | None,
         if on_step:
             on_step(record)
     return result
+
+
+def _same_outcome(kernel: Outcome, model: Outcome) -> bool:
+    """Whether both sides took the same exit (same errno, both blocked or not): only then do their paths match."""
+    return kernel.errno == model.errno and kernel.blocked == model.blocked
 
 
 def _call(backend: Backend, step: Step, names: dict[str, tuple[str, str, int]], trace: Any = None,
