@@ -130,7 +130,7 @@ class KernelTrace:
         lines = [f"{'  ' * depth}{name}" + (f" → {', '.join(inline)}" if inline else "") for depth, name, inline in rows]
         path = self.path_to(highlight) if highlight else None
         if path is not None and len(path) > levels + 1:
-            lines.append(f"  … {' → '.join(path)}")
+            lines.append(f"  … {' → '.join(path[:-1])} → [bold]{path[-1]}[/]")
         return "\n".join(lines) if lines else "(no calls recorded)"
 
 

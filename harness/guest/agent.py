@@ -1362,7 +1362,7 @@ class KernelTracer:
             pass_fds=(read_end,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
         os.close(read_end)
-        self.watch_fd = write_end
+        self.watch_fd = out_of_the_way(write_end)
 
     def arm(self, extra: list[str]) -> None:
         started = time.monotonic()
@@ -1389,7 +1389,7 @@ class KernelTracer:
                 if os.path.exists(self.path(f"options/{option}")):
                     self.write(f"options/{option}", [value])
             self.write("current_tracer", ["function_graph"])
-            self.on_fd = os.open(self.path("tracing_on"), os.O_WRONLY)
+            self.on_fd = out_of_the_way(os.open(self.path("tracing_on"), os.O_WRONLY))
         except BaseException:
             self.restore()
             raise
@@ -1447,13 +1447,13 @@ class KernelTracer:
             self.write("max_graph_depth", [str(depth)])
             self.depth = depth
         self.write("trace", [])  # O_TRUNC empties the ring buffer
-        os.write(self.on_fd, b"1")
+        os.pwrite(self.on_fd, b"1", 0)
         return {"arm_s": round(self.arm_seconds, 3), "traceable": self.traceable(extra)}
 
     def end(self) -> dict:
         if not self.armed:
             raise TraceRefused("trace_end without trace_begin")
-        os.write(self.on_fd, b"0")
+        os.pwrite(self.on_fd, b"0", 0)
         text = self.read("trace")
         calls, keep = [], False
         for call in parse_function_graph(text, self.noise):
@@ -1489,6 +1489,16 @@ class KernelTracer:
         self.armed = False
         self.pid = self.depth = None
         return failed
+
+
+def out_of_the_way(fd: int) -> int:
+    """Move one of the tracer's own descriptors near the top of the table (as claim_stdio does for the
+    protocol pipes), so a traced scenario's sockets get the numbers an untraced run gives them."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = min(soft, 1 << 20) if soft != resource.RLIM_INFINITY else 1 << 20
+    moved = fcntl.fcntl(fd, F_DUPFD_CLOEXEC, max(top - 16, 16))
+    os.close(fd)
+    return moved
 
 
 def _boot_key() -> str:
