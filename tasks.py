@@ -569,12 +569,12 @@ def matrix_(c, kernel=None, lab=None, timeout="300"):
 
 @task(name="bench", iterable=["only"], help={
     "repeats": "runs per figure (each figure is the median); default 3",
-    "only": "measure just this section (repeatable): build, boot, kernels, latency, stats, model, check, memory",
+    "only": "measure just this section (repeatable): build, boot, kernels, latency, stats, model, check, trace, memory",
     "out": OUT_HELP,
 })
 @_friendly
 def bench_(c, repeats="3", only=None, out=None):
-    """Measure socklab: image build, cold boot vs restore, command latency, stats, model, lab checks, memory."""
+    """Measure socklab: image build, cold boot vs restore, command latency, stats, model, lab checks, tracing, memory."""
     from harness import bench as benching
     from harness.results import results_root
 
