@@ -1075,12 +1075,8 @@ TRACE_SYSCALLS = {
 TRACER_OPTIONS = {"funcgraph-irqs": "0", "funcgraph-overhead": "0", "funcgraph-cpu": "0", "funcgraph-proc": "0",
                   "funcgraph-duration": "1", "funcgraph-tail": "0", "funcgraph-abstime": "0", "function-fork": "0"}
 
-# The one routine that puts tracefs back. It is source text so that the watchdog (a separate
-# `python3 -c` process, which outlives a SIGKILLed agent) runs exactly the code the agent runs.
-TRACE_RESTORE_SOURCE = r'''
-def apply_trace_restore(plan):
+def apply_trace_restore(plan: dict) -> list[str]:
     """Write each saved tracefs file back, in order (current_tracer first), then unmount if we mounted."""
-    import ctypes, os
     failed = []
     for name, lines in plan["writes"]:
         path = os.path.join(plan["root"], name)
@@ -1102,31 +1098,35 @@ def apply_trace_restore(plan):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.umount2(plan["root"].encode(), 2)  # MNT_DETACH
     return failed
-'''
-exec(TRACE_RESTORE_SOURCE)
 
-# The watchdog: waits for EOF on a pipe only the agent holds, then restores from the state file
-# if it is still there (a clean restore removes it first). Its command line names no agent file,
-# so `pkill -f agent-...` does not take it down with the agent.
-TRACE_WATCHDOG_SOURCE = TRACE_RESTORE_SOURCE + r'''
-import json, os, signal, sys
-for number in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
-    signal.signal(number, signal.SIG_IGN)
-state, pipe = sys.argv[1], int(sys.argv[2])
-while True:
-    try:
-        if not os.read(pipe, 64):
-            break
-    except InterruptedError:
-        continue
-try:
-    with open(state) as handle:
-        plan = json.load(handle)
-except (OSError, ValueError):
-    sys.exit(0)
-apply_trace_restore(plan)
-os.unlink(state)
-'''
+
+# The watchdog: a /bin/sh (it starts in milliseconds; a second python3 would take a second of the
+# guest's only vCPU under TCG) that waits for EOF on a pipe only the agent holds, then runs the
+# restore script if it is still there (a clean restore removes it first). The script is written
+# from the same plan apply_trace_restore() follows. Its command line names no agent file, so
+# `pkill -f agent-...` does not take it down with the agent.
+TRACE_WATCHDOG_SCRIPT = """trap '' HUP INT PIPE
+while read -r _; do :; done
+[ -f "$1" ] || exit 0
+. "$1"
+rm -f "$1" "$2"
+"""
+
+
+def restore_script(plan: dict) -> str:
+    """The restore plan as sh: the same files, in the same order, one token per line (one write each)."""
+    import shlex
+
+    lines = []
+    for name, values in plan["writes"]:
+        path = shlex.quote(os.path.join(plan["root"], name))
+        if values:
+            lines.append(f"printf '%s\\n' {' '.join(shlex.quote(v) for v in values)} > {path} 2>/dev/null")
+        else:
+            lines.append(f": > {path} 2>/dev/null")
+    if plan.get("mounted"):
+        lines.append(f"umount -l {shlex.quote(plan['root'])} 2>/dev/null")
+    return "\n".join(lines) + "\n"
 
 
 # A traced program starts as this, waits until its pid is the traced one, then execs the program.
@@ -1301,10 +1301,7 @@ class KernelTracer:
         if isinstance(owner, int) and owner != os.getpid() and _alive(owner):
             raise TraceRefused(f"the tracer is busy: socklab agent pid {owner} is tracing on this guest")
         apply_trace_restore(plan)
-        try:
-            os.unlink(self.state_path)
-        except OSError:
-            pass
+        _remove_state(self.state_path)
 
     def available(self) -> list[str]:
         """available_filter_functions, kept in /run for the boot: tracefs takes over a second to list it."""
@@ -1355,12 +1352,13 @@ class KernelTracer:
     def _start_watchdog(self) -> None:
         import subprocess
 
+        script = self.state_path[:-len(".json")] + ".sh"
+        write_text(script, restore_script(self.plan))
         read_end, write_end = os.pipe()
-        os.set_inheritable(read_end, True)
         self.watchdog = subprocess.Popen(
-            [sys.executable, "-I", "-c", TRACE_WATCHDOG_SOURCE, self.state_path, str(read_end)],
-            pass_fds=(read_end,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
+            ["/bin/sh", "-c", TRACE_WATCHDOG_SCRIPT, "socklab-trace-watchdog", script, self.state_path],
+            stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            close_fds=True)
         os.close(read_end)
         self.watch_fd = out_of_the_way(write_end)
 
@@ -1381,10 +1379,13 @@ class KernelTracer:
             self.filtered = set(self.selected(names)) | {name for name in roots if name in self.index}
             self.filtered |= {name for name in extra if name in self.index}
             self.write("set_ftrace_filter", [str(self.index[name]) for name in sorted(self.filtered)])
-            # The glob roots only what is patched; task_work_run runs the final fput() of a close().
+            # Graph roots: the syscall wrappers (the glob roots only what is patched) and task_work_run,
+            # where the final fput() of a close() runs. They are written only when a step asks for a
+            # function of its own: with set_graph_function empty, every traced function of the
+            # thread is graphed from the first one on its stack, which is the wrapper for a step's
+            # syscall, and each token written costs a scan of all functions (0.35 s for two).
             self.graph_roots = (self.prefix + "*", "task_work_run")
-            self.write("set_graph_function", list(self.graph_roots))
-            self.roots_written = self.graph_roots
+            self.roots_written = ()
             for option, value in TRACER_OPTIONS.items():
                 if os.path.exists(self.path(f"options/{option}")):
                     self.write(f"options/{option}", [value])
@@ -1436,7 +1437,7 @@ class KernelTracer:
         if not self.armed:
             self.arm(extra + ([root] if root else []))
         self.include(extra + ([root] if root else []))
-        roots = self.graph_roots + ((root,) if root else ())
+        roots = self.graph_roots + (root,) if root else ()
         if roots != self.roots_written:
             self.write("set_graph_function", list(roots))
             self.roots_written = roots
@@ -1459,7 +1460,7 @@ class KernelTracer:
         for call in parse_function_graph(text, self.noise):
             if call[0] == 0:
                 # Writing tracing_on can leave a stray fragment of that write(2) at the start.
-                keep = call[1].startswith(self.prefix) or call[1] in self.roots_written
+                keep = call[1].startswith(self.prefix) or call[1] in self.graph_roots or call[1] in self.roots_written
             if keep:
                 calls.append(call)
         return {"calls": calls, "lost": "LOST" in text, "depth": self.depth}
@@ -1474,10 +1475,7 @@ class KernelTracer:
             self.on_fd = None
         if self.plan is not None:
             failed = apply_trace_restore(self.plan)
-            try:
-                os.unlink(self.state_path)
-            except OSError:
-                pass
+            _remove_state(self.state_path)
             self.plan = None
         if self.watch_fd is not None:
             os.close(self.watch_fd)  # the watchdog sees EOF, finds no state file, and exits
@@ -1489,6 +1487,15 @@ class KernelTracer:
         self.armed = False
         self.pid = self.depth = None
         return failed
+
+
+def _remove_state(state_path: str) -> None:
+    """The state file and the watchdog's restore script beside it: restored, nothing left to do."""
+    for path in (state_path, state_path[:-len(".json")] + ".sh"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def out_of_the_way(fd: int) -> int:

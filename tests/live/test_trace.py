@@ -67,7 +67,7 @@ def test_a_killed_tracing_agent_leaves_tracefs_as_it_found_it(lab):
     finally:
         agent.close()
     assert tracefs_state(lab) == before
-    left = lab.ssh("server").run("ls /run/socklab/trace; ps -eo args | grep -c '[a]pply_trace_restore'", timeout=30)
+    left = lab.ssh("server").run("ls /run/socklab/trace; ps -eo args | grep -c '[s]ocklab-trace-watchdog'", timeout=30)
     assert "state.json" not in left.stdout and left.stdout.strip().endswith("0")
 
 
