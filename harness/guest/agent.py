@@ -1210,6 +1210,7 @@ class KernelTracer:
         self.watchdog: Any = None
         self.noise = glob_regex(TRACE_NOISE)
         self.arm_seconds = 0.0
+        self.asked: dict[str, bool] = {}
 
     # -- tracefs files ---------------------------------------------------------------------------
 
@@ -1448,8 +1449,9 @@ class KernelTracer:
             self.write("max_graph_depth", [str(depth)])
             self.depth = depth
         self.write("trace", [])  # O_TRUNC empties the ring buffer
+        self.asked = self.traceable(extra)
         os.pwrite(self.on_fd, b"1", 0)
-        return {"arm_s": round(self.arm_seconds, 3), "traceable": self.traceable(extra)}
+        return {"arm_s": round(self.arm_seconds, 3), "traceable": self.asked}
 
     def end(self) -> dict:
         if not self.armed:
@@ -1463,7 +1465,7 @@ class KernelTracer:
                 keep = call[1].startswith(self.prefix) or call[1] in self.graph_roots or call[1] in self.roots_written
             if keep:
                 calls.append(call)
-        return {"calls": calls, "lost": "LOST" in text, "depth": self.depth}
+        return {"calls": calls, "lost": "LOST" in text, "depth": self.depth, "traceable": self.asked}
 
     # -- the end ---------------------------------------------------------------------------------
 
@@ -1554,6 +1556,7 @@ class TracingOps:
     def __init__(self, session: "Session", root: str = TRACEFS, state_dir: str = TRACE_STATE_DIR) -> None:
         self.session = session
         self.tracer = KernelTracer(root, state_dir)
+        self.begin_error: str | None = None
 
     def handlers(self) -> dict[str, Callable[[dict], Outcome]]:
         return {"trace_arm": self.op_trace_arm, "trace_begin": self.op_trace_begin, "trace_end": self.op_trace_end,
@@ -1574,6 +1577,14 @@ class TracingOps:
         return Outcome(0, 0, {"arm_s": round(self.tracer.arm_seconds, 3)})
 
     def op_trace_begin(self, args: dict) -> Outcome:
+        self.begin_error = None
+        try:
+            return self._trace_begin(args)
+        except TraceRefused as exc:
+            self.begin_error = str(exc)  # trace_end repeats it: the host may not wait for this reply
+            raise
+
+    def _trace_begin(self, args: dict) -> Outcome:
         pid = args.get("pid", os.getpid())
         if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
             raise TraceRefused(f"argument 'pid' must be a process id, not {pid!r}")
@@ -1584,6 +1595,9 @@ class TracingOps:
         return Outcome(0, 0, self._timed(lambda: self.tracer.begin(pid, depth, extra, root)))
 
     def op_trace_end(self, args: dict) -> Outcome:
+        if self.begin_error is not None:
+            error, self.begin_error = self.begin_error, None
+            raise TraceRefused(error)
         return Outcome(0, 0, self._timed(self.tracer.end))
 
     def op_trace_traceable(self, args: dict) -> Outcome:

@@ -123,6 +123,8 @@ def test_tracing_is_refused_in_one_sentence_and_tracefs_is_left_as_it_was(tmp_pa
     reply = agent.call("trace_begin", **request_args)
     assert reply["errno"] == "EINVAL" and re.search(message, reply["error"]), reply
     assert "\n" not in reply["error"]
+    repeated = agent.call("trace_end")  # the host may post trace_begin and learn of a refusal here
+    assert repeated["errno"] == "EINVAL" and re.search(message, repeated["error"])
     assert contents(root) == before
     assert not (tmp_path / "state" / "state.json").exists()
     status, _ = agent.finish()
