@@ -433,37 +433,39 @@ def run_(c, file, param=None, out=None, name=None, trace=False, depth=None):
     _show_and_save(root, report, path.stem)
 
 
-@task(name="trace", positional=["name"], help={
-    "name": "VM name; the program follows `--`, e.g. invoke lab.trace server -- python3 /root/client.py",
+@task(name="trace", positional=["vm"], help={
+    "vm": "VM name; the program follows `--`, e.g. invoke lab.trace server -- python3 /tmp/client.py",
+    "name": NAME_HELP,
     "depth": "how deep the graph goes, 1..20 (default 6)",
     "function": "also root a graph at this kernel function (e.g. inet_csk_accept)",
     "timeout": "seconds the program may run (at most 120)",
 })
 @_friendly
-def trace_(c, name=None, depth=None, function=None, timeout="60"):
+def trace_(c, vm=None, depth=None, function=None, timeout="60", name=None):
     """Run a program in a guest and print the kernel's call graph of each of its socket calls."""
     import shlex
 
+    from harness import remote
     from harness.trace import TraceError, trace_program
 
-    name = _vm_name(name)
+    vm = _vm_name(vm, "invoke lab.trace server -- python3 /tmp/client.py")
     options = _trace_options(True, depth, function)
     timeout = _number(timeout, "--timeout", "a number of seconds in 1..120")
     if timeout > 120:
         raise TraceError(f"--timeout {timeout:g}: a traced program may run at most 120 s")
-    argv = shlex.split(c.remainder)
+    argv = remote.words_after_dashes(sys.argv, c.remainder)  # word for word, as lab.exec takes them
     if not argv:
-        raise TraceError("no program: put it after --, e.g. `invoke lab.trace server -- python3 /root/client.py`")
-    lab = Lab()
-    lab.require()
-    result = trace_program(lab, name, argv, options, timeout)
+        raise TraceError("no program: put it after --, e.g. `invoke lab.trace server -- python3 /tmp/client.py`")
+    lab = _lab(name)
+    lab.require().vm(vm)  # an unknown VM is bad input, checked before anything connects
+    result = trace_program(lab, vm, argv, options, timeout)
     lab.close()
     if result.output:
         sys.stderr.write(result.output if result.output.endswith("\n") else result.output + "\n")
     shown = result.socket_calls()
     print(shown.tree())
     status = "timed out (killed)" if result.timed_out else f"exit status {result.status}"
-    progress.say(f"{name}: {shlex.join(argv)}: {status}; {len(shown.roots)} socket call(s) traced at depth "
+    progress.say(f"{vm}: {shlex.join(argv)}: {status}; {len(shown.roots)} socket call(s) traced at depth "
                  f"{shown.depth} ({len(result.syscalls()) - len(shown.roots)} other calls left out)")
 
 

@@ -227,7 +227,7 @@ def trace_program(lab: Any, vm: str, argv: list[str], options: TraceOptions, tim
     from .agent import Agent
 
     if not argv:
-        raise TraceError("no program: put it after --, e.g. `invoke lab.trace server -- python3 /root/echo.py`")
+        raise TraceError("no program: put it after --, e.g. `invoke lab.trace server -- python3 /tmp/client.py`")
     request: dict[str, Any] = {"argv": list(argv), "depth": options.depth, "timeout": timeout}
     if options.function:
         request["function"] = options.function
