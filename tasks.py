@@ -363,10 +363,12 @@ def _model_kernel(kernel) -> str:
 
 
 def _show_and_save(root, report, name: str) -> None:
-    from harness.report import assertion_table, markdown, step_table, write_junit
+    from harness.report import assertion_table, markdown, step_table, trace_panels, write_junit
 
     for result in report.runs:
         progress.show(step_table(result, kernel=report.kernel))
+        for panel in trace_panels(result):
+            progress.show(panel)
     if report.assertions:
         progress.show(assertion_table(report.assertions))
     for note in report.notes:
@@ -389,6 +391,23 @@ def _show_and_save(root, report, name: str) -> None:
         raise Exit(code=1)
 
 
+def _trace_options(trace, depth, function=None):
+    """--trace [--depth N] [--function NAME] -> TraceOptions (None without --trace); checked before any VM."""
+    from harness.trace import TraceError, TraceOptions, check_depth, check_function
+
+    if not trace:
+        if depth is not None or function:
+            raise TraceError("--depth and --function go with --trace")
+        return None
+    return TraceOptions(check_depth(6 if depth is None else depth), check_function(function))
+
+
+TRACE_HELP = {
+    "trace": "record the kernel's call graph of every call step (function_graph in the guest; docs/tracing.md)",
+    "depth": "with --trace: how deep the graph goes, 1..20 (default 6)",
+}
+
+
 @task(name="check", iterable=["param"], help={
     "lab_name": "the course lab, e.g. 03-listen (see labs/README.md)",
     "param": "override a scenario parameter, e.g. --param backlog=4 (repeatable)",
@@ -396,9 +415,10 @@ def _show_and_save(root, report, name: str) -> None:
     "out": OUT_HELP,
     "name": NAME_HELP,
     "kernel": "with --model-only: the kernel to model (6.1, 6.12, 7.2); live checks model each VM's own kernel",
+    **TRACE_HELP,
 })
 @_friendly
-def check_(c, lab_name, param=None, model_only=False, out=None, name=None, kernel=None):
+def check_(c, lab_name, param=None, model_only=False, out=None, name=None, kernel=None, trace=False, depth=None):
     """Check a lab: its scenarios on the live kernels and the model, then its expectations. Exit 0 only if all agree."""
     from harness.scenario.check import LabSpec, check, prepare
     from harness.scenario.format import parse_params
@@ -406,6 +426,9 @@ def check_(c, lab_name, param=None, model_only=False, out=None, name=None, kerne
     root = _results_root(c, out)
     spec = LabSpec.load(lab_name)
     overrides = parse_params(param or [])
+    options = _trace_options(trace, depth)
+    if options is not None and model_only:
+        raise SocklabError("--trace needs the kernels: it cannot go with --model-only")
     prepare(spec, overrides)  # every input checked before a VM is booted or touched
     if kernel and not model_only:
         raise SocklabError("--kernel goes with --model-only: a live check models each VM's own kernel "
@@ -416,7 +439,7 @@ def check_(c, lab_name, param=None, model_only=False, out=None, name=None, kerne
     else:
         lab = _lab(name)
         with lab.using():  # one check, run or grade at a time on this lab: they would share ports
-            report = check(spec, _running_lab(lab, spec.topology), overrides)
+            report = check(spec, _running_lab(lab, spec.topology), overrides, trace=options)
             lab.close()
     _show_and_save(root, report, spec.name)
 
@@ -426,9 +449,10 @@ def check_(c, lab_name, param=None, model_only=False, out=None, name=None, kerne
     "param": "override a scenario parameter, e.g. --param port=7001 (repeatable)",
     "out": OUT_HELP,
     "name": NAME_HELP,
+    **TRACE_HELP,
 })
 @_friendly
-def run_(c, file, param=None, out=None, name=None):
+def run_(c, file, param=None, out=None, name=None, trace=False, depth=None):
     """Run any scenario file on the live kernels and the model, step by step."""
     from pathlib import Path
 
@@ -437,12 +461,50 @@ def run_(c, file, param=None, out=None, name=None):
 
     root = _results_root(c, out)
     path = Path(file)
+    options = _trace_options(trace, depth)
     scenario = load(path, parse_params(param or []), known_hosts=topology("default").vms)
     lab = _lab(name)
     with lab.using():
-        report = CheckReport(scenario.name, runs=[run_scenario(scenario, _running_lab(lab, "default"))])
+        report = CheckReport(scenario.name, runs=[run_scenario(scenario, _running_lab(lab, "default"),
+                                                               trace=options)])
         lab.close()
     _show_and_save(root, report, path.stem)
+
+
+@task(name="trace", positional=["vm"], help={
+    "vm": "VM name; the program follows `--`, e.g. invoke lab.trace server -- python3 /tmp/client.py",
+    "name": NAME_HELP,
+    "depth": "how deep the graph goes, 1..20 (default 6)",
+    "function": "also root a graph at this kernel function (e.g. inet_csk_accept)",
+    "timeout": "seconds the program may run (at most 120)",
+})
+@_friendly
+def trace_(c, vm=None, depth=None, function=None, timeout="60", name=None):
+    """Run a program in a guest and print the kernel's call graph of each of its socket calls."""
+    import shlex
+
+    from harness import remote
+    from harness.trace import TraceError, trace_program
+
+    vm = _vm_name(vm, "invoke lab.trace server -- python3 /tmp/client.py")
+    options = _trace_options(True, depth, function)
+    timeout = _number(timeout, "--timeout", "a number of seconds in 1..120")
+    if timeout > 120:
+        raise TraceError(f"--timeout {timeout:g}: a traced program may run at most 120 s")
+    argv = remote.words_after_dashes(sys.argv, c.remainder)  # word for word, as lab.exec takes them
+    if not argv:
+        raise TraceError("no program: put it after --, e.g. `invoke lab.trace server -- python3 /tmp/client.py`")
+    lab = _lab(name)
+    lab.require().vm(vm)  # an unknown VM is bad input, checked before anything connects
+    result = trace_program(lab, vm, argv, options, timeout)
+    lab.close()
+    if result.output:
+        sys.stderr.write(result.output if result.output.endswith("\n") else result.output + "\n")
+    shown = result.socket_calls()
+    print(shown.tree())
+    status = "timed out (killed)" if result.timed_out else f"exit status {result.status}"
+    progress.say(f"{vm}: {shlex.join(argv)}: {status}; {len(shown.roots)} socket call(s) traced at depth "
+                 f"{shown.depth} ({len(result.syscalls()) - len(shown.roots)} other calls left out)")
 
 
 @task(name="model", iterable=["param"], help={
@@ -549,12 +611,12 @@ def matrix_(c, kernel=None, lab=None, timeout="300", out=None):
 
 @task(name="bench", iterable=["only"], help={
     "repeats": "runs per figure (each figure is the median); default 3",
-    "only": "measure just this section (repeatable): build, boot, kernels, latency, stats, model, check, memory, fuzz",
+    "only": "measure just this section (repeatable): build, boot, kernels, latency, stats, model, check, trace, memory, fuzz",
     "out": OUT_HELP,
 })
 @_friendly
 def bench_(c, repeats="3", only=None, out=None):
-    """Measure socklab: image build, cold boot vs restore, command latency, stats, model, lab checks, memory."""
+    """Measure socklab: image build, cold boot vs restore, command latency, stats, model, lab checks, tracing, memory."""
     from harness import bench as benching
     from harness.results import results_root
 
@@ -642,6 +704,6 @@ def test_(c, unit=False, live=False, pytest_args=""):
 
 
 images = Collection("images", build, clean)
-lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, grade, soak_, matrix_, fuzz_)
+lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, trace_, grade, soak_, matrix_, fuzz_)
 ns = Collection(images, lab, test_, bench_)
 ns.configure(config.DEFAULTS)

@@ -474,6 +474,22 @@ class Agent:
                              f"{type(reply.ret).__name__} of {len(reply.ret) if isinstance(reply.ret, list) else '?'}")
         return [decode_reply(message, self.vm, self.user, rtt, reply.host_ns) for message in reply.ret]
 
+    def post(self, op: str, args: Mapping[str, Any] | None = None) -> None:
+        """Send a request without waiting: the agent runs it before the next one, whose ``request``
+        skips its reply. For a request whose outcome a later one reports (``trace_begin``, whose
+        refusal ``trace_end`` repeats), it saves a round trip."""
+        step = describe_step(op, dict(args or {}))
+        if self._channel is None or self._dead is not None:
+            raise AgentDied(f"{self.vm}: the agent ({self.user}) is not running ({self._dead or 'never started'}); "
+                            f"cannot run {step}")
+        self._next_id += 1
+        line = json.dumps({"id": self._next_id, "op": op, "args": encode_args(op, dict(args or {}))},
+                          separators=(",", ":"))
+        try:
+            self._channel.sendall(line.encode() + b"\n")
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            self._died(step, f"writing the request failed ({exc})")
+
     def reset(self) -> AgentReply:
         """Close every socket the session opened (and undo its sysctls) without ending the agent."""
         return self.call("reset")

@@ -22,7 +22,8 @@ from . import image, progress
 from .lab import Lab
 from .paths import Paths
 
-SECTIONS = ("build", "boot", "kernels", "latency", "stats", "model", "check", "memory", "fuzz")
+SECTIONS = ("build", "boot", "kernels", "latency", "stats", "model", "check", "trace", "memory", "fuzz")
+TRACE_LABS = ("03-listen", "01-sockets-are-files")  # checks timed traced and untraced: three scenarios, and one
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,51 @@ def bench_check(bench: Bench, lab: Lab, repeats: int) -> None:
                          note=f"{failed} of {repeats} runs FAILED" if failed else ""))
 
 
+def bench_trace(bench: Bench, lab: Lab, repeats: int) -> None:
+    """A traced step against the same step untraced, and a traced lab check against an untraced one."""
+    from .agent import Agent
+    from .scenario.check import LabSpec, check
+    from .trace import TraceOptions
+
+    with Agent(lab.ssh("server"), "server", timeout=60) as agent:
+        pid = agent.hello["pid"]
+        agent.call("trace_arm")
+
+        def step(traced: bool) -> float:
+            fd = agent.call("socket", family=2, type=1).ret
+            started = time.perf_counter()
+            if traced:  # as LabBackend.call_traced does for a root step: begin posted, end read
+                agent.post("trace_begin", {"pid": pid, "depth": 6, "functions": ["inet_csk_listen_start"]})
+            agent.call("listen", fd=fd, backlog=4)
+            if traced:
+                agent.call("trace_end")
+            elapsed = time.perf_counter() - started
+            agent.call("close", fd=fd)
+            return elapsed * 1000
+
+        n = max(20, repeats * 10)
+        untraced, traced = [], []
+        for _ in range(n):  # alternating, so load changes hit both alike
+            untraced.append(step(False))
+            traced.append(step(True))
+    bench.add(Figure("listen() step, traced (trace_begin posted, step, trace_end)", "ms", tuple(traced),
+                     "the same step untraced", tuple(untraced), note="tracer armed once beforehand"))
+    for name in TRACE_LABS:
+        spec = LabSpec.load(name)
+        plain, with_trace, failed = [], [], 0
+        for _ in range(repeats):  # alternating, so load changes hit both alike
+            started = time.perf_counter()
+            failed += not check(spec, lab).ok
+            plain.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            failed += not check(spec, lab, trace=TraceOptions()).ok
+            with_trace.append(time.perf_counter() - started)
+        bench.add(Figure(f"lab.check {name} --trace, end to end", "s", tuple(with_trace),
+                         f"lab.check {name} untraced", tuple(plain),
+                         note=(f"{failed} runs FAILED; " if failed else "") + "every call step traced, depth 6; "
+                         "arming and restoring the tracer on each VM included"))
+
+
 def bench_memory(bench: Bench, lab: Lab) -> None:
     state = lab.require()
     rss = []
@@ -267,7 +313,7 @@ def run(paths: Paths, repeats: int = 3, only: tuple[str, ...] = SECTIONS) -> Ben
     if "fuzz" in only:
         progress.say("fuzz on the model")
         bench_fuzz(bench, None, repeats)
-    lab_sections = [s for s in only if s in ("boot", "kernels", "latency", "stats", "check", "memory", "fuzz")]
+    lab_sections = [s for s in only if s in ("boot", "kernels", "latency", "stats", "check", "trace", "memory", "fuzz")]
     if not lab_sections:
         return bench
     with tempfile.TemporaryDirectory(prefix="socklab-bench-") as home:
@@ -279,15 +325,16 @@ def run(paths: Paths, repeats: int = 3, only: tuple[str, ...] = SECTIONS) -> Ben
             if "kernels" in lab_sections:
                 progress.say("cold boot vs restore per kernel")
                 bench_kernels(bench, paths, lab, repeats)
-            if not set(lab_sections) & {"latency", "stats", "check", "memory"}:
+            if not set(lab_sections) & {"latency", "stats", "check", "trace", "memory"}:
                 return bench
             lab.up("default")
-            for section in ("latency", "stats", "check", "memory", "fuzz"):
+            for section in ("latency", "stats", "check", "trace", "memory", "fuzz"):
                 if section in lab_sections:
                     progress.say(section)
                     {"latency": lambda: bench_latency(bench, lab, repeats),
                      "stats": lambda: bench_stats(bench, lab, repeats),
                      "check": lambda: bench_check(bench, lab, repeats),
+                     "trace": lambda: bench_trace(bench, lab, repeats),
                      "memory": lambda: bench_memory(bench, lab),
                      "fuzz": lambda: bench_fuzz(bench, lab, repeats)}[section]()
         finally:

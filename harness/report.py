@@ -107,6 +107,53 @@ def step_table(result, kernel: bool = True) -> Table:
     return table
 
 
+def trace_panels(result) -> list:
+    """A compact call tree for each traced step of ``result``, headed by the step and the citation's verdict."""
+    from rich.panel import Panel
+    from rich.text import Text
+
+    panels = []
+    for record in result.records:
+        if record.trace is None:
+            continue
+        step = record.step
+        cited = record.model.kernel_fn if record.model else None
+        colour = "red" if record.citation and record.citation.model_bug else "dim"
+        body = Text.from_markup(record.trace.compact(cited))
+        if record.citation is not None:
+            body.append("\n")
+            body.append_text(Text.from_markup(f"[{colour}]{escape_markup(record.citation.describe())}[/]"))
+        panels.append(Panel(body, title=f"step {step.index} {step.host}: {escape_markup(step.describe())} "
+                                         f"→ {record.kernel.describe() if record.kernel else '-'}",
+                            title_align="left", expand=False))
+    return panels
+
+
+def escape_markup(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def trace_markdown(result) -> list[str]:
+    """The full call tree of each traced step, for the Markdown report."""
+    lines: list[str] = []
+    for record in result.records:
+        if record.trace is None:
+            continue
+        step = record.step
+        cited = record.model.kernel_fn if record.model else None
+        lines += [f"### Step {step.index}: {step.host} `{step.describe()}` → "
+                  f"{record.kernel.describe() if record.kernel else '-'}", ""]
+        if record.citation is not None:
+            lines += [record.citation.describe() + ".", ""]
+        lines += ["```", record.trace.tree(cited), "```", ""]
+    if lines:
+        lines = ["", "#### The kernel's call graphs (function_graph, depth "
+                 f"{next(r.trace.depth for r in result.records if r.trace is not None)})", ""] + lines
+    return lines
+
+
 def assertion_table(outcomes) -> Table:
     table = Table(title="expectations", title_justify="left")
     for column in ("expectation", "value", "wanted", "verdict"):
@@ -172,6 +219,7 @@ def markdown(report) -> str:
                 step.expect.describe() if step.expect else "", verdict)) + " |")
         if result.error:
             lines += ["", f"Aborted: {result.error}"]
+        lines += trace_markdown(result)
         lines.append("")
     if report.assertions:
         lines += ["## Expectations", "", "| expectation | value | wanted | verdict |", "|---|---|---|---|"]

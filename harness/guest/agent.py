@@ -308,7 +308,8 @@ class Session:
     SOCK_CLOEXEC to accept(). Sockets are closed at EOF, on ``reset``, SIGTERM or SIGHUP.
     """
 
-    def __init__(self, reserved_fds: set[int], block_ms: int = DEFAULT_BLOCK_MS) -> None:
+    def __init__(self, reserved_fds: set[int], block_ms: int = DEFAULT_BLOCK_MS, tracefs: str | None = None,
+                 trace_state_dir: str | None = None) -> None:
         self.libc = load_libc()
         self.reserved = reserved_fds
         self.block_ms = block_ms
@@ -325,6 +326,8 @@ class Session:
         }
         self.handlers["sendto"] = self.handlers["send"]
         self.handlers["recvfrom"] = self.handlers["recv"]
+        self.tracing = TracingOps(self, tracefs or TRACEFS, trace_state_dir or TRACE_STATE_DIR)
+        self.handlers.update(self.tracing.handlers())
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -840,7 +843,10 @@ class Session:
         self.sysctl_originals.clear()
         self.zerocopy_buffers.clear()
         self.zerocopy_bytes = 0
-        return {"closed": closed, "unlinked": removed, "sysctls_restored": restored}
+        summary = {"closed": closed, "unlinked": removed, "sysctls_restored": restored}
+        if self.tracing.tracer.plan is not None:
+            summary["tracing_restore_failed"] = self.tracing.cleanup()
+        return summary
 
     # -- one request ---------------------------------------------------------------------------
 
@@ -1199,10 +1205,646 @@ def move_stray_fds(keep: tuple[int, ...], below: int = 64) -> set[int]:
     return moved
 
 
+# -- kernel call graphs (tracefs function_graph) ------------------------------------------------
+#
+# Kept apart from the socket ops above: the Session only registers these ops and calls
+# KernelTracer.restore() in its cleanup. docs/tracing.md explains the design.
+
+TRACEFS = "/sys/kernel/tracing"
+TRACE_STATE_DIR = "/run/socklab/trace"
+TRACE_DEPTH_DEFAULT, TRACE_DEPTH_MAX = 6, 20
+TRACE_PROGRAM_TIMEOUT_MAX = 120
+TRACE_OUTPUT_LIMIT = 64 << 10
+
+# What the tracer patches (set_ftrace_filter): the socket layer and what it calls into on the way
+# (LSM hooks, descriptors and files, the IP stack down to the driver). Everything else -- locking,
+# memory allocation, RCU, the scheduler, tracing itself -- is never traced: that keeps arming fast
+# under TCG (patching all ~36,000 functions takes 4-6 s each way, this set well under 1 s) and the
+# tree readable. Functions a step's model citation names are added to the set as well.
+TRACED_FUNCTIONS = (
+    "__sys_*", "___sys_*", "__sock_*", "sock_*", "sockfd_*", "*_sock_*", "sk_*", "__sk_*", "sockfs_*",
+    "inet_*", "__inet_*", "inet6_*", "__inet6_*", "tcp_*", "__tcp_*", "tcp4_*", "tcp6_*", "udp*", "__udp*",
+    "ip_*", "__ip_*", "ip4_*", "ipv4_*", "ipv6_*", "ip6_*", "__ip6_*", "raw_*", "ping_*", "reqsk_*",
+    "unix_*", "skb_*", "__skb_*", "*_skb", "*_skb_*", "msg_zerocopy_*", "*zerocopy*", "move_addr_to_*",
+    "security_*", "apparmor_*", "aa_sk_*", "aa_*sock*", "tomoyo_*socket*", "tomoyo_*inet*", "bpf_lsm_*sock*",
+    "selinux_*sock*", "fd_install", "get_unused_fd_flags", "alloc_file*", "alloc_empty_file", "d_alloc_pseudo",
+    "__fget*", "__fdget*", "fput", "____fput", "__fput", "close_fd*", "filp_close", "task_work_run",
+    "new_inode_pseudo", "do_fcntl", "vfs_fstat", "vfs_getattr*", "do_sys_poll", "*_poll", "poll_*",
+    "dev_queue_xmit", "__dev_queue_xmit", "dev_hard_start_xmit", "netif_*", "__netif_*", "napi_*",
+    "neigh_*", "__neigh_*", "virtnet_*", "start_xmit", "fib_*", "dst_*", "nf_hook_slow", "qdisc_*",
+    "__qdisc_*", "sch_direct_xmit", "call_timer_fn", "net_rx_action", "run_timer_softirq", "__do_softirq",
+    "handle_softirqs", "irq_exit_rcu",
+)
+# The system calls whose trees are recorded (set_graph_function, behind the arch's wrapper prefix).
+# read/write are left out for the agent's own steps (its protocol pipes use them) and added for
+# trace_program, where a program's read() of a socket is as interesting as its recv().
+TRACED_SYSCALLS = ("socket", "socketpair", "bind", "listen", "accept", "accept4", "connect", "close", "shutdown",
+                   "getsockname", "getpeername", "setsockopt", "getsockopt", "sendto", "sendmsg", "sendmmsg",
+                   "recvfrom", "recvmsg", "recvmmsg", "poll", "ppoll", "select", "pselect6", "epoll_wait",
+                   "epoll_pwait", "fcntl", "newfstat", "newfstatat", "statx", "ioctl", "readlink")
+PROGRAM_SYSCALLS = ("read", "write", "readv", "writev", "close_range", "exit_group")
+# Dropped from the tree with everything below them: locking and memory bookkeeping that the
+# traced set still catches (lock_sock, release_sock), and softirq work (timers, packets received)
+# that happens to run on the traced thread's stack without being part of its call.
+TRACE_NOISE = ("lock_sock*", "release_sock", "__release_sock", "_raw_spin_*", "__cond_resched", "*rcu*",
+               "kmem_cache_*", "__kmalloc*", "kfree*", "__local_bh_*", "mutex_*", "*trace*", "call_timer_fn",
+               "net_rx_action", "run_timer_softirq", "__do_softirq", "handle_softirqs", "irq_exit_rcu")
+# The syscall (wrapper) each op enters, so a step's own trees can be told from others.
+TRACE_SYSCALLS = {
+    "send": ("sendto",), "recv": ("recvfrom",), "sendto": ("sendto",), "recvfrom": ("recvfrom",),
+    "accept": ("accept", "accept4"), "fstat": ("newfstat",), "fcntl_getfl": ("fcntl",), "fcntl_getfd": ("fcntl",),
+    "wait_readable": ("poll",), "readlink_fd": ("readlink",),
+}
+TRACER_OPTIONS = {"funcgraph-irqs": "0", "funcgraph-overhead": "0", "funcgraph-cpu": "0", "funcgraph-proc": "0",
+                  "funcgraph-duration": "1", "funcgraph-tail": "0", "funcgraph-abstime": "0", "function-fork": "0"}
+
+def apply_trace_restore(plan: dict) -> list[str]:
+    """Write each saved tracefs file back, in order (current_tracer first), then unmount if we mounted."""
+    failed = []
+    for name, lines in plan["writes"]:
+        path = os.path.join(plan["root"], name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        except OSError:
+            failed.append(name)
+            continue
+        try:
+            for line in lines:
+                data = (line + "\n").encode()
+                while data:
+                    data = data[os.write(fd, data):]
+        except OSError:
+            failed.append(name)
+        finally:
+            os.close(fd)
+    if plan.get("mounted"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.umount2(plan["root"].encode(), 2)  # MNT_DETACH
+    return failed
+
+
+# The watchdog: a /bin/sh (it starts in milliseconds; a second python3 would take a second of the
+# guest's only vCPU under TCG) that waits for EOF on a pipe only the agent holds, then runs the
+# restore script if it is still there (a clean restore removes it first). The script is written
+# from the same plan apply_trace_restore() follows. Its command line names no agent file, so
+# `pkill -f agent-...` does not take it down with the agent.
+TRACE_WATCHDOG_SCRIPT = """trap '' HUP INT PIPE
+while read -r _; do :; done
+[ -f "$1" ] || exit 0
+. "$1"
+rm -f "$1" "$2"
+"""
+
+
+def restore_script(plan: dict) -> str:
+    """The restore plan as sh: the same files, in the same order, one token per line (one write each)."""
+    import shlex
+
+    lines = []
+    for name, values in plan["writes"]:
+        path = shlex.quote(os.path.join(plan["root"], name))
+        if values:
+            lines.append(f"printf '%s\\n' {' '.join(shlex.quote(v) for v in values)} > {path} 2>/dev/null")
+        else:
+            lines.append(f": > {path} 2>/dev/null")
+    if plan.get("mounted"):
+        lines.append(f"umount -l {shlex.quote(plan['root'])} 2>/dev/null")
+    return "\n".join(lines) + "\n"
+
+
+# A traced program starts as this, waits until its pid is the traced one, then execs the program.
+TRACE_GATE_SOURCE = "import os, sys; os.read(int(sys.argv[1]), 1); os.execvp(sys.argv[2], sys.argv[2:])"
+
+
+class TraceRefused(BadRequest):
+    """Tracing cannot start on this guest: no tracefs, no function_graph, busy, not root, bad input."""
+
+
+def glob_regex(patterns: tuple[str, ...] | list[str]):
+    import fnmatch
+    import re
+
+    return re.compile("|".join(fnmatch.translate(pattern) for pattern in patterns))
+
+
+def parse_function_graph(text: str, noise=None) -> list[list]:
+    """function_graph output -> [[depth, name, duration_us], ...] in call order (depth 0 = a root).
+
+    Nesting comes from the braces, not the indentation: ``f() {`` opens, ``}`` closes (and
+    carries f's duration), ``f();`` is a leaf. Lines that are neither (headers, CPU switches,
+    lost events) are skipped. A node matching ``noise`` is dropped with its subtree.
+    """
+    calls: list[list] = []
+    stack: list[int] = []  # index in calls of each open function, or -1 when dropped
+    for line in text.splitlines():
+        if line.startswith("#") or "|" not in line:
+            continue
+        left, _, right = line.partition("|")
+        body = right.strip()
+        duration = None
+        words = left.split()
+        if len(words) >= 2 and words[-1] == "us":
+            try:
+                duration = float(words[-2])
+            except ValueError:
+                duration = None
+        if body.startswith("}"):
+            if stack:
+                index = stack.pop()
+                if index >= 0 and duration is not None:
+                    calls[index][2] = duration
+            continue
+        if body.endswith("() {") or body.endswith("();"):
+            name = body[:-4] if body.endswith("{") else body[:-3]
+            hidden = bool(stack and stack[-1] < 0) or bool(noise and noise.fullmatch(name))
+            index = -1
+            if not hidden:
+                index = len(calls)
+                calls.append([len(stack), name, duration])
+            if body.endswith("{"):
+                stack.append(index)
+    return calls
+
+
+class KernelTracer:
+    """function_graph on one guest, owned by one root agent; every setting it touches is put back.
+
+    ``begin`` arms the tracer the first time (saving each tracefs setting first, to a state file
+    a watchdog process restores from if the agent dies), then points it at one thread for one
+    step; ``end`` stops recording and returns the step's call trees.
+    """
+
+    def __init__(self, root: str = TRACEFS, state_dir: str = TRACE_STATE_DIR) -> None:
+        self.root = root
+        self.state_dir = state_dir
+        self.state_path = os.path.join(state_dir, "state.json")
+        self.armed = False
+        self.plan: dict | None = None
+        self.names: list[str] = []
+        self.index: dict[str, int] = {}
+        self.filtered: set[str] = set()
+        self.graph_roots: tuple[str, ...] = ()
+        self.prefix = "__x64_sys_"
+        self.roots_written: tuple[str, ...] = ()
+        self.pid: int | None = None
+        self.depth: int | None = None
+        self.on_fd: int | None = None
+        self.watch_fd: int | None = None
+        self.watchdog: Any = None
+        self.noise = glob_regex(TRACE_NOISE)
+        self.arm_seconds = 0.0
+        self.asked: dict[str, bool] = {}
+
+    # -- tracefs files ---------------------------------------------------------------------------
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def read(self, name: str) -> str:
+        with open(self.path(name)) as handle:
+            return handle.read()
+
+    def write(self, name: str, lines: list[str] | tuple[str, ...]) -> list[str]:
+        """Truncate ``name`` and write each line with its own write(2) (tracefs parses one token per write).
+
+        Returns the lines the kernel refused.
+        """
+        refused = []
+        fd = os.open(self.path(name), os.O_WRONLY | os.O_TRUNC)
+        try:
+            for line in lines:
+                data = (line + "\n").encode()
+                try:
+                    while data:
+                        data = data[os.write(fd, data):]
+                except OSError:
+                    refused.append(line)
+        finally:
+            os.close(fd)
+        return refused
+
+    def append(self, name: str, lines: list[str]) -> None:
+        fd = os.open(self.path(name), os.O_WRONLY | os.O_APPEND)
+        try:
+            for line in lines:
+                os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+
+    # -- probing ---------------------------------------------------------------------------------
+
+    def probe(self) -> bool:
+        """Check that tracing can start; mount tracefs if needed. True when this call mounted it."""
+        if os.geteuid() != 0:
+            raise TraceRefused("tracing needs root in the guest (tracefs is root-only); trace a root step")
+        mounted = False
+        if not os.path.exists(self.path("current_tracer")):
+            try:
+                filesystems = read_text("/proc/filesystems")
+            except OSError:
+                filesystems = ""
+            if "tracefs" not in filesystems.split():
+                raise TraceRefused("this kernel has no tracefs (CONFIG_TRACING is off): it cannot be traced")
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.mount(b"nodev", self.root.encode(), b"tracefs", 0, None) != 0:
+                err = ctypes.get_errno()
+                raise TraceRefused(f"cannot mount tracefs on {self.root}: {os.strerror(err)}")
+            mounted = True
+        try:
+            tracers = self.read("available_tracers").split()
+        except OSError as exc:
+            raise TraceRefused(f"cannot read {self.path('available_tracers')}: {exc.strerror}") from None
+        if "function_graph" not in tracers:
+            self._unmount(mounted)
+            raise TraceRefused("this kernel's tracefs has no function_graph tracer (CONFIG_FUNCTION_GRAPH_TRACER "
+                               f"is off; it offers: {' '.join(tracers) or 'none'})")
+        self._recover_stale()
+        current = self.read("current_tracer").strip()
+        if current != "nop":
+            self._unmount(mounted)
+            raise TraceRefused(f"the tracer is busy: current_tracer is {current!r}, someone else is tracing; "
+                               "socklab leaves it alone (write nop to current_tracer when they are done)")
+        events = [line for line in self.read("set_event").splitlines() if line.strip()]
+        if events:
+            self._unmount(mounted)
+            raise TraceRefused(f"the tracer is busy: {len(events)} trace event(s) are enabled ({events[0]}, ...); "
+                               "socklab would clear their buffer")
+        return mounted
+
+    def _unmount(self, mounted: bool) -> None:
+        if mounted:
+            ctypes.CDLL(None, use_errno=True).umount2(self.root.encode(), 2)
+
+    def _recover_stale(self) -> None:
+        """A state file left by an agent that died with its watchdog: restore it, unless its owner lives."""
+        try:
+            plan = json.loads(read_text(self.state_path))
+        except (OSError, ValueError):
+            return
+        owner = plan.get("owner")
+        if isinstance(owner, int) and owner != os.getpid() and _alive(owner):
+            raise TraceRefused(f"the tracer is busy: socklab agent pid {owner} is tracing on this guest")
+        apply_trace_restore(plan)
+        _remove_state(self.state_path)
+
+    def available(self) -> list[str]:
+        """available_filter_functions, kept in /run for the boot: tracefs takes over a second to list it."""
+        if not self.names:
+            cache = os.path.join(self.state_dir, "functions-" + _boot_key())
+            try:
+                self.names = read_text(cache).split("\n")
+            except OSError:
+                self.names = [line.split()[0] for line in self.read("available_filter_functions").splitlines() if line]
+                os.makedirs(self.state_dir, exist_ok=True)
+                write_text(cache + ".part", "\n".join(self.names))
+                os.rename(cache + ".part", cache)
+            self.index = {}
+            for number, name in enumerate(self.names, start=1):  # set_ftrace_filter indexes count from 1
+                self.index.setdefault(name, number)
+        return self.names
+
+    def traceable(self, names: list[str]) -> dict[str, bool]:
+        self.available()
+        return {name: name in self.index for name in names}
+
+    # -- arming ------------------------------------------------------------------------------------
+
+    def _save(self, mounted: bool) -> dict:
+        """The restore plan: every file arm() changes, with what it holds now, current_tracer first."""
+        def lines(name: str, empty_marks: tuple[str, ...] = ()) -> list[str]:
+            out = []
+            for line in self.read(name).splitlines():
+                if line.strip() and not line.startswith("#") and line.strip() not in empty_marks:
+                    out.append(line.strip())
+            return out
+
+        filters = lines("set_ftrace_filter")
+        if any(":" in line for line in filters):
+            raise TraceRefused("the tracer is busy: set_ftrace_filter holds function triggers "
+                               f"({filters[0]}); socklab cannot put them back, so it does not touch them")
+        writes = [["current_tracer", ["nop"]], ["tracing_on", [self.read("tracing_on").strip()]],
+                  ["set_ftrace_pid", lines("set_ftrace_pid", ("no pid",))],
+                  ["set_graph_function", lines("set_graph_function")],
+                  ["set_ftrace_filter", filters],
+                  ["max_graph_depth", [self.read("max_graph_depth").strip()]]]
+        for option in TRACER_OPTIONS:
+            name = f"options/{option}"
+            if os.path.exists(self.path(name)):
+                writes.append([name, [self.read(name).strip()]])
+        return {"owner": os.getpid(), "root": self.root, "mounted": mounted, "writes": writes}
+
+    def _start_watchdog(self) -> None:
+        import subprocess
+
+        script = self.state_path[:-len(".json")] + ".sh"
+        write_text(script, restore_script(self.plan))
+        read_end, write_end = os.pipe()
+        self.watchdog = subprocess.Popen(
+            ["/bin/sh", "-c", TRACE_WATCHDOG_SCRIPT, "socklab-trace-watchdog", script, self.state_path],
+            stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            close_fds=True)
+        os.close(read_end)
+        self.watch_fd = out_of_the_way(write_end)
+
+    def arm(self, extra: list[str]) -> None:
+        started = time.monotonic()
+        mounted = self.probe()
+        plan = self._save(mounted)
+        os.makedirs(self.state_dir, exist_ok=True)
+        write_text(self.state_path + ".part", json.dumps(plan))
+        os.rename(self.state_path + ".part", self.state_path)
+        self.plan = plan
+        self._start_watchdog()
+        try:
+            self.write("tracing_on", ["0"])
+            names = self.available()
+            self.prefix = next((p for p in ("__x64_sys_", "__arm64_sys_") if p + "listen" in self.index), "__sys_")
+            roots = {self.prefix + call for call in TRACED_SYSCALLS}
+            self.filtered = set(self.selected(names)) | {name for name in roots if name in self.index}
+            self.filtered |= {name for name in extra if name in self.index}
+            self.write("set_ftrace_filter", [str(self.index[name]) for name in sorted(self.filtered)])
+            # Graph roots: the syscall wrappers (the glob roots only what is patched) and task_work_run,
+            # where the final fput() of a close() runs. They are written only when a step asks for a
+            # function of its own: with set_graph_function empty, every traced function of the
+            # thread is graphed from the first one on its stack, which is the wrapper for a step's
+            # syscall, and each token written costs a scan of all functions (0.35 s for two).
+            self.graph_roots = (self.prefix + "*", "task_work_run")
+            self.roots_written = ()
+            for option, value in TRACER_OPTIONS.items():
+                if os.path.exists(self.path(f"options/{option}")):
+                    self.write(f"options/{option}", [value])
+            self.write("current_tracer", ["function_graph"])
+            self.on_fd = out_of_the_way(os.open(self.path("tracing_on"), os.O_WRONLY))
+        except BaseException:
+            self.restore()
+            raise
+        self.armed = True
+        self.arm_seconds = time.monotonic() - started
+
+    def selected(self, names: list[str]) -> list[str]:
+        """The functions TRACED_FUNCTIONS matches, cached beside the function list (matching takes a second)."""
+        cache = os.path.join(self.state_dir, "selected-" + _boot_key() + "-" + _digest(repr(TRACED_FUNCTIONS)))
+        try:
+            return read_text(cache).split("\n")
+        except OSError:
+            pass
+        pattern = glob_regex(TRACED_FUNCTIONS)
+        chosen = [name for name in names if pattern.fullmatch(name)]
+        write_text(cache + ".part", "\n".join(chosen))
+        os.rename(cache + ".part", cache)
+        return chosen
+
+    def include(self, names: list[str]) -> None:
+        """Add functions to the traced set while armed (only they are patched, in place)."""
+        new = [name for name in names if name in self.index and name not in self.filtered]
+        if new:
+            self.append("set_ftrace_filter", [str(self.index[name]) for name in new])
+            self.filtered.update(new)
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    def check_function(self, root: str) -> None:
+        """Refuse an unknown graph root before anything in tracefs changes."""
+        mounted = False if self.armed else self.probe()
+        try:
+            self.available()
+        finally:
+            if not self.armed:
+                self._unmount(mounted)
+        if root not in self.index:
+            raise TraceRefused(f"unknown function {root!r}: it is not in available_filter_functions "
+                               "(misspelt, inlined, or marked notrace)")
+
+    def begin(self, pid: int, depth: int, extra: list[str], root: str | None = None) -> dict:
+        if root is not None:
+            self.check_function(root)
+        if not self.armed:
+            self.arm(extra + ([root] if root else []))
+        self.include(extra + ([root] if root else []))
+        roots = self.graph_roots + (root,) if root else ()
+        if roots != self.roots_written:
+            self.write("set_graph_function", list(roots))
+            self.roots_written = roots
+        if pid != self.pid:
+            self.write("set_ftrace_pid", [str(pid)])
+            self.pid = pid
+        if depth != self.depth:
+            self.write("max_graph_depth", [str(depth)])
+            self.depth = depth
+        self.write("trace", [])  # O_TRUNC empties the ring buffer
+        self.asked = self.traceable(extra)
+        os.pwrite(self.on_fd, b"1", 0)
+        return {"arm_s": round(self.arm_seconds, 3), "traceable": self.asked}
+
+    def end(self) -> dict:
+        if not self.armed:
+            raise TraceRefused("trace_end without trace_begin")
+        os.pwrite(self.on_fd, b"0", 0)
+        text = self.read("trace")
+        calls, keep = [], False
+        for call in parse_function_graph(text, self.noise):
+            if call[0] == 0:
+                # Writing tracing_on can leave a stray fragment of that write(2) at the start.
+                keep = call[1].startswith(self.prefix) or call[1] in self.graph_roots or call[1] in self.roots_written
+            if keep:
+                calls.append(call)
+        return {"calls": calls, "lost": "LOST" in text, "depth": self.depth, "traceable": self.asked}
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def restore(self) -> list[str]:
+        """Put every saved setting back; the names of the files that could not be written."""
+        failed: list[str] = []
+        if self.on_fd is not None:
+            os.close(self.on_fd)
+            self.on_fd = None
+        if self.plan is not None:
+            failed = apply_trace_restore(self.plan)
+            _remove_state(self.state_path)
+            self.plan = None
+        if self.watch_fd is not None:
+            os.close(self.watch_fd)  # the watchdog sees EOF, finds no state file, and exits
+            self.watch_fd = None
+            try:
+                self.watchdog.wait(timeout=5)
+            except Exception:
+                pass
+        self.armed = False
+        self.pid = self.depth = None
+        return failed
+
+
+def _remove_state(state_path: str) -> None:
+    """The state file and the watchdog's restore script beside it: restored, nothing left to do."""
+    for path in (state_path, state_path[:-len(".json")] + ".sh"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def out_of_the_way(fd: int) -> int:
+    """Move one of the tracer's own descriptors near the top of the table (as claim_stdio does for the
+    protocol pipes), so a traced scenario's sockets get the numbers an untraced run gives them."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = min(soft, 1 << 20) if soft != resource.RLIM_INFINITY else 1 << 20
+    moved = fcntl.fcntl(fd, F_DUPFD_CLOEXEC, max(top - 16, 16))
+    os.close(fd)
+    return moved
+
+
+def _boot_key() -> str:
+    """This boot of this kernel: the function list and its indexes hold until the next boot."""
+    try:
+        boot = read_text("/proc/sys/kernel/random/boot_id").strip()
+    except OSError:
+        boot = "unknown"
+    return _digest(os.uname().release + boot)
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def trace_depth_arg(args: dict) -> int:
+    depth = args.get("depth", TRACE_DEPTH_DEFAULT)
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= TRACE_DEPTH_MAX:
+        raise TraceRefused(f"trace depth {depth!r} is out of range: use 1..{TRACE_DEPTH_MAX}")
+    return depth
+
+
+def trace_names_arg(args: dict, key: str = "functions") -> list[str]:
+    names = args.get(key) or []
+    if not isinstance(names, list) or not all(isinstance(n, str) and n and n.isprintable() and " " not in n
+                                             for n in names):
+        raise TraceRefused(f"argument {key!r} must be a list of kernel function names")
+    return names
+
+
+class TracingOps:
+    """The tracing ops of a Session: trace_begin, trace_end, trace_traceable, trace_program."""
+
+    def __init__(self, session: "Session", root: str = TRACEFS, state_dir: str = TRACE_STATE_DIR) -> None:
+        self.session = session
+        self.tracer = KernelTracer(root, state_dir)
+        self.begin_error: str | None = None
+
+    def handlers(self) -> dict[str, Callable[[dict], Outcome]]:
+        return {"trace_arm": self.op_trace_arm, "trace_begin": self.op_trace_begin, "trace_end": self.op_trace_end,
+                "trace_traceable": self.op_trace_traceable, "trace_program": self.op_trace_program}
+
+    def _timed(self, func: Callable[[], Any]) -> Any:
+        start = time.monotonic_ns()
+        try:
+            return func()
+        finally:
+            self.session.t_ns, self.session.dt_ns = start, time.monotonic_ns() - start
+
+    def op_trace_arm(self, args: dict) -> Outcome:
+        """Arm ahead of the first traced step (the host arms every VM of a scenario at once)."""
+        extra = trace_names_arg(args)
+        if not self.tracer.armed:
+            self._timed(lambda: self.tracer.arm(extra))
+        return Outcome(0, 0, {"arm_s": round(self.tracer.arm_seconds, 3)})
+
+    def op_trace_begin(self, args: dict) -> Outcome:
+        self.begin_error = None
+        try:
+            return self._trace_begin(args)
+        except TraceRefused as exc:
+            self.begin_error = str(exc)  # trace_end repeats it: the host may not wait for this reply
+            raise
+
+    def _trace_begin(self, args: dict) -> Outcome:
+        pid = args.get("pid", os.getpid())
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise TraceRefused(f"argument 'pid' must be a process id, not {pid!r}")
+        depth, extra = trace_depth_arg(args), trace_names_arg(args)
+        root = args.get("function")
+        if root is not None and (not isinstance(root, str) or not root.isidentifier()):
+            raise TraceRefused(f"unknown function {root!r}: not a kernel function name")
+        return Outcome(0, 0, self._timed(lambda: self.tracer.begin(pid, depth, extra, root)))
+
+    def op_trace_end(self, args: dict) -> Outcome:
+        if self.begin_error is not None:
+            error, self.begin_error = self.begin_error, None
+            raise TraceRefused(error)
+        return Outcome(0, 0, self._timed(self.tracer.end))
+
+    def op_trace_traceable(self, args: dict) -> Outcome:
+        names = trace_names_arg(args, "names")
+        return Outcome(self._timed(lambda: self.tracer.traceable(names)))
+
+    def op_trace_program(self, args: dict) -> Outcome:
+        """Run ``argv`` and trace its socket calls (threads and children too), as the agent's steps are."""
+        import subprocess
+
+        argv = args.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise TraceRefused("argument 'argv' must be a non-empty list of strings")
+        timeout = args.get("timeout", 60)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= TRACE_PROGRAM_TIMEOUT_MAX:
+            raise TraceRefused(f"timeout {timeout!r} outside 0..{TRACE_PROGRAM_TIMEOUT_MAX} s")
+        depth, extra = trace_depth_arg(args), trace_names_arg(args)
+        root = args.get("function")
+        gate_read, gate_write = os.pipe()
+        try:
+            # The child waits on the gate until its pid is the one traced, then execs.
+            child = subprocess.Popen(
+                [sys.executable, "-I", "-c", TRACE_GATE_SOURCE, str(gate_read), *argv], pass_fds=(gate_read,),
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        except OSError as exc:
+            os.close(gate_read)
+            os.close(gate_write)
+            raise TraceRefused(f"cannot start {argv[0]!r}: {exc.strerror}") from None
+        os.close(gate_read)
+        try:
+            self.tracer.begin(child.pid, depth, extra, root if isinstance(root, str) else None)
+            self.tracer.include([self.tracer.prefix + call for call in PROGRAM_SYSCALLS])
+            self.tracer.write("options/function-fork", ["1"])
+        except BaseException:
+            child.kill()
+            child.wait()
+            os.close(gate_write)
+            raise
+        os.write(gate_write, b"g")
+        os.close(gate_write)
+        try:
+            output, _ = child.communicate(timeout=timeout)
+            status = child.returncode
+        except subprocess.TimeoutExpired:
+            child.kill()
+            output, _ = child.communicate()
+            status = None
+        trace = self.tracer.end()
+        self.tracer.write("options/function-fork", ["0"])
+        self.tracer.pid = None  # function-fork added the program's children to set_ftrace_pid
+        trace.update(status=status, output=output[-TRACE_OUTPUT_LIMIT:].decode(errors="replace"),
+                     timed_out=status is None)
+        return Outcome(0, 0, trace)
+
+    def cleanup(self) -> list[str]:
+        return self.tracer.restore() if self.tracer.plan is not None else []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--block-ms", type=int, default=DEFAULT_BLOCK_MS,
                         help="interrupt a call that blocks longer than this and report it as blocked (0: never)")
+    parser.add_argument("--tracefs", default=TRACEFS, help=argparse.SUPPRESS)  # tests point it at a fake
+    parser.add_argument("--trace-state-dir", default=TRACE_STATE_DIR, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
 
     read_fd, write_fd, diag_fd = claim_stdio()
@@ -1221,6 +1863,9 @@ def main(argv: list[str] | None = None) -> int:
 
     channel = LineChannel(read_fd, write_fd)
     session = Session({read_fd, write_fd, diag_fd, *strays}, options.block_ms)
+
+
+    session = Session({read_fd, write_fd, diag_fd}, options.block_ms, options.tracefs, options.trace_state_dir)
     try:
         hello = {"hello": {"agent": "socklab", "protocol": PROTOCOL, "kernel": os.uname().release,
                            "python": sys.version.split()[0], "t_ns": time.monotonic_ns(), **identity()}}
@@ -1231,7 +1876,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # the host went away; cleanup below still runs
     finally:
         summary = session.cleanup()
-        if summary["closed"] or summary["unlinked"] or summary["sysctls_restored"]:
+        if summary["closed"] or summary["unlinked"] or summary["sysctls_restored"] or "tracing_restore_failed" in summary:
             print(f"socklab agent: cleanup {json.dumps(summary)}", file=sys.stderr)
     return 0
 

@@ -40,8 +40,21 @@ def get_port(host: "Host", sk: Sock, port: int, fn: str) -> tuple[int, str]:
     owner, reason = table.find_conflict(sk, port)
     if owner is not None:
         raise fail("EADDRINUSE", f"port {port} owned by {describe_owner(host, owner)}: {reason}",
-                   "inet_csk_bind_conflict" if not table.udp else "udp_lib_lport_inuse")
+                   "udp_lib_lport_inuse" if table.udp else tcp_conflict_fn(sk, owner))
     return port, f"port {port}: {reason}"
+
+
+def tcp_conflict_fn(sk: Sock, owner) -> str:
+    """Where the kernel finds a TCP port conflict (seen in the guests' function_graph traces).
+
+    A socket binding a specific address next to a wildcard owner has no bhash2 bucket of its
+    own: inet_csk_get_port() finds the conflict in inet_bhash2_addr_any_conflict(). Every
+    other conflict is found by inet_csk_bind_conflict().
+    """
+    wildcard = (ANY4, ANY6)
+    if isinstance(owner, Sock) and owner.rcv_addr in wildcard and sk.rcv_addr not in wildcard:
+        return "inet_bhash2_addr_any_conflict"
+    return "inet_csk_bind_conflict"
 
 
 def describe_owner(host: "Host", owner) -> str:

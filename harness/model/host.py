@@ -57,7 +57,9 @@ class Process:
         if entry is None:
             raise fail("EBADF", f"fd {fd} is not open", "fdget")
         if entry is TTY:
-            raise fail("ENOTSOCK", f"fd {fd} is open but is not a socket", "sock_from_file")
+            # sock_from_file() is inlined into sockfd_lookup_light() on the traced guests.
+            raise fail("ENOTSOCK", f"fd {fd} is open but is not a socket (sock_from_file finds no socket)",
+                       "sockfd_lookup_light")
         return entry
 
 

@@ -209,7 +209,10 @@ def sys_fcntl(host, proc, op, args) -> Result:
 def sys_fstat(host, proc, op, args) -> Result:
     f = proc.lookup(args.get("fd"))
     info = {"st_mode": S_IFSOCK | 0o777, "st_ino": f.sock.inode, "link": f"socket:[{f.sock.inode}]"}
-    return Result(op, info, None, "sockfs inode: S_IFSOCK, named socket:[inode] in /proc/PID/fd", "sock_alloc")
+    # fstat() copies what sock_alloc() put in the sockfs inode; vfs_getattr_nosec() is where the traced
+    # guests read it (sock_alloc itself runs at socket(), not here).
+    return Result(op, info, None, "sockfs inode from sock_alloc: S_IFSOCK, named socket:[inode] in /proc/PID/fd",
+                  "vfs_getattr_nosec")
 
 
 def sys_unlink(host, proc, op, args) -> Result:

@@ -13,7 +13,7 @@ from ..errors import LabError
 from ..paths import REPO_ROOT
 from . import expect
 from .format import Scenario, ScenarioError, declared_params, load
-from .runner import ModelBackend, RunAborted, RunResult, StepRecord, run
+from .runner import ModelBackend, RunAborted, RunResult, StepRecord, run, traced_options
 
 LABS_DIR = REPO_ROOT / "labs"
 
@@ -139,10 +139,12 @@ def lab_kernels(lab: Any) -> dict[str, str]:
 
 
 def run_scenario(scenario: Scenario, lab: Any | None, on_step: Callable[[StepRecord], None] | None = None,
-                 scatter_gather: bool | None = None, model_kernel: str = "6.1") -> RunResult:
+                 scatter_gather: bool | None = None, model_kernel: str = "6.1", trace: Any = None) -> RunResult:
     """One scenario on the model, and on the lab's kernels too when ``lab`` is given.
 
     With a lab, each host is modelled on its VM's kernel; without one, on ``model_kernel``.
+    ``trace`` (TraceOptions) traces every call step on the kernel side; steps with
+    ``trace:`` are traced either way.
     """
     kernel = None
     kernels: dict[str, str] = {}
@@ -164,9 +166,12 @@ def run_scenario(scenario: Scenario, lab: Any | None, on_step: Callable[[StepRec
             except LabError as exc:
                 # Nothing ran yet; the run is reported as aborted like any other.
                 result = RunResult(scenario, error=f"setting the scenario's sysctls: {exc}")
+        traced_hosts = sorted({step.host for step in scenario.steps if traced_options(step, trace) is not None})
+        if result is None and kernel is not None and traced_hosts:
+            kernel.arm_tracing(traced_hosts)  # a refusal (TraceError) stops the check: nothing ran yet
         if result is None:
             try:
-                result = run(scenario, kernel, model, on_step)
+                result = run(scenario, kernel, model, on_step, trace)
             except RunAborted as exc:
                 result = exc.result
     finally:
@@ -203,14 +208,15 @@ def prepare(spec: LabSpec, overrides: Mapping[str, Any] | None = None) -> list[S
 
 
 def check(spec: LabSpec, lab: Any | None, overrides: Mapping[str, Any] | None = None,
-          on_step: Callable[[StepRecord], None] | None = None, model_kernel: str = "6.1") -> CheckReport:
+          on_step: Callable[[StepRecord], None] | None = None, model_kernel: str = "6.1",
+          trace: Any = None) -> CheckReport:
     """Run every scenario of ``spec``; with a lab, evaluate the expectation template over the kernel's run."""
     report = CheckReport(spec.title, kernel=lab is not None)
     scenarios = prepare(spec, overrides)
     kernels = lab_kernels(lab) if lab is not None else {host: model_kernel for host in _hosts(spec)}
     report.kernels = kernels
     for index, scenario in enumerate(scenarios):
-        result = run_scenario(scenario, lab, on_step, model_kernel=model_kernel)
+        result = run_scenario(scenario, lab, on_step, model_kernel=model_kernel, trace=trace)
         report.runs.append(result)
         report.notes += [f"{scenario.name}: {finding}" for finding in result.diagnosis]
         gone = _gone_vms(lab) if result.error else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import paramiko
@@ -11,6 +12,7 @@ import paramiko
 from ..agent import Agent, AgentError, AgentPushError, AgentRequestError, AgentTimeout
 from ..errors import LabError, SocklabError, SSHError
 from ..stats import collect_many
+from ..trace import KernelTrace, TraceError
 from .compare import Outcome
 from .format import Scenario
 
@@ -18,6 +20,12 @@ from .format import Scenario
 SSH_TIMEOUT = 10.0
 # Looking into a guest after its agent failed; the whole report stays within seconds.
 EVIDENCE_TIMEOUT = 3.0
+
+
+def _refusal(error: str) -> str:
+    """The agent's refusal without the op name it prefixes (``trace_begin: ...``)."""
+    head, sep, rest = error.partition(": ")
+    return rest if sep and head.startswith("trace_") else error
 
 
 class GuestFault(LabError):
@@ -131,6 +139,44 @@ class LabBackend:
         """A step repeated until an errno, looped in the guest: one round trip, not one per call."""
         return self.run_segment(host, user, [{"op": op, "args": args, "until": until, "max": limit}])[0]
 
+    # -- tracing (docs/tracing.md): the host's root agent on each VM owns that VM's tracer -------
+
+    def arm_tracing(self, hosts: list[str]) -> None:
+        """Arm the tracer on every VM in ``hosts`` at once (arming takes a second or more under TCG)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        agents = {host: self.agent(host, "root") for host in hosts}
+        with ThreadPoolExecutor(max_workers=max(1, len(agents))) as pool:
+            replies = dict(zip(agents, pool.map(
+                lambda agent: agent.request("trace_arm", {}, check=False, timeout=120), agents.values())))
+        for host, reply in replies.items():
+            if reply.error:
+                raise TraceError(f"{host}: cannot trace: {_refusal(reply.error)}")
+
+    def call_traced(self, host: str, user: str, op: str, args: dict[str, Any], options: Any,
+                    functions: list[str]) -> Outcome:
+        """``call`` with the kernel's call graph of it in ``extra["trace"]`` (a KernelTrace)."""
+        tracer = self.agent(host, "root")
+        target = self.agent(host, user)
+        request = {"pid": target.hello.get("pid"), "depth": options.depth, "functions": functions}
+        if options.function:
+            request["function"] = options.function
+        if tracer is target:
+            # One process: begin, step and end go out back to back (trace_end repeats a refusal).
+            tracer.post("trace_begin", request)
+        else:
+            begun = tracer.request("trace_begin", request, check=False, timeout=120)
+            if begun.error:
+                raise TraceError(f"{host}: cannot trace {op}: {_refusal(begun.error)}")
+        try:
+            outcome = self.call(host, user, op, args)
+        finally:
+            ended = tracer.request("trace_end", {}, check=False, timeout=120)
+        if ended.error:
+            raise TraceError(f"{host}: cannot trace {op}: {_refusal(ended.error)}")
+        trace = KernelTrace.of(ended.extra, ended.extra.get("traceable"))
+        return replace(outcome, extra={**outcome.extra, "trace": trace})
+
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
@@ -165,12 +211,19 @@ class LabBackend:
             return [f"the lab segment could not be checked: {exc}"]
 
     def close(self) -> None:
-        errors = []
-        for (host, user), agent in self.agents.items():
+        """Close every agent, all at once: a tracing agent puts its VM's tracer back as it ends (a second)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def close_one(agent: Agent) -> str | None:
             try:
                 agent.close()
             except (LabError, OSError, EOFError, paramiko.SSHException) as exc:
-                errors.append(f"{host}/{user}: {exc}")
+                return str(exc)
+            return None
+
+        with ThreadPoolExecutor(max_workers=max(1, len(self.agents))) as pool:
+            outcomes = list(pool.map(close_one, self.agents.values()))
+        errors = [f"{host}/{user}: {error}" for (host, user), error in zip(self.agents, outcomes) if error]
         self.agents.clear()
         if errors:
             raise LabError("closing agents failed: " + "; ".join(errors))

@@ -37,6 +37,8 @@ class StepRecord:
     model: Outcome | None = None
     verdict: Verdict | None = None
     seconds: float = 0.0
+    trace: Any = None  # harness.trace.KernelTrace of the kernel side, when the step was traced
+    citation: Any = None  # harness.trace.Citation: the model's kernel_fn held against that trace
 
 
 @dataclass
@@ -286,9 +288,19 @@ def crosses_hosts(step: Step, addresses: Mapping[str, str] = LAB_ADDRESSES) -> b
     return isinstance(value, (list, tuple)) and bool(value) and value[0] in others
 
 
+def traced_options(step: Step, trace: Any = None) -> Any:
+    """The trace options of ``step`` in a run traced with ``trace`` (every call step) or not (``trace: true`` steps)."""
+    if step.kind != "call":
+        return None
+    return step.trace or trace
+
+
 def run(scenario: Scenario, kernel: Backend | None, model: ModelBackend | None,
-        on_step: Callable[[StepRecord], None] | None = None) -> RunResult:
+        on_step: Callable[[StepRecord], None] | None = None, trace: Any = None) -> RunResult:
     """Run every step on both sides (either may be None), judging each call step as it completes.
+
+    A step is traced on the kernel side (``record.trace``, ``record.citation``)
+    when it says ``trace:`` or ``trace`` (TraceOptions) is given for all.
 
     Once a step has crossed the lab segment, the first call step that fails
     makes the kernel side check the segment (``segment_faults``, when it has
@@ -320,10 +332,23 @@ def run(scenario: Scenario, kernel: Backend | None, model: ModelBackend | None,
                     record.model = evaluate_value(step, result.model_snapshots, model_names)
                 record.verdict = judge(step, record.kernel, record.model)
             else:
-                if kernel is not None:
-                    record.kernel = _call(kernel, step, kernel_names)
-                if model is not None:
+                if kernel is not None and model is not None and traced_options(step, trace) is not None \
+                        and hasattr(kernel, "call_traced"):
+                    # The model first: its citation is one of the functions the trace looks for.
                     record.model = _call(model, step, model_names)
+                    record.kernel = _call(kernel, step, kernel_names, traced_options(step, trace),
+                                          record.model.kernel_fn)
+                    record.trace = record.kernel.extra.get("trace")
+                    if record.trace is not None:
+                        from ..trace import check_citation
+
+                        record.citation = check_citation(record.trace, record.model.kernel_fn,
+                                                         same_outcome=_same_outcome(record.kernel, record.model))
+                else:
+                    if kernel is not None:
+                        record.kernel = _call(kernel, step, kernel_names)
+                    if model is not None:
+                        record.model = _call(model, step, model_names)
                 port_range = model.port_range(step.host) if model is not None else (32768, 60999)
                 record.verdict = judge(step, record.kernel, record.model, port_range)
                 crossed = crossed or crosses_hosts(step)
@@ -350,15 +375,25 @@ def run(scenario: Scenario, kernel: Backend | None, model: ModelBackend | None,
 UNSET = "UNSET"  # the errno-like mark of a step that refers to a result its side never produced
 
 
-def _call(backend: Backend, step: Step, names: SocketNames) -> Outcome:
-    """One call on one side; ``names`` holds that side's named results per process."""
+def _same_outcome(kernel: Outcome, model: Outcome) -> bool:
+    """Whether both sides took the same exit (same errno, both blocked or not): only then do their paths match."""
+    return kernel.errno == model.errno and kernel.blocked == model.blocked
+
+
+def _call(backend: Backend, step: Step, names: SocketNames, trace: Any = None, cited: str = "") -> Outcome:
+    """One call on one side; ``names`` holds that side's named results per process.
+
+    With ``trace`` (TraceOptions) the kernel side also records the call's kernel graph.
+    """
     # Descriptor numbers belong to one process: only this host's and this user's names apply.
     mine = names.of(step.host, step.user)
     try:
         args = resolve_args(step.call, step.args, mine, names.values)
     except UnsetReference as exc:
         return Outcome(ret=None, errno=UNSET, rule=f"{exc.args[0]} was never set on this side: the step did not run")
-    if step.until:
+    if trace is not None:
+        outcome = backend.call_traced(step.host, step.user, step.call, args, trace, [cited] if cited else [])
+    elif step.until:
         outcome = call_until(backend, step, args)
     else:
         outcome = backend.call(step.host, step.user, step.call, args)

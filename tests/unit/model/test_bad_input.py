@@ -29,7 +29,7 @@ def test_non_integer_fd_is_ebadf(lax, fd):
 
 
 def test_terminal_fd_is_enotsock(lax):
-    """Rule: sock_from_file: fds 0-2 are open but are not sockets -> ENOTSOCK."""
+    """Rule: sockfd_lookup_light (sock_from_file, inlined): fds 0-2 are open but are not sockets -> ENOTSOCK."""
     assert lax.call("bind", {"fd": 0, "addr": ("0.0.0.0", 1)}).errno == "ENOTSOCK"
     assert lax.call("accept", {"fd": 1}).errno == "ENOTSOCK"
 
