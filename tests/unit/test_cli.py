@@ -144,6 +144,7 @@ def _good_report():
 def test_a_read_only_results_root_is_named_after_the_tables(monkeypatch, tmp_path):
     """A student's read-only checkout: the tables are printed, then one line says where the report could not go."""
     import rich._emoji_codes  # noqa: F401 - the child cannot read root's site-packages to import it late
+    import rich.panel  # noqa: F401 - likewise, for the traced-step panels
     import harness.report  # noqa: F401
     from tests.unit.test_load import as_nobody
 
