@@ -15,7 +15,8 @@ comparison::
 
 Comparisons: ``equals``, ``not_equals``, ``at_least``, ``at_most``,
 ``between: [low, high]`` (inclusive, for timing-dependent counters) and
-``one_of: [...]``. Inside a value expression these names exist:
+``one_of: [...]``. ``ask:`` turns the value into a question of the lab's
+predictions sheet (see ``harness.course.sheet``). Inside a value expression these names exist:
 
 - every snapshot name of the scenario (``before.server``: that host's stats);
 - ``delta(a, b)``: per host, the counters of snapshot b minus those of a;
@@ -48,6 +49,9 @@ class Assertion:
     operand: Any
     line: int
     why: str = ""
+    # The question a predictions sheet asks about this value, in words ("Recv-Q of the listener
+    # on port 7000 at snapshot full"); an assertion without one is not asked of students.
+    ask: str = ""
 
     def describe(self) -> str:
         words = {"equals": "==", "not_equals": "!=", "at_least": ">=", "at_most": "<=",
@@ -139,7 +143,7 @@ def load(path: Path, variables: Mapping[str, Any]) -> list[Assertion]:
         if not isinstance(item, dict):
             raise ScenarioError(f"{at}: an assertion is a mapping with name, value and one comparison")
         item = _strip_lines(item)
-        unknown = set(item) - {"name", "value", "why", *COMPARISONS}
+        unknown = set(item) - {"name", "value", "why", "ask", *COMPARISONS}
         if unknown:
             raise ScenarioError(f"{at}: unknown key(s) {', '.join(sorted(unknown))}")
         comparisons = [key for key in COMPARISONS if key in item]
@@ -156,7 +160,7 @@ def load(path: Path, variables: Mapping[str, Any]) -> list[Assertion]:
         except jinja2.TemplateSyntaxError as exc:
             raise ScenarioError(f"{at}: value {item['value']!r}: {exc.message}") from None
         assertions.append(Assertion(str(item.get("name", item["value"])), item["value"], comparison, operand, line,
-                                    str(item.get("why", ""))))
+                                    str(item.get("why", "")), str(item.get("ask", "") or "")))
     return assertions
 
 

@@ -155,6 +155,21 @@ class ModelStats:
         """A lower bound for the kernel's counter ``name`` (e.g. TcpExt.ListenOverflows)."""
         return self.counters.get(name, 0)
 
+    def __sub__(self, before: "ModelStats") -> "ModelDelta":
+        """The model's counters between two snapshots, as ``delta("a", "b")`` gives the kernel's."""
+        names = set(self.counters) | set(before.counters)
+        return ModelDelta({name: self.counters.get(name, 0) - before.counters.get(name, 0) for name in names})
+
+
+@dataclass(frozen=True)
+class ModelDelta:
+    """What the model predicts a counter grows by between two snapshots (a lower bound, like its counters)."""
+
+    counters: Mapping[str, int]
+
+    def counter(self, name: str) -> int:
+        return self.counters.get(name, 0)
+
 
 def _port(address: Any) -> int | None:
     if isinstance(address, (tuple, list)) and len(address) >= 2:
