@@ -39,7 +39,7 @@ class KernelAnswer:
             return "blocks"
         if self.errno:
             return self.errno
-        return json.dumps(normalize(self.ret))
+        return self.ret if isinstance(self.ret, str) else json.dumps(normalize(self.ret))
 
 
 @dataclass
@@ -157,7 +157,7 @@ def explain(mark: Mark) -> str:
         parts.append(f"{key.kernel_fn}: {key.rule}" if key.rule else key.kernel_fn)
     elif key.rule:
         parts.append(key.rule)
-    if key.model and key.model != key.describe():
+    if key.model and key.model.removeprefix("-1 ") != key.describe():
         parts.append(f"(the model said {key.model})")
     return " ".join(parts) or "no rule recorded for this figure"
 
