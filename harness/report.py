@@ -127,16 +127,23 @@ def step_table(result, kernel: bool = True, blind: bool = False, explain: bool =
     return table
 
 
-def assertion_table(outcomes, blind: bool = False) -> Table:
-    table = Table(title="expectations", title_justify="left")
-    for column in ("expectation", "value", *([] if blind else ["wanted"]), "verdict"):
+def assertion_table(outcomes, blind: bool = False, kernel: bool = True) -> Table:
+    """One row per expectation: its value (the kernel's, or the model's in a model-only check) and verdict."""
+    table = Table(title="expectations" if kernel else "expectations, on the model", title_justify="left")
+    for column in ("expectation", "value", *([] if blind or not kernel else ["model"]),
+                   *([] if blind else ["wanted"]), "verdict"):
         table.add_column(column, overflow="fold")
     for outcome in outcomes:
+        if not outcome.predicted:
+            table.add_row(outcome.assertion.ask if blind and outcome.assertion.ask else outcome.assertion.name, "-",
+                          *([] if blind else [outcome.assertion.describe()]), f"[yellow]not predicted[/]: {outcome.error}")
+            continue
         verdict = "[green]ok[/]" if outcome.ok else f"[red]FAIL[/] {outcome.error}".rstrip()
         if not outcome.ok and outcome.assertion.why and not blind:
             verdict += f"\n[dim]{outcome.assertion.why}[/]"
         table.add_row(outcome.assertion.ask if blind and outcome.assertion.ask else outcome.assertion.name,
-                      repr(outcome.value), *([] if blind else [outcome.assertion.describe()]), verdict)
+                      repr(outcome.value), *([] if blind or not kernel else [outcome.model or "not predicted"]),
+                      *([] if blind else [outcome.assertion.describe()]), verdict)
     return table
 
 
@@ -175,10 +182,12 @@ def markdown(report, blind: bool = False) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
 
     counts = report.counts
+    unpredicted = (f", {counts['not_predicted']} not predicted by the model"
+                   if counts.get("not_predicted") and not report.kernel else "")
     lines = [f"# {report.title}", "",
              f"**{'PASS' if report.ok else 'FAIL'}**: {counts['steps'] - counts['step_failures']}/{counts['steps']} "
-             f"steps agree, {counts['assertions'] - counts['assertion_failures']}/{counts['assertions']} expectations "
-             f"hold{'' if report.kernel else ' (model only)'}.", ""]
+             f"steps agree, {counts['assertions'] - counts['assertion_failures'] - counts.get('not_predicted', 0)}/"
+             f"{counts['assertions']} expectations hold{'' if report.kernel else ' on the model'}{unpredicted}.", ""]
     for result in report.runs:
         lines += [f"## {result.scenario.name}", "", result.scenario.description, ""]
         lines += (["| # | host | call | kernel | verdict |", "|---|---|---|---|---|"] if blind else
@@ -202,9 +211,13 @@ def markdown(report, blind: bool = False) -> str:
                   ["| expectation | value | wanted | verdict |", "|---|---|---|---|"])
         for outcome in report.assertions:
             name = outcome.assertion.ask if blind and outcome.assertion.ask else outcome.assertion.name
+            verdict = ("not predicted: " + outcome.error if not outcome.predicted else
+                       "ok" if outcome.ok else f"FAIL {outcome.error}".strip())
+            value = "-" if not outcome.predicted else repr(outcome.value)
+            if report.kernel and not blind:
+                value += f" (model: {outcome.model or 'not predicted'})"
             lines.append("| " + " | ".join(cell(x) for x in (
-                name, repr(outcome.value), *(() if blind else (outcome.assertion.describe(),)),
-                "ok" if outcome.ok else f"FAIL {outcome.error}".strip())) + " |")
+                name, value, *(() if blind else (outcome.assertion.describe(),)), verdict)) + " |")
     if blind:
         lines += ["", f"*{BLIND_NOTE}.*"]
     for note in report.notes:

@@ -84,7 +84,7 @@ def _answer(question: Question, run: Any, asked: list[Any] | None) -> KernelAnsw
         return KernelAnswer(question.id, False, rule=question.assertion.why if question.assertion else "")
     outcome = asked[number - 1]
     return KernelAnswer(question.id, True, normalize(outcome.value), rule=outcome.assertion.why,
-                        model=getattr(outcome, "model_shown", "") or "")
+                        model=outcome.model)
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def explain(mark: Mark) -> str:
         parts.append(f"{key.kernel_fn}: {key.rule}" if key.rule else key.kernel_fn)
     elif key.rule:
         parts.append(key.rule)
-    if key.model and key.model.removeprefix("-1 ") != key.describe():
+    if key.model and key.model.removeprefix("-1 ").strip("'") != key.describe():
         parts.append(f"(the model said {key.model})")
     return " ".join(parts) or "no rule recorded for this figure"
 

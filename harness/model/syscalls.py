@@ -200,7 +200,9 @@ def sys_fcntl(host, proc, op, args) -> Result:
 
 def sys_fstat(host, proc, op, args) -> Result:
     f = proc.lookup(args.get("fd"))
-    info = {"st_mode": S_IFSOCK | 0o777, "st_ino": f.sock.inode, "link": f"socket:[{f.sock.inode}]"}
+    # The same keys as the guest agent's fstat: "mode"/"ino" and the struct stat names.
+    info = {"mode": S_IFSOCK | 0o777, "ino": f.sock.inode, "st_mode": S_IFSOCK | 0o777, "st_ino": f.sock.inode,
+            "link": f"socket:[{f.sock.inode}]"}
     return Result(op, info, None, "sockfs inode: S_IFSOCK, named socket:[inode] in /proc/PID/fd", "sock_alloc")
 
 

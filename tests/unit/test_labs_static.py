@@ -126,3 +126,19 @@ def test_the_scenarios_carry_no_answer_comments(name):
         assert not comments, f"{path.name}: move these to ANSWERS.md: {comments[:2]}"
     assert (LABS_DIR / name / "ANSWERS.md").is_file()
     assert "<summary>Answers</summary>" not in (LABS_DIR / name / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", LABS)
+def test_the_expectations_evaluate_on_the_model(name):
+    """A model-only check runs the expectation template on the model's predictions; what it predicts holds,
+    and what it does not simulate is marked as such instead of passing or failing."""
+    report = check(LabSpec.load(name), None)
+    assert report.assertions, f"{name}: a model-only check evaluated no expectation"
+    wrong = [(a.assertion.name, a.value, a.assertion.describe(), a.error) for a in report.assertions
+             if a.predicted and not a.ok]
+    assert not wrong
+    predicted = [a for a in report.assertions if a.predicted]
+    assert len(predicted) >= len(report.assertions) // 2, f"{name}: the model predicts under half its figures"
+    for outcome in report.assertions:
+        if not outcome.predicted:
+            assert outcome.error.startswith("the model does not"), outcome.error
