@@ -246,6 +246,13 @@ def load(path: Path, overrides: Mapping[str, Any] | None = None, known_hosts: tu
     sysctls = _strip_lines(body.get("sysctls") or {})
     if not isinstance(sysctls, dict) or any(h not in hosts for h in sysctls):
         raise ScenarioError(f"{where}:{body_line}: `sysctls:` maps hosts of the header to settings")
+    from ..model.config import DEFAULT_SYSCTLS
+
+    for host, settings in sysctls.items():
+        for name in (settings or {}):
+            if name not in DEFAULT_SYSCTLS:
+                raise ScenarioError(f"{where}:{body_line}: sysctl {name!r} on {host} is not one socklab knows; "
+                                    f"known: {', '.join(sorted(DEFAULT_SYSCTLS))}")
     steps = _steps(body["steps"], where, body_line, hosts, _item_lines(rendered))
     return Scenario(path=path, name=str(header.get("name", path.stem)), description=str(header.get("description", "")),
                     hosts=hosts, params=params, sysctls=sysctls, steps=steps)

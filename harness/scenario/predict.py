@@ -126,6 +126,10 @@ class ModelSnapshot:
     def counter(self, name: str) -> int:
         return self._stats.counter(_modelled(name))
 
+    @property
+    def sockstat(self) -> Any:
+        raise NotPredicted("the model does not account protocol memory (/proc/net/sockstat)")
+
     def nic(self, name: str) -> Any:
         raise NotPredicted(f"the model does not predict NIC {name}'s counters or features")
 
