@@ -125,6 +125,7 @@ def write(grade: ClassGrade, directory: Path, kernel: str) -> dict[str, Path]:
     paths["md"].write_text("\n".join(lines) + "\n")
     paths["answers"].write_text(collected_answers(grade))
     paths["html"].write_text(class_html(grade, kernel))
+    (directory / "class.svg").write_text(class_svg(grade))
     return paths
 
 
@@ -176,5 +177,33 @@ td.own-missing {{ background: #f5f5f5; }}
 Each cell: predictions right/asked, own scenario, explanations written/asked.</p>
 <table><thead><tr><th>student</th>{head}<th>predictions</th></tr></thead>
 <tbody>{''.join(rows)}</tbody></table>
+<h2>Predictions right, per student</h2>
+<img src="class.svg" alt="predictions right per student">
+<script>
+window.addEventListener("load", function () {{
+  var images = Array.prototype.slice.call(document.images);
+  var loaded = images.filter(function (img) {{ return img.complete && img.naturalWidth > 0; }}).length;
+  document.documentElement.setAttribute("data-images-loaded", loaded + "/" + images.length);
+}});
+</script>
 </body></html>
 """
+
+
+def class_svg(grade: ClassGrade) -> str:
+    """A bar per student: the share of predictions right over every lab graded."""
+    students = grade.students()
+    width, bar, left = 640, 22, 120
+    height = 40 + bar * max(len(students), 1) + 20
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+           'font-family="sans-serif" font-size="12">', f'<rect width="{width}" height="{height}" fill="white"/>']
+    for number, student in enumerate(students):
+        right, asked = grade.total(student)
+        share = right / asked if asked else 0.0
+        y = 30 + number * bar
+        out.append(f'<text x="{left - 8}" y="{y + 15}" text-anchor="end">{html.escape(student)}</text>'
+                   f'<rect x="{left}" y="{y + 3}" width="{(width - left - 90) * share:.1f}" height="{bar - 6}" '
+                   f'fill="#3a7"/><text x="{left + (width - left - 90) * share + 6:.1f}" y="{y + 15}">'
+                   f'{right}/{asked}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
