@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from . import create, poll as pollmod, sockopt
+from . import create, epoll, poll as pollmod, sockopt
 from .addr import parse_sockaddr
 from .args import arg_int
 from .constants import (
@@ -177,6 +177,18 @@ def sys_poll(host, proc, op, args) -> Result:
     return pollmod.do_poll(op, host, proc, args)
 
 
+def sys_epoll_create1(host, proc, op, args) -> Result:
+    return epoll.create(op, proc, args)
+
+
+def sys_epoll_ctl(host, proc, op, args) -> Result:
+    return epoll.ctl(op, proc, args)
+
+
+def sys_epoll_wait(host, proc, op, args) -> Result:
+    return epoll.wait(op, proc, args)
+
+
 def sys_fcntl(host, proc, op, args) -> Result:
     fd = args.get("fd")
     if type(fd) is not int or fd not in proc.fds:
@@ -235,6 +247,9 @@ SYSCALLS: dict[str, Callable[..., Result]] = {
     "recvfrom": sys_recv,
     "recvmsg": sys_recv,
     "poll": sys_poll,
+    "epoll_create1": sys_epoll_create1,
+    "epoll_ctl": sys_epoll_ctl,
+    "epoll_wait": sys_epoll_wait,
     "fcntl": sys_fcntl,
     "fstat": sys_fstat,
     "unlink": sys_unlink,

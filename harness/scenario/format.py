@@ -56,6 +56,9 @@ CALLS: dict[str, dict[str, str]] = {
     "recv": {"fd": "fd", "length": "int?", "flags": "const?"},
     "recvmsg": {"fd": "fd", "length": "int?", "flags": "const?"},
     "poll": {"fds": "fds", "events": "const?", "timeout": "int?"},
+    "epoll_create1": {"flags": "const?"},
+    "epoll_ctl": {"epfd": "fd", "op": "const", "fd": "fd", "events": "const?"},
+    "epoll_wait": {"epfd": "fd", "maxevents": "int?", "timeout": "int?"},
     "fcntl": {"fd": "fd", "cmd": "const", "arg": "const?"},
     "fstat": {"fd": "fd"},
 }

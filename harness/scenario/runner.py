@@ -247,7 +247,7 @@ def _call(backend: Backend, step: Step, names: dict[str, tuple[str, str, int]]) 
     # Descriptor numbers belong to one process: only this host's and this user's names apply.
     mine = {name: fd for name, (host, user, fd) in names.items() if host == step.host and user == step.user}
     outcome = backend.call(step.host, step.user, step.call, resolve_args(step.call, step.args, mine))
-    if step.call == "poll":
+    if step.call in ("poll", "epoll_wait"):
         outcome = replace(outcome, ret=_fds_to_names(outcome.ret, mine))
     if step.save_as and outcome.errno is None and isinstance(outcome.ret, int) and outcome.ret >= 0:
         names[step.save_as] = (step.host, step.user, outcome.ret)

@@ -40,7 +40,7 @@ def test_copying_one_kernel_run_scores_full_marks_on_the_next(lab, name, tmp_pat
     assert not wrong and marked.correct == marked.total
 
 
-@pytest.mark.parametrize("number", ["01", "02", "03", "04", "05", "06", "07", "08"])
+@pytest.mark.parametrize("number", ["01", "02", "03", "04", "05", "06", "07", "08", "09"])
 def test_the_exercise_solutions_pass_on_the_kernel_and_the_model(lab, number):
     spec = LabSpec.load(number)
     exercise = Exercise.parse(spec.exercise, spec.name)
