@@ -139,7 +139,7 @@ class FakeLab:
         return FakeKernel(scenario, self.differs)
 
     def require(self):
-        return type("State", (), {"segment": "tap"})()
+        return type("State", (), {"segment": "tap", "vms": ()})()
 
 
 @pytest.fixture
