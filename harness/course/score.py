@@ -132,8 +132,22 @@ def is_correct(question: Question, answer: Answer | None, key: KernelAnswer) -> 
             or not isinstance(wanted, (int, float)):
         return normalize(got) == normalize(wanted)
     if question.timing_dependent:
-        return abs(got - wanted) <= max(1.0, TOLERANCE * abs(wanted))
+        if abs(got - wanted) <= max(1.0, TOLERANCE * abs(wanted)):
+            return True
+        # A figure the template bounds rather than fixes (SYNs retransmitted before the snapshot, say):
+        # an answer within the rule's bound counts, unless it is more than twice what the kernel showed.
+        return _within_bound(question, got) and got <= 2 * max(wanted, 1)
     return got == wanted
+
+
+def _within_bound(question: Question, value: float) -> bool:
+    assertion = question.assertion
+    operand = assertion.operand
+    if assertion.comparison == "at_least":
+        return value >= operand
+    if assertion.comparison == "at_most":
+        return value <= operand
+    return operand[0] <= value <= operand[1]
 
 
 def score(lab: str, lab_questions: list[Question], predictions: list[Prediction] | None, key: AnswerKey) -> Score:

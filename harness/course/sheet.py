@@ -105,8 +105,8 @@ def render_sheet(spec: LabSpec, student: str) -> str:
         f"# Predictions for lab {spec.name} ({spec.title}), student {student}.",
         "# Answer every question before you run the lab; leave blank what you cannot predict (it scores 0).",
         "# A step's answer: its return value (0, 3, [198.51.100.2, 7000]), an errno name (EADDRINUSE) or blocks.",
-        "# A statistic's answer: a number (or the name or list it asks for). Counters that depend on timing accept an answer within "
-        f"{TOLERANCE:.0%} (or 1).",
+        "# A statistic's answer: a number (or the name or list it asks for). A counter that depends on timing accepts an "
+        f"answer within {TOLERANCE:.0%} (or 1) of the kernel's, or within the rule's bound and at most twice the kernel's.",
         f"# Then: invoke lab.check {spec.name} --student {student}",
         f"lab: {spec.name}",
         f"student: {student}",
