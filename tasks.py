@@ -362,33 +362,46 @@ def _model_kernel(kernel) -> str:
     return image.resolve(Paths.default().images, str(kernel)).kernel
 
 
-def _show_and_save(root, report, name: str) -> None:
+def _show_and_save(root, report, name: str, blind: bool = False, explain: bool = False, fail_exit: bool = True):
+    from harness.course import state
+    from harness.course.html import write_report
     from harness.report import assertion_table, markdown, step_table, trace_panels, write_junit
 
     for result in report.runs:
-        progress.show(step_table(result, kernel=report.kernel))
+        progress.show(step_table(result, kernel=report.kernel, blind=blind, explain=explain))
         for panel in trace_panels(result):
             progress.show(panel)
     if report.assertions:
-        progress.show(assertion_table(report.assertions))
+        progress.show(assertion_table(report.assertions, blind=blind, kernel=report.kernel))
     for note in report.notes:
         progress.say(f"note: {note}")
     directory = _results_dir(root, name)
+    snapshots = []
     try:
         write_junit(report, directory / "junit.xml")
-        (directory / "report.md").write_text(markdown(report))
+        for result in report.runs:
+            snapshots += state.save_snapshots(result, directory)
+        (directory / "report.md").write_text(markdown(report, blind=blind) + "".join(
+            "\n" + state.markdown(result) for result in report.runs if result.kernel_snapshots))
+        write_report(report, directory, blind=blind)
     except OSError as exc:
         # The tables above are the results; only the files are missing (a full disk, say): say where.
         verdict = "passed" if report.ok else "failed"
         raise SocklabError(f"the check {verdict} (tables above), but its report could not be written: "
                            f"{exc.filename or directory}: {exc.strerror or exc}") from None
+    if snapshots:
+        progress.say(f"{len(snapshots)} snapshot files (raw ss/ethtool//proc text and parsed records) in "
+                     f"{directory / 'snapshots'}")
     counts = report.counts
     verdict = "[green]PASS[/]" if report.ok else "[red]FAIL[/]"
+    held = counts["assertions"] - counts["assertion_failures"] - counts["not_predicted"]
+    unpredicted = f" ({counts['not_predicted']} not predicted by the model)" if counts["not_predicted"] else ""
     progress.show(f"{verdict}: {counts['steps'] - counts['step_failures']}/{counts['steps']} steps agree, "
-                 f"{counts['assertions'] - counts['assertion_failures']}/{counts['assertions']} expectations hold; "
-                 f"report in {directory}")
-    if not report.ok:
+                  f"{held}/{counts['assertions']} expectations hold{'' if report.kernel else ' on the model'}"
+                  f"{unpredicted}; report in {directory}")
+    if not report.ok and fail_exit:
         raise Exit(code=1)
+    return directory
 
 
 def _trace_options(trace, depth, function=None):
@@ -409,20 +422,28 @@ TRACE_HELP = {
 
 
 @task(name="check", iterable=["param"], help={
-    "lab_name": "the course lab, e.g. 03-listen (see labs/README.md)",
-    "param": "override a scenario parameter, e.g. --param backlog=4 (repeatable)",
-    "model_only": "run on the reference model alone (no VM; the kernel expectations are skipped)",
+    "lab_name": "the course lab, e.g. 03-listen or 03 (see labs/README.md)",
+    "param": "override a scenario parameter, e.g. --param backlog=4 (repeatable; not with --student)",
+    "model_only": "run on the reference model alone (no VM); expectations are evaluated on the model's predictions",
     "out": OUT_HELP,
     "name": NAME_HELP,
     "kernel": "with --model-only: the kernel to model (6.1, 6.12, 7.2); live checks model each VM's own kernel",
     **TRACE_HELP,
+    "student": "mark this student's predictions sheet against the kernel (see lab.predict)",
+    "workspace": "the students' workspace (default: work/, or $SOCKLAB_WORKSPACE)",
+    "reveal": "show the model's answers and the expected values (hidden by default: predict first)",
+    "explain": "show every step's rule and kernel function (implies --reveal)",
 })
 @_friendly
-def check_(c, lab_name, param=None, model_only=False, out=None, name=None, kernel=None, trace=False, depth=None):
+def check_(c, lab_name, param=None, model_only=False, out=None, name=None, kernel=None, trace=False, depth=None,
+           student=None, workspace=None, reveal=False, explain=False):
     """Check a lab: its scenarios on the live kernels and the model, then its expectations. Exit 0 only if all agree."""
     from harness.scenario.check import LabSpec, check, prepare
     from harness.scenario.format import parse_params
 
+    sheet = None
+    if student is not None:  # the sheet is read and checked before anything else is touched
+        sheet = _student_sheet(lab_name, student, workspace, param, model_only)
     root = _results_root(c, out)
     spec = LabSpec.load(lab_name)
     overrides = parse_params(param or [])
@@ -441,7 +462,82 @@ def check_(c, lab_name, param=None, model_only=False, out=None, name=None, kerne
         with lab.using():  # one check, run or grade at a time on this lab: they would share ports
             report = check(spec, _running_lab(lab, spec.topology), overrides, trace=options)
             lab.close()
-    _show_and_save(root, report, spec.name)
+    blind = not (reveal or explain)
+    if sheet is None:
+        _show_and_save(root, report, spec.name, blind=blind, explain=explain)
+        return
+    _show_and_save(root, report, spec.name, blind=blind, explain=explain, fail_exit=False)
+    _mark(spec, report, *sheet)
+    if not report.ok:
+        raise Exit(code=1)
+
+
+def _student_sheet(lab_name, student, workspace, param, model_only):
+    """(student, workspace, questions, predictions): the sheet read and checked before any VM is touched."""
+    from harness.course.sheet import questions, read_sheet
+    from harness.course.workspace import PREDICTIONS, Workspace, check_student, default_root
+    from harness.scenario.check import LabSpec
+
+    student = check_student(student)
+    if param:
+        raise SocklabError("--student marks the lab as it is: predictions are for its default parameters, "
+                           "so drop --param")
+    if model_only:
+        raise SocklabError("--student needs the kernel (it is the answer key): drop --model-only")
+    spec = LabSpec.load(lab_name)
+    space = Workspace(default_root(workspace))
+    lab_questions = questions(spec)
+    predictions = read_sheet(spec, space.lab_dir(student, spec.name) / PREDICTIONS, lab_questions)
+    return student, space, lab_questions, predictions
+
+
+def _mark(spec, report, student, space, lab_questions, predictions):
+    from rich.table import Table
+
+    from harness.course.score import AnswerKey, explain, save, score
+
+    key = AnswerKey.from_report(spec.name, report, lab_questions)
+    marked = score(spec.name, lab_questions, predictions, key)
+    table = Table(title=f"{student}'s predictions, marked by the kernel", title_justify="left")
+    for column in ("question", "your answer", "kernel", "", "why the kernel did it"):
+        table.add_column(column, overflow="fold")
+    for mark in marked.marks:
+        verdict = "[green]right[/]" if mark.correct else "[dim]blank[/]" if mark.answer is None else "[red]wrong[/]"
+        table.add_row(mark.question.id, escape(mark.answer.describe()) if mark.answer else "",
+                      escape(mark.key.describe()), verdict, "" if mark.correct else escape(explain(mark)))
+    progress.show(table)
+    path = save(marked, key, student, space.lab_dir(student, spec.name))
+    progress.show(f"[bold]{student}: {marked.correct}/{marked.total} predictions right[/] "
+                  f"({marked.answered} answered); marked sheet: {path}")
+
+
+@task(name="predict", help={
+    "lab_name": "the lab, e.g. 03-listen or 03",
+    "student": "whose sheet (a directory name: letters, digits, '.', '_', '-')",
+    "workspace": "the students' workspace (default: work/, or $SOCKLAB_WORKSPACE)",
+    "force": "overwrite an existing predictions sheet (the answers in it are lost)",
+})
+@_friendly
+def predict_(c, lab_name, student=None, workspace=None, force=False):
+    """Write a blank predictions sheet (and an answers file) for a lab into the student's workspace."""
+    from harness.course import explain as explaining
+    from harness.course.exercise import Exercise
+    from harness.course.sheet import write_sheet
+    from harness.course.workspace import ANSWERS, OWN_SCENARIO, PREDICTIONS, Workspace, check_student, default_root
+    from harness.scenario.check import LabSpec
+
+    student = check_student(student)
+    spec = LabSpec.load(lab_name)
+    directory = Workspace(default_root(workspace)).lab_dir(student, spec.name)
+    sheet = directory / PREDICTIONS
+    written = write_sheet(spec, student, sheet, force=force)
+    explaining.write(spec.name, student, spec.directory / "README.md", directory / ANSWERS)
+    progress.say(f"{'wrote' if written else 'kept (use --force to start over)'} {sheet}")
+    progress.say(f"explanations go in {directory / ANSWERS}")
+    exercise = Exercise.parse(spec.exercise, str(spec.directory / "lab.yaml"))
+    if exercise is not None:
+        progress.say(f"own scenario ({directory / OWN_SCENARIO}): {exercise.task}")
+    print(sheet)
 
 
 @task(name="run", iterable=["param"], help={
@@ -450,9 +546,11 @@ def check_(c, lab_name, param=None, model_only=False, out=None, name=None, kerne
     "out": OUT_HELP,
     "name": NAME_HELP,
     **TRACE_HELP,
+    "hold_at": "after this step (its number, label or snapshot name) keep every socket open until you press Enter",
+    "reveal": "show the model's answers and the expected values",
 })
 @_friendly
-def run_(c, file, param=None, out=None, name=None, trace=False, depth=None):
+def run_(c, file, param=None, out=None, name=None, trace=False, depth=None, hold_at=None, reveal=False):
     """Run any scenario file on the live kernels and the model, step by step."""
     from pathlib import Path
 
@@ -463,12 +561,36 @@ def run_(c, file, param=None, out=None, name=None, trace=False, depth=None):
     path = Path(file)
     options = _trace_options(trace, depth)
     scenario = load(path, parse_params(param or []), known_hosts=topology("default").vms)
+    on_step = _holder(scenario, hold_at) if hold_at is not None else None
     lab = _lab(name)
     with lab.using():
-        report = CheckReport(scenario.name, runs=[run_scenario(scenario, _running_lab(lab, "default"),
+        report = CheckReport(scenario.name, runs=[run_scenario(scenario, _running_lab(lab, "default"), on_step,
                                                                trace=options)])
         lab.close()
-    _show_and_save(root, report, path.stem)
+    _show_and_save(root, report, path.stem, blind=not reveal)
+
+
+def _holder(scenario, hold_at):
+    """An on_step callback that stops the run after step ``hold_at`` until Enter (EOF goes on too)."""
+    wanted = str(hold_at)
+    steps = [step for step in scenario.steps if str(step.index) == wanted or wanted in (step.label, step.snapshot)]
+    if not steps:
+        raise SocklabError(f"--hold-at {hold_at}: {scenario.path} has no step numbered, labelled or snapshot "
+                           f"named {hold_at!r} (steps 1-{len(scenario.steps)})")
+    target = steps[0]
+
+    def hold(record):
+        if record.step.index != target.index:
+            return
+        progress.say(f"[bold]holding after step {target.index} ({escape(target.describe())})[/]: every socket of "
+                     f"the run is open on {', '.join(scenario.hosts)}. In another terminal look, e.g. "
+                     f"`invoke lab.exec {scenario.hosts[0]} -- ss -tlnm`; press Enter here to go on.")
+        try:
+            sys.stdin.readline()
+        except (OSError, ValueError):
+            pass
+
+    return hold
 
 
 @task(name="trace", positional=["vm"], help={
@@ -513,9 +635,11 @@ def trace_(c, vm=None, depth=None, function=None, timeout="60", name=None):
     "no_sg": "model a lab NIC without scatter-gather (as in socket-segment mode)",
     "out": OUT_HELP,
     "kernel": "the kernel to model: 6.1 (default), 6.12, 7.2 or a recipe name",
+    "reveal": "show the model's answers (hidden by default, so that you predict first)",
+    "explain": "show every step's rule text and kernel function (implies --reveal)",
 })
 @_friendly
-def model_(c, file, param=None, no_sg=False, out=None, kernel=None):
+def model_(c, file, param=None, no_sg=False, out=None, kernel=None, reveal=False, explain=False):
     """Run a scenario on the reference model alone (no VM): predict, then check on the lab."""
     from pathlib import Path
 
@@ -528,18 +652,18 @@ def model_(c, file, param=None, no_sg=False, out=None, kernel=None):
     report = CheckReport(scenario.name, runs=[run_scenario(scenario, None, scatter_gather=not no_sg,
                                                            model_kernel=series)], kernel=False)
     progress.say(f"model of Linux {series}")
-    _show_and_save(root, report, Path(file).stem)
+    _show_and_save(root, report, Path(file).stem, blind=not (reveal or explain), explain=explain)
 
 
-@task(iterable=["only"], help={
+@task(name="selfcheck", iterable=["only"], help={
     "student": "the name on the report (default: $USER)",
-    "only": "grade just this lab (repeatable); default: every lab in labs/",
+    "only": "check just this lab (repeatable); default: every lab in labs/",
     "out": OUT_HELP,
     "name": NAME_HELP,
 })
 @_friendly
-def grade(c, student=None, only=None, out=None, name=None):
-    """Run every lab's check on the live lab and write a per-student grade report (Markdown and CSV)."""
+def selfcheck(c, student=None, only=None, out=None, name=None):
+    """Environment check: every lab's check on the live lab, kernel and model agreeing (Markdown and CSV)."""
     import getpass
 
     from harness import grade as grading
@@ -560,12 +684,83 @@ def grade(c, student=None, only=None, out=None, name=None):
         grades, reports = grading.grade(_running_lab(lab, "default"), list(only or []) or None, on_lab=show)
         kernel = lab.ssh(lab.require().vms[0].name).run("uname -r").stdout.strip()
         lab.close()
-    directory = _results_dir(root, f"grade-{student}")
+    directory = _results_dir(root, f"selfcheck-{student}")
     grading.write(student, grades, reports, directory, kernel)
     progress.say(f"{sum(g.passed for g in grades)}/{len(grades)} labs pass; report: {directory / 'grade.md'}, "
                  f"{directory / 'grade.csv'}")
     if not all(g.passed for g in grades):
         raise Exit(code=1)
+
+
+@task(name="grade", iterable=["only", "student"], help={
+    "workspace": "the students' workspace (default: work/, or $SOCKLAB_WORKSPACE)",
+    "student": "grade only this student (repeatable); default: every student in the workspace",
+    "only": "grade just this lab (repeatable); default: every lab in labs/",
+    "out": OUT_HELP,
+    "name": NAME_HELP,
+})
+@_friendly
+def grade(c, workspace=None, student=None, only=None, out=None, name=None):
+    """Grade the class: predictions marked by the kernel, own scenarios, written answers (CSV, Markdown, HTML)."""
+    from harness.course import grade as grading
+    from harness.course.workspace import Workspace, check_student, default_root
+    from harness.scenario.check import LabSpec, known_labs, prepare
+
+    root = _results_root(c, out)
+    space = Workspace(default_root(workspace))
+    students = [check_student(who) for who in student] if student else None
+    specs = [LabSpec.load(course_lab) for course_lab in (only or known_labs())]
+    for spec in specs:
+        prepare(spec)
+    if not (students or space.students()):
+        raise SocklabError(f"no students in {space.root}: `invoke lab.predict NN --student NAME` starts one")
+    lab = _lab(name)
+    with lab.using():
+        running = _running_lab(lab, "default")
+        result = grading.grade_class(space, specs, _answer_key(running), _own_scenario_judge(running), students,
+                                     on_lab=lambda who, course_lab: progress.say(f"graded {who}, {course_lab}"))
+        kernel = lab.ssh(lab.require().vms[0].name).run("uname -r").stdout.strip()
+        lab.close()
+    paths = grading.write(result, _results_dir(root, "grade"), kernel)
+    for who in result.students():
+        right, asked = result.total(who)
+        progress.say(f"{who}: {right}/{asked} predictions right")
+    progress.say("class table: " + ", ".join(str(p) for p in paths.values()))
+    print(paths["csv"])
+
+
+def _answer_key(lab):
+    """A function giving each lab's answer key: one check of the lab on the live kernels."""
+    from harness.course.score import AnswerKey
+    from harness.course.sheet import questions
+    from harness.scenario.check import check
+
+    def key_for(spec):
+        progress.say(f"running {spec.name} on the kernels (the answer key)")
+        return AnswerKey.from_report(spec.name, check(spec, lab), questions(spec))
+
+    return key_for
+
+
+def _own_scenario_judge(lab):
+    """A function judging a student's own scenario on the kernel and the model, against the lab's exercise."""
+    from harness.course.exercise import Exercise, Verdict, judge
+    from harness.scenario.check import run_scenario
+    from harness.scenario.format import load
+
+    def judge_own(spec, path):
+        exercise = Exercise.parse(spec.exercise, str(spec.directory / "lab.yaml"))
+        if exercise is None:
+            return Verdict("none", "this lab has no own-scenario exercise")
+        if not path.is_file():
+            return Verdict("missing", f"no {path.name}")
+        try:
+            scenario = load(path, known_hosts=topology(spec.topology).vms)
+        except SocklabError as exc:
+            return Verdict("error", str(exc))
+        return judge(exercise, scenario, run_scenario(scenario, lab), kernel=True)
+
+    return judge_own
 
 
 @task(name="matrix", iterable=["kernel", "lab"], help={
@@ -704,6 +899,7 @@ def test_(c, unit=False, live=False, pytest_args=""):
 
 
 images = Collection("images", build, clean)
-lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, trace_, grade, soak_, matrix_, fuzz_)
+lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, trace_, predict_, grade, selfcheck,
+                 soak_, matrix_, fuzz_)
 ns = Collection(images, lab, test_, bench_)
 ns.configure(config.DEFAULTS)

@@ -207,7 +207,7 @@ def decode_reply(message: Mapping[str, Any], vm: str, user: str, rtt_ns: int, ho
     extra = _from_json(message.get("extra") or {})
     if op in ("getsockname", "getpeername"):
         ret = _address(ret)
-    elif op == "poll" and isinstance(ret, dict):
+    elif op in ("poll", "epoll_wait") and isinstance(ret, dict):
         ret = {int(fd): revents for fd, revents in ret.items()}
     for key in ("peer", "addr"):
         if key in extra:
@@ -501,7 +501,7 @@ class Agent:
         if op == "sleep" and isinstance(args.get("seconds"), (int, float)):
             waited = float(args["seconds"])
         for key in ("timeout_ms", "timeout"):
-            if op in ("poll", "wait_readable") and isinstance(args.get(key), int) and args[key] > 0:
+            if op in ("poll", "epoll_wait", "wait_readable") and isinstance(args.get(key), int) and args[key] > 0:
                 waited = max(waited, args[key] / 1000)
         block_ms = args.get("block_ms", self.block_ms)
         if isinstance(block_ms, int) and block_ms > 0:

@@ -85,25 +85,45 @@ def _verdict_text(record) -> str:
     return "[red]FAIL[/] " + "; ".join(record.verdict.problems)
 
 
-def step_table(result, kernel: bool = True) -> Table:
-    """One row per step: host, call, kernel result, model result, expected, verdict."""
+BLIND_NOTE = "blind: the model's answers and the expected values are hidden; --reveal shows them"
+
+
+def step_table(result, kernel: bool = True, blind: bool = False, explain: bool = False) -> Table:
+    """One row per step: host, call, kernel result, model result, expected, verdict.
+
+    ``blind`` hides what a student is to predict (the model's answer, the
+    expected value, the model's rule); ``explain`` adds every step's rule and
+    kernel function, not only a failing step's.
+    """
     table = Table(title=f"{result.scenario.name}: {result.scenario.description}".rstrip(": "), title_justify="left")
-    for column in ("#", "host", "call", *(["kernel"] if kernel else []), "model", "expected", "verdict"):
+    columns = ["#", "host", "call", *(["kernel"] if kernel else []), *([] if blind else ["model", "expected"]),
+               "verdict", *(["rule (kernel function)"] if explain and not blind else [])]
+    for column in columns:
         table.add_column(column, overflow="fold")
     for record in result.records:
         step = record.step
         if step.kind != "call":
-            table.add_row(str(step.index), "", f"[dim]{step.describe()}[/]", *([""] if kernel else []), "", "", "")
+            table.add_row(str(step.index), "", f"[dim]{step.describe()}[/]", *[""] * (len(columns) - 3))
             continue
         model_cell = record.model.describe() if record.model else ""
-        if record.model and record.model.kernel_fn and not (record.verdict and record.verdict.ok):
+        if (record.model and record.model.kernel_fn and not explain
+                and not (record.verdict and record.verdict.ok)):
             model_cell += f"\n[dim]{record.model.kernel_fn}: {record.model.rule}[/]"
         user = f" ({step.user})" if step.user != "root" else ""
-        table.add_row(str(step.index), step.host + user, step.describe(),
-                      *([record.kernel.describe() if record.kernel else "-"] if kernel else []),
-                      model_cell, step.expect.describe() if step.expect else "", _verdict_text(record))
+        verdict = _verdict_text(record)
+        if blind:
+            verdict = "" if record.verdict is None else "[green]ok[/]" if record.verdict.ok else "[red]FAIL[/]"
+        row = [str(step.index), step.host + user, step.describe(),
+               *([record.kernel.describe() if record.kernel else "-"] if kernel else []),
+               *([] if blind else [model_cell, step.expect.describe() if step.expect else ""]), verdict]
+        if explain and not blind:
+            row.append(f"{record.model.rule} ({record.model.kernel_fn})" if record.model and record.model.kernel_fn
+                       else record.model.rule if record.model else "")
+        table.add_row(*row)
     if result.error:
         table.caption = f"[red]aborted:[/] {result.error}"
+    elif blind:
+        table.caption = f"[dim]{BLIND_NOTE}[/]"
     return table
 
 
@@ -154,15 +174,23 @@ def trace_markdown(result) -> list[str]:
     return lines
 
 
-def assertion_table(outcomes) -> Table:
-    table = Table(title="expectations", title_justify="left")
-    for column in ("expectation", "value", "wanted", "verdict"):
+def assertion_table(outcomes, blind: bool = False, kernel: bool = True) -> Table:
+    """One row per expectation: its value (the kernel's, or the model's in a model-only check) and verdict."""
+    table = Table(title="expectations" if kernel else "expectations, on the model", title_justify="left")
+    for column in ("expectation", "value", *([] if blind or not kernel else ["model"]),
+                   *([] if blind else ["wanted"]), "verdict"):
         table.add_column(column, overflow="fold")
     for outcome in outcomes:
+        if not outcome.predicted:
+            table.add_row(outcome.assertion.ask if blind and outcome.assertion.ask else outcome.assertion.name, "-",
+                          *([] if blind else [outcome.assertion.describe()]), f"[yellow]not predicted[/]: {outcome.error}")
+            continue
         verdict = "[green]ok[/]" if outcome.ok else f"[red]FAIL[/] {outcome.error}".rstrip()
-        if not outcome.ok and outcome.assertion.why:
+        if not outcome.ok and outcome.assertion.why and not blind:
             verdict += f"\n[dim]{outcome.assertion.why}[/]"
-        table.add_row(outcome.assertion.name, repr(outcome.value), outcome.assertion.describe(), verdict)
+        table.add_row(outcome.assertion.ask if blind and outcome.assertion.ask else outcome.assertion.name,
+                      repr(outcome.value), *([] if blind or not kernel else [outcome.model or "not predicted"]),
+                      *([] if blind else [outcome.assertion.describe()]), verdict)
     return table
 
 
@@ -195,38 +223,51 @@ def write_junit(report, path) -> None:
     ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
 
 
-def markdown(report) -> str:
-    """The check as Markdown: a verdict line, each scenario's steps, the expectations."""
+def markdown(report, blind: bool = False) -> str:
+    """The check as Markdown: a verdict line, each scenario's steps, the expectations (``blind``: no answers)."""
     def cell(text: object) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
 
     counts = report.counts
+    unpredicted = (f", {counts['not_predicted']} not predicted by the model"
+                   if counts.get("not_predicted") and not report.kernel else "")
     lines = [f"# {report.title}", "",
              f"**{'PASS' if report.ok else 'FAIL'}**: {counts['steps'] - counts['step_failures']}/{counts['steps']} "
-             f"steps agree, {counts['assertions'] - counts['assertion_failures']}/{counts['assertions']} expectations "
-             f"hold{'' if report.kernel else ' (model only)'}.", ""]
+             f"steps agree, {counts['assertions'] - counts['assertion_failures'] - counts.get('not_predicted', 0)}/"
+             f"{counts['assertions']} expectations hold{'' if report.kernel else ' on the model'}{unpredicted}.", ""]
     for result in report.runs:
-        lines += [f"## {result.scenario.name}", "", result.scenario.description, "",
-                  "| # | host | call | kernel | model | expected | verdict |", "|---|---|---|---|---|---|---|"]
+        lines += [f"## {result.scenario.name}", "", result.scenario.description, ""]
+        lines += (["| # | host | call | kernel | verdict |", "|---|---|---|---|---|"] if blind else
+                  ["| # | host | call | kernel | model | expected | verdict |", "|---|---|---|---|---|---|---|"])
         for record in result.records:
             step = record.step
             verdict = "" if record.verdict is None else ("ok" if record.verdict.ok else
                                                           "FAIL: " + "; ".join(record.verdict.problems))
-            lines.append("| " + " | ".join(cell(x) for x in (
-                step.index, step.host, step.describe(), record.kernel.describe() if record.kernel else "",
-                (f"{record.model.describe()} ({record.model.kernel_fn})" if record.model and record.model.kernel_fn
-                 else record.model.describe() if record.model else ""),
-                step.expect.describe() if step.expect else "", verdict)) + " |")
+            model = (f"{record.model.describe()} ({record.model.kernel_fn})" if record.model and record.model.kernel_fn
+                     else record.model.describe() if record.model else "")
+            cells = (step.index, step.host, step.describe(), record.kernel.describe() if record.kernel else "",
+                     *(() if blind else (model, step.expect.describe() if step.expect else "")),
+                     ("ok" if record.verdict.ok else "FAIL") if blind and record.verdict else verdict)
+            lines.append("| " + " | ".join(cell(x) for x in cells) + " |")
         if result.error:
             lines += ["", f"Aborted: {result.error}"]
         lines += trace_markdown(result)
         lines.append("")
     if report.assertions:
-        lines += ["## Expectations", "", "| expectation | value | wanted | verdict |", "|---|---|---|---|"]
+        lines += ["## Expectations", ""]
+        lines += (["| expectation | value | verdict |", "|---|---|---|"] if blind else
+                  ["| expectation | value | wanted | verdict |", "|---|---|---|---|"])
         for outcome in report.assertions:
+            name = outcome.assertion.ask if blind and outcome.assertion.ask else outcome.assertion.name
+            verdict = ("not predicted: " + outcome.error if not outcome.predicted else
+                       "ok" if outcome.ok else f"FAIL {outcome.error}".strip())
+            value = "-" if not outcome.predicted else repr(outcome.value)
+            if report.kernel and not blind:
+                value += f" (model: {outcome.model or 'not predicted'})"
             lines.append("| " + " | ".join(cell(x) for x in (
-                outcome.assertion.name, repr(outcome.value), outcome.assertion.describe(),
-                "ok" if outcome.ok else f"FAIL {outcome.error}".strip())) + " |")
+                name, value, *(() if blind else (outcome.assertion.describe(),)), verdict)) + " |")
+    if blind:
+        lines += ["", f"*{BLIND_NOTE}.*"]
     for note in report.notes:
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"

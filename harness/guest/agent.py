@@ -64,6 +64,13 @@ class PollFd(ctypes.Structure):
     _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
 
 
+class EpollEvent(ctypes.Structure):
+    """struct epoll_event: packed on x86-64 (include/uapi/linux/eventpoll.h, EPOLL_PACKED)."""
+
+    _pack_ = 1
+    _fields_ = [("events", ctypes.c_uint32), ("data", ctypes.c_uint64)]
+
+
 def load_libc() -> ctypes.CDLL:
     """libc with prototypes, so ctypes passes socklen_t and size_t at their real widths."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -89,6 +96,9 @@ def load_libc() -> ctypes.CDLL:
         "recvmsg": (ssize, [i, ctypes.POINTER(MsgHdr), i]),
         "poll": (i, [ctypes.POINTER(PollFd), ctypes.c_ulong, i]),
         "fcntl": (i, [i, i, i]),
+        "epoll_create1": (i, [i]),
+        "epoll_ctl": (i, [i, i, i, ctypes.POINTER(EpollEvent)]),
+        "epoll_wait": (i, [i, ctypes.POINTER(EpollEvent), i, i]),
     }
     for name, (restype, argtypes) in prototypes.items():
         func = getattr(libc, name)
@@ -675,6 +685,37 @@ class Session:
         for fd in hidden:
             revents[str(fd)] = 0x20  # POLLNVAL, as for a descriptor that is not open
         return Outcome(revents, 0, {"ready": ret})
+
+    def op_epoll_create1(self, args: dict) -> Outcome:
+        ret, err = self.syscall(self.libc.epoll_create1, to_c_int(int_arg(args, "flags", 0)))
+        if ret >= 0:
+            self.track(ret)  # closed with the session's sockets
+        return self.blocked_or(ret, err)
+
+    def op_epoll_ctl(self, args: dict) -> Outcome:
+        epfd, fd = fd_arg(args, "epfd"), fd_arg(args)
+        for number in (epfd, fd):
+            refused = self.check_fd(number)
+            if refused:
+                return refused
+        event = EpollEvent(int_arg(args, "events", 0) & 0xFFFFFFFF, fd & 0xFFFFFFFF)
+        ret, err = self.syscall(self.libc.epoll_ctl, epfd, to_c_int(int_arg(args, "op")), fd, ctypes.byref(event))
+        return self.blocked_or(ret, err)
+
+    def op_epoll_wait(self, args: dict) -> Outcome:
+        """The ready events as {fd: events} (the scenario registers each fd with data = fd)."""
+        epfd = fd_arg(args, "epfd")
+        refused = self.check_fd(epfd)
+        if refused:
+            return refused
+        maxevents = int_arg(args, "maxevents", 16)
+        timeout = int_arg(args, "timeout", 0)
+        events = (EpollEvent * max(min(maxevents, 1024), 1))()
+        block_ms = (self.block_arg(args) or self.block_ms) if timeout < 0 else 0
+        ret, err = self.syscall(self.libc.epoll_wait, epfd, events, to_c_int(maxevents), timeout, block_ms=block_ms)
+        if err:
+            return self.blocked_or(ret, err)
+        return Outcome({str(events[n].data): events[n].events for n in range(ret)}, 0, {"ready": ret})
 
     def op_wait_readable(self, args: dict) -> Outcome:
         fd = fd_arg(args)

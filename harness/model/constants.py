@@ -230,3 +230,11 @@ def name_of(value: int, prefix: str) -> str:
         if number == value and name.startswith(prefix):
             return name
     return str(value)
+
+# epoll (include/uapi/linux/eventpoll.h)
+EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD = 1, 2, 3
+EPOLLIN, EPOLLPRI, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLLRDHUP = 0x1, 0x2, 0x4, 0x8, 0x10, 0x2000
+EPOLLEXCLUSIVE, EPOLLWAKEUP, EPOLLONESHOT, EPOLLET = 1 << 28, 1 << 29, 1 << 30, 1 << 31
+EPOLL_CLOEXEC = 0o2000000
+EPOLL_NAMES = {name: value for name, value in list(globals().items()) if name.startswith("EPOLL")}
+NAMES.update(EPOLL_NAMES)

@@ -165,6 +165,14 @@ class Host:
     def port_owners(self, port: int, proto: str = "tcp") -> list["views.PortOwner"]:
         return views.port_owners(self, port, proto)
 
+    # The nstat counters the model moves (every host.bump() name); any other counter it does not predict.
+    MODELLED_COUNTERS = frozenset({
+        "Tcp.ActiveOpens", "Tcp.PassiveOpens", "Tcp.OutRsts", "Tcp.AttemptFails", "TcpExt.TCPReqQFullDoCookies",
+        "TcpExt.TCPReqQFullDrop", "TcpExt.ListenOverflows", "TcpExt.ListenDrops", "TcpExt.TCPAbortOnClose",
+        "TcpExt.TCPAbortOnData", "Udp.SndbufErrors", "Udp.OutDatagrams", "Udp.NoPorts", "Udp.RcvbufErrors",
+        "Udp.InErrors", "Udp.InDatagrams",
+    })
+
     def predict_counters(self) -> dict[str, int]:
         """Lower bounds for nstat counters (TcpExt.ListenOverflows, TcpExt.ListenDrops, ...)."""
         return dict(self.counters)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from . import create, poll as pollmod, sockopt
+from . import create, epoll, poll as pollmod, sockopt
 from .addr import parse_sockaddr
 from .args import arg_int
 from .constants import (
@@ -178,6 +178,18 @@ def sys_poll(host, proc, op, args) -> Result:
     return pollmod.do_poll(op, host, proc, args)
 
 
+def sys_epoll_create1(host, proc, op, args) -> Result:
+    return epoll.create(op, proc, args)
+
+
+def sys_epoll_ctl(host, proc, op, args) -> Result:
+    return epoll.ctl(op, proc, args)
+
+
+def sys_epoll_wait(host, proc, op, args) -> Result:
+    return epoll.wait(op, proc, args)
+
+
 def sys_fcntl(host, proc, op, args) -> Result:
     fd = args.get("fd")
     if type(fd) is not int or fd not in proc.fds:
@@ -208,7 +220,9 @@ def sys_fcntl(host, proc, op, args) -> Result:
 
 def sys_fstat(host, proc, op, args) -> Result:
     f = proc.lookup(args.get("fd"))
-    info = {"st_mode": S_IFSOCK | 0o777, "st_ino": f.sock.inode, "link": f"socket:[{f.sock.inode}]"}
+    # The same keys as the guest agent's fstat: "mode"/"ino" and the struct stat names.
+    info = {"mode": S_IFSOCK | 0o777, "ino": f.sock.inode, "st_mode": S_IFSOCK | 0o777, "st_ino": f.sock.inode,
+            "link": f"socket:[{f.sock.inode}]"}
     # fstat() copies what sock_alloc() put in the sockfs inode; vfs_getattr_nosec() is where the traced
     # guests read it (sock_alloc itself runs at socket(), not here).
     return Result(op, info, None, "sockfs inode from sock_alloc: S_IFSOCK, named socket:[inode] in /proc/PID/fd",
@@ -260,6 +274,9 @@ SYSCALLS: dict[str, Callable[..., Result]] = {
     "recvfrom": sys_recv,
     "recvmsg": sys_recv,
     "poll": sys_poll,
+    "epoll_create1": sys_epoll_create1,
+    "epoll_ctl": sys_epoll_ctl,
+    "epoll_wait": sys_epoll_wait,
     "fcntl": sys_fcntl,
     "fstat": sys_fstat,
     "unlink": sys_unlink,

@@ -66,6 +66,7 @@ class SsRow:
     skmem_rb: int | None
     skmem_tb: int | None
     inode: int
+    sndbuf_locked: bool = True  # False: autotuning may still grow tb (tcp_sndbuf_expand), so it is an estimate
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +176,7 @@ SS_NAMES = {1: "ESTAB", 2: "SYN-SENT", 3: "SYN-RECV", 4: "FIN-WAIT-1", 5: "FIN-W
             7: "UNCONN", 8: "CLOSE-WAIT", 9: "LAST-ACK", 10: "LISTEN", 11: "CLOSING"}  # ss's sstate_name
 
 
-def _ss_row(proto: str, sk: Sock | TimeWaitSock) -> SsRow:
+def _ss_row(proto: str, sk: Sock | TimeWaitSock, queued: frozenset[int] = frozenset()) -> SsRow:
     if isinstance(sk, TimeWaitSock):
         state = "TIME-WAIT" if sk.substate == TCP_TIME_WAIT else "FIN-WAIT-2"
         return SsRow(proto, state, 0, 0, endpoint(sk, False), endpoint(sk, True), None, None, 0)
@@ -188,8 +189,10 @@ def _ss_row(proto: str, sk: Sock | TimeWaitSock) -> SsRow:
     state = SS_NAMES.get(sk.sk_state, TCP_STATE_NAMES[sk.sk_state])
     if proto == "udp":
         state = "ESTAB" if sk.peer_addr else "UNCONN"
+    # A child still in an accept queue has no struct socket and no file yet: ss shows inode 0 (sock_i_ino).
+    inode = 0 if id(sk) in queued else sk.inode
     return SsRow(proto, state, recv_q, send_q, endpoint(sk, False), endpoint(sk, True), sk.rcvbuf, sk.sndbuf,
-                 sk.inode)
+                 inode, bool(sk.sndbuf_locked) or proto != "tcp" or sk.sk_state == TCP_LISTEN)
 
 
 def _bound_only(proto: str, sk: Sock | TimeWaitSock) -> bool:
@@ -202,7 +205,11 @@ def ss_rows(host: "Host") -> list[SsRow]:
 
     bound_listed = RULES["ss_lists_bound_only_tcp"].value(host.kernel)
     rows = []
-    for proto, table in (("tcp", host.tcp_ports), ("udp", host.udp_ports)):
+    tables = (("tcp", host.tcp_ports), ("udp", host.udp_ports))
+    queued = frozenset(id(child) for _proto, table in tables for port in table.buckets for sk in table.owners(port)
+                       for child in getattr(sk, "accept_queue", ()))
+    for proto, table in tables:
         for port in sorted(table.buckets):
-            rows.extend(_ss_row(proto, sk) for sk in table.owners(port) if bound_listed or not _bound_only(proto, sk))
+            rows.extend(_ss_row(proto, sk, queued) for sk in table.owners(port)
+                        if bound_listed or not _bound_only(proto, sk))
     return rows

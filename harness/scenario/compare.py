@@ -8,7 +8,7 @@ from typing import Any
 from .format import Expect, Step
 
 # Calls whose return value is a new descriptor: its number depends on what else the process has open.
-FD_RETURNING = frozenset({"socket", "accept", "accept4"})
+FD_RETURNING = frozenset({"socket", "accept", "accept4", "epoll_create1"})
 ADDRESS_RETURNING = frozenset({"getsockname", "getpeername"})
 
 

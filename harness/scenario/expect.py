@@ -15,7 +15,8 @@ comparison::
 
 Comparisons: ``equals``, ``not_equals``, ``at_least``, ``at_most``,
 ``between: [low, high]`` (inclusive, for timing-dependent counters) and
-``one_of: [...]``. Inside a value expression these names exist:
+``one_of: [...]``. ``ask:`` turns the value into a question of the lab's
+predictions sheet (see ``harness.course.sheet``). Inside a value expression these names exist:
 
 - every snapshot name of the scenario (``before.server``: that host's stats);
 - ``delta(a, b)``: per host, the counters of snapshot b minus those of a;
@@ -36,6 +37,7 @@ import jinja2
 
 from .. import load as textio
 from .format import ScenarioError, _shown, _strip_lines, render, sandbox
+from .predict import NotPredicted
 from .runner import RunResult, StepRecord
 
 COMPARISONS = ("equals", "not_equals", "at_least", "at_most", "between", "one_of")
@@ -49,6 +51,9 @@ class Assertion:
     operand: Any
     line: int
     why: str = ""
+    # The question a predictions sheet asks about this value, in words ("Recv-Q of the listener
+    # on port 7000 at snapshot full"); an assertion without one is not asked of students.
+    ask: str = ""
 
     def describe(self) -> str:
         words = {"equals": "==", "not_equals": "!=", "at_least": ">=", "at_most": "<=",
@@ -64,6 +69,10 @@ class Outcome:
     value: Any
     ok: bool
     error: str = ""
+    # False when the model was asked and does not simulate the figure (the error says which).
+    predicted: bool = True
+    # On a check with the lab: what the model predicted for the same value ("" = not predicted).
+    model: str = ""
 
 
 class _ByHost:
@@ -130,8 +139,8 @@ def load(path: Path, variables: Mapping[str, Any]) -> list[Assertion]:
         at = f"{where}:{line}: assertion {number}"
         if not isinstance(item, dict):
             raise ScenarioError(f"{at}: an assertion is a mapping with name, value and one comparison")
-        textio.check_keys(item, ("name", "value", "why", *COMPARISONS), at, error=ScenarioError, add_line=False)
-        for key in ("name", "why"):
+        textio.check_keys(item, ("name", "value", "why", "ask", *COMPARISONS), at, error=ScenarioError, add_line=False)
+        for key in ("name", "why", "ask"):
             if key in item and (not isinstance(item[key], (str, int)) or isinstance(item[key], bool)):
                 raise ScenarioError(f"{at}: `{key}:` must be a string, not {_shown(item[key])}")
         item = _strip_lines(item)
@@ -151,11 +160,11 @@ def load(path: Path, variables: Mapping[str, Any]) -> list[Assertion]:
         except jinja2.TemplateSyntaxError as exc:
             raise ScenarioError(f"{at}: value {item['value']!r}: {exc.message}") from None
         assertions.append(Assertion(str(item.get("name", item["value"])), item["value"], comparison, operand, line,
-                                    str(item.get("why", ""))))
+                                    str(item.get("why", "")), str(item.get("ask", "") or "")))
     return assertions
 
 
-def default_sysctls() -> Any:
+def default_sysctls(overrides: Mapping[str, Any] | None = None) -> Any:
     """The guest's default socket sysctls as a stats ``Sysctls`` (from the model's table of 6.1 defaults).
 
     Used to render a template before the run, so that its mistakes stop the
@@ -167,7 +176,9 @@ def default_sysctls() -> Any:
 
     values = {}
     for spec in SYSCTLS:
-        value = DEFAULT_SYSCTLS.get(spec.name, 0)
+        value = (overrides or {}).get(spec.name, DEFAULT_SYSCTLS.get(spec.name, 0))
+        if isinstance(value, str):  # a scenario's setting as sysctl takes it, e.g. "40000 40003"
+            value = [int(part) for part in value.split()]
         values[spec.attr] = spec.kind(list(value) if isinstance(value, (tuple, list)) else [int(value)])
     return Sysctls(**values)
 
@@ -219,6 +230,9 @@ def evaluate(assertions: list[Assertion], names: Mapping[str, Any]) -> list[Outc
                 value = env.compile_expression(assertion.value, undefined_to_none=False)(**names)
             if isinstance(value, jinja2.Undefined):
                 value._fail_with_undefined_error()
+        except NotPredicted as exc:
+            outcomes.append(Outcome(assertion, None, True, str(exc), predicted=False))
+            continue
         except jinja2.exceptions.SecurityError as exc:
             outcomes.append(Outcome(assertion, None, False, f"unsafe expression: {exc}"))
             continue

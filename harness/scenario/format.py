@@ -61,6 +61,9 @@ CALLS: dict[str, dict[str, str]] = {
     "recvfrom": {"fd": "fd", "length": "int?", "flags": "const?"},
     "recvmsg": {"fd": "fd", "length": "int?", "flags": "const?"},
     "poll": {"fds": "fds", "events": "const?", "timeout": "int?"},
+    "epoll_create1": {"flags": "const?"},
+    "epoll_ctl": {"epfd": "fd", "op": "const", "fd": "fd", "events": "const?"},
+    "epoll_wait": {"epfd": "fd", "maxevents": "int?", "timeout": "int?"},
     "fcntl": {"fd": "fd", "cmd": "const", "arg": "const?"},
     "fstat": {"fd": "fd"},
     "sysctl_get": {"name": "str"},  # not a system call: a read of /proc/sys/<name>
@@ -274,6 +277,8 @@ def load(path: Path, overrides: Mapping[str, Any] | None = None, known_hosts: tu
 
 
 def _sysctls(raw: Any, where: str, line: int, hosts: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    from ..model.config import DEFAULT_SYSCTLS
+
     if not isinstance(raw, dict) or any(h not in hosts for h in raw):
         raise ScenarioError(f"{where}:{line}: `sysctls:` maps hosts of the header to settings")
     for host, settings in raw.items():
@@ -282,6 +287,9 @@ def _sysctls(raw: Any, where: str, line: int, hosts: tuple[str, ...]) -> dict[st
         for name, value in settings.items():
             if not isinstance(name, str):
                 raise ScenarioError(f"{where}:{settings.line_of(name)}: a sysctl is named by a string, not {_shown(name)}")
+            if name not in DEFAULT_SYSCTLS:
+                raise ScenarioError(f"{where}:{settings.line_of(name)}: sysctl {name!r} on {host} is not one socklab "
+                                    f"knows{textio.did_you_mean(name, DEFAULT_SYSCTLS)}; known: {', '.join(sorted(DEFAULT_SYSCTLS))}")
             ok = (isinstance(value, (int, str)) and not isinstance(value, bool)) or (
                 isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
             if not ok:

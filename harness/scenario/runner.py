@@ -272,6 +272,21 @@ class ModelStats:
         """A lower bound for the kernel's counter ``name`` (e.g. TcpExt.ListenOverflows)."""
         return self.counters.get(name, 0)
 
+    def __sub__(self, before: "ModelStats") -> "ModelDelta":
+        """The model's counters between two snapshots, as ``delta("a", "b")`` gives the kernel's."""
+        names = set(self.counters) | set(before.counters)
+        return ModelDelta({name: self.counters.get(name, 0) - before.counters.get(name, 0) for name in names})
+
+
+@dataclass(frozen=True)
+class ModelDelta:
+    """What the model predicts a counter grows by between two snapshots (a lower bound, like its counters)."""
+
+    counters: Mapping[str, int]
+
+    def counter(self, name: str) -> int:
+        return self.counters.get(name, 0)
+
 
 def _port(address: Any) -> int | None:
     if isinstance(address, (tuple, list)) and len(address) >= 2:
@@ -397,7 +412,7 @@ def _call(backend: Backend, step: Step, names: SocketNames, trace: Any = None, c
         outcome = call_until(backend, step, args)
     else:
         outcome = backend.call(step.host, step.user, step.call, args)
-    if step.call == "poll":
+    if step.call in ("poll", "epoll_wait"):
         outcome = replace(outcome, ret=_fds_to_names(outcome.ret, names.by_fd(step.host, step.user)))
     if step.save_as and outcome.errno is None and not outcome.blocked:
         if step.call not in ("socket", "accept", "accept4") or _is_fd(outcome.ret):

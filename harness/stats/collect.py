@@ -22,6 +22,8 @@ sshd spends starting bash and sh for a new session.
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 import secrets
 import select
@@ -420,7 +422,8 @@ def collect(ssh: "GuestSSH", vm: str | None = None, *, nics: Sequence[str] | Non
                                      f"{result.stderr.strip()[-300:] or 'no message'}")
         output = result.stdout
     round_trip_ms = (time.perf_counter() - started) * 1000
-    return parse_output(output, nonce, vm, taken_at=time.time(), round_trip_ms=round_trip_ms)
+    snapshot = parse_output(output, nonce, vm, taken_at=time.time(), round_trip_ms=round_trip_ms)
+    return dataclasses.replace(snapshot, raw=output)
 
 
 def collect_many(lab: "Lab", names: Sequence[str] | None = None, **options) -> LabSnapshot:

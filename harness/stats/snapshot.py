@@ -385,6 +385,8 @@ class Snapshot:
     sockstat: FrozenDict[str, FrozenDict[str, int]]
     sysctls: Sysctls
     stderr: FrozenDict[str, str] = EMPTY
+    # The tools' output exactly as it came back (ss, ethtool, /proc), kept so a run's results can show it.
+    raw: str = field(default="", compare=False, repr=False)
 
     # -- sockets
 

@@ -103,3 +103,42 @@ def test_the_course_guide_lists_every_lab():
     for name in LABS:
         assert f"]({name}/" in text or f"({name}/README.md)" in text, f"labs/README.md does not link {name}"
     assert "invoke lab.up" in text and "invoke lab.grade" in text
+
+
+@pytest.mark.parametrize("name", LABS)
+def test_the_minutes_agree_in_lab_yaml_the_guide_and_the_course_path(name):
+    import yaml
+
+    minutes = yaml.safe_load((LABS_DIR / name / "lab.yaml").read_text())["minutes"]
+    guide = (LABS_DIR / name / "README.md").read_text()
+    assert re.search(rf"^\*{minutes} minutes", guide, re.M), f"labs/{name}/README.md does not say {minutes} minutes"
+    row = next(line for line in (LABS_DIR / "README.md").read_text().splitlines() if f"[{name}](" in line)
+    assert f"| {minutes} |" in row, f"labs/README.md gives {name} other minutes than lab.yaml ({minutes})"
+
+
+@pytest.mark.parametrize("name", LABS)
+def test_the_scenarios_carry_no_answer_comments(name):
+    """Students read the scenarios; what a step returns and why lives in ANSWERS.md (for the teacher)."""
+    spec = LabSpec.load(name)
+    for path in spec.scenarios:
+        body = path.read_text().split("\n---\n", 1)[1]
+        comments = [line for line in body.splitlines() if re.match(r"^\s*#", line) or re.search(r"\}\s+#", line)]
+        assert not comments, f"{path.name}: move these to ANSWERS.md: {comments[:2]}"
+    assert (LABS_DIR / name / "ANSWERS.md").is_file()
+    assert "<summary>Answers</summary>" not in (LABS_DIR / name / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", LABS)
+def test_the_expectations_evaluate_on_the_model(name):
+    """A model-only check runs the expectation template on the model's predictions; what it predicts holds,
+    and what it does not simulate is marked as such instead of passing or failing."""
+    report = check(LabSpec.load(name), None)
+    assert report.assertions, f"{name}: a model-only check evaluated no expectation"
+    wrong = [(a.assertion.name, a.value, a.assertion.describe(), a.error) for a in report.assertions
+             if a.predicted and not a.ok]
+    assert not wrong
+    predicted = [a for a in report.assertions if a.predicted]
+    assert len(predicted) >= len(report.assertions) // 2, f"{name}: the model predicts under half its figures"
+    for outcome in report.assertions:
+        if not outcome.predicted:
+            assert outcome.error.startswith("the model does not"), outcome.error

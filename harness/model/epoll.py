@@ -1,0 +1,147 @@
+"""epoll(7): an interest list per epoll file, level- and edge-triggered reports, EPOLLONESHOT, EPOLLEXCLUSIVE.
+
+fs/eventpoll.c keeps, per epoll file, one ``epitem`` per (file, fd) and a
+ready list that wakeups (``ep_poll_callback``) feed. ``ep_send_events()``
+reports an item when its file's poll mask meets its events; a level-triggered
+item goes back on the ready list, an edge-triggered one only at the next
+wakeup, and an EPOLLONESHOT item is disarmed (``events &= EP_PRIVATE_BITS``)
+until EPOLL_CTL_MOD. The model has no wakeups of its own, so it takes one
+to have happened when, since it last looked, the socket received data, its
+accept queue grew, or its mask gained a bit (it became writable, say).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
+
+from .constants import (
+    EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLERR, EPOLLET, EPOLLEXCLUSIVE, EPOLLHUP,
+    EPOLLIN, EPOLLONESHOT, EPOLLOUT, EPOLLWAKEUP,
+)
+from .result import Result, fail
+from .sock import OpenFile
+
+if TYPE_CHECKING:
+    from .host import Host, Process
+
+# EP_PRIVATE_BITS: what an EPOLLONESHOT item keeps once it has fired.
+PRIVATE_BITS = EPOLLWAKEUP | EPOLLONESHOT | EPOLLET | EPOLLEXCLUSIVE
+# EPOLLEXCLUSIVE_OK_BITS: the only bits EPOLLEXCLUSIVE may come with.
+EXCLUSIVE_OK = EPOLLIN | EPOLLOUT | EPOLLERR | EPOLLHUP | EPOLLWAKEUP | EPOLLET | EPOLLEXCLUSIVE
+
+
+@dataclass
+class Item:
+    """One epitem: the registered file, its events, and what the model saw of it last."""
+
+    file: OpenFile
+    events: int
+    pending: bool = False
+    seen: tuple[int, int, int] = (0, 0, 0)
+
+
+@dataclass
+class EpollFile:
+    """An epoll instance: what ``epoll_create1()`` returns a descriptor for."""
+
+    cloexec: bool
+    items: dict[int, Item] = field(default_factory=dict)
+
+
+def _state(file: OpenFile) -> tuple[int, int, int]:
+    sk = file.sock
+    return len(sk.rx) if hasattr(sk.rx, "__len__") else 0, len(sk.accept_queue), sk.ops.poll(sk)
+
+
+def _woken(item: Item) -> bool:
+    """Whether a wakeup happened since the model last looked: data, a new connection, or a new mask bit."""
+    rx, queued, mask = _state(item.file)
+    old_rx, old_queued, old_mask = item.seen
+    return rx > old_rx or queued > old_queued or bool(mask & ~old_mask)
+
+
+def create(op: str, proc: "Process", args: Mapping[str, Any]) -> Result:
+    flags = int(args.get("flags", 0) or 0)
+    if flags & ~EPOLL_CLOEXEC:
+        raise fail("EINVAL", f"flags {flags:#x} other than EPOLL_CLOEXEC", "do_epoll_create")
+    fd = proc.install(EpollFile(bool(flags & EPOLL_CLOEXEC)))  # type: ignore[arg-type]
+    return Result(op, fd, None, f"eventpoll file on fd {fd}", "do_epoll_create")
+
+
+def _epoll(proc: "Process", fd: Any, where: str) -> EpollFile:
+    entry = proc.fds.get(fd) if type(fd) is int else None
+    if entry is None:
+        raise fail("EBADF", f"fd {fd!r} is not open", where)
+    if not isinstance(entry, EpollFile):
+        raise fail("EINVAL", f"fd {fd} is not an epoll file", where)
+    return entry
+
+
+def ctl(op: str, proc: "Process", args: Mapping[str, Any]) -> Result:
+    epfd, cmd, fd = args.get("epfd"), args.get("op"), args.get("fd")
+    events = int(args.get("events", 0) or 0) & 0xFFFFFFFF
+    ep = _epoll(proc, epfd, "do_epoll_ctl")
+    target = proc.fds.get(fd) if type(fd) is int else None
+    if target is None:
+        raise fail("EBADF", f"fd {fd!r} is not open", "do_epoll_ctl")
+    if target is ep:
+        raise fail("EINVAL", "an epoll file cannot watch itself", "do_epoll_ctl")
+    if not isinstance(target, (OpenFile, EpollFile)):
+        raise fail("EPERM", f"fd {fd} does not support poll (the model watches sockets only)", "do_epoll_ctl")
+    if cmd in (EPOLL_CTL_ADD, EPOLL_CTL_MOD) and events & EPOLLEXCLUSIVE:
+        if cmd == EPOLL_CTL_MOD:
+            raise fail("EINVAL", "EPOLLEXCLUSIVE cannot be given to EPOLL_CTL_MOD", "do_epoll_ctl")
+        if events & ~EXCLUSIVE_OK or isinstance(target, EpollFile):
+            raise fail("EINVAL", "EPOLLEXCLUSIVE comes only with IN/OUT/ERR/HUP/WAKEUP/ET, on a non-epoll file",
+                       "do_epoll_ctl")
+    if not isinstance(target, OpenFile):
+        raise fail("EINVAL", "the model does not nest epoll files", "do_epoll_ctl")
+    item = ep.items.get(fd)
+    if cmd == EPOLL_CTL_ADD:
+        if item is not None and item.file is target:
+            raise fail("EEXIST", f"fd {fd} is already in the interest list", "ep_insert")
+        # ep_insert(): a file that is ready at once goes straight on the ready list.
+        ep.items[fd] = Item(target, events | EPOLLERR | EPOLLHUP, pending=True, seen=_state(target))
+        return Result(op, 0, None, f"fd {fd} added with events {events:#x}", "ep_insert")
+    if item is None or item.file is not target:
+        raise fail("ENOENT", f"fd {fd} is not in the interest list", "do_epoll_ctl")
+    if cmd == EPOLL_CTL_DEL:
+        del ep.items[fd]
+        return Result(op, 0, None, f"fd {fd} removed", "ep_remove")
+    if cmd == EPOLL_CTL_MOD:
+        if item.events & EPOLLEXCLUSIVE:
+            raise fail("EINVAL", "an EPOLLEXCLUSIVE item cannot be modified", "do_epoll_ctl")
+        item.events, item.pending, item.seen = events | EPOLLERR | EPOLLHUP, True, _state(target)
+        return Result(op, 0, None, f"fd {fd} re-armed with events {events:#x}", "ep_modify")
+    raise fail("EINVAL", f"op {cmd!r} is not EPOLL_CTL_ADD, _DEL or _MOD", "do_epoll_ctl")
+
+
+def wait(op: str, proc: "Process", args: Mapping[str, Any]) -> Result:
+    ep = _epoll(proc, args.get("epfd"), "do_epoll_wait")
+    maxevents = args.get("maxevents", 16)
+    timeout = args.get("timeout", 0)
+    if type(maxevents) is not int or maxevents <= 0:
+        raise fail("EINVAL", f"maxevents {maxevents!r} must be positive", "do_epoll_wait")
+    ready: dict[int, int] = {}
+    for fd, item in list(ep.items.items()):
+        if proc.fds.get(fd) is not item.file:
+            del ep.items[fd]  # eventpoll_release(): the file's last close took it out of every interest list
+            continue
+        if len(ready) >= maxevents:
+            break
+        woken = _woken(item)
+        mask = item.file.sock.ops.poll(item.file.sock) & item.events & ~PRIVATE_BITS
+        item.seen = _state(item.file)
+        if item.events & EPOLLET and not (item.pending or woken):
+            continue  # edge-triggered: nothing new since the last report
+        item.pending = False
+        if not mask:
+            continue
+        ready[fd] = mask
+        if item.events & EPOLLONESHOT:
+            item.events &= PRIVATE_BITS  # disarmed until EPOLL_CTL_MOD
+    if not ready and isinstance(timeout, int) and timeout < 0:
+        return Result(op, None, None, "nothing ready and no timeout: sleeps", "ep_poll", blocked=True)
+    kinds = ", ".join(f"fd {fd}: {mask:#x}" for fd, mask in ready.items()) or "nothing ready"
+    return Result(op, ready, None, kinds, "ep_send_events")
