@@ -235,3 +235,19 @@ class FakeSSHServer:
         self._listener.close()
         for transport in self.transports:
             transport.close()
+
+
+class QuietBackend:
+    """The parts of a scenario backend (harness.scenario.runner.Backend) that a replaying test leaves idle.
+
+    Subclasses answer ``call``; sleeping, snapshots and closing do nothing.
+    """
+
+    def sleep(self, seconds):
+        pass
+
+    def snapshot(self, name):
+        return {}
+
+    def close(self):
+        pass

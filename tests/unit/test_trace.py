@@ -12,8 +12,17 @@ from harness.agent import GUEST_AGENT
 from harness.scenario.compare import Outcome
 from harness.scenario.format import ScenarioError, load
 from harness.scenario.runner import ModelBackend, run
-from harness.trace import Call, Citation, KernelTrace, ProgramTrace, TraceError, TraceOptions, check_citation, \
-    check_depth
+from harness.trace import (
+    Call,
+    Citation,
+    KernelTrace,
+    ProgramTrace,
+    TraceError,
+    TraceOptions,
+    check_citation,
+    check_depth,
+)
+from tests.unit.fakes import QuietBackend
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "trace"
 
@@ -134,7 +143,7 @@ def test_a_scenario_step_takes_a_trace_key(tmp_path):
         load(path)
 
 
-class TracedKernel:
+class TracedKernel(QuietBackend):
     """A kernel backend that answers like the guest (UDP listen: EOPNOTSUPP) and records what it was asked to trace."""
 
     def __init__(self, trace: KernelTrace) -> None:
@@ -149,15 +158,6 @@ class TracedKernel:
         self.traced.append((op, options, functions))
         outcome = self.call(host, user, op, args)
         return Outcome(ret=outcome.ret, errno=outcome.errno, extra={"trace": self.trace})
-
-    def sleep(self, seconds):
-        pass
-
-    def snapshot(self, name):
-        return {}
-
-    def close(self):
-        pass
 
 
 def test_the_runner_traces_the_steps_that_ask_and_checks_the_models_citation(tmp_path, guest):

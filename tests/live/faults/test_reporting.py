@@ -22,6 +22,7 @@ from harness.paths import Paths
 from harness.scenario.compare import Outcome
 from harness.scenario.format import load
 from harness.scenario.runner import ModelBackend, crosses_hosts, run
+from tests.unit.fakes import QuietBackend
 
 PANIC_LOG = """\
 [   20.11] random: crng init done
@@ -170,7 +171,7 @@ steps:
 """
 
 
-class Replay:
+class Replay(QuietBackend):
     """A kernel side answering from a list; it counts how often the segment is checked."""
 
     def __init__(self, outcomes, faults=()):
@@ -180,15 +181,6 @@ class Replay:
 
     def call(self, host, user, op, args):
         return self.outcomes.pop(0)
-
-    def sleep(self, seconds):
-        pass
-
-    def snapshot(self, name):
-        return {}
-
-    def close(self):
-        pass
 
     def segment_faults(self):
         self.checks += 1

@@ -9,7 +9,14 @@ import pytest
 
 from harness.scenario.compare import Outcome
 from harness.scenario.format import ScenarioError, load
-from harness.scenario.runner import UNSET, ModelBackend, resolve_reference, run, UnsetReference
+from harness.scenario.runner import (
+    UNSET,
+    ModelBackend,
+    UnsetReference,
+    resolve_reference,
+    run,
+)
+from tests.unit.fakes import QuietBackend
 
 HEADER = "name: reach\nhosts: [server, client]\n---\n"
 
@@ -25,7 +32,7 @@ def model_run(tmp_path, body: str):
     return run(scenario, None, ModelBackend(scenario))
 
 
-class Replay:
+class Replay(QuietBackend):
     """A kernel side answering from a list, recording the arguments it was given."""
 
     def __init__(self, outcomes):
@@ -35,15 +42,6 @@ class Replay:
     def call(self, host, user, op, args):
         self.calls.append((host, op, dict(args)))
         return self.outcomes.pop(0)
-
-    def sleep(self, seconds):
-        pass
-
-    def snapshot(self, name):
-        return {}
-
-    def close(self):
-        pass
 
 
 def test_a_sysctl_read_is_a_step_that_both_sides_answer(tmp_path):
