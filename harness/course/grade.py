@@ -19,7 +19,7 @@ from ..scenario.check import LabSpec
 from . import explain
 from .exercise import Verdict
 from .score import AnswerKey, Score, score
-from .sheet import Question, questions, read_sheet
+from .sheet import questions, read_sheet
 from .workspace import ANSWERS, PREDICTIONS, CourseError, Workspace
 
 

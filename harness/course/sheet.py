@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from ..scenario import expect
 from ..scenario.check import LabSpec, prepare

@@ -23,7 +23,7 @@ from .result import Result, fail
 from .sock import OpenFile
 
 if TYPE_CHECKING:
-    from .host import Host, Process
+    from .host import Process
 
 # EP_PRIVATE_BITS: what an EPOLLONESHOT item keeps once it has fired.
 PRIVATE_BITS = EPOLLWAKEUP | EPOLLONESHOT | EPOLLET | EPOLLEXCLUSIVE

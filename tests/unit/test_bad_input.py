@@ -219,7 +219,6 @@ def _run(case: dict, runner=_subprocess) -> Outcome:
     home.mkdir()
     images.mkdir()
     installed = _install(case, tmp, home, images)
-    path = _case_path(case)
     argv = [_fill(arg, case, tmp) for arg in case["argv"]]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOCKLAB_")}
     env.update(SOCKLAB_HOME=str(home), SOCKLAB_IMAGES=str(images), SOCKLAB_CACHE=str(tmp / "cache"),

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from harness import image, qemu
+from harness import image
 from harness.lab import Lab
 from harness.paths import HOME_MARKER, Paths
 from harness.scenario.check import CheckReport, LabSpec, check

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import image, owner, qemu, snapshot
+from harness import image, qemu, snapshot
 from harness.lab import Lab
 from harness.paths import REPO_ROOT, Paths
 from harness.scenario.check import LabSpec

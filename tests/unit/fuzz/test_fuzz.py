@@ -7,13 +7,11 @@ settling), so the wire format is exercised as on a VM; only the system calls are
 from __future__ import annotations
 
 import errno as errno_mod
-from pathlib import Path
 
-import pytest
 
 from harness.fuzz import cli
 from harness.fuzz.coverage import model_rules, rule_id
-from harness.fuzz.engine import corpus_text, fuzz, run_program, shrink, first_disagreement, scenario_of
+from harness.fuzz.engine import corpus_text, fuzz, shrink, scenario_of
 from harness.fuzz.generate import Program, generate, port_block
 from harness.guest import agent as guest
 from harness.model import Network
