@@ -1274,15 +1274,15 @@ TRACED_FUNCTIONS = (
     "dev_queue_xmit", "__dev_queue_xmit", "dev_hard_start_xmit", "netif_*", "__netif_*", "napi_*",
     "neigh_*", "__neigh_*", "virtnet_*", "start_xmit", "fib_*", "dst_*", "nf_hook_slow", "qdisc_*",
     "__qdisc_*", "sch_direct_xmit", "call_timer_fn", "net_rx_action", "run_timer_softirq", "__do_softirq",
-    "handle_softirqs", "irq_exit_rcu",
+    "handle_softirqs", "irq_exit_rcu", "do_epoll_*", "ep_*", "eventpoll_*", "*_epoll_*",
 )
 # The system calls whose trees are recorded (set_graph_function, behind the arch's wrapper prefix).
 # read/write are left out for the agent's own steps (its protocol pipes use them) and added for
 # trace_program, where a program's read() of a socket is as interesting as its recv().
 TRACED_SYSCALLS = ("socket", "socketpair", "bind", "listen", "accept", "accept4", "connect", "close", "shutdown",
                    "getsockname", "getpeername", "setsockopt", "getsockopt", "sendto", "sendmsg", "sendmmsg",
-                   "recvfrom", "recvmsg", "recvmmsg", "poll", "ppoll", "select", "pselect6", "epoll_wait",
-                   "epoll_pwait", "fcntl", "newfstat", "newfstatat", "statx", "ioctl", "readlink")
+                   "recvfrom", "recvmsg", "recvmmsg", "poll", "ppoll", "select", "pselect6", "epoll_create1",
+                   "epoll_ctl", "epoll_wait", "epoll_pwait", "fcntl", "newfstat", "newfstatat", "statx", "ioctl", "readlink")
 PROGRAM_SYSCALLS = ("read", "write", "readv", "writev", "close_range", "exit_group")
 # Dropped from the tree with everything below them: locking and memory bookkeeping that the
 # traced set still catches (lock_sock, release_sock), and softirq work (timers, packets received)

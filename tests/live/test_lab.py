@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
 
 from harness import qemu
 from harness.lab import Lab
-from harness.paths import Paths
+from tests.live.ownhome import own_home
 
 pytestmark = pytest.mark.vm
 
@@ -88,9 +87,7 @@ def _leftovers(lab: Lab, netns: str, taps: list[str]) -> dict[str, object]:
 
 def test_down_leaves_nothing_behind(lab, tmp_path):
     """A lab of its own (own home, same image): up, then down, then nothing of it remains."""
-    own = Lab(Paths(images=lab.paths.images, home=tmp_path / "home"))
-    shutil.copytree(lab.paths.keys, own.paths.keys)
-    shutil.copy(lab.paths.home / "accel-probe.json", own.paths.home / "accel-probe.json")
+    own = Lab(own_home(lab.paths, tmp_path / "home"))
     state, started = own.up("single")
     assert started and all(own.alive(state).values())
     netns, taps = state.netns, [vm.tap for vm in state.vms if vm.tap]

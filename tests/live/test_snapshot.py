@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import pytest
 
 from harness.lab import Lab
-from harness.paths import Paths
+from tests.live.ownhome import own_home
 
 pytestmark = pytest.mark.vm
 
@@ -16,9 +15,7 @@ pytestmark = pytest.mark.vm
 @pytest.fixture
 def own_lab(lab, tmp_path):
     """A second lab of its own (own home and netns, same image and snapshots); always stopped."""
-    own = Lab(Paths(images=lab.paths.images, home=tmp_path / "home"))
-    shutil.copytree(lab.paths.keys, own.paths.keys)
-    shutil.copy(lab.paths.home / "accel-probe.json", own.paths.home / "accel-probe.json")
+    own = Lab(own_home(lab.paths, tmp_path / "home"))
     yield own
     own.down()
 

@@ -3,7 +3,6 @@ taps, run dir), so breaking a lab here never breaks the shared session lab of th
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import threading
 import time
@@ -18,6 +17,7 @@ from harness.lab import Lab
 from harness.paths import HOME_MARKER, Paths
 from harness.scenario.check import CheckReport, LabSpec, check
 from harness.ssh import GuestSSH
+from tests.live.ownhome import own_home
 
 LABS = Path(__file__).resolve().parent / "labs"
 # Every fault must be reported within this many seconds of being injected.
@@ -26,12 +26,7 @@ DETECTION_LIMIT = 10.0
 
 def make_home(home: Path) -> Paths:
     """A socklab home of its own: the install's key (so the same cached image) and its KVM verdict."""
-    default = Paths.default()
-    shutil.copytree(default.keys, home / "keys")
-    probe = default.home / "accel-probe.json"
-    if probe.exists():
-        shutil.copy(probe, home / "accel-probe.json")
-    paths = Paths(images=default.images, home=home)
+    paths = own_home(Paths.default(), home)
     image.build(paths)  # a no-op when the image is cached (it always is once `invoke lab.up` ran)
     return paths
 
