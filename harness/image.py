@@ -299,13 +299,22 @@ def failure_summary(lines: list[str], kept: int = CAUSE_LINES) -> str:
     return " | ".join((causes[:kept] if causes else [line for line in lines if line.strip()][-3:]))
 
 
-def _run(argv: list[str], what: str, on_line: Callable[[str], None] | None = None, log: Path | None = None) -> None:
-    """Run a build tool; stream its output lines to ``on_line`` (and ``log``); on failure raise with its causes."""
+def _run(argv: list[str], what: str, on_line: Callable[[str], None] | None = None, log: Path | None = None,
+         tmpdir: Path | None = None) -> None:
+    """Run a build tool; stream its output lines to ``on_line`` (and ``log``); on failure raise with its causes.
+
+    ``tmpdir`` becomes the tool's TMPDIR: mmdebstrap leaves its ``mmdebstrap.gpghome.*`` behind in
+    /tmp after every build, so it gets a directory inside the build's own, which goes with it.
+    """
     lines: list[str] = []
+    env = None
+    if tmpdir is not None:
+        tmpdir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, TMPDIR=str(tmpdir))
     log_handle = log.open("w") if log is not None else None
     try:
         with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, errors="replace") as proc:
+                              text=True, errors="replace", env=env) as proc:
             assert proc.stdout is not None
             for line in proc.stdout:
                 line = line.rstrip()
@@ -516,7 +525,7 @@ def _build_into(paths: Paths, recipe: Recipe, key: str, work: Path, client_pubke
     log = build_log(paths, recipe)
     with progress.step(f"mmdebstrap {recipe.suite} ({len(recipe.packages)} packages)") as step:
         _run(mmdebstrap_argv(recipe, root, stage, mirror), "mmdebstrap",
-             on_line=lambda line: step.update(f"mmdebstrap: {line}"), log=log)
+             on_line=lambda line: step.update(f"mmdebstrap: {line}"), log=log, tmpdir=work / "tmp")
     with progress.step("kernel and initrd"):
         kernels = sorted((root / "boot").glob("vmlinuz-*"))
         if not kernels:
@@ -541,6 +550,7 @@ def _build_into(paths: Paths, recipe: Recipe, key: str, work: Path, client_pubke
               str(work / ROOTFS), f"{size_mib}M"], "mke2fs")
     remove_tree(root)
     shutil.rmtree(stage)
+    shutil.rmtree(work / "tmp", ignore_errors=True)  # mmdebstrap's TMPDIR (its gpg home)
     with progress.step("checksums"):
         sums = {name: file_sha256(work / name) for name in (ROOTFS, KERNEL, INITRD)}
     (work / HOST_KEY).write_text(host_key + "\n")

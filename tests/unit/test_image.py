@@ -321,3 +321,11 @@ def test_the_manifest_records_the_packages_a_moving_suite_resolved(tmp_path):
                       "Package: busybox-static\nVersion: 1:1.37.0-6\n")
     assert image.installed_packages(tmp_path) == {"busybox-static": "1:1.37.0-6",
                                                   "linux-image-7.2.12+deb14-cloud-amd64": "7.2.12-1"}
+
+
+def test_a_build_tool_gets_a_tmpdir_of_the_build_s_own(tmp_path):
+    """mmdebstrap leaves mmdebstrap.gpghome.* in its TMPDIR: it must be the build's, not /tmp."""
+    where = tmp_path / "work" / "tmp"
+    lines: list[str] = []
+    image._run(["sh", "-c", 'echo "$TMPDIR"'], "mmdebstrap", on_line=lines.append, tmpdir=where)
+    assert lines == [str(where)] and where.is_dir()
