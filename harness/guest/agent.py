@@ -1299,6 +1299,13 @@ TRACE_SYSCALLS = {
 TRACER_OPTIONS = {"funcgraph-irqs": "0", "funcgraph-overhead": "0", "funcgraph-cpu": "0", "funcgraph-proc": "0",
                   "funcgraph-duration": "1", "funcgraph-tail": "0", "funcgraph-abstime": "0", "function-fork": "0"}
 
+def write_tracefs_line(fd: int, line: str) -> None:
+    """One line to a tracefs file in as many write(2)s as it takes; tracefs parses each line on its own."""
+    data = (line + "\n").encode()
+    while data:
+        data = data[os.write(fd, data):]
+
+
 def apply_trace_restore(plan: dict) -> list[str]:
     """Write each saved tracefs file back, in order (current_tracer first), then unmount if we mounted."""
     failed = []
@@ -1311,9 +1318,7 @@ def apply_trace_restore(plan: dict) -> list[str]:
             continue
         try:
             for line in lines:
-                data = (line + "\n").encode()
-                while data:
-                    data = data[os.write(fd, data):]
+                write_tracefs_line(fd, line)
         except OSError:
             failed.append(name)
         finally:
@@ -1454,10 +1459,8 @@ class KernelTracer:
         fd = os.open(self.path(name), os.O_WRONLY | os.O_TRUNC)
         try:
             for line in lines:
-                data = (line + "\n").encode()
                 try:
-                    while data:
-                        data = data[os.write(fd, data):]
+                    write_tracefs_line(fd, line)
                 except OSError:
                     refused.append(line)
         finally:
