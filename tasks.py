@@ -15,10 +15,11 @@ from pathlib import Path
 from invoke import Collection, Exit, task
 from rich.markup import escape
 
-from harness import config, image, progress
+from harness import config, progress
+from harness.image import build as image
 from harness.errors import SocklabError
-from harness.lab import Lab, check_up_args, topology
-from harness.lab import topology as topology_of
+from harness.lab.lifecycle import Lab, check_up_args, topology
+from harness.lab.lifecycle import topology as topology_of
 from harness.paths import DEFAULT_LAB, Paths, check_lab_name
 
 NAME_HELP = "which lab of this checkout (default: $SOCKLAB_LAB or 'default'); each name is a lab of its own"
@@ -91,7 +92,7 @@ def _friendly(fn):
 
 def _left_running() -> str:
     """What an interrupted command leaves, as seen now (not assumed): which labs of this install are up, or none."""
-    from harness.lab import lab_names
+    from harness.lab.lifecycle import lab_names
 
     paths = Paths.default()
     up, stale = [], []
@@ -174,7 +175,7 @@ def build(c, recipe=None, kernel=None, force=False, mirror=None):
 @_friendly
 def clean(c, all=False):
     """Remove the image cache (and with --all the SSH key). The running lab must be down."""
-    from harness.lab import lab_names
+    from harness.lab.lifecycle import lab_names
 
     paths = Paths.default()
     running = lab_names(paths)
@@ -257,7 +258,7 @@ def status(c, live=True, name=None):
 
 
 def _print_status(lab, state, live):
-    from harness.report import status_table
+    from harness.lab.status import status_table
 
     progress.show(status_table(lab, state, live=live))
 
@@ -274,7 +275,7 @@ def ssh(c, vm=None, name=None):
 @_friendly
 def console(c, vm=None, name=None):
     """Attach to a VM's serial console (Ctrl-] leaves)."""
-    from harness.console import interact
+    from harness.vm.console import interact
 
     vm = _vm_name(vm)
     guest = _lab(name).require().vm(vm)
@@ -299,7 +300,7 @@ def exec_(c, vm=None, timeout=None, merge=False, tty=False, name=None):
     The exit status is the command's; socklab's own failures (no lab, VM gone,
     SSH lost, timeout) exit 255, like ssh. Bad arguments exit 2.
     """
-    from harness import remote
+    from harness.guest import remote
 
     vm = _vm_name(vm, "invoke lab.exec server -- ss -tln")
     timeout = None if tty and timeout is None else _number(timeout or "60", "--timeout", "a positive number of seconds")
@@ -365,7 +366,7 @@ def _model_kernel(kernel) -> str:
 def _show_and_save(root, report, name: str, blind: bool = False, explain: bool = False, fail_exit: bool = True):
     from harness.course import state
     from harness.course.html import write_report
-    from harness.report import assertion_table, markdown, step_table, trace_panels, write_junit
+    from harness.lab.status import assertion_table, markdown, step_table, trace_panels, write_junit
 
     for result in report.runs:
         progress.show(step_table(result, kernel=report.kernel, blind=blind, explain=explain))
@@ -406,7 +407,7 @@ def _show_and_save(root, report, name: str, blind: bool = False, explain: bool =
 
 def _trace_options(trace, depth, function=None):
     """--trace [--depth N] [--function NAME] -> TraceOptions (None without --trace); checked before any VM."""
-    from harness.trace import TraceError, TraceOptions, check_depth, check_function
+    from harness.guest.trace import TraceError, TraceOptions, check_depth, check_function
 
     if not trace:
         if depth is not None or function:
@@ -605,8 +606,8 @@ def trace_(c, vm=None, depth=None, function=None, timeout="60", name=None):
     """Run a program in a guest and print the kernel's call graph of each of its socket calls."""
     import shlex
 
-    from harness import remote
-    from harness.trace import TraceError, trace_program
+    from harness.guest import remote
+    from harness.guest.trace import TraceError, trace_program
 
     vm = _vm_name(vm, "invoke lab.trace server -- python3 /tmp/client.py")
     options = _trace_options(True, depth, function)
@@ -666,7 +667,7 @@ def selfcheck(c, student=None, only=None, out=None, name=None):
     """Environment check: every lab's check on the live lab, kernel and model agreeing (Markdown and CSV)."""
     import getpass
 
-    from harness import grade as grading
+    from harness.course import selfcheck as grading
 
     from harness.scenario.check import LabSpec, prepare
 
@@ -772,7 +773,7 @@ def _own_scenario_judge(lab):
 @_friendly
 def matrix_(c, kernel=None, lab=None, timeout="300", out=None):
     """Every lab on every kernel, one kernel's lab at a time: a lab x kernel table (Markdown in results/)."""
-    from harness import matrix
+    from harness.lab import matrix
     from harness.scenario.check import LabSpec
 
     paths = Paths.default()
@@ -812,7 +813,7 @@ def matrix_(c, kernel=None, lab=None, timeout="300", out=None):
 @_friendly
 def bench_(c, repeats="3", only=None, out=None):
     """Measure socklab: image build, cold boot vs restore, command latency, stats, model, lab checks, tracing, memory."""
-    from harness import bench as benching
+    from harness.perf import bench as benching
     from harness.results import results_root
 
     root = results_root(out, c.config.results.dir)
@@ -835,7 +836,7 @@ def bench_(c, repeats="3", only=None, out=None):
 def soak_(c, cycles="30", lab_name="03-listen", name=None):
     """Leak check: cycles of lab.up -> lab.check -> lab.down, counting QEMUs, taps, netns, fds, threads, run files."""
     from harness.scenario.check import LabSpec, prepare
-    from harness.soak import soak
+    from harness.perf.soak import soak
 
     cycles = _number(cycles, "--cycles", "at least 1", kind=int)
     prepare(LabSpec.load(lab_name))  # a lab that cannot be checked stops here, before the first boot

@@ -36,8 +36,8 @@ class ConfigError(SocklabError):
 
 
 def _choices() -> dict[tuple[str, str], tuple[str, ...]]:
-    from .accel import ACCELS
-    from .lab import SEGMENT_MODES, TOPOLOGIES
+    from harness.host.accel import ACCELS
+    from harness.lab.lifecycle import SEGMENT_MODES, TOPOLOGIES
 
     return {("lab", "topology"): tuple(TOPOLOGIES), ("lab", "accel"): ACCELS, ("lab", "segment"): SEGMENT_MODES}
 

@@ -15,7 +15,7 @@ LAB_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 # Written into a home socklab created, so it knows the directory is its own to chmod.
 HOME_MARKER = ".socklab-home"
 # What a home made by an earlier socklab (before the marker) holds; anything else means "not ours".
-# kernels/: user kernels prepared for --kernel-image (harness/kernel.py).
+# kernels/: user kernels prepared for --kernel-image (harness/image/kernel.py).
 _HOME_ENTRIES = {"keys", "run", "logs", "labs", "kernels", "lab.lock", "use.lock", "accel-probe.json", HOME_MARKER}
 
 

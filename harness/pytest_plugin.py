@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from .lab import Lab
+from harness.lab.lifecycle import Lab
 from .paths import Paths
 
 
@@ -39,7 +39,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def _series(kernel: str) -> str:
     """A kernel option as the model's series (``trixie`` -> ``6.12``); the lab's own when none was given."""
-    from . import image
+    from harness.image import build as image
 
     if not kernel:
         return "6.1"
@@ -65,7 +65,7 @@ def lab(socklab_kernel: str) -> Lab:
                 pytest.skip(f"the running lab runs {', '.join(sorted(running))}, not {socklab_kernel}: "
                             "`invoke lab.down` to let the tests boot it")
     else:
-        from . import image
+        from harness.image import build as image
 
         kernel = socklab_kernel or "bookworm"
         image.build(lab.paths, kernel)

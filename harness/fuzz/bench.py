@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..agent import Agent
+from harness.guest.client import Agent
 from .engine import fuzz, run_program
 from .generate import generate
 from .live import LiveKernel

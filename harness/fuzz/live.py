@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..agent import Agent, AgentError
+from harness.guest.client import Agent, AgentError
 from ..errors import LabError, SSHError
 from ..scenario.compare import Outcome
 from .generate import Program

@@ -35,7 +35,7 @@ class LabSpec:
     @classmethod
     def load(cls, name: str, labs_dir: Path = LABS_DIR) -> "LabSpec":
         """A lab by name (``03-listen``) or, when ``name`` contains a slash, by its directory."""
-        from ..lab import TOPOLOGIES
+        from harness.lab.lifecycle import TOPOLOGIES
 
         directory = _lab_directory(name, labs_dir)
         name = directory.name
@@ -212,7 +212,7 @@ def _close(kernel: Any) -> str | None:
 
 def prepare(spec: LabSpec, overrides: Mapping[str, Any] | None = None) -> list[Scenario]:
     """Load and check everything a lab check will use, before any VM is touched (or booted)."""
-    from ..lab import topology
+    from harness.lab.lifecycle import topology
 
     hosts = topology(spec.topology).vms
     scenarios = [load(path, _overrides_for(path, overrides), known_hosts=hosts) for path in spec.scenarios]
@@ -270,7 +270,7 @@ def check(spec: LabSpec, lab: Any | None, overrides: Mapping[str, Any] | None = 
 
 
 def _hosts(spec: LabSpec) -> tuple[str, ...]:
-    from ..lab import topology
+    from harness.lab.lifecycle import topology
 
     return topology(spec.topology).vms
 

@@ -73,7 +73,7 @@ HEADER_KEYS = ("name", "description", "hosts", "params")
 BODY_KEYS = ("sysctls", "steps")
 STEP_KEYS = ("on", "call", "args", "as", "user", "expect", "compare", "label", "until", "max", "trace")
 VALUE_STEP_KEYS = ("value", "as", "expect", "compare", "label")
-# The largest buffer the guest agent allocates for one send or recv (harness/guest/agent.py MAX_BUFFER);
+# The largest buffer the guest agent allocates for one send or recv (harness/guest/inside/agent.py MAX_BUFFER);
 # a bigger step is refused here, before a VM is touched, not by the agent halfway through a run.
 MAX_BUFFER = 64 << 20
 USERS = ("root", "student")
@@ -119,7 +119,7 @@ class Step:
     until: str | None = None  # repeat the call until it fails with this errno (or `max` times)
     max_repeats: int = 0
     expression: str = ""  # a value step's expression over the snapshots taken so far
-    trace: Any = None  # harness.trace.TraceOptions when the step asks for the kernel's call graph (`trace: true`)
+    trace: Any = None  # harness.guest.trace.TraceOptions when the step asks for the kernel's call graph (`trace: true`)
 
     def describe(self) -> str:
         if self.kind == "value":
@@ -395,7 +395,7 @@ def _call_step(item: dict, index: int, line: int, at: str, hosts: tuple[str, ...
     if not isinstance(label, (str, int)) or isinstance(label, bool):
         raise ScenarioError(f"{at}: `label:` takes a name or a number, not {_shown(label)}")
     until, max_repeats = _until(item, at)
-    from ..trace import TraceError, TraceOptions
+    from harness.guest.trace import TraceError, TraceOptions
 
     try:
         trace = TraceOptions.of(item.get("trace"), at)

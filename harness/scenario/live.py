@@ -9,10 +9,10 @@ from typing import Any
 
 import paramiko
 
-from ..agent import Agent, AgentError, AgentPushError, AgentRequestError, AgentTimeout
+from harness.guest.client import Agent, AgentError, AgentPushError, AgentRequestError, AgentTimeout
 from ..errors import LabError, SocklabError, SSHError
 from ..stats import collect_many
-from ..trace import KernelTrace, TraceError
+from harness.guest.trace import KernelTrace, TraceError
 from .compare import Outcome
 from .format import Scenario
 

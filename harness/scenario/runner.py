@@ -37,8 +37,8 @@ class StepRecord:
     model: Outcome | None = None
     verdict: Verdict | None = None
     seconds: float = 0.0
-    trace: Any = None  # harness.trace.KernelTrace of the kernel side, when the step was traced
-    citation: Any = None  # harness.trace.Citation: the model's kernel_fn held against that trace
+    trace: Any = None  # harness.guest.trace.KernelTrace of the kernel side, when the step was traced
+    citation: Any = None  # harness.guest.trace.Citation: the model's kernel_fn held against that trace
 
 
 @dataclass
@@ -355,7 +355,7 @@ def run(scenario: Scenario, kernel: Backend | None, model: ModelBackend | None,
                                           record.model.kernel_fn)
                     record.trace = record.kernel.extra.get("trace")
                     if record.trace is not None:
-                        from ..trace import check_citation
+                        from harness.guest.trace import check_citation
 
                         record.citation = check_citation(record.trace, record.model.kernel_fn,
                                                          same_outcome=_same_outcome(record.kernel, record.model))

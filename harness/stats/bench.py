@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import SocklabError
-from ..lab import Lab
+from harness.lab.lifecycle import Lab
 from .collect import collect_many
 
 

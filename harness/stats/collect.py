@@ -49,8 +49,8 @@ from .ss import SS_COMMAND, parse_ss
 from .sysctl import SYSCTLS, parse_sysctls
 
 if TYPE_CHECKING:
-    from ..lab import Lab
-    from ..ssh import GuestSSH
+    from harness.lab.lifecycle import Lab
+    from harness.guest.ssh import GuestSSH
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 PROCFS_FILES: tuple[str, ...] = (

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from harness.agent import Agent, AgentDied, AgentHost, measure_latency, run_steps
+from harness.guest.client import Agent, AgentDied, AgentHost, measure_latency, run_steps
 from harness.model import Network, Step
 from harness.model import run_steps as run_on_model
 

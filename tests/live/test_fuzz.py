@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from harness.fuzz import cli
-from harness.report import markdown
+from harness.lab.status import markdown
 from harness.scenario.check import CheckReport, run_scenario
 from harness.scenario.format import load
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import image
+from harness.image import build as image
 from harness.errors import LabError
-from harness.lab import Lab
+from harness.lab.lifecycle import Lab
 from harness.paths import Paths
 
 pytestmark = pytest.mark.vm

@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from harness import qemu
-from harness.lab import Lab
+from harness.vm import qemu
+from harness.lab.lifecycle import Lab
 from tests.live.ownhome import own_home
 
 pytestmark = pytest.mark.vm

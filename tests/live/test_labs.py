@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.report import markdown
+from harness.lab.status import markdown
 from harness.scenario.check import LabSpec, check, known_labs
 
 pytestmark = pytest.mark.vm

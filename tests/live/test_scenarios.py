@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.report import markdown
+from harness.lab.status import markdown
 from harness.scenario import expect
 from harness.scenario.check import CheckReport, run_scenario
 from harness.scenario.format import load

@@ -29,7 +29,7 @@ from harness.paths import REPO_ROOT
 from harness.scenario import expect
 from harness.scenario.format import ScenarioError, Scenario, load, parse_params, render, sandbox
 from harness.scenario.runner import RunResult
-from harness.ssh import GuestSSH, parse_host_key
+from harness.guest.ssh import GuestSSH, parse_host_key
 
 vm = pytest.mark.vm
 
@@ -454,7 +454,7 @@ def test_scenario_strings_reach_the_kernel_as_data(lab, tmp_path):
 @vm
 def test_student_steps_cannot_change_what_root_runs(lab):
     """`user: student` steps run as uid 1000 without capabilities; the agent root runs is root's, 0644, in a 0755 dir."""
-    from harness.agent import Agent
+    from harness.guest.client import Agent
 
     server = lab.ssh("server")
     agent = Agent(server, "server", "student").start()
@@ -478,7 +478,7 @@ def test_student_steps_cannot_change_what_root_runs(lab):
 @vm
 def test_qemu_runs_under_seccomp(lab):
     """Every lab QEMU has its seccomp filter on (-sandbox) and carries the UUID the lab gave it."""
-    from harness import owner
+    from harness.vm import owner
 
     for vm_ in lab.require().vms:
         assert "Seccomp:\t2" in Path(f"/proc/{vm_.pid}/status").read_text()

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from harness.lab import Lab
+from harness.lab.lifecycle import Lab
 from tests.live.ownhome import own_home
 
 pytestmark = pytest.mark.vm

@@ -6,13 +6,13 @@ import time
 
 import pytest
 
-from harness.agent import Agent
-from harness.report import markdown
+from harness.guest.client import Agent
+from harness.lab.status import markdown
 from harness.scenario.check import LabSpec, check, known_labs, run_scenario
 from harness.scenario.format import load
 from harness.scenario.live import LabBackend
 from harness.paths import REPO_ROOT
-from harness.trace import TraceError, TraceOptions
+from harness.guest.trace import TraceError, TraceOptions
 
 pytestmark = pytest.mark.vm
 
@@ -89,7 +89,7 @@ def test_a_busy_tracer_is_refused_in_one_sentence_and_left_running(lab):
 
 
 def test_an_unknown_function_is_refused_before_tracefs_changes(lab):
-    from harness.trace import trace_program
+    from harness.guest.trace import trace_program
 
     before = tracefs_state(lab)
     with pytest.raises(TraceError, match="unknown function 'no_such_function_here'"):
@@ -98,7 +98,7 @@ def test_an_unknown_function_is_refused_before_tracefs_changes(lab):
 
 
 def test_lab_trace_graphs_a_programs_socket_calls(lab):
-    from harness.trace import trace_program
+    from harness.guest.trace import trace_program
 
     program = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
                "s.bind(('127.0.0.1', 7300)); s.sendto(b'x', ('127.0.0.1', 7300)); print(s.recv(4))")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.zerocopy_bench import MODES, PATHS, measure, plot
+from harness.perf.zerocopy import MODES, PATHS, measure, plot
 
 pytestmark = pytest.mark.vm
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harness import accel
+from harness.host import accel
 from harness.errors import LabError
 
 from .fakes import FakePopen

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import agent as agent_mod
-from harness.agent import (
+from harness.guest import client as agent_mod
+from harness.guest.client import (
     GUEST_AGENT, Agent, AgentDied, AgentGuestStopped, AgentHost, AgentReply, AgentRequestError, AgentTimeout,
     decode_reply,
     describe_step, encode_args, measure_latency,
@@ -210,7 +210,7 @@ class LocalClient:
 
 
 class LocalGuestSSH:
-    """Stands in for harness.ssh.GuestSSH: a name, a connected client, and run()."""
+    """Stands in for harness.guest.ssh.GuestSSH: a name, a connected client, and run()."""
 
     def __init__(self, vm: str = "vm-under-test", chunk: int | None = None) -> None:
         self.vm = vm

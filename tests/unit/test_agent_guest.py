@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.agent import GUEST_AGENT
+from harness.guest.client import GUEST_AGENT
 
 MSG_ZEROCOPY = 0x4000000
 MSG_ERRQUEUE = 0x2000
@@ -424,7 +424,7 @@ def test_descriptors_a_library_opened_are_moved_out_of_the_scenarios_way():
 
     code = textwrap.dedent("""
         import os
-        from harness.guest import agent
+        from harness.guest.inside import agent
         first = os.open("/dev/null", os.O_RDONLY)          # stands in for libffi's own .so
         keep = tuple(os.dup2(0, fd) for fd in (900, 901, 902))
         moved = agent.move_stray_fds(keep, below=first + 1)

@@ -119,7 +119,7 @@ def _serve() -> None:
     """--serve: read one JSON command a line, run it in a fork, answer its exit status."""
     sys.path.insert(0, str(REPO_ROOT))
     import invoke.main  # noqa: F401 - everything tasks.py imports, imported once here
-    import harness.lab, harness.image, harness.scenario.check, harness.scenario.format  # noqa: E401,F401
+    import harness.lab.lifecycle, harness.image.build, harness.scenario.check, harness.scenario.format  # noqa: E401,F401
     # rich imports its emoji table on first use; a `nobody: true` child may not be able to read this
     # interpreter's site-packages (here under root's 0700 home), so it is imported before the fork.
     import rich._emoji_codes  # noqa: F401
@@ -242,7 +242,7 @@ def _run(case: dict, runner=_subprocess) -> Outcome:
     pids = _qemu_using(str(tmp))
     if pids:
         leftovers.append(f"QEMU started: pids {pids}")
-    from harness.lab import lab_id
+    from harness.lab.lifecycle import lab_id
     from harness.paths import Paths
 
     netns = f"socklab-{lab_id(Paths(images=images, home=home))}"

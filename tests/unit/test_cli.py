@@ -113,8 +113,8 @@ def test_interrupted_says_nothing_is_left_when_no_lab_runs(monkeypatch, tmp_path
 
 
 def test_interrupted_says_the_lab_stays_up_when_it_does(monkeypatch, tmp_path):
-    from harness import lab as lab_mod
-    from harness.lab import Lab, LabState, VMState
+    from harness.lab import lifecycle as lab_mod
+    from harness.lab.lifecycle import Lab, LabState, VMState
 
     tasks = _tasks_module(monkeypatch, tmp_path)
     vm = VMState(name="server", index=1, ssh_port=1, lab_ip="198.51.100.2/24", mgmt_mac="m", lab_mac="l", pid=4242)
@@ -145,7 +145,7 @@ def test_a_read_only_results_root_is_named_after_the_tables(monkeypatch, tmp_pat
     """A student's read-only checkout: the tables are printed, then one line says where the report could not go."""
     import rich._emoji_codes  # noqa: F401 - the child cannot read root's site-packages to import it late
     import rich.panel  # noqa: F401 - likewise, for the traced-step panels
-    import harness.report  # noqa: F401
+    import harness.lab.status  # noqa: F401
     from tests.unit.test_load import as_nobody
 
     tasks = _tasks_module(monkeypatch, tmp_path)
@@ -158,7 +158,7 @@ def test_a_read_only_results_root_is_named_after_the_tables(monkeypatch, tmp_pat
 def test_a_report_file_that_cannot_be_written_says_the_check_s_verdict_and_where(monkeypatch, tmp_path):
     import errno
 
-    from harness import report as report_mod
+    from harness.lab import status as report_mod
     from harness.errors import SocklabError
 
     tasks = _tasks_module(monkeypatch, tmp_path)

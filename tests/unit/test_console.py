@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from harness.console import GuestConsole, log_tail, parse_marked_output
+from harness.vm.console import GuestConsole, log_tail, parse_marked_output
 from harness.errors import ConsoleError
 
 

@@ -37,7 +37,7 @@ def test_no_channel_open_in_the_harness_waits_for_paramiko_s_default():
 
 
 def test_every_qmp_await_in_qemu_py_is_bounded():
-    text = (REPO_ROOT / "harness/qemu.py").read_text()
+    text = (REPO_ROOT / "harness/vm/qemu.py").read_text()
     unbounded = [line.strip() for line in text.splitlines()
                  if re.search(r"\bawait client\.", line) and "wait_for" not in line]
     assert unbounded == []

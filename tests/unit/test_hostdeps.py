@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness import hostdeps
+from harness.host import deps as hostdeps
 from harness.errors import HostToolMissing
 
 

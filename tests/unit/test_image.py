@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import image
+from harness.image import build as image
 from harness.errors import ImageError
 from harness.paths import REPO_ROOT, Paths
 

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from harness.initrd import Entry, module_load_order, write_newc
+from harness.image.initrd import Entry, module_load_order, write_newc
 
 MODULES_DEP = """\
 kernel/drivers/virtio/virtio.ko:

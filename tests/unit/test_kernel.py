@@ -7,9 +7,9 @@ import stat
 
 import pytest
 
-from harness import kernel
+from harness.image import kernel
 from harness.errors import ImageError
-from harness.initrd import Entry, build_initrd, read_newc, write_newc
+from harness.image.initrd import Entry, build_initrd, read_newc, write_newc
 
 
 def fake_bzimage(path, version: bytes = b"6.12.99-test (me@box) #1 SMP"):
@@ -83,7 +83,7 @@ def test_read_newc_reads_what_write_newc_wrote():
 
 
 def fake_userland(tmp_path):
-    from harness.image import Image, file_sha256
+    from harness.image.build import Image, file_sha256
 
     directory = tmp_path / "image"
     directory.mkdir()

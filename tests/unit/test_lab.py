@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import lab as lab_mod
-from harness.accel import Choice
+from harness.lab import lifecycle as lab_mod
+from harness.host.accel import Choice
 from harness.errors import LabError
-from harness.kernel import Boot
-from harness.lab import Lab, LabState, VMState, check_up_args
+from harness.image.kernel import Boot
+from harness.lab.lifecycle import Lab, LabState, VMState, check_up_args
 from harness.paths import Paths
 
 
@@ -211,7 +211,7 @@ def test_socket_segment_refuses_more_than_two_vms(lab, tmp_path, monkeypatch):
 
 def test_a_restore_that_fails_falls_back_to_a_cold_boot(lab, tmp_path, monkeypatch):
     """A snapshot that never reaches SSH is discarded, the lab torn down and booted cold."""
-    from harness import snapshot
+    from harness.vm import vmstate as snapshot
 
     monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
     fake_boots(monkeypatch, tmp_path)
@@ -255,7 +255,7 @@ def _fake_qemu(uuid: str):
     import sys
     import time
 
-    from harness import owner
+    from harness.vm import owner
 
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-uuid", uuid])
     deadline = time.monotonic() + 5
@@ -281,7 +281,7 @@ def test_lab_names_get_their_own_dirs_ids_and_locks(tmp_path):
 
 def test_down_kills_only_its_own_qemus_even_when_every_run_dir_is_the_same(tmp_path):
     """Two labs (two homes, or two names of one home): each one's down and crash sweep leaves the other's QEMU."""
-    from harness import owner
+    from harness.vm import owner
 
     paths = Paths(images=tmp_path / "images", home=tmp_path / "home")
     mine, theirs = Lab(paths, "mine"), Lab(paths, "theirs")
@@ -306,7 +306,7 @@ def test_a_recycled_pid_is_not_stopped(lab, monkeypatch):
     import subprocess
     import sys
 
-    from harness import owner
+    from harness.vm import owner
 
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "socklab-server,"])
     try:
@@ -326,7 +326,7 @@ def test_a_sigstopped_qemu_is_reported_as_stopped(lab):
     import signal
     import time
 
-    from harness import owner
+    from harness.vm import owner
 
     vm_uuid = owner.new_vm_uuid(lab.key)
     proc = _fake_qemu(vm_uuid)
@@ -354,7 +354,7 @@ def test_a_sigstopped_qemu_is_reported_as_stopped(lab):
 def test_a_guest_paused_over_qmp_is_reported_as_paused(lab, tmp_path, status, paused):
     from .fakes import FakeQMPServer
 
-    from harness import owner
+    from harness.vm import owner
 
     vm_uuid = owner.new_vm_uuid(lab.key)
     proc = _fake_qemu(vm_uuid)
@@ -406,7 +406,7 @@ def test_the_lab_is_marked_ready_only_after_its_snapshots_are_saved(lab, tmp_pat
 def test_status_shows_a_paused_vm_and_does_not_ask_it_over_ssh():
     from rich.console import Console
 
-    from harness.report import status_table
+    from harness.lab.status import status_table
 
     state = sample_state()
     state.name = "second"

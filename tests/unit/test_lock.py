@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from harness import lock
+from harness.lab import lock
 from harness.errors import LabError
 
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from harness import net
+from harness.host import net
 from harness.errors import LabError
 
 

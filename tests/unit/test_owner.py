@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import owner
+from harness.vm import owner
 
 
 def fake_process(proc: Path, pid: int, argv: list[str], state: str = "S", start: int = 1000,

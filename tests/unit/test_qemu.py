@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import qemu
+from harness.vm import qemu
 from harness.errors import LabError
 
 from .fakes import FakePopen, FakeQMPServer, kill_quietly, spawn_marked_process

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from harness.errors import SocklabError
-from harness.remote import guest_command, words_after_dashes
+from harness.guest.remote import guest_command, words_after_dashes
 
 
 def test_the_words_after_the_dashes_are_taken_from_argv_untouched():

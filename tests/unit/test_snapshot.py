@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import qemu, snapshot
+from harness.vm import qemu
+from harness.vm import vmstate as snapshot
 
 
 @pytest.fixture
@@ -145,7 +146,7 @@ def test_leftovers_of_a_killed_save_are_removed_but_a_live_save_is_not(tmp_path)
     import subprocess
     import sys
 
-    from harness import owner
+    from harness.vm import owner
 
     store = snapshot.SnapshotStore(tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -9,8 +9,8 @@ import pytest
 
 from harness.errors import LabError
 from harness.paths import Paths
-from harness.qemu import QEMU
-from harness.soak import Counts, LeakFound, Probe, settled_counts, soak
+from harness.vm.qemu import QEMU
+from harness.perf.soak import Counts, LeakFound, Probe, settled_counts, soak
 
 LAB_ID = "abc123"
 

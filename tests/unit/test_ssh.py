@@ -12,7 +12,7 @@ import paramiko
 import pytest
 
 from harness.errors import SSHError
-from harness.ssh import GuestSSH, parse_host_key, retry
+from harness.guest.ssh import GuestSSH, parse_host_key, retry
 
 from .fakes import FakeSSHServer
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from harness.agent import GUEST_AGENT
+from harness.guest.client import GUEST_AGENT
 from harness.scenario.compare import Outcome
 from harness.scenario.format import ScenarioError, load
 from harness.scenario.runner import ModelBackend, run
-from harness.trace import (
+from harness.guest.trace import (
     Call,
     Citation,
     KernelTrace,

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from harness import image
-from harness.lab import Lab
+from harness.image import build as image
+from harness.lab.lifecycle import Lab
 from harness.paths import HOME_MARKER, Paths
 from harness.scenario.check import CheckReport, LabSpec, check
-from harness.ssh import GuestSSH
+from harness.guest.ssh import GuestSSH
 from tests.live.ownhome import own_home
 
 LABS = Path(__file__).resolve().parent / "labs"

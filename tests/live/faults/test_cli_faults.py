@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from harness.lab import Lab
+from harness.lab.lifecycle import Lab
 from harness.paths import REPO_ROOT
 
 from .conftest import CLEAN, leftovers, make_home

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import image, qemu, snapshot
-from harness.lab import Lab
+from harness.image import build as image
+from harness.vm import qemu
+from harness.vm import vmstate as snapshot
+from harness.lab.lifecycle import Lab
 from harness.paths import REPO_ROOT, Paths
 from harness.scenario.check import LabSpec
 

@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-from harness import qemu
-from harness.console import panic_lines
+from harness.vm import qemu
+from harness.vm.console import panic_lines
 from harness.errors import LabError
-from harness.lab import Lab, LabState, VMState, _keep_log
+from harness.lab.lifecycle import Lab, LabState, VMState, _keep_log
 from harness.paths import Paths
 from harness.scenario.compare import Outcome
 from harness.scenario.format import load

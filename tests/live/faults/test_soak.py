@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.lab import Lab
-from harness.soak import soak
+from harness.lab.lifecycle import Lab
+from harness.perf.soak import soak
 
 from .conftest import CLEAN, LABS, leftovers, make_home
 

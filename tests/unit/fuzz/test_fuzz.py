@@ -13,7 +13,7 @@ from harness.fuzz import cli
 from harness.fuzz.coverage import model_rules, rule_id
 from harness.fuzz.engine import corpus_text, fuzz, shrink, scenario_of
 from harness.fuzz.generate import Program, generate, port_block
-from harness.guest import agent as guest
+from harness.guest.inside import agent as guest
 from harness.model import Network
 from harness.scenario.compare import Outcome
 from harness.scenario.format import load
@@ -70,7 +70,7 @@ class _Handlers(dict):
 
 
 def _ints(args):
-    from harness.agent import encode_args
+    from harness.guest.client import encode_args
     return encode_args("x", args)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from harness.bench import BIG_SCENARIO, BIG_SCENARIO_STEPS_PER_ROUND
+from harness.perf.bench import BIG_SCENARIO, BIG_SCENARIO_STEPS_PER_ROUND
 from harness.scenario.check import run_scenario
 from harness.scenario.format import load
 

@@ -10,7 +10,7 @@ import subprocess
 import textwrap
 from pathlib import Path
 
-from harness.ssh import CommandResult
+from harness.guest.ssh import CommandResult
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "stats"
 

@@ -26,11 +26,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import hostdeps, progress
-from . import load as textio
-from .errors import ImageError
-from .initrd import build_initrd
-from .paths import Paths
+from harness import progress
+from harness.host import deps as hostdeps
+from harness import load as textio
+from harness.errors import ImageError
+from harness.image.initrd import build_initrd
+from harness.paths import Paths
 
 # Bump when the layout of a cache entry or the build steps change.
 BUILDER_VERSION = 1

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
 
-from .errors import HostToolMissing
+from harness.errors import HostToolMissing
 
 # program -> Debian package that ships it
 PACKAGE_OF = {

@@ -7,12 +7,12 @@ from pathlib import Path
 
 from rich.table import Table
 
-from .errors import SocklabError
+from harness.errors import SocklabError
 
 
 def offloads(lab, name: str) -> tuple[str, str]:
     """(scatter-gather, tx-checksumming) of the guest's lab NIC, from its own ethtool -k (the stats parser)."""
-    from .stats.ethtool import parse_ethtool_features
+    from harness.stats.ethtool import parse_ethtool_features
 
     try:
         result = lab.ssh(name, timeout=5).run("ethtool -k lab0", timeout=10, check=True)
@@ -35,7 +35,7 @@ def vm_kernel(vm) -> str:
 
 def kernel_notes(state) -> list[str]:
     """One caption line per image the VMs boot: recipe, suite and the kernel package version it resolved."""
-    from .image import Image
+    from harness.image.build import Image
 
     lines = []
     for directory in sorted({vm.image for vm in state.vms if vm.image}):

@@ -1,7 +1,7 @@
 """The kernel's call graph of a step (function_graph in the guest), drawn as a tree and held against the model's citation.
 
 The guest agent records the graph (``trace_begin`` / ``trace_end``, see
-``harness/guest/agent.py`` and docs/tracing.md); this module is the host's
+``harness/guest/inside/agent.py`` and docs/tracing.md); this module is the host's
 side: the typed tree, its compact and full drawings, and the citation check
 that tells a model's ``kernel_fn`` that is on the path from one that is
 inlined (absent from ``available_filter_functions``) or simply elsewhere.
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import SocklabError
+from harness.errors import SocklabError
 
 DEFAULT_DEPTH = 6
 MAX_DEPTH = 20  # the agent's TRACE_DEPTH_MAX
@@ -224,7 +224,7 @@ class ProgramTrace:
 
 def trace_program(lab: Any, vm: str, argv: list[str], options: TraceOptions, timeout: float = 60) -> ProgramTrace:
     """Run ``argv`` on ``vm`` under the root agent's tracer: every socket call of it (and its threads) is graphed."""
-    from .agent import Agent
+    from harness.guest.client import Agent
 
     if not argv:
         raise TraceError("no program: put it after --, e.g. `invoke lab.trace server -- python3 /tmp/client.py`")

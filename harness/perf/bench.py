@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import image, progress
-from .lab import Lab
-from .paths import Paths
+from harness import progress
+from harness.image import build as image
+from harness.lab.lifecycle import Lab
+from harness.paths import Paths
 
 SECTIONS = ("build", "boot", "kernels", "latency", "stats", "model", "check", "trace", "memory", "fuzz")
 TRACE_LABS = ("03-listen", "01-sockets-are-files")  # checks timed traced and untraced: three scenarios, and one
@@ -148,7 +149,7 @@ def bench_kernels(bench: Bench, paths: Paths, lab: Lab, repeats: int) -> None:
 
 def bench_latency(bench: Bench, lab: Lab, repeats: int) -> None:
     """One guest call three ways: an agent step, an exec on the kept SSH connection, a new ssh process."""
-    from .agent import measure_latency
+    from harness.guest.client import measure_latency
 
     report = measure_latency(lab, "server", n=max(20, repeats * 10), n_ssh_process=max(5, repeats * 3))
     agent, exec_, spawn = report.agent_step, report.paramiko_exec, report.ssh_process
@@ -158,14 +159,14 @@ def bench_latency(bench: Bench, lab: Lab, repeats: int) -> None:
 
 
 def bench_stats(bench: Bench, lab: Lab, repeats: int) -> None:
-    from .stats.bench import measure
+    from harness.stats.bench import measure
 
     result = measure(lab, repeats=max(7, repeats))
     bench.add(Figure("stats snapshot of both VMs", "ms", tuple(result.samples)))
 
 
 def bench_model(bench: Bench, repeats: int) -> None:
-    from .model.bench import measure
+    from harness.model.bench import measure
 
     samples = tuple(measure(n_calls=100_000, repeats=1)["median"] for _ in range(max(3, repeats)))
     bench.add(Figure("model throughput (CPU time)", "syscalls/s", samples))
@@ -199,8 +200,8 @@ BIG_SCENARIO_STEPS_PER_ROUND = 7
 
 def scenario_seconds(steps: int) -> float:
     """Wall-clock seconds to load (read, render, parse, check) and run on the model a generated scenario of ``steps``."""
-    from .scenario.check import run_scenario
-    from .scenario.format import load
+    from harness.scenario.check import run_scenario
+    from harness.scenario.format import load
 
     with tempfile.TemporaryDirectory(prefix="socklab-bench-") as tmp:
         path = Path(tmp, "generated.yaml")
@@ -216,7 +217,7 @@ def scenario_seconds(steps: int) -> float:
 
 def bench_fuzz(bench: Bench, lab: Lab | None, repeats: int) -> None:
     """Differential throughput (issue 16): batched live steps/s on one VM, the fuzzer's live and model rates."""
-    from .fuzz import bench as fuzz_bench
+    from harness.fuzz import bench as fuzz_bench
 
     runs = max(3, repeats)
     if lab is None:
@@ -232,7 +233,7 @@ def bench_fuzz(bench: Bench, lab: Lab | None, repeats: int) -> None:
 
 
 def bench_check(bench: Bench, lab: Lab, repeats: int) -> None:
-    from .scenario.check import LabSpec, check, known_labs
+    from harness.scenario.check import LabSpec, check, known_labs
 
     for name in known_labs():
         spec = LabSpec.load(name)
@@ -249,9 +250,9 @@ def bench_check(bench: Bench, lab: Lab, repeats: int) -> None:
 
 def bench_trace(bench: Bench, lab: Lab, repeats: int) -> None:
     """A traced step against the same step untraced, and a traced lab check against an untraced one."""
-    from .agent import Agent
-    from .scenario.check import LabSpec, check
-    from .trace import TraceOptions
+    from harness.guest.client import Agent
+    from harness.scenario.check import LabSpec, check
+    from harness.guest.trace import TraceOptions
 
     with Agent(lab.ssh("server"), "server", timeout=60) as agent:
         pid = agent.hello["pid"]

@@ -3,7 +3,7 @@
 After every cycle it counts, for the lab under test:
 
 - ``qemu``: the lab's QEMU processes (by the lab key their ``-uuid`` starts with,
-  ``harness/owner.py``; by run directory for a lab without a key);
+  ``harness/vm/owner.py``; by run directory for a lab without a key);
 - ``taps``: network links named like the lab's taps (``sl<id>*``), in the root
   namespace and in the lab's own;
 - ``netns``: network namespaces named ``socklab-<id>``;
@@ -27,11 +27,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from . import owner, progress
-from .errors import LabError, SocklabError
-from .lab import Lab
-from .paths import Paths
-from .qemu import QEMU
+from harness import progress
+from harness.vm import owner
+from harness.errors import LabError, SocklabError
+from harness.lab.lifecycle import Lab
+from harness.paths import Paths
+from harness.vm.qemu import QEMU
 
 # How long a count may take to come back after ``down`` before it is a leak.
 SETTLE_SECONDS = 3.0
@@ -207,7 +208,7 @@ def soak(paths_or_lab_factory: Paths | Callable[[], Lab], cycles: int = 30, lab_
     check (tests); it returns a one-line summary. ``quiet`` keeps the
     progress lines of up and down out of the output.
     """
-    from .scenario.check import LabSpec, prepare
+    from harness.scenario.check import LabSpec, prepare
 
     if cycles < 1:
         raise LabError(f"cycles must be at least 1, not {cycles}")
@@ -270,7 +271,7 @@ def _quiet_progress(quiet: bool) -> Iterator[None]:
 
 def _check(lab: Lab, spec: Any) -> str:
     """The lab's check; the summary is ``pass`` or what failed (a failed check is not a leak)."""
-    from .scenario.check import check
+    from harness.scenario.check import check
 
     report = check(spec, lab)
     counts = report.counts

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import LabError
-from .model import versions
-from .scenario.check import LabSpec, check, known_labs, prepare
+from harness.errors import LabError
+from harness.model import versions
+from harness.scenario.check import LabSpec, check, known_labs, prepare
 
 # The guide part, and the rules it names: <!-- kernel-rules: a b --> (or "none").
 GUIDE_HEADING = "## On newer kernels"

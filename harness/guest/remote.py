@@ -16,7 +16,7 @@ import termios
 import tty
 from collections.abc import Sequence
 
-from .errors import SocklabError
+from harness.errors import SocklabError
 
 # socklab's own failures (no lab, VM gone, SSH broke, timeout) exit with this, as ssh(1) does, so
 # they never look like the guest command's status. Bad input on the command line stays 2.

@@ -8,7 +8,7 @@ serializes the commands that drive its guests.
 
 One checkout runs several labs side by side, one per lab name (``--name``,
 default ``default``): each has its own state, lock, netns, taps and ports, and
-its QEMUs are recognised by their ``-uuid`` (``harness/owner.py``), so no
+its QEMUs are recognised by their ``-uuid`` (``harness/vm/owner.py``), so no
 lab's ``down`` or cleanup ever touches another lab's processes.
 """
 
@@ -29,15 +29,22 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from . import accel as accel_mod
-from . import hostdeps, image, lock, net, owner, progress, qemu, snapshot
-from . import kernel as kernel_mod
-from . import load as textio
-from .console import GuestConsole, log_tail, panic_lines
-from .deadline import QMP_PROBE, SNAPSHOT_RESTORE, SSH_CONNECT
-from .errors import GuestUnreachable, LabError, SSHError
-from .paths import DEFAULT_LAB, Paths
-from .ssh import GuestSSH
+from harness.host import accel as accel_mod
+from harness import progress
+from harness.host import deps as hostdeps
+from harness.image import build as image
+from harness.lab import lock
+from harness.host import net
+from harness.vm import owner
+from harness.vm import qemu
+from harness.vm import vmstate as snapshot
+from harness.image import kernel as kernel_mod
+from harness import load as textio
+from harness.vm.console import GuestConsole, log_tail, panic_lines
+from harness.deadline import QMP_PROBE, SNAPSHOT_RESTORE, SSH_CONNECT
+from harness.errors import GuestUnreachable, LabError, SSHError
+from harness.paths import DEFAULT_LAB, Paths
+from harness.guest.ssh import GuestSSH
 
 STATE_VERSION = 1
 # A resumed guest answers within a second or two; past this the snapshot is broken.

@@ -21,9 +21,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import image
-from .errors import ImageError
-from .initrd import build_initrd, module_name, modules_dir, read_newc
+from harness.image import build as image
+from harness.errors import ImageError
+from harness.image.initrd import build_initrd, module_name, modules_dir, read_newc
 
 # Drivers a lab VM cannot do without: the root disk (PCI transport, block) and both NICs.
 VIRTIO_DRIVERS = ("virtio_pci", "virtio_blk", "virtio_net")

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import LabError
+from harness.errors import LabError
 
 
 @contextmanager

@@ -6,9 +6,9 @@ the client pushes one buffer over and over, with plain send() or with
 send(MSG_ZEROCOPY) on an SO_ZEROCOPY socket, reading the completions from the
 error queue as it goes::
 
-    python -m harness.zerocopy_bench --out results/zerocopy.png     # the running lab (SOCKLAB_HOME)
+    python -m harness.perf.zerocopy --out results/zerocopy.png     # the running lab (SOCKLAB_HOME)
 
-    from harness.zerocopy_bench import measure, plot
+    from harness.perf.zerocopy import measure, plot
     results = measure(lab, sizes=(4096, 65536), seconds=1.0, repeats=3)
     print(results.table())
     plot(results, Path("results/zerocopy.png"))
@@ -373,16 +373,16 @@ def plot(results: Results, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.zerocopy_bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m harness.perf.zerocopy", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results/zerocopy.png"), help="PNG to write")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="bytes per send()")
     parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per point")
     parser.add_argument("--repeats", type=int, default=3, help="runs per point")
     args = parser.parse_args(argv)
 
-    from .errors import SocklabError
-    from .lab import Lab
-    from .paths import Paths
+    from harness.errors import SocklabError
+    from harness.lab.lifecycle import Lab
+    from harness.paths import Paths
 
     lab = Lab(Paths.default())
     try:

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SocklabError
-from .report import markdown
-from .scenario.check import CheckReport, LabSpec, check, known_labs
+from harness.errors import SocklabError
+from harness.lab.status import markdown
+from harness.scenario.check import CheckReport, LabSpec, check, known_labs
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pexpect
 import pexpect.fdpexpect
 
-from .deadline import CONSOLE_READ
-from .errors import ConsoleError
+from harness.deadline import CONSOLE_READ
+from harness.errors import ConsoleError
 
 LOGIN_PROMPT = re.compile(rb"login: ?$", re.M)
 SHELL_PROMPT = re.compile(rb"[#$] ?$", re.M)

@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import paramiko
 
-from .deadline import AGENT_REPLY, AGENT_START, SSH_CHANNEL_OPEN, WATCH_INTERVAL
-from .errors import LabError
+from harness.deadline import AGENT_REPLY, AGENT_START, SSH_CHANNEL_OPEN, WATCH_INTERVAL
+from harness.errors import LabError
 
 if TYPE_CHECKING:
-    from .lab import Lab
-    from .ssh import GuestSSH
+    from harness.lab.lifecycle import Lab
+    from harness.guest.ssh import GuestSSH
 
-GUEST_AGENT = Path(__file__).resolve().parent / "guest" / "agent.py"
+GUEST_AGENT = Path(__file__).resolve().parent / "inside" / "agent.py"
 REMOTE_DIR = "/run/socklab/agent"  # tmpfs: a rebooted guest starts without a stale agent
 GUEST_PYTHON = "/usr/bin/python3"
 DEFAULT_TIMEOUT = AGENT_REPLY
@@ -153,7 +153,7 @@ class LatencyReport:
 def _resolve_constant(value: Any, name: str, op: str) -> Any:
     if not isinstance(value, str):
         return value
-    from .model.constants import resolve  # the model's constant table is the one both sides share
+    from harness.model.constants import resolve  # the model's constant table is the one both sides share
 
     try:
         return resolve(value)
@@ -233,7 +233,7 @@ def agent_digest(source: bytes) -> str:
 class Agent:
     """One guest agent process on ``vm``, running as ``user``, driven over one SSH exec channel.
 
-    ``start()`` copies ``harness/guest/agent.py`` into the guest (only when the guest lacks
+    ``start()`` copies ``harness/guest/inside/agent.py`` into the guest (only when the guest lacks
     that content hash) and runs it as root or, through ``setpriv``, as another user; then
     ``call("bind", fd=3, addr=("198.51.100.2", 7000))`` costs one JSON line each way on the
     SSH connection that is already open. Op and argument names are the reference model's.
@@ -643,7 +643,7 @@ class AgentHost:
 
 def run_steps(hosts: Mapping[str, AgentHost], steps: Any) -> list[AgentReply]:
     """The real-kernel twin of ``harness.model.run_steps``: the same ``Step`` list, run on guests in order."""
-    from .model.runner import Step, resolve_args
+    from harness.model.runner import Step, resolve_args
 
     saved: dict[str, Any] = {}
     replies: list[AgentReply] = []
@@ -707,7 +707,7 @@ def measure_latency(lab: "Lab", vm: str = "server", n: int = 50, n_ssh_process: 
 if __name__ == "__main__":
     import argparse
 
-    from .lab import Lab as _Lab
+    from harness.lab.lifecycle import Lab as _Lab
 
     parser = argparse.ArgumentParser(description="Time agent steps against SSH execs on the running lab.")
     parser.add_argument("--vm", default="server")

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import LabError
+from harness.errors import LabError
 
 PROBE_TIMEOUT = 8.0
 ACCELS = ("auto", "kvm", "tcg")

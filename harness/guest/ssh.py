@@ -19,8 +19,8 @@ from pathlib import Path
 
 import paramiko
 
-from .deadline import SSH_CHANNEL_OPEN, SSH_COMMAND, SSH_CONNECT, SSH_EXIT_STATUS
-from .errors import SSHError
+from harness.deadline import SSH_CHANNEL_OPEN, SSH_COMMAND, SSH_CONNECT, SSH_EXIT_STATUS
+from harness.errors import SSHError
 
 RETRYABLE = (OSError, EOFError, paramiko.SSHException)
 # Opening a channel on a live connection takes milliseconds; paramiko's own default is an hour.
@@ -315,7 +315,7 @@ class GuestSSH:
 
     def stats(self, **options):
         """A stats snapshot of this guest (ss, ethtool, /proc/net, sysctls) in one round trip: ``vm.stats()``."""
-        from .stats.collect import collect
+        from harness.stats.collect import collect
 
         return collect(self, self.vm, **options)
 
@@ -332,7 +332,7 @@ class GuestSSH:
     def close(self) -> None:
         if self._client is not None:
             # The stats shell kept on this connection holds a channel (and its select pipe) of its own.
-            from .stats.collect import close_shell
+            from harness.stats.collect import close_shell
 
             close_shell(self)
             self._client.close()

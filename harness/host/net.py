@@ -19,7 +19,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import LabError
+from harness.errors import LabError
 
 LAB_NETWORK = ipaddress.ip_network("198.51.100.0/24")
 BRIDGE = "br-lab"

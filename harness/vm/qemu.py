@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .deadline import QEMU_START, QEMU_STOP, QMP_CALL, QMP_CONNECT, SNAPSHOT_RESTORE, SNAPSHOT_SAVE
-from .errors import LabError
-from .owner import stopped
+from harness.deadline import QEMU_START, QEMU_STOP, QMP_CALL, QMP_CONNECT, SNAPSHOT_RESTORE, SNAPSHOT_SAVE
+from harness.errors import LabError
+from harness.vm.owner import stopped
 
 QEMU = "qemu-system-x86_64"
 
@@ -66,7 +66,7 @@ class VMSpec:
     extra_append: tuple[str, ...] = field(default=())
     # A migration stream to resume from instead of booting (a ready snapshot).
     incoming: Path | None = None
-    # Unique per VM and boot: what tells this QEMU from every other one (harness/owner.py).
+    # Unique per VM and boot: what tells this QEMU from every other one (harness/vm/owner.py).
     uuid: str = ""
     # seccomp (-sandbox): see SANDBOX.
     sandbox: bool = False

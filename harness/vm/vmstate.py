@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from . import owner, qemu
-from .image import file_sha256
+from harness.vm import owner
+from harness.vm import qemu
+from harness.image.build import file_sha256
 
 SNAPSHOT_FORMAT = 1
 STATE = "state.migration"

@@ -1,0 +1,1 @@
+"""Guest images: the recipe, the mmdebstrap build and its cache, the initrd socklab writes, and user kernels."""

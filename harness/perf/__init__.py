@@ -1,0 +1,1 @@
+"""Measurements: `invoke bench`, the soak test, and the zerocopy throughput bench."""
