@@ -18,8 +18,9 @@ from rich.markup import escape
 from harness import config, progress
 from harness.image import build as image
 from harness.errors import SocklabError
-from harness.lab.lifecycle import Lab, check_up_args, topology
-from harness.lab.lifecycle import topology as topology_of
+from harness.lab.lifecycle import Lab, check_up_args
+from harness.lab.topology import topology
+from harness.lab.topology import topology as topology_of
 from harness.paths import DEFAULT_LAB, Paths, check_lab_name
 
 NAME_HELP = "which lab of this checkout (default: $SOCKLAB_LAB or 'default'); each name is a lab of its own"
@@ -92,7 +93,7 @@ def _friendly(fn):
 
 def _left_running() -> str:
     """What an interrupted command leaves, as seen now (not assumed): which labs of this install are up, or none."""
-    from harness.lab.lifecycle import lab_names
+    from harness.lab.state import lab_names
 
     paths = Paths.default()
     up, stale = [], []
@@ -175,7 +176,7 @@ def build(c, recipe=None, kernel=None, force=False, mirror=None):
 @_friendly
 def clean(c, all=False):
     """Remove the image cache (and with --all the SSH key). The running lab must be down."""
-    from harness.lab.lifecycle import lab_names
+    from harness.lab.state import lab_names
 
     paths = Paths.default()
     running = lab_names(paths)
@@ -773,7 +774,7 @@ def _own_scenario_judge(lab):
 @_friendly
 def matrix_(c, kernel=None, lab=None, timeout="300", out=None):
     """Every lab on every kernel, one kernel's lab at a time: a lab x kernel table (Markdown in results/)."""
-    from harness.lab import matrix
+    from harness.scenario import matrix
     from harness.scenario.check import LabSpec
 
     paths = Paths.default()

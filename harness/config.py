@@ -19,6 +19,9 @@ from typing import Any
 
 from . import load as textio
 from .errors import SocklabError
+from .host.accel import ACCELS
+from .host.net import SEGMENT_MODES
+from .lab.topology import builtin_names
 
 # The settings tasks.py reads (`c.config.lab.topology`, ...), with their defaults.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -36,10 +39,7 @@ class ConfigError(SocklabError):
 
 
 def _choices() -> dict[tuple[str, str], tuple[str, ...]]:
-    from harness.host.accel import ACCELS
-    from harness.lab.lifecycle import SEGMENT_MODES, TOPOLOGIES
-
-    return {("lab", "topology"): tuple(TOPOLOGIES), ("lab", "accel"): ACCELS, ("lab", "segment"): SEGMENT_MODES}
+    return {("lab", "topology"): tuple(builtin_names()), ("lab", "accel"): ACCELS, ("lab", "segment"): SEGMENT_MODES}
 
 
 def files_invoke_reads(project_dir: Path, argv: list[str], environ: Mapping[str, str]) -> list[Path]:
@@ -118,6 +118,8 @@ def _check_section(section: str, values: dict, where: str, line) -> None:
             continue
         textio.expect_type(value, str, where, line(key), f"{section}: {key}", error=ConfigError)
         known = choices.get((section, key))
+        if (section, key) == ("lab", "topology") and value.endswith((".yaml", ".yml")):
+            continue  # a topology file of the user's own; lab.up reads and checks it
         if known and value not in known:
             raise ConfigError(f"{where}:{line(key)}: `{section}: {key}: {value}`{textio.did_you_mean(value, known)}")
 

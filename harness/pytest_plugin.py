@@ -13,6 +13,7 @@ import os
 import pytest
 
 from harness.lab.lifecycle import Lab
+from harness.lab.topology import topology
 from .paths import Paths
 
 
@@ -94,10 +95,10 @@ def server(lab: Lab):
 
 @pytest.fixture
 def model(socklab_kernel: str):
-    """A fresh reference model of ``socklab_kernel`` with the lab's two hosts (client 198.51.100.1, server .2)."""
+    """A fresh reference model of ``socklab_kernel`` with the hosts and addresses of the lab's topology."""
     from .model import Network
 
     net = Network(kernel=_series(socklab_kernel))
-    net.add_host("client", addrs=["198.51.100.1"])
-    net.add_host("server", addrs=["198.51.100.2"])
+    for host, address in topology(os.environ.get("SOCKLAB_TOPOLOGY", "default")).addresses().items():
+        net.add_host(host, addrs=[address])
     return net

@@ -703,19 +703,3 @@ def measure_latency(lab: "Lab", vm: str = "server", n: int = 50, n_ssh_process: 
         LatencyStats.of("new ssh process per command", spawn_samples),
     )
 
-
-if __name__ == "__main__":
-    import argparse
-
-    from harness.lab.lifecycle import Lab as _Lab
-
-    parser = argparse.ArgumentParser(description="Time agent steps against SSH execs on the running lab.")
-    parser.add_argument("--vm", default="server")
-    parser.add_argument("-n", type=int, default=50)
-    parser.add_argument("--n-ssh-process", type=int, default=None)
-    options = parser.parse_args()
-    running = _Lab()
-    try:
-        print(measure_latency(running, options.vm, options.n, options.n_ssh_process).table())
-    finally:
-        running.close()

@@ -135,6 +135,8 @@ class GuestSSH:
         self.user = user
         self._client: paramiko.SSHClient | None = None
         self._probe_timeout = 0.5
+        # What layers above keep on this connection (the stats shell's channel) and must stop before it closes.
+        self._on_close: list[Callable[[], None]] = []
 
     def connect(self, timeout: float = SSH_CONNECT) -> "GuestSSH":
         """Connect, retrying while the guest boots, until ``timeout`` seconds have passed."""
@@ -313,11 +315,9 @@ class GuestSSH:
             except (paramiko.SSHException, OSError, EOFError, SSHError):
                 pass
 
-    def stats(self, **options):
-        """A stats snapshot of this guest (ss, ethtool, /proc/net, sysctls) in one round trip: ``vm.stats()``."""
-        from harness.stats.collect import collect
-
-        return collect(self, self.vm, **options)
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when this connection closes: for what a layer above keeps open on it (the stats shell)."""
+        self._on_close.append(callback)
 
     def put(self, local: Path, remote: str, mode: int | None = None) -> None:
         with self.client.open_sftp() as sftp:
@@ -332,9 +332,9 @@ class GuestSSH:
     def close(self) -> None:
         if self._client is not None:
             # The stats shell kept on this connection holds a channel (and its select pipe) of its own.
-            from harness.stats.collect import close_shell
-
-            close_shell(self)
+            callbacks, self._on_close = self._on_close, []
+            for callback in callbacks:
+                callback()
             self._client.close()
             self._client = None
 

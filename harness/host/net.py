@@ -23,11 +23,13 @@ from harness.errors import LabError
 
 LAB_NETWORK = ipaddress.ip_network("198.51.100.0/24")
 BRIDGE = "br-lab"
+# How the lab segment is made: taps on a bridge in a netns (root), a QEMU socket netdev, or whichever works.
+SEGMENT_MODES = ("auto", "tap", "socket")
 
 Runner = Callable[[Sequence[str]], subprocess.CompletedProcess]
 
 
-def _run_ip(argv: Sequence[str]) -> subprocess.CompletedProcess:
+def run_ip(argv: Sequence[str]) -> subprocess.CompletedProcess:
     return subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, text=True)
 
 
@@ -79,7 +81,7 @@ class TapSegment:
     """A bridge in network namespace ``netns`` that the VMs' taps are moved onto."""
 
     netns: str
-    run: Runner = _run_ip
+    run: Runner = run_ip
 
     def _ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = self.run(["ip", *args])
@@ -113,11 +115,11 @@ class TapSegment:
             self._ip("netns", "delete", self.netns)
 
 
-def tap_exists(name: str, run: Runner = _run_ip) -> bool:
+def tap_exists(name: str, run: Runner = run_ip) -> bool:
     return run(["ip", "link", "show", "dev", name]).returncode == 0
 
 
-def delete_tap(name: str, run: Runner = _run_ip) -> None:
+def delete_tap(name: str, run: Runner = run_ip) -> None:
     """Delete a tap left in the root namespace (a QEMU that died between start and attach)."""
     if tap_exists(name, run):
         run(["ip", "link", "delete", "dev", name])

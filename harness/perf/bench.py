@@ -159,7 +159,7 @@ def bench_latency(bench: Bench, lab: Lab, repeats: int) -> None:
 
 
 def bench_stats(bench: Bench, lab: Lab, repeats: int) -> None:
-    from harness.stats.bench import measure
+    from harness.perf.snapshots import measure
 
     result = measure(lab, repeats=max(7, repeats))
     bench.add(Figure("stats snapshot of both VMs", "ms", tuple(result.samples)))

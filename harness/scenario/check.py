@@ -10,6 +10,7 @@ from typing import Any
 
 from .. import load as textio
 from ..errors import LabError
+from ..lab.topology import topology as topology_of
 from ..paths import REPO_ROOT
 from . import expect
 from .format import Scenario, ScenarioError, declared_params, load
@@ -35,8 +36,6 @@ class LabSpec:
     @classmethod
     def load(cls, name: str, labs_dir: Path = LABS_DIR) -> "LabSpec":
         """A lab by name (``03-listen``) or, when ``name`` contains a slash, by its directory."""
-        from harness.lab.lifecycle import TOPOLOGIES
-
         directory = _lab_directory(name, labs_dir)
         name = directory.name
         path = directory / "lab.yaml"
@@ -49,10 +48,10 @@ class LabSpec:
         for key, kinds in LAB_KEYS.items():
             if key in data:
                 textio.expect_type(data[key], kinds, where, data.line_of(key), key, error=ScenarioError)
-        topology = data.get("topology", "default")
-        if topology not in TOPOLOGIES:
-            raise ScenarioError(f"{path}:{data.line_of('topology')}: unknown topology {topology!r}; "
-                                f"known: {', '.join(TOPOLOGIES)}")
+        try:
+            topology = topology_of(data.get("topology", "default"), base=directory).ref
+        except LabError as exc:
+            raise ScenarioError(f"{path}:{data.line_of('topology')}: {exc}") from None
         scenarios = []
         for index, item in enumerate(data["scenarios"]):
             textio.expect_type(item, str, where, data["scenarios"].line_of(index), "scenarios", error=ScenarioError)
@@ -212,9 +211,7 @@ def _close(kernel: Any) -> str | None:
 
 def prepare(spec: LabSpec, overrides: Mapping[str, Any] | None = None) -> list[Scenario]:
     """Load and check everything a lab check will use, before any VM is touched (or booted)."""
-    from harness.lab.lifecycle import topology
-
-    hosts = topology(spec.topology).vms
+    hosts = topology_of(spec.topology).vms
     scenarios = [load(path, _overrides_for(path, overrides), known_hosts=hosts) for path in spec.scenarios]
     unused = set(overrides or {}) - {key for scenario in scenarios for key in scenario.params}
     if unused:
@@ -270,9 +267,7 @@ def check(spec: LabSpec, lab: Any | None, overrides: Mapping[str, Any] | None = 
 
 
 def _hosts(spec: LabSpec) -> tuple[str, ...]:
-    from harness.lab.lifecycle import topology
-
-    return topology(spec.topology).vms
+    return topology_of(spec.topology).vms
 
 
 def _shown(outcome: expect.Outcome) -> str:

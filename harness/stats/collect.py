@@ -389,11 +389,13 @@ def _shell_for(ssh: "GuestSSH") -> _StatsShell:
         shell = _shells.get(ssh)
         if shell is None:
             shell = _shells[ssh] = _StatsShell(ssh)
+            connection = weakref.ref(ssh)
+            ssh.on_close(lambda: close_shell(connection()) if connection() is not None else None)
         return shell
 
 
 def close_shell(ssh: "GuestSSH") -> None:
-    """Stop the kept-open stats shell of this connection, if any (``GuestSSH.close`` calls this)."""
+    """Stop the kept-open stats shell of this connection, if any (``GuestSSH.close`` calls this through ``on_close``)."""
     with _shells_lock:
         shell = _shells.pop(ssh, None)
     if shell is not None:

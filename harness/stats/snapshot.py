@@ -8,7 +8,7 @@ what it shows: a listener's Recv-Q is ``sk->sk_ack_backlog``, its Send-Q is
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Generic, TypeVar
 
 from .errors import StatsError, StatsLookupError
@@ -335,28 +335,28 @@ class PortRange:
 class Sysctls:
     """The socket-layer sysctls labs depend on, typed. ``get("net.core.somaxconn")`` reads one by name."""
 
-    somaxconn: int                  # net.core: cap on every listen() backlog
-    rmem_max: int                   # net.core: cap on SO_RCVBUF (before doubling)
-    wmem_max: int                   # net.core: cap on SO_SNDBUF (before doubling)
-    rmem_default: int               # net.core: sk_rcvbuf of a new non-TCP socket
-    wmem_default: int               # net.core: sk_sndbuf of a new non-TCP socket
-    optmem_max: int                 # net.core: cap on sk_omem_alloc
-    tcp_rmem: TcpMem                # net.ipv4
-    tcp_wmem: TcpMem                # net.ipv4
-    ip_local_port_range: PortRange  # net.ipv4
-    ip_unprivileged_port_start: int  # net.ipv4: lowest port bind() allows without CAP_NET_BIND_SERVICE
-    tcp_syncookies: int             # net.ipv4: 0 never, 1 when the SYN queue overflows, 2 always
-    tcp_max_syn_backlog: int        # net.ipv4: SYN queue size before syncookies / drops
-    ip_nonlocal_bind: bool          # net.ipv4: bind() to an address the host does not have
-    tcp_abort_on_overflow: bool     # net.ipv4: RST instead of silently dropping the ACK of a full accept queue
+    somaxconn: int = field(metadata={"sysctl": "net.core.somaxconn"})  # cap on every listen() backlog
+    rmem_max: int = field(metadata={"sysctl": "net.core.rmem_max"})  # cap on SO_RCVBUF (before doubling)
+    wmem_max: int = field(metadata={"sysctl": "net.core.wmem_max"})  # cap on SO_SNDBUF (before doubling)
+    rmem_default: int = field(metadata={"sysctl": "net.core.rmem_default"})  # sk_rcvbuf of a new non-TCP socket
+    wmem_default: int = field(metadata={"sysctl": "net.core.wmem_default"})  # sk_sndbuf of a new non-TCP socket
+    optmem_max: int = field(metadata={"sysctl": "net.core.optmem_max"})  # cap on sk_omem_alloc
+    tcp_rmem: TcpMem = field(metadata={"sysctl": "net.ipv4.tcp_rmem"})
+    tcp_wmem: TcpMem = field(metadata={"sysctl": "net.ipv4.tcp_wmem"})
+    ip_local_port_range: PortRange = field(metadata={"sysctl": "net.ipv4.ip_local_port_range"})
+    ip_unprivileged_port_start: int = field(metadata={"sysctl": "net.ipv4.ip_unprivileged_port_start"})  # lowest port bind() allows without CAP_NET_BIND_SERVICE
+    tcp_syncookies: int = field(metadata={"sysctl": "net.ipv4.tcp_syncookies"})  # 0 never, 1 when the SYN queue overflows, 2 always
+    tcp_max_syn_backlog: int = field(metadata={"sysctl": "net.ipv4.tcp_max_syn_backlog"})  # SYN queue size before syncookies / drops
+    ip_nonlocal_bind: bool = field(metadata={"sysctl": "net.ipv4.ip_nonlocal_bind"})  # bind() to an address the host does not have
+    tcp_abort_on_overflow: bool = field(metadata={"sysctl": "net.ipv4.tcp_abort_on_overflow"})  # RST instead of silently dropping the ACK of a full accept queue
 
     def get(self, name: str) -> object:
-        from .sysctl import SYSCTLS  # the table of names lives with its parser
-
-        for spec in SYSCTLS:
-            if spec.name == name or spec.attr == name:
-                return getattr(self, spec.attr)
-        raise StatsLookupError(f"sysctl {name!r} is not collected; collected: {', '.join(s.name for s in SYSCTLS)}")
+        """One sysctl by its name (``net.core.somaxconn``) or its field (``somaxconn``)."""
+        for spec in fields(self):
+            if spec.metadata["sysctl"] == name or spec.name == name:
+                return getattr(self, spec.name)
+        collected = ", ".join(spec.metadata["sysctl"] for spec in fields(self))
+        raise StatsLookupError(f"sysctl {name!r} is not collected; collected: {collected}")
 
 
 # -- the snapshot -------------------------------------------------------------

@@ -242,7 +242,7 @@ def _run(case: dict, runner=_subprocess) -> Outcome:
     pids = _qemu_using(str(tmp))
     if pids:
         leftovers.append(f"QEMU started: pids {pids}")
-    from harness.lab.lifecycle import lab_id
+    from harness.lab.state import lab_id
     from harness.paths import Paths
 
     netns = f"socklab-{lab_id(Paths(images=images, home=home))}"

@@ -28,7 +28,7 @@ def test_every_task_explains_itself(name, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["lab.up", "--topology", "mesh"], "socklab: unknown topology 'mesh'; known: default, single"),
+    (["lab.up", "--topology", "mesh"], "socklab: unknown topology 'mesh'; known: default, lossy, mixed, single"),
     (["lab.up", "--accel", "hvf"], "socklab: unknown accelerator 'hvf'; use one of: auto, kvm, tcg"),
     (["lab.up", "--segment", "vde"], "socklab: unknown segment mode 'vde'"),
     (["lab.up", "--timeout", "-5"], "socklab: --timeout must be a positive number of seconds"),
@@ -114,7 +114,8 @@ def test_interrupted_says_nothing_is_left_when_no_lab_runs(monkeypatch, tmp_path
 
 def test_interrupted_says_the_lab_stays_up_when_it_does(monkeypatch, tmp_path):
     from harness.lab import lifecycle as lab_mod
-    from harness.lab.lifecycle import Lab, LabState, VMState
+    from harness.lab.lifecycle import Lab
+    from harness.lab.state import LabState, VMState
 
     tasks = _tasks_module(monkeypatch, tmp_path)
     vm = VMState(name="server", index=1, ssh_port=1, lab_ip="198.51.100.2/24", mgmt_mac="m", lab_mac="l", pid=4242)
@@ -145,6 +146,7 @@ def test_a_read_only_results_root_is_named_after_the_tables(monkeypatch, tmp_pat
     """A student's read-only checkout: the tables are printed, then one line says where the report could not go."""
     import rich._emoji_codes  # noqa: F401 - the child cannot read root's site-packages to import it late
     import rich.panel  # noqa: F401 - likewise, for the traced-step panels
+    import html  # noqa: F401 - the HTML report's escaping, imported late by the report writer
     import harness.lab.status  # noqa: F401
     from tests.unit.test_load import as_nobody
 

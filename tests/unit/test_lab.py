@@ -10,9 +10,13 @@ import pytest
 
 from harness.lab import lifecycle as lab_mod
 from harness.host.accel import Choice
+from harness.deadline import QMP_PROBE
 from harness.errors import LabError
 from harness.image.kernel import Boot
-from harness.lab.lifecycle import Lab, LabState, VMState, check_up_args
+from harness.lab.lifecycle import Lab, check_up_args
+from harness.lab import state as lab_state
+from harness.lab.state import LabState, VMState
+from harness.lab.topology import topology
 from harness.paths import Paths
 
 
@@ -60,7 +64,7 @@ def test_corrupt_state_says_how_to_recover(lab):
 
 
 @pytest.mark.parametrize("args,message", [
-    (("mesh", "auto", "auto", 60), "unknown topology 'mesh'; known: default, single"),
+    (("mesh", "auto", "auto", 60), "unknown topology 'mesh'; known: default, lossy, mixed, single"),
     (("default", "hvf", "auto", 60), "unknown accelerator 'hvf'"),
     (("default", "auto", "vde", 60), "unknown segment mode 'vde'"),
     (("default", "auto", "auto", 0), "--timeout must be a positive"),
@@ -79,8 +83,8 @@ def test_second_command_is_told_who_holds_the_lock(lab):
 
 
 def test_lab_ids_differ_per_install(tmp_path):
-    first = lab_mod.lab_id(Paths(images=tmp_path, home=tmp_path / "a"))
-    second = lab_mod.lab_id(Paths(images=tmp_path, home=tmp_path / "b"))
+    first = lab_state.lab_id(Paths(images=tmp_path, home=tmp_path / "a"))
+    second = lab_state.lab_id(Paths(images=tmp_path, home=tmp_path / "b"))
     assert first != second and len(first) == 6
     assert len(f"sl{first}7") <= 15  # a tap name must fit IFNAMSIZ
 
@@ -150,9 +154,9 @@ def fake_boots(monkeypatch, tmp_path: Path) -> None:
 
 
 def test_a_topology_pins_a_vm_to_its_kernel_and_leaves_the_others_to_lab_up():
-    mixed = lab_mod.topology("mixed")
+    mixed = topology("mixed")
     assert mixed.kernel_of("client", "6.12") == "6.1" and mixed.kernel_of("server", "6.12") == "7.2"
-    assert lab_mod.topology("default").kernel_of("server", "6.12") == "6.12"
+    assert topology("default").kernel_of("server", "6.12") == "6.12"
 
 
 def test_failed_up_stops_everything_it_started(lab, tmp_path, monkeypatch):
@@ -200,13 +204,14 @@ def test_interrupted_up_stops_everything_it_started(lab, tmp_path, monkeypatch):
 
 
 def test_socket_segment_refuses_more_than_two_vms(lab, tmp_path, monkeypatch):
-    monkeypatch.setitem(lab_mod.TOPOLOGIES, "trio", lab_mod.Topology("trio", ("a", "b", "c")))
+    trio = tmp_path / "trio.yaml"
+    trio.write_text("name: trio\nvms:\n  - {name: a}\n  - {name: b}\n  - {name: c}\n")
     monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
     fake_boots(monkeypatch, tmp_path)
     monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
     monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "not root"))
     with pytest.raises(LabError, match="socket segment joins two VMs only"):
-        lab.up("trio", "auto", "auto")
+        lab.up(str(trio), "auto", "auto")
 
 
 def test_a_restore_that_fails_falls_back_to_a_cold_boot(lab, tmp_path, monkeypatch):
@@ -270,7 +275,7 @@ def _fake_qemu(uuid: str):
 def test_lab_names_get_their_own_dirs_ids_and_locks(tmp_path):
     paths = Paths(images=tmp_path / "images", home=tmp_path / "home")
     default, second = Lab(paths), Lab(paths, "second")
-    assert default.run_dir == paths.home / "run" and default.id == lab_mod.lab_id(paths)
+    assert default.run_dir == paths.home / "run" and default.id == lab_state.lab_id(paths)
     assert second.run_dir == paths.home / "labs/second/run"
     assert len({default.id, second.id, Lab(paths, "third").id}) == 3
     assert len(f"sl{second.id}7") <= 15
@@ -385,7 +390,7 @@ def test_a_monitor_that_never_answers_does_not_hang_the_pause_check(lab, tmp_pat
                  pid=os.getpid(), qmp=str(tmp_path / "server.qmp"))
     started = time.monotonic()
     assert lab.paused(vm) is None
-    assert time.monotonic() - started < 4 * lab_mod.QMP_PROBE
+    assert time.monotonic() - started < 4 * QMP_PROBE
     qmp.close()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.lab import matrix
+from harness.scenario import matrix
 from harness.scenario.check import LabSpec
 
 

@@ -17,7 +17,9 @@ import pytest
 from harness.vm import qemu
 from harness.vm.console import panic_lines
 from harness.errors import LabError
-from harness.lab.lifecycle import Lab, LabState, VMState, _keep_log
+from harness.lab.lifecycle import Lab
+from harness.lab.state import LabState, VMState
+from harness.lab.state import keep_log as _keep_log
 from harness.paths import Paths
 from harness.scenario.compare import Outcome
 from harness.scenario.format import load

@@ -133,11 +133,15 @@ class LocalGuest:
     command (markers, exit statuses, stderr capture) runs end to end.
     """
 
+    def on_close(self, callback) -> None:
+        self.closing.append(callback)
+
     def __init__(self, tmp_path: Path, vm: str = "server", snapshot: str = "snapshot-server-mixed.txt",
                  ss_script: str | None = None, ethtool_script: str | None = None) -> None:
         self.vm = vm
         self.channels: list[LocalChannel] = []
         self.client = _Client(self)
+        self.closing: list = []  # what the collector registered with on_close, as GuestSSH keeps it
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir(exist_ok=True)
         recorded = fixture(snapshot)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 import subprocess
 import time
 from types import SimpleNamespace
@@ -250,7 +251,7 @@ def _dirs(tmp_path):
 
 
 def test_bench_measures_parallel_snapshots(tmp_path):
-    from harness.stats.bench import measure
+    from harness.perf.snapshots import measure
 
     guests = {"client": LocalGuest(tmp_path / "c", vm="client", snapshot="snapshot-client-idle.txt"),
               "server": LocalGuest(tmp_path / "s")}
@@ -278,3 +279,37 @@ def test_a_shell_that_cannot_start_is_reported_and_dropped(tmp_path, monkeypatch
     finally:
         close_shell(guest)
         guest.close()
+
+
+def test_the_kept_shell_is_stopped_by_the_connection_s_on_close(guest):
+    """GuestSSH knows nothing of stats: the collector registers its shell's stop with on_close."""
+    collect_mod = importlib.import_module("harness.stats.collect")
+
+    collect(guest, "server")
+    assert guest in collect_mod._shells and len(guest.closing) == 1
+    collect(guest, "server")
+    assert len(guest.closing) == 1, "one shell per connection, registered once"
+    guest.closing[0]()
+    assert guest not in collect_mod._shells
+
+
+def test_guest_ssh_close_runs_what_was_registered_once():
+    from harness.guest.ssh import GuestSSH
+
+    ssh = GuestSSH("server", 1, Path("/nonexistent"), "ssh-ed25519 AAAA")
+    called = []
+    ssh.on_close(lambda: called.append("stats shell"))
+    ssh._client = type("Client", (), {"close": lambda self: called.append("client")})()
+    ssh.close()
+    ssh.close()
+    assert called == ["stats shell", "client"]
+
+
+def test_the_record_s_sysctl_names_are_the_ones_the_collector_reads():
+    """Sysctls.get names come from the record itself; they must be the table the parser reads."""
+    from dataclasses import fields
+
+    from harness.stats.snapshot import Sysctls
+    from harness.stats.sysctl import SYSCTLS
+
+    assert [(f.metadata["sysctl"], f.name) for f in fields(Sysctls)] == [(s.name, s.attr) for s in SYSCTLS]

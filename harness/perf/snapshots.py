@@ -1,4 +1,4 @@
-"""Benchmark: wall time of one snapshot of every lab VM taken in parallel (``python -m harness.stats.bench``).
+"""Benchmark: wall time of one snapshot of every lab VM taken in parallel (``python -m harness.perf.snapshots``).
 
 The first snapshot also opens the kept-open stats shell on each VM, so it is
 reported apart as the warm-up and left out of the figures.
@@ -14,9 +14,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import SocklabError
+from harness.errors import SocklabError
 from harness.lab.lifecycle import Lab
-from .collect import collect_many
+from harness.stats.collect import collect_many
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def measure(lab: Lab, repeats: int = 7, names: Sequence[str] | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.stats.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m harness.perf.snapshots", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed snapshots after the warm-up (default 7)")
     parser.add_argument("--vm", action="append", dest="vms", help="VM to include (repeatable; default: all)")
     parser.add_argument("--nic", action="append", dest="nics",
