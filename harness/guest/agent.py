@@ -14,6 +14,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -308,6 +309,74 @@ class BlockGuard:
             signal.setitimer(signal.ITIMER_REAL, 0, 0)
 
 
+HERD_MAX = 64
+HERD_TIMEOUT_MS = 1500
+EPOLLIN_BIT = 0x001
+
+
+class Herd:
+    """Threads blocked in epoll_wait at once, each on its own epoll file watching one socket.
+
+    Each thread blocks every signal first, so the block guard's SIGALRM still lands on the main
+    thread's call. ctypes drops the GIL around epoll_wait, so the waiters really sleep in the kernel
+    together; a waiter whose epoll_wait returns an event counts as woken, one that times out does not.
+    """
+
+    def __init__(self, libc: ctypes.CDLL, fd: int, events: int, waiters: int, timeout_ms: int) -> None:
+        self.libc, self.fd, self.events, self.waiters, self.timeout_ms = libc, fd, events, waiters, timeout_ms
+        self.epfds: list[int] = []
+        self.results: list[tuple[int, int]] = [(0, 0)] * waiters  # (epoll_wait's return, ms after arming)
+        self.threads: list[threading.Thread] = []
+        self.ready = threading.Barrier(waiters + 1)
+        self.armed_ns = 0
+
+    def start(self) -> int:
+        """Make the epoll files and start the waiters; an errno if an epoll call failed (nothing left behind)."""
+        for _ in range(self.waiters):
+            epfd = self.libc.epoll_create1(0o2000000)  # EPOLL_CLOEXEC
+            if epfd < 0:
+                return self._undo(ctypes.get_errno())
+            self.epfds.append(epfd)
+            event = EpollEvent(self.events, self.fd & 0xFFFFFFFF)
+            if self.libc.epoll_ctl(epfd, 1, self.fd, ctypes.byref(event)) < 0:  # EPOLL_CTL_ADD
+                return self._undo(ctypes.get_errno())
+        self.armed_ns = time.monotonic_ns()
+        for number, epfd in enumerate(self.epfds):
+            thread = threading.Thread(target=self._wait, args=(number, epfd), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        self.ready.wait(timeout=10)
+        time.sleep(0.1)  # from "about to call epoll_wait" to asleep in it
+        return 0
+
+    def _wait(self, number: int, epfd: int) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
+        event = (EpollEvent * 1)()
+        try:
+            self.ready.wait(timeout=10)
+        except threading.BrokenBarrierError:
+            pass
+        ret = self.libc.epoll_wait(epfd, event, 1, self.timeout_ms)
+        self.results[number] = (ret, (time.monotonic_ns() - self.armed_ns) // 1_000_000)
+
+    def finish(self) -> tuple[int, int, list[int]]:
+        """(waiters woken, waiters that timed out, when each woken one returned): joins and closes all."""
+        for thread in self.threads:
+            thread.join(timeout=self.timeout_ms / 1000 + 5)
+        self._undo(0)
+        woken = [ms for ret, ms in self.results if ret > 0]
+        return len(woken), sum(1 for ret, _ in self.results if ret == 0), sorted(woken)
+
+    def _undo(self, err: int) -> int:
+        for epfd in self.epfds:
+            try:
+                os.close(epfd)
+            except OSError:
+                pass
+        self.epfds = []
+        return err
+
+
 class Session:
     """One process's socket calls: the descriptors it opened and everything to undo at the end.
 
@@ -329,6 +398,7 @@ class Session:
         self.sysctl_originals: dict[str, str] = {}
         self.zerocopy_buffers: list[ctypes.Array] = []
         self.zerocopy_bytes = 0
+        self.herds: dict[int, Herd] = {}
         self.t_ns = 0
         self.dt_ns = 0
         self.handlers: dict[str, Callable[[dict], Outcome]] = {
@@ -717,6 +787,47 @@ class Session:
             return self.blocked_or(ret, err)
         return Outcome({str(events[n].data): events[n].events for n in range(ret)}, 0, {"ready": ret})
 
+    def op_epoll_herd(self, args: dict) -> Outcome:
+        """Arm a herd: ``waiters`` threads, each with its own epoll file watching ``fd``, blocked in epoll_wait.
+
+        The call returns once every thread is about to wait; ``epoll_herd_wakeups`` later says how many
+        of them a wakeup reached. This is what a step-by-step scenario cannot do by itself: several
+        waiters asleep on one socket at the same time, as in the thundering-herd problem.
+        """
+        fd = fd_arg(args)
+        refused = self.check_fd(fd)
+        if refused:
+            return refused
+        waiters = int_arg(args, "waiters")
+        if not 1 <= waiters <= HERD_MAX:
+            raise BadRequest(f"waiters must be 1 to {HERD_MAX}, not {waiters}")
+        timeout = int_arg(args, "timeout", HERD_TIMEOUT_MS)
+        if not 1 <= timeout <= 10_000:
+            raise BadRequest(f"timeout must be 1 to 10000 ms, not {timeout}")
+        if fd in self.herds:
+            self.t_ns, self.dt_ns = time.monotonic_ns(), 0
+            return Outcome(-1, errno_mod.EBUSY, {"agent": f"fd {fd} already has a herd; epoll_herd_wakeups ends it"})
+        start = time.monotonic_ns()
+        herd = Herd(self.libc, fd, int_arg(args, "events", EPOLLIN_BIT) & 0xFFFFFFFF, waiters, timeout)
+        err = herd.start()
+        self.t_ns, self.dt_ns = start, time.monotonic_ns() - start
+        if err:
+            return Outcome(-1, err)
+        self.herds[fd] = herd
+        return Outcome(0, 0, {"waiters": waiters, "timeout_ms": timeout})
+
+    def op_epoll_herd_wakeups(self, args: dict) -> Outcome:
+        """How many of the herd's waiters epoll_wait woke with an event; waits for the rest to time out."""
+        fd = fd_arg(args)
+        herd = self.herds.pop(fd, None)
+        start = time.monotonic_ns()
+        if herd is None:
+            self.t_ns, self.dt_ns = start, 0
+            return Outcome(-1, errno_mod.ENOENT, {"agent": f"fd {fd} has no herd (epoll_herd arms one)"})
+        woken, timed_out, after_ms = herd.finish()
+        self.t_ns, self.dt_ns = start, time.monotonic_ns() - start
+        return Outcome(woken, 0, {"waiters": herd.waiters, "timed_out": timed_out, "woken_after_ms": after_ms})
+
     def op_wait_readable(self, args: dict) -> Outcome:
         fd = fd_arg(args)
         timeout = int_arg(args, "timeout_ms", 1000)
@@ -884,6 +995,9 @@ class Session:
         self.sysctl_originals.clear()
         self.zerocopy_buffers.clear()
         self.zerocopy_bytes = 0
+        for herd in self.herds.values():
+            herd.finish()
+        self.herds.clear()
         summary = {"closed": closed, "unlinked": removed, "sysctls_restored": restored}
         if self.tracing.tracer.plan is not None:
             summary["tracing_restore_failed"] = self.tracing.cleanup()

@@ -190,6 +190,14 @@ def sys_epoll_wait(host, proc, op, args) -> Result:
     return epoll.wait(op, proc, args)
 
 
+def sys_epoll_herd(host, proc, op, args) -> Result:
+    return epoll.herd(op, proc, args)
+
+
+def sys_epoll_herd_wakeups(host, proc, op, args) -> Result:
+    return epoll.herd_wakeups(op, proc, args)
+
+
 def sys_fcntl(host, proc, op, args) -> Result:
     fd = args.get("fd")
     if type(fd) is not int or fd not in proc.fds:
@@ -277,6 +285,8 @@ SYSCALLS: dict[str, Callable[..., Result]] = {
     "epoll_create1": sys_epoll_create1,
     "epoll_ctl": sys_epoll_ctl,
     "epoll_wait": sys_epoll_wait,
+    "epoll_herd": sys_epoll_herd,  # not a system call: the guest agent's waiters (harness/guest/agent.py Herd)
+    "epoll_herd_wakeups": sys_epoll_herd_wakeups,
     "fcntl": sys_fcntl,
     "fstat": sys_fstat,
     "unlink": sys_unlink,

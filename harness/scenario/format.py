@@ -64,6 +64,10 @@ CALLS: dict[str, dict[str, str]] = {
     "epoll_create1": {"flags": "const?"},
     "epoll_ctl": {"epfd": "fd", "op": "const", "fd": "fd", "events": "const?"},
     "epoll_wait": {"epfd": "fd", "maxevents": "int?", "timeout": "int?"},
+    # Not system calls: `waiters` threads of the guest agent asleep in epoll_wait on fd at once, each on its
+    # own epoll file; then how many of them a wakeup reached (harness/guest/agent.py Herd).
+    "epoll_herd": {"fd": "fd", "waiters": "int", "events": "const?", "timeout": "int?"},
+    "epoll_herd_wakeups": {"fd": "fd"},
     "fcntl": {"fd": "fd", "cmd": "const", "arg": "const?"},
     "fstat": {"fd": "fd"},
     "sysctl_get": {"name": "str"},  # not a system call: a read of /proc/sys/<name>

@@ -433,3 +433,57 @@ def test_descriptors_a_library_opened_are_moved_out_of_the_scenarios_way():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == out[1] and out[2] == "True"
+
+
+# -- a herd of epoll waiters -------------------------------------------------------------------------
+
+EPOLLIN, EPOLLEXCLUSIVE = 0x1, 1 << 28
+
+
+def _connect_from_outside(port: int) -> socket.socket:
+    """A connection the agent did not make: this test process's, as the client VM's would be."""
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    time.sleep(0.2)
+    return client
+
+
+def _epoll_fds(pid: int) -> int:
+    return sum(1 for name in os.listdir(f"/proc/{pid}/fd")
+               if os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[eventpoll]")
+
+
+@pytest.mark.parametrize("events, woken", [(EPOLLIN, 3), (EPOLLIN | EPOLLEXCLUSIVE, 1)])
+def test_a_herd_counts_the_waiters_one_connection_wakes(agent, events, woken):
+    """Shared wait-queue entries all wake for one connection; exclusive ones wake one waiter."""
+    lfd, port = listener(agent)
+    assert agent.ok("epoll_herd", fd=lfd, waiters=3, events=events, timeout=1000) == 0
+    assert _epoll_fds(agent.proc.pid) == 3  # one epoll file per waiter, while they sleep
+    with _connect_from_outside(port):
+        reply = agent.call("epoll_herd_wakeups", fd=lfd)
+    assert (reply["ret"], reply["errno"]) == (woken, None)
+    assert reply["extra"]["waiters"] == 3 and reply["extra"]["timed_out"] == 3 - woken
+    assert len(reply["extra"]["woken_after_ms"]) == woken
+    assert _epoll_fds(agent.proc.pid) == 0
+
+
+def test_a_herd_nothing_wakes_times_out_and_a_collected_herd_is_gone(agent):
+    lfd, _port = listener(agent)
+    agent.ok("epoll_herd", fd=lfd, waiters=2, timeout=50)
+    assert agent.call("epoll_herd", fd=lfd, waiters=2)["errno"] == "EBUSY"
+    assert agent.ok("epoll_herd_wakeups", fd=lfd) == 0
+    assert agent.call("epoll_herd_wakeups", fd=lfd)["errno"] == "ENOENT"
+    for bad in ({"waiters": 0}, {"waiters": 65}, {"waiters": 2, "timeout": 0}):
+        reply = agent.call("epoll_herd", fd=lfd, **bad)
+        assert reply["errno"] == "EINVAL" and "must be" in reply.get("error", str(reply)), reply
+
+
+def test_the_block_guard_still_interrupts_the_main_thread_while_a_herd_sleeps(agent):
+    """The waiters block every signal: SIGALRM must cut the agent's own blocking call, not a waiter's."""
+    lfd, _port = listener(agent)
+    idle, _ = listener(agent)
+    agent.ok("epoll_herd", fd=lfd, waiters=4, timeout=3000)
+    started = time.monotonic()
+    reply = agent.call("accept", fd=idle, block_ms=300)
+    assert reply.get("blocked") and time.monotonic() - started < 2.5, reply
+    assert agent.ok("epoll_herd_wakeups", fd=lfd) == 0
+    assert agent.finish()[0] == 0
