@@ -310,7 +310,7 @@ class BlockGuard:
 
 
 HERD_MAX = 64
-HERD_TIMEOUT_MS = 1500
+HERD_TIMEOUT_MS = 10_000  # a herd nobody collects ends on its own after this
 EPOLLIN_BIT = 0x001
 
 
@@ -319,19 +319,30 @@ class Herd:
 
     Each thread blocks every signal first, so the block guard's SIGALRM still lands on the main
     thread's call. ctypes drops the GIL around epoll_wait, so the waiters really sleep in the kernel
-    together; a waiter whose epoll_wait returns an event counts as woken, one that times out does not.
+    together. Every epoll file also watches the read end of a pipe of the herd's own: collecting the
+    herd writes to it, which wakes whoever is still asleep (through the pipe's wait queue, not the
+    socket's), so a slow step between arming and collecting cannot time a waiter out. A waiter counts
+    as woken when its epoll_wait reported the socket.
     """
+
+    STOP = 0xFFFFFFFF  # epoll data of the pipe; the socket's is its descriptor
 
     def __init__(self, libc: ctypes.CDLL, fd: int, events: int, waiters: int, timeout_ms: int) -> None:
         self.libc, self.fd, self.events, self.waiters, self.timeout_ms = libc, fd, events, waiters, timeout_ms
         self.epfds: list[int] = []
-        self.results: list[tuple[int, int]] = [(0, 0)] * waiters  # (epoll_wait's return, ms after arming)
+        self.pipe: tuple[int, int] | None = None
+        # Per waiter: (epoll_wait's return, whether it reported the socket, ms after arming).
+        self.results: list[tuple[int, bool, int]] = [(0, False, 0)] * waiters
         self.threads: list[threading.Thread] = []
         self.ready = threading.Barrier(waiters + 1)
         self.armed_ns = 0
 
     def start(self) -> int:
         """Make the epoll files and start the waiters; an errno if an epoll call failed (nothing left behind)."""
+        try:
+            self.pipe = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            return exc.errno or errno_mod.EMFILE
         for _ in range(self.waiters):
             epfd = self.libc.epoll_create1(0o2000000)  # EPOLL_CLOEXEC
             if epfd < 0:
@@ -339,6 +350,9 @@ class Herd:
             self.epfds.append(epfd)
             event = EpollEvent(self.events, self.fd & 0xFFFFFFFF)
             if self.libc.epoll_ctl(epfd, 1, self.fd, ctypes.byref(event)) < 0:  # EPOLL_CTL_ADD
+                return self._undo(ctypes.get_errno())
+            stop = EpollEvent(EPOLLIN_BIT, self.STOP)
+            if self.libc.epoll_ctl(epfd, 1, self.pipe[0], ctypes.byref(stop)) < 0:
                 return self._undo(ctypes.get_errno())
         self.armed_ns = time.monotonic_ns()
         for number, epfd in enumerate(self.epfds):
@@ -351,29 +365,35 @@ class Herd:
 
     def _wait(self, number: int, epfd: int) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
-        event = (EpollEvent * 1)()
+        events = (EpollEvent * 2)()
         try:
             self.ready.wait(timeout=10)
         except threading.BrokenBarrierError:
             pass
-        ret = self.libc.epoll_wait(epfd, event, 1, self.timeout_ms)
-        self.results[number] = (ret, (time.monotonic_ns() - self.armed_ns) // 1_000_000)
+        ret = self.libc.epoll_wait(epfd, events, 2, self.timeout_ms)
+        reported = any(events[n].data == (self.fd & 0xFFFFFFFF) for n in range(max(ret, 0)))
+        self.results[number] = (ret, reported, (time.monotonic_ns() - self.armed_ns) // 1_000_000)
 
     def finish(self) -> tuple[int, int, list[int]]:
-        """(waiters woken, waiters that timed out, when each woken one returned): joins and closes all."""
+        """(waiters the socket woke, waiters that timed out, when each woken one returned): stops, joins, closes."""
+        if self.pipe is not None:
+            try:
+                os.write(self.pipe[1], b"x")
+            except OSError:
+                pass
         for thread in self.threads:
             thread.join(timeout=self.timeout_ms / 1000 + 5)
         self._undo(0)
-        woken = [ms for ret, ms in self.results if ret > 0]
-        return len(woken), sum(1 for ret, _ in self.results if ret == 0), sorted(woken)
+        woken = [ms for ret, reported, ms in self.results if reported]
+        return len(woken), sum(1 for ret, _, _ in self.results if ret == 0), sorted(woken)
 
     def _undo(self, err: int) -> int:
-        for epfd in self.epfds:
+        for epfd in self.epfds + list(self.pipe or ()):
             try:
                 os.close(epfd)
             except OSError:
                 pass
-        self.epfds = []
+        self.epfds, self.pipe = [], None
         return err
 
 
@@ -791,7 +811,7 @@ class Session:
         """Arm a herd: ``waiters`` threads, each with its own epoll file watching ``fd``, blocked in epoll_wait.
 
         The call returns once every thread is about to wait; ``epoll_herd_wakeups`` later says how many
-        of them a wakeup reached. This is what a step-by-step scenario cannot do by itself: several
+        of them the socket woke (``timeout``, default 10 s, ends a herd nobody collects). This is what a step-by-step scenario cannot do by itself: several
         waiters asleep on one socket at the same time, as in the thundering-herd problem.
         """
         fd = fd_arg(args)
@@ -817,7 +837,7 @@ class Session:
         return Outcome(0, 0, {"waiters": waiters, "timeout_ms": timeout})
 
     def op_epoll_herd_wakeups(self, args: dict) -> Outcome:
-        """How many of the herd's waiters epoll_wait woke with an event; waits for the rest to time out."""
+        """How many of the herd's waiters epoll_wait woke with the socket; wakes the rest through the herd's pipe."""
         fd = fd_arg(args)
         herd = self.herds.pop(fd, None)
         start = time.monotonic_ns()

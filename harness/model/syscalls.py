@@ -50,6 +50,8 @@ def sys_socket(host: "Host", proc: "Process", op: str, args: Mapping[str, Any]) 
     else:
         ops = create.opaque_create(creds, family, sock_type, protocol)
     sk = Sock(host, host.next_inode(), family, sock_type, protocol, ops, creds.uid)
+    if host.sysctls.get("net.core.busy_read"):
+        sk.ll_usec = host.sysctls["net.core.busy_read"]  # sock_init_data(): sk_ll_usec = sysctl_net_busy_read
     sysctls = host.sysctls
     if kind == "tcp":
         # tcp_init_sock(): TCP starts from tcp_wmem[1]/tcp_rmem[1]
