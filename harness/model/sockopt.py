@@ -18,6 +18,7 @@ from .constants import (
 from .kmem import INT_MAX, SOCK_MIN_RCVBUF, SOCK_MIN_SNDBUF, U32_MASK
 from .result import Result, fail
 from .sock import OpenFile, Sock
+from .versions import RULES
 
 if TYPE_CHECKING:
     from .host import Host
@@ -96,8 +97,9 @@ def _sk_setsockopt(op, host: "Host", creds: Creds, sk: Sock, optname: int, val: 
         sk.zerocopy = bool(val)
         return Result(op, 0, None, f"SOCK_ZEROCOPY {'set' if val else 'cleared'}", fn)
     if optname == SO_BUSY_POLL:
-        # Raising the busy-poll time is for CAP_NET_ADMIN; anyone may lower it.
-        if val > sk.ll_usec and not creds.capable(CAP_NET_ADMIN):
+        # Raising the busy-poll time was for CAP_NET_ADMIN (6.1); anyone may lower it.
+        checked = RULES["so_busy_poll_raise_needs_cap_net_admin"].value(host.kernel)
+        if checked and val > sk.ll_usec and not creds.capable(CAP_NET_ADMIN):
             raise fail("EPERM", f"raising sk_ll_usec from {sk.ll_usec} to {val} needs CAP_NET_ADMIN", fn)
         if val < 0:
             raise fail("EINVAL", f"SO_BUSY_POLL takes microseconds >= 0, not {val}", fn)
