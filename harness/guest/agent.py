@@ -93,6 +93,7 @@ def load_libc() -> ctypes.CDLL:
         "send": (ssize, [i, vp, size, i]),
         "sendto": (ssize, [i, vp, size, i, vp, u32]),
         "sendmsg": (ssize, [i, ctypes.POINTER(MsgHdr), i]),
+        "sendfile": (ssize, [i, i, ctypes.POINTER(ctypes.c_long), size]),
         "recvfrom": (ssize, [i, vp, size, i, vp, u32p]),
         "recvmsg": (ssize, [i, ctypes.POINTER(MsgHdr), i]),
         "poll": (i, [ctypes.POINTER(PollFd), ctypes.c_ulong, i]),
@@ -310,6 +311,7 @@ class BlockGuard:
 
 
 HERD_MAX = 64
+SENDFILE_PATTERN = b"socklab sendfile page cache\n"
 HERD_TIMEOUT_MS = 10_000  # a herd nobody collects ends on its own after this
 EPOLLIN_BIT = 0x001
 
@@ -419,6 +421,7 @@ class Session:
         self.zerocopy_buffers: list[ctypes.Array] = []
         self.zerocopy_bytes = 0
         self.herds: dict[int, Herd] = {}
+        self.sendfile_fd: int | None = None  # the file sendfile reads (see op_sendfile)
         self.t_ns = 0
         self.dt_ns = 0
         self.handlers: dict[str, Callable[[dict], Outcome]] = {
@@ -670,6 +673,39 @@ class Session:
         if ret >= 0 and 0 < self.guard.ms * 900_000 <= self.dt_ns:
             extra["interrupted"] = True  # a blocking send cut short by the guard returns what it copied
         return self.blocked_or(ret, err, extra)
+
+    def op_sendfile(self, args: dict) -> Outcome:
+        """sendfile(fd, file, &offset, length) from a file of the agent's own (a memfd: page-cache pages).
+
+        The file holds ``length`` bytes from ``offset`` on (grown on demand, filled with a fixed
+        pattern), and sits far above the scenario's descriptor numbers, like the agent's pipes.
+        """
+        fd = fd_arg(args)
+        length, offset = int_arg(args, "length"), int_arg(args, "offset", 0)
+        if not 0 <= length <= MAX_BUFFER or not 0 <= offset <= MAX_BUFFER:
+            raise BadRequest(f"length and offset must be 0 to {MAX_BUFFER}")
+        refused = self.check_fd(fd)
+        if refused:
+            return refused
+        source = self._sendfile_source(offset + length)
+        position = ctypes.c_long(offset)
+        self._sigpipe_taken()
+        ret, err = self.syscall(self.libc.sendfile, fd, source, ctypes.byref(position), length,
+                                block_ms=self.block_arg(args))
+        return self._sent(ret, err, None, 0)
+
+    def _sendfile_source(self, size: int) -> int:
+        if self.sendfile_fd is None:
+            made = os.memfd_create("socklab-sendfile", os.MFD_CLOEXEC)
+            # Below the agent's own pipes (they sit at the top of the table), far above scenario numbers.
+            self.sendfile_fd = fcntl.fcntl(made, F_DUPFD_CLOEXEC, max(min(self.reserved, default=512) - 8, 64))
+            os.close(made)
+            self.reserved.add(self.sendfile_fd)
+        have = os.fstat(self.sendfile_fd).st_size
+        if size > have:
+            pattern = SENDFILE_PATTERN * ((size - have) // len(SENDFILE_PATTERN) + 1)
+            os.pwrite(self.sendfile_fd, pattern[:size - have], have)
+        return self.sendfile_fd
 
     def op_sendmsg(self, args: dict) -> Outcome:
         fd, flags = fd_arg(args), int_arg(args, "flags", 0)

@@ -165,6 +165,23 @@ def sys_send(host, proc, op, args) -> Result:
     return f.sock.ops.sendmsg(op, host, proc.creds, f, payload, flags, dest)
 
 
+def sys_sendfile(host, proc, op, args) -> Result:
+    """do_sendfile() -> splice to the socket: tcp_sendmsg()/udp_sendmsg() with the file's pages, never MSG_ZEROCOPY.
+
+    The bytes come from the page cache, not from the caller, so nothing waits to be handed back:
+    no notification reaches the error queue even on a socket with SO_ZEROCOPY.
+    """
+    f = proc.lookup(args.get("fd"))
+    length = args.get("length")
+    if type(length) is not int or length < 0:
+        raise fail("EINVAL", f"length {length!r} must be a count of bytes", "do_sendfile")
+    result = f.sock.ops.sendmsg(op, host, proc.creds, f, _payload({"length": length}), 0, None)
+    if result.errno is None and not result.blocked:
+        return Result(op, result.ret, None, f"{result.rule}; the pages are the file's (splice), so no "
+                      "completion is queued: SO_ZEROCOPY does not apply", "do_sendfile", approx=result.approx)
+    return result
+
+
 def sys_recv(host, proc, op, args) -> Result:
     f = proc.lookup(args.get("fd"))
     length = args.get("length", args.get("len", 65536))
@@ -280,6 +297,7 @@ SYSCALLS: dict[str, Callable[..., Result]] = {
     "send": sys_send,
     "sendto": sys_send,
     "sendmsg": sys_send,
+    "sendfile": sys_sendfile,
     "recv": sys_recv,
     "recvfrom": sys_recv,
     "recvmsg": sys_recv,

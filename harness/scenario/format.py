@@ -57,6 +57,7 @@ CALLS: dict[str, dict[str, str]] = {
                "addr": "addr?", "addrlen": "int?", "family": "const?"},
     "sendmsg": {"fd": "fd", "length": "int?", "data": "str?", "flags": "const?",
                 "addr": "addr?", "addrlen": "int?", "family": "const?"},
+    "sendfile": {"fd": "fd", "length": "int", "offset": "int?"},  # from a file of the guest agent's own
     "recv": {"fd": "fd", "length": "int?", "flags": "const?"},
     "recvfrom": {"fd": "fd", "length": "int?", "flags": "const?"},
     "recvmsg": {"fd": "fd", "length": "int?", "flags": "const?"},
@@ -546,7 +547,7 @@ def _size_problem(call: str, key: str, value: Any) -> str | None:
     """What the guest cannot do: buffers past the agent's limit, numbers past 64 bits."""
     if isinstance(value, int) and not isinstance(value, bool) and not -(1 << 63) <= value < (1 << 64):
         return f"{value} does not fit in 64 bits"
-    if key in ("length", "data") and call in ("send", "sendto", "sendmsg", "recv", "recvfrom", "recvmsg"):
+    if key in ("length", "data") and call in ("send", "sendto", "sendmsg", "sendfile", "recv", "recvfrom", "recvmsg"):
         size = len(value.encode()) if isinstance(value, str) else value
         if isinstance(size, int) and size > MAX_BUFFER:
             return (f"{size} bytes is more than the guest agent's {MAX_BUFFER >> 20} MiB buffer for one step "

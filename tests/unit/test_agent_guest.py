@@ -493,3 +493,28 @@ def test_the_block_guard_still_interrupts_the_main_thread_while_a_herd_sleeps(ag
     assert reply.get("blocked") and time.monotonic() - started < 2.5, reply
     assert agent.ok("epoll_herd_wakeups", fd=lfd) == 0
     assert agent.finish()[0] == 0
+
+
+# -- sendfile ----------------------------------------------------------------------------------------
+
+def test_sendfile_sends_from_a_file_far_above_the_scenario_s_numbers(agent):
+    """The agent's file (a memfd) is not a scenario descriptor: the next socket still gets the lowest number."""
+    lfd, cfd, afd = connected_pair(agent)
+    assert agent.ok("sendfile", fd=cfd, length=5000) == 5000
+    assert agent.ok("sendfile", fd=cfd, length=100, offset=10) == 100
+    assert agent.ok("sendfile", fd=cfd, length=0) == 0
+    time.sleep(0.1)
+    got = agent.ok("recv", fd=afd, length=65536, flags=socket.MSG_DONTWAIT)
+    assert got == 5100
+    own = [int(name) for name in os.listdir(f"/proc/{agent.proc.pid}/fd")
+           if os.readlink(f"/proc/{agent.proc.pid}/fd/{name}").startswith("/memfd:socklab-sendfile")]
+    assert len(own) == 1 and own[0] > 60
+    assert agent.call("close", fd=own[0])["errno"] == "EBADF"  # one of the agent's own
+    assert agent.ok("socket", family=socket.AF_INET, type=socket.SOCK_STREAM) == afd + 1
+
+
+def test_sendfile_on_a_socket_that_is_not_connected_is_epipe(agent):
+    fd = agent.ok("socket", family=socket.AF_INET, type=socket.SOCK_STREAM)
+    reply = agent.call("sendfile", fd=fd, length=10)
+    assert (reply["ret"], reply["errno"]) == (-1, "EPIPE")
+    assert agent.call("sendfile", fd=fd, length=-1)["errno"] == "EINVAL"
