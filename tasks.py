@@ -716,11 +716,13 @@ def grade(c, workspace=None, student=None, only=None, out=None, name=None):
         prepare(spec)
     if not (students or space.students()):
         raise SocklabError(f"no students in {space.root}: `invoke lab.predict NN --student NAME` starts one")
+    sheets = grading.read_sheets(space, specs, students)  # a broken sheet stops here, before the lab is used
     lab = _lab(name)
     with lab.using():
         running = _running_lab(lab, "default")
         result = grading.grade_class(space, specs, _answer_key(running), _own_scenario_judge(running), students,
-                                     on_lab=lambda who, course_lab: progress.say(f"graded {who}, {course_lab}"))
+                                     on_lab=lambda who, course_lab: progress.say(f"graded {who}, {course_lab}"),
+                                     sheets=sheets)
         kernel = lab.ssh(lab.require().vms[0].name).run("uname -r").stdout.strip()
         lab.close()
     paths = grading.write(result, _results_dir(root, "grade"), kernel)

@@ -3,7 +3,10 @@
 The kernel is the answer key: each lab is checked once on the live lab
 (``key_for``), and every student's sheet is marked against that run. Own
 scenarios are run on the kernel and the model (``judge_own``). A student with
-nothing in the workspace scores 0 everywhere.
+nothing in the workspace scores 0 everywhere. Every sheet is read before
+anything runs: one that cannot be read (a malformed value, an unknown step)
+stops the grading with its file and line, so the teacher fixes or removes it
+instead of a student silently scoring 0.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from ..scenario.check import LabSpec
 from . import explain
 from .exercise import Verdict
 from .score import AnswerKey, Score, score
-from .sheet import questions, read_sheet
-from .workspace import ANSWERS, PREDICTIONS, CourseError, Workspace
+from .sheet import Prediction, questions, read_sheet
+from .workspace import ANSWERS, PREDICTIONS, Workspace
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,6 @@ class LabMark:
     own: Verdict
     explained: int
     asked: int
-    error: str = ""
 
 
 @dataclass
@@ -53,41 +55,59 @@ class ClassGrade:
         return sum(m.correct for m in mine), sum(m.total for m in mine)
 
 
+def read_sheets(workspace: Workspace, labs: list[LabSpec],
+                students: list[str] | None = None) -> dict[tuple[str, str], list[Prediction]]:
+    """Every predictions sheet of the class, read and checked: (student, lab) -> its predictions.
+
+    A student without a sheet for a lab has no entry. The first sheet that cannot be read raises its
+    CourseError (file:line and what is wrong), before any lab has run.
+    """
+    names = students if students is not None else workspace.students()
+    found: dict[tuple[str, str], list[Prediction]] = {}
+    for spec in labs:
+        lab_questions = questions(spec)
+        for name in names:
+            path = workspace.lab_dir(name, spec.name) / PREDICTIONS
+            if path.is_file():
+                found[(name, spec.name)] = read_sheet(spec, path, lab_questions)
+    return found
+
+
 def grade_class(workspace: Workspace, labs: list[LabSpec], key_for: Callable[[LabSpec], AnswerKey],
                 judge_own: Callable[[LabSpec, Path], Verdict], students: list[str] | None = None,
-                on_lab: Callable[[str, str], None] | None = None) -> ClassGrade:
-    """Mark every student of the workspace (or those named) in every lab given."""
+                on_lab: Callable[[str, str], None] | None = None,
+                sheets: dict[tuple[str, str], list[Prediction]] | None = None) -> ClassGrade:
+    """Mark every student of the workspace (or those named) in every lab given.
+
+    ``sheets`` is what ``read_sheets`` returned, when the caller read them first (before starting a lab);
+    otherwise they are read here, all of them before the first ``key_for``.
+    """
     result = ClassGrade(labs=list(labs))
     names = students if students is not None else workspace.students()
+    if sheets is None:
+        sheets = read_sheets(workspace, labs, names)
     for spec in labs:
         lab_questions = questions(spec)
         guide_questions = explain.guide_questions(spec.directory / "README.md")
-        sheets = {name: workspace.lab_dir(name, spec.name) / PREDICTIONS for name in names}
         # The kernel runs only when someone has something to mark against it.
-        key = key_for(spec) if any(path.is_file() for path in sheets.values()) else AnswerKey(spec.name)
+        key = key_for(spec) if any((name, spec.name) in sheets for name in names) else AnswerKey(spec.name)
         for name in names:
             directory = workspace.lab_dir(name, spec.name)
-            error = ""
-            predictions = None
-            if sheets[name].is_file():
-                try:
-                    predictions = read_sheet(spec, sheets[name], lab_questions)
-                except CourseError as exc:
-                    error = str(exc)  # marked 0 with the reason; the rest of the class is still graded
+            predictions = sheets.get((name, spec.name))
             marked = score(spec.name, lab_questions, predictions, key)
             own = judge_own(spec, directory / "own.yaml")
             slots = explain.read(directory / ANSWERS, guide_questions)
             result.scores[(name, spec.name)] = marked
             result.answers[(name, spec.name)] = slots
             result.marks.append(LabMark(name, spec.name, marked.correct, marked.total, marked.answered, own,
-                                        sum(s.written for s in slots), len(slots), error))
+                                        sum(s.written for s in slots), len(slots)))
             if on_lab:
                 on_lab(name, spec.name)
     return result
 
 
 CSV_COLUMNS = ("student", "lab", "predictions_correct", "predictions_total", "predictions_answered",
-               "own_scenario", "own_detail", "explanations_written", "explanations_asked", "error")
+               "own_scenario", "own_detail", "explanations_written", "explanations_asked")
 
 
 def write(grade: ClassGrade, directory: Path, kernel: str) -> dict[str, Path]:
@@ -100,7 +120,7 @@ def write(grade: ClassGrade, directory: Path, kernel: str) -> dict[str, Path]:
         writer.writerow(CSV_COLUMNS)
         for m in grade.marks:
             writer.writerow([m.student, m.lab, m.correct, m.total, m.answered, m.own.status, m.own.detail,
-                             m.explained, m.asked, m.error])
+                             m.explained, m.asked])
     labs = [spec.name for spec in grade.labs]
     lines = ["# socklab class grade", "",
              f"{len(grade.students())} student(s), {len(labs)} lab(s), answer key: kernel {kernel}, "
@@ -114,14 +134,11 @@ def write(grade: ClassGrade, directory: Path, kernel: str) -> dict[str, Path]:
             cells.append(f"{m.correct}/{m.total} · {m.own.status} · {m.explained}/{m.asked}")
         right, asked = grade.total(student)
         lines.append(f"| {student} | " + " | ".join(cells) + f" | {right}/{asked} |")
-    errors = [m for m in grade.marks if m.error or m.own.status in ("fail", "error")]
+    errors = [m for m in grade.marks if m.own.status in ("fail", "error")]
     if errors:
         lines += ["", "## Notes", ""]
         for m in errors:
-            if m.error:
-                lines.append(f"- {m.student}, {m.lab}: predictions not marked: {m.error}")
-            if m.own.status in ("fail", "error"):
-                lines.append(f"- {m.student}, {m.lab}: own scenario {m.own.status}: {m.own.detail}")
+            lines.append(f"- {m.student}, {m.lab}: own scenario {m.own.status}: {m.own.detail}")
     paths["md"].write_text("\n".join(lines) + "\n")
     paths["answers"].write_text(collected_answers(grade))
     paths["html"].write_text(class_html(grade, kernel))
@@ -155,7 +172,7 @@ def class_html(grade: ClassGrade, kernel: str) -> str:
         for lab in labs:
             m = next(x for x in grade.marks if x.student == student and x.lab == lab)
             share = m.correct / m.total if m.total else 0.0
-            cells.append(f'<td class="own-{esc(m.own.status)}" title="{esc(m.error or m.own.detail)}">'
+            cells.append(f'<td class="own-{esc(m.own.status)}" title="{esc(m.own.detail)}">'
                          f'<span class="bar" style="width:{share * 100:.0f}%"></span>'
                          f'<b>{m.correct}/{m.total}</b><br>own: {esc(m.own.status)}<br>'
                          f'written: {m.explained}/{m.asked}</td>')

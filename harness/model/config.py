@@ -22,6 +22,8 @@ BASE_SYSCTLS: dict[str, Any] = {
     "net.core.rmem_default": 212992,
     "net.core.wmem_default": 212992,
     "net.core.optmem_max": 20480,  # sizeof(long) * (2 * UIO_MAXIOV + 512) in 6.1
+    "net.core.busy_read": 0,  # sysctl_net_busy_read: a new socket's sk_ll_usec (sock_init_data)
+    "net.core.busy_poll": 0,  # sysctl_net_busy_poll: poll()/select() busy-poll budget in microseconds
     "net.ipv4.tcp_rmem": (4096, 131072, 6291456),  # tcp_init(): rmem[1] = 131072; [2] from memory
     "net.ipv4.tcp_wmem": (4096, 16384, 4194304),  # [2] from memory: see versions.boot_defaults
     "net.ipv4.tcp_mem": (0, 0, 0),  # pages, from memory

@@ -76,6 +76,10 @@ SO_RCVBUFFORCE = 33
 SO_PROTOCOL = 38
 SO_DOMAIN = 39
 SO_ZEROCOPY = 60
+SO_BUSY_POLL = 46  # sk_ll_usec: microseconds to busy-poll the NIC queue before sleeping (CONFIG_NET_RX_BUSY_POLL)
+SO_INCOMING_NAPI_ID = 56  # read-only: sk_napi_id, the NAPI context the socket's last packet came through
+SO_PREFER_BUSY_POLL = 69
+SO_BUSY_POLL_BUDGET = 70
 
 # SOL_IP / SOL_IPV6 / SOL_TCP options.
 IP_TOS = 1

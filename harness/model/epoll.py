@@ -145,3 +145,62 @@ def wait(op: str, proc: "Process", args: Mapping[str, Any]) -> Result:
         return Result(op, None, None, "nothing ready and no timeout: sleeps", "ep_poll", blocked=True)
     kinds = ", ".join(f"fd {fd}: {mask:#x}" for fd, mask in ready.items()) or "nothing ready"
     return Result(op, ready, None, kinds, "ep_send_events")
+
+
+# -- a herd of waiters (the guest agent's epoll_herd): how many one wakeup reaches ----------------------
+
+@dataclass
+class Herd:
+    """``waiters`` epoll files, each watching one socket with ``events``, each with a thread asleep in it."""
+
+    file: OpenFile
+    waiters: int
+    events: int
+    seen: tuple[int, int, int]
+    proc: Any = None
+
+
+HERD_MAX = 64  # harness/guest/agent.py HERD_MAX
+# Armed herds by (process, fd); the process is kept to tell a reused id() from the same process.
+_HERDS: dict[tuple[int, int], Herd] = {}
+
+
+def herd(op: str, proc: "Process", args: Mapping[str, Any]) -> Result:
+    fd, waiters = args.get("fd"), args.get("waiters")
+    events = int(args.get("events", EPOLLIN) or 0) & 0xFFFFFFFF
+    target = proc.fds.get(fd) if type(fd) is int else None
+    if not isinstance(target, OpenFile):
+        raise fail("EBADF", f"fd {fd!r} is not an open socket", "do_epoll_ctl")
+    if events & EPOLLEXCLUSIVE and events & ~EXCLUSIVE_OK:
+        raise fail("EINVAL", "EPOLLEXCLUSIVE comes only with IN/OUT/ERR/HUP/WAKEUP/ET", "do_epoll_ctl")
+    if type(waiters) is not int or not 1 <= waiters <= HERD_MAX:
+        raise fail("EINVAL", f"waiters must be 1 to {HERD_MAX}, not {waiters!r} (the agent's limit)", "epoll_herd")
+    timeout = args.get("timeout", 1500)
+    if type(timeout) is not int or not 1 <= timeout <= 10_000:
+        raise fail("EINVAL", f"timeout must be 1 to 10000 ms, not {timeout!r} (the agent's limit)", "epoll_herd")
+    key = (id(proc), fd)
+    armed = _HERDS.get(key)
+    if armed is not None and armed.proc is proc and armed.file is target:
+        raise fail("EBUSY", f"fd {fd} already has a herd", "epoll_herd")
+    _HERDS[key] = Herd(target, int(waiters), events | EPOLLERR | EPOLLHUP, _state(target), proc)
+    how = "exclusive" if events & EPOLLEXCLUSIVE else "shared"
+    return Result(op, 0, None, f"{waiters} epoll files each add fd {fd} ({how} wait queue entries: "
+                  "ep_ptable_queue_proc), a thread asleep in each", "ep_ptable_queue_proc")
+
+
+def herd_wakeups(op: str, proc: "Process", args: Mapping[str, Any]) -> Result:
+    fd = args.get("fd")
+    armed = _HERDS.pop((id(proc), fd), None) if type(fd) is int else None
+    if armed is None or armed.proc is not proc:
+        raise fail("ENOENT", f"fd {fd!r} has no herd", "epoll_herd")
+    rx, queued, mask = _state(armed.file)
+    event = rx > armed.seen[0] or queued > armed.seen[1] or bool(mask & ~armed.seen[2] & armed.events)
+    if not event:
+        return Result(op, 0, None, "no wakeup since the herd was armed: every waiter times out", "ep_poll")
+    if armed.events & EPOLLEXCLUSIVE:
+        return Result(op, 1, None, "__wake_up_common() stops at the first exclusive entry whose ep_poll_callback() "
+                      "returns 1 (its epoll file has a waiter): one waiter wakes, the others stay asleep",
+                      "ep_poll_callback")
+    return Result(op, armed.waiters, None, "every entry on the socket's wait queue is non-exclusive: "
+                  "__wake_up_common() calls each ep_poll_callback(), which wakes its epoll file's waiter: "
+                  f"all {armed.waiters} wake (the thundering herd)", "ep_poll_callback")

@@ -44,6 +44,9 @@ class Sock:
     zerocopy = False  # SOCK_ZEROCOPY flag
     broadcast = False  # SOCK_BROADCAST (SO_BROADCAST)
     keepalive = False  # SOCK_KEEPOPEN (SO_KEEPALIVE)
+    ll_usec = 0  # sk_ll_usec (SO_BUSY_POLL); net.core.busy_read when made
+    prefer_busy_poll = False  # sk_prefer_busy_poll (SO_PREFER_BUSY_POLL)
+    busy_poll_budget = 0  # sk_busy_poll_budget (SO_BUSY_POLL_BUDGET); 0: NAPI_POLL_WEIGHT when polling
     nodelay = False  # tp->nonagle & TCP_NAGLE_OFF (TCP_NODELAY)
     sndbuf = 0
     rcvbuf = 0

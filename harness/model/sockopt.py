@@ -12,11 +12,13 @@ from .constants import (
     IPV6_FREEBIND, IPV6_RECVERR, IPV6_V6ONLY, SO_ACCEPTCONN, SO_BROADCAST, SO_DEBUG, SO_DOMAIN, SO_DONTROUTE,
     SO_ERROR, SO_KEEPALIVE, SO_LINGER, SO_OOBINLINE, SO_PRIORITY, SO_PROTOCOL, SO_RCVBUF, SO_RCVBUFFORCE,
     SO_REUSEADDR, SO_REUSEPORT, SO_SNDBUF, SO_SNDBUFFORCE, SO_TYPE, SO_ZEROCOPY, SOCK_DGRAM, SOL_IP, SOL_IPV6,
-    SOL_SOCKET, SOL_TCP, TCP_CLOSE, TCP_LISTEN, TCP_MAXSEG, TCP_NODELAY, CAP_NET_RAW,
+    SOL_SOCKET, SOL_TCP, TCP_CLOSE, TCP_LISTEN, TCP_MAXSEG, TCP_NODELAY, CAP_NET_RAW, SO_BUSY_POLL,
+    SO_BUSY_POLL_BUDGET, SO_INCOMING_NAPI_ID, SO_PREFER_BUSY_POLL, TCP_ESTABLISHED,
 )
 from .kmem import INT_MAX, SOCK_MIN_RCVBUF, SOCK_MIN_SNDBUF, U32_MASK
 from .result import Result, fail
 from .sock import OpenFile, Sock
+from .versions import RULES
 
 if TYPE_CHECKING:
     from .host import Host
@@ -94,6 +96,30 @@ def _sk_setsockopt(op, host: "Host", creds: Creds, sk: Sock, optname: int, val: 
             raise fail("EINVAL", f"SO_ZEROCOPY takes 0 or 1, not {val}", fn)
         sk.zerocopy = bool(val)
         return Result(op, 0, None, f"SOCK_ZEROCOPY {'set' if val else 'cleared'}", fn)
+    if optname == SO_BUSY_POLL:
+        # Raising the busy-poll time was for CAP_NET_ADMIN (6.1); anyone may lower it.
+        checked = RULES["so_busy_poll_raise_needs_cap_net_admin"].value(host.kernel)
+        if checked and val > sk.ll_usec and not creds.capable(CAP_NET_ADMIN):
+            raise fail("EPERM", f"raising sk_ll_usec from {sk.ll_usec} to {val} needs CAP_NET_ADMIN", fn)
+        if val < 0:
+            raise fail("EINVAL", f"SO_BUSY_POLL takes microseconds >= 0, not {val}", fn)
+        sk.ll_usec = val
+        return Result(op, 0, None, f"sk_ll_usec = {val}: recv and poll busy-poll the NIC queue for up to {val} us "
+                      "before sleeping", fn)
+    if optname == SO_PREFER_BUSY_POLL:
+        if valbool and not creds.capable(CAP_NET_ADMIN):
+            raise fail("EPERM", "SO_PREFER_BUSY_POLL needs CAP_NET_ADMIN", fn)
+        sk.prefer_busy_poll = bool(valbool)
+        return Result(op, 0, None, f"sk_prefer_busy_poll = {valbool}", fn)
+    if optname == SO_BUSY_POLL_BUDGET:
+        if val > sk.busy_poll_budget and not creds.capable(CAP_NET_ADMIN):
+            raise fail("EPERM", f"raising sk_busy_poll_budget to {val} needs CAP_NET_ADMIN", fn)
+        if not 0 <= val <= 0xFFFF:
+            raise fail("EINVAL", f"SO_BUSY_POLL_BUDGET takes 0 to 65535, not {val}", fn)
+        sk.busy_poll_budget = val
+        return Result(op, 0, None, f"sk_busy_poll_budget = {val}", fn)
+    if optname == SO_INCOMING_NAPI_ID:
+        raise fail("ENOPROTOOPT", "SO_INCOMING_NAPI_ID is read-only", fn)
     if optname == SO_BROADCAST:
         sk.broadcast = bool(valbool)
         return Result(op, 0, None, f"SOCK_BROADCAST = {valbool}", fn)
@@ -205,9 +231,13 @@ def getsockopt(op: str, host: "Host", creds: Creds, f: OpenFile, args: Mapping[s
             SO_ZEROCOPY: int(sk.zerocopy),
             SO_KEEPALIVE: int(sk.keepalive),
             SO_BROADCAST: int(sk.broadcast),
+            SO_BUSY_POLL: sk.ll_usec,
+            SO_PREFER_BUSY_POLL: int(sk.prefer_busy_poll),
         }
         if optname in values:
             return Result(op, values[optname], None, "value read from struct sock", fn)
+        if optname == SO_INCOMING_NAPI_ID:
+            return _napi_id(op, sk, fn)
         raise fail("ENOPROTOOPT", f"SOL_SOCKET option {optname} cannot be read", fn)
     if not sk.ops.sockopt_levels:
         raise fail("EOPNOTSUPP", f"{sk.ops.name} has no getsockopt for level {level}", "__sys_getsockopt")
@@ -228,3 +258,24 @@ def getsockopt(op: str, host: "Host", creds: Creds, f: OpenFile, args: Mapping[s
         raise fail("EOPNOTSUPP", f"level {level} is not SOL_IP", "do_ip_getsockopt")
     raise fail("ENOPROTOOPT", f"level {level} option {optname} is not modelled", "ip_getsockopt")
 
+
+# MIN_NAPI_ID is NR_CPUS + 1 (ids below it are CPU numbers, for XPS); Debian's kernels have NR_CPUS 8192.
+MIN_NAPI_ID = 8193
+
+
+def _napi_id(op: str, sk: Sock, fn: str) -> Result:
+    """sk_napi_id: set by sk_mark_napi_id() from the skb of each packet the socket receives (TCP, UDP).
+
+    A packet that came through a NIC's NAPI context carries that context's id (napi_hash_add(): the
+    first id is MIN_NAPI_ID, the order of registration decides the rest, which the model does not
+    know); loopback's per-CPU backlog NAPI is never hashed, so its packets carry 0.
+    """
+    peer = getattr(sk, "peer_addr", None)
+    if not peer or sk.sk_state != TCP_ESTABLISHED:
+        return Result(op, 0, None, "no packet received yet: sk_napi_id is 0", fn)
+    host = sk.host
+    if peer.startswith("127.") or peer == "::1" or peer in host.addrs4 or peer in host.addrs6:
+        return Result(op, 0, None, "received over loopback, whose backlog NAPI has no id: 0", "sk_mark_napi_id")
+    return Result(op, MIN_NAPI_ID, None, f"received through the NIC's NAPI context: an id >= MIN_NAPI_ID "
+                  f"({MIN_NAPI_ID} = NR_CPUS + 1); which one depends on the order the driver registered its "
+                  "queues, so the figure is an estimate", "sk_mark_napi_id", approx=True)

@@ -50,6 +50,8 @@ def sys_socket(host: "Host", proc: "Process", op: str, args: Mapping[str, Any]) 
     else:
         ops = create.opaque_create(creds, family, sock_type, protocol)
     sk = Sock(host, host.next_inode(), family, sock_type, protocol, ops, creds.uid)
+    if host.sysctls.get("net.core.busy_read"):
+        sk.ll_usec = host.sysctls["net.core.busy_read"]  # sock_init_data(): sk_ll_usec = sysctl_net_busy_read
     sysctls = host.sysctls
     if kind == "tcp":
         # tcp_init_sock(): TCP starts from tcp_wmem[1]/tcp_rmem[1]
@@ -163,6 +165,23 @@ def sys_send(host, proc, op, args) -> Result:
     return f.sock.ops.sendmsg(op, host, proc.creds, f, payload, flags, dest)
 
 
+def sys_sendfile(host, proc, op, args) -> Result:
+    """do_sendfile() -> splice to the socket: tcp_sendmsg()/udp_sendmsg() with the file's pages, never MSG_ZEROCOPY.
+
+    The bytes come from the page cache, not from the caller, so nothing waits to be handed back:
+    no notification reaches the error queue even on a socket with SO_ZEROCOPY.
+    """
+    f = proc.lookup(args.get("fd"))
+    length = args.get("length")
+    if type(length) is not int or length < 0:
+        raise fail("EINVAL", f"length {length!r} must be a count of bytes", "do_sendfile")
+    result = f.sock.ops.sendmsg(op, host, proc.creds, f, _payload({"length": length}), 0, None)
+    if result.errno is None and not result.blocked:
+        return Result(op, result.ret, None, f"{result.rule}; the pages are the file's (splice), so no "
+                      "completion is queued: SO_ZEROCOPY does not apply", "do_sendfile", approx=result.approx)
+    return result
+
+
 def sys_recv(host, proc, op, args) -> Result:
     f = proc.lookup(args.get("fd"))
     length = args.get("length", args.get("len", 65536))
@@ -188,6 +207,14 @@ def sys_epoll_ctl(host, proc, op, args) -> Result:
 
 def sys_epoll_wait(host, proc, op, args) -> Result:
     return epoll.wait(op, proc, args)
+
+
+def sys_epoll_herd(host, proc, op, args) -> Result:
+    return epoll.herd(op, proc, args)
+
+
+def sys_epoll_herd_wakeups(host, proc, op, args) -> Result:
+    return epoll.herd_wakeups(op, proc, args)
 
 
 def sys_fcntl(host, proc, op, args) -> Result:
@@ -270,6 +297,7 @@ SYSCALLS: dict[str, Callable[..., Result]] = {
     "send": sys_send,
     "sendto": sys_send,
     "sendmsg": sys_send,
+    "sendfile": sys_sendfile,
     "recv": sys_recv,
     "recvfrom": sys_recv,
     "recvmsg": sys_recv,
@@ -277,6 +305,8 @@ SYSCALLS: dict[str, Callable[..., Result]] = {
     "epoll_create1": sys_epoll_create1,
     "epoll_ctl": sys_epoll_ctl,
     "epoll_wait": sys_epoll_wait,
+    "epoll_herd": sys_epoll_herd,  # not a system call: the guest agent's waiters (harness/guest/agent.py Herd)
+    "epoll_herd_wakeups": sys_epoll_herd_wakeups,
     "fcntl": sys_fcntl,
     "fstat": sys_fstat,
     "unlink": sys_unlink,

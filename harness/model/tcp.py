@@ -188,6 +188,7 @@ def _establish(client: Sock, listener: Sock) -> None:
     # sk_clone_lock() copies the listener's options and buffer settings
     child.reuse, child.reuseport, child.freebind = listener.reuse, listener.reuseport, listener.freebind
     child.v6only, child.zerocopy = listener.v6only, listener.zerocopy
+    child.ll_usec, child.prefer_busy_poll = listener.ll_usec, listener.prefer_busy_poll
     child.sndbuf, child.rcvbuf = listener.sndbuf, listener.rcvbuf
     child.sndbuf_locked, child.rcvbuf_locked = listener.sndbuf_locked, listener.rcvbuf_locked
     dst, _ = _dst_v4(client)

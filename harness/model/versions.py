@@ -134,6 +134,15 @@ RULES: dict[str, VersionRule] = {rule.name: rule for rule in (
          Change("6.12", False, "virtio-net's statistics rework moved packets and bytes out of ethtool -S; "
                                "first measured on 6.12 (the exact release is not pinned down here)"))),
     VersionRule(
+        "so_busy_poll_raise_needs_cap_net_admin", "whether an unprivileged SO_BUSY_POLL may only lower "
+        "sk_ll_usec (raising it is EPERM without CAP_NET_ADMIN)",
+        # Measured with labs/09-epoll/busypoll.yaml (a student's socket at busy_read 20 asks for 50):
+        # EPERM on 6.1.0-57, 0 on 6.12.118 and 7.2.12.
+        (Change("6.1", True, "sk_setsockopt(): \"allow unprivileged users to decrease the value\", raising needs "
+                             "CAP_NET_ADMIN"),
+         Change("6.12", False, "sk_setsockopt() sets SO_BUSY_POLL without the capability check (first measured on "
+                               "6.12; the commit is not identified here)"))),
+    VersionRule(
         "boot_reserved_pages", "pages of a VM's RAM not free when tcp_init()/udp_init() count them "
         "(kernel image, early allocations), beyond the memmap's 1/64",
         # Measured at 512 MiB: nr_free_buffer_pages() at tcp_init() is tcp_rmem[2] >> 5.

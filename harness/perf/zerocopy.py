@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -384,11 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     from harness.lab.lifecycle import Lab
     from harness.paths import Paths
 
-    lab = Lab(Paths.default())
+    name = os.environ.get("SOCKLAB_LAB") or "default"  # as invoke's tasks pick it
+    lab = Lab(Paths.default(), name)
     try:
         state = lab.load()
         if state is None or not all(lab.alive(state).values()):
-            raise SocklabError("no lab is running: `invoke lab.up` first (SOCKLAB_HOME picks which lab)")
+            raise SocklabError(f"no lab {name!r} is running: `invoke lab.up` first (SOCKLAB_HOME and SOCKLAB_LAB "
+                               "pick which lab)")
         results = measure(lab, args.sizes, args.seconds, args.repeats)
     except SocklabError as exc:
         print(f"socklab: {exc}", file=sys.stderr)

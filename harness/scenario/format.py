@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ CALLS: dict[str, dict[str, str]] = {
                "addr": "addr?", "addrlen": "int?", "family": "const?"},
     "sendmsg": {"fd": "fd", "length": "int?", "data": "str?", "flags": "const?",
                 "addr": "addr?", "addrlen": "int?", "family": "const?"},
+    "sendfile": {"fd": "fd", "length": "int", "offset": "int?"},  # from a file of the guest agent's own
     "recv": {"fd": "fd", "length": "int?", "flags": "const?"},
     "recvfrom": {"fd": "fd", "length": "int?", "flags": "const?"},
     "recvmsg": {"fd": "fd", "length": "int?", "flags": "const?"},
@@ -64,6 +65,10 @@ CALLS: dict[str, dict[str, str]] = {
     "epoll_create1": {"flags": "const?"},
     "epoll_ctl": {"epfd": "fd", "op": "const", "fd": "fd", "events": "const?"},
     "epoll_wait": {"epfd": "fd", "maxevents": "int?", "timeout": "int?"},
+    # Not system calls: `waiters` threads of the guest agent asleep in epoll_wait on fd at once, each on its
+    # own epoll file; then how many of them a wakeup reached (harness/guest/agent.py Herd).
+    "epoll_herd": {"fd": "fd", "waiters": "int", "events": "const?", "timeout": "int?"},
+    "epoll_herd_wakeups": {"fd": "fd"},
     "fcntl": {"fd": "fd", "cmd": "const", "arg": "const?"},
     "fstat": {"fd": "fd"},
     "sysctl_get": {"name": "str"},  # not a system call: a read of /proc/sys/<name>
@@ -271,9 +276,49 @@ def load(path: Path, overrides: Mapping[str, Any] | None = None, known_hosts: tu
                 raise ScenarioError(f"{where}:1: host {host!r} is not a VM of this lab ({', '.join(known_hosts)})")
     sysctls = _sysctls(body.get("sysctls") or {}, where, body.line_of("sysctls") if "sysctls" in body else body_line,
                        hosts)
-    steps = _steps(body["steps"], where, body_line, hosts)
+    steps = _apply_key(_steps(body["steps"], where, body_line, hosts), key_path(path), params)
     return Scenario(path=path, name=str(header.get("name", path.stem)), description=str(header.get("description", "")),
                     hosts=hosts, params=params, sysctls=sysctls, steps=steps)
+
+
+def key_path(path: Path) -> Path:
+    """Where a scenario's answer key lives: ``key/<file>`` beside it (labs/01-.../key/files.yaml)."""
+    return path.parent / "key" / path.name
+
+
+def _apply_key(steps: tuple[Step, ...], key: Path, params: Mapping[str, Any]) -> tuple[Step, ...]:
+    """The scenario's steps with the ``expect:`` of its answer key, if it has one.
+
+    A lab's scenario files hold only the calls, so a student can open them before predicting; what
+    each labelled step must return is in the key, a mapping ``label: expect`` rendered with the same
+    params (its comments say why). Every entry must name exactly one step that has no ``expect:`` of
+    its own, so a renamed label stops the check instead of silently dropping an answer.
+    """
+    if not key.is_file():
+        return steps
+    where = str(key)
+    raw = _yaml(render(_read(key), params, where), where, 1, " (line of the rendered key)")
+    if raw is None:
+        return steps
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{where}:1: an answer key maps step labels to what they return (label: 0)")
+    by_label: dict[str, list[int]] = {}
+    for position, step in enumerate(steps):
+        if step.kind in ("call", "value") and step.label:
+            by_label.setdefault(step.label, []).append(position)
+    out = list(steps)
+    for label, value in raw.items():
+        at = f"{where}:{raw.line_of(label)}"
+        positions = by_label.get(str(label), [])
+        if len(positions) != 1:
+            problem = "no step of the scenario has" if not positions else f"{len(positions)} steps of the scenario have"
+            raise ScenarioError(f"{at}: {problem} the label {str(label)!r}"
+                                f"{textio.did_you_mean(str(label), by_label) if not positions else ''}")
+        step = out[positions[0]]
+        if step.expect is not None:
+            raise ScenarioError(f"{at}: step {step.index} ({step.label}) has an `expect:` in the scenario too")
+        out[positions[0]] = replace(step, expect=_expect(value, f"{at}: step {step.index}"))
+    return tuple(out)
 
 
 def _sysctls(raw: Any, where: str, line: int, hosts: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -502,7 +547,7 @@ def _size_problem(call: str, key: str, value: Any) -> str | None:
     """What the guest cannot do: buffers past the agent's limit, numbers past 64 bits."""
     if isinstance(value, int) and not isinstance(value, bool) and not -(1 << 63) <= value < (1 << 64):
         return f"{value} does not fit in 64 bits"
-    if key in ("length", "data") and call in ("send", "sendto", "sendmsg", "recv", "recvfrom", "recvmsg"):
+    if key in ("length", "data") and call in ("send", "sendto", "sendmsg", "sendfile", "recv", "recvfrom", "recvmsg"):
         size = len(value.encode()) if isinstance(value, str) else value
         if isinstance(size, int) and size > MAX_BUFFER:
             return (f"{size} bytes is more than the guest agent's {MAX_BUFFER >> 20} MiB buffer for one step "

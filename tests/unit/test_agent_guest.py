@@ -433,3 +433,88 @@ def test_descriptors_a_library_opened_are_moved_out_of_the_scenarios_way():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == out[1] and out[2] == "True"
+
+
+# -- a herd of epoll waiters -------------------------------------------------------------------------
+
+EPOLLIN, EPOLLEXCLUSIVE = 0x1, 1 << 28
+
+
+def _connect_from_outside(port: int) -> socket.socket:
+    """A connection the agent did not make: this test process's, as the client VM's would be."""
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    time.sleep(0.2)
+    return client
+
+
+def _epoll_fds(pid: int) -> int:
+    return sum(1 for name in os.listdir(f"/proc/{pid}/fd")
+               if os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[eventpoll]")
+
+
+@pytest.mark.parametrize("events, woken", [(EPOLLIN, 3), (EPOLLIN | EPOLLEXCLUSIVE, 1)])
+def test_a_herd_counts_the_waiters_one_connection_wakes(agent, events, woken):
+    """Shared wait-queue entries all wake for one connection; exclusive ones wake one waiter."""
+    lfd, port = listener(agent)
+    assert agent.ok("epoll_herd", fd=lfd, waiters=3, events=events, timeout=1000) == 0
+    assert _epoll_fds(agent.proc.pid) == 3  # one epoll file per waiter, while they sleep
+    with _connect_from_outside(port):
+        reply = agent.call("epoll_herd_wakeups", fd=lfd)
+    assert (reply["ret"], reply["errno"]) == (woken, None)
+    assert reply["extra"]["waiters"] == 3 and reply["extra"]["timed_out"] == 0  # the rest were stopped, not timed out
+    assert len(reply["extra"]["woken_after_ms"]) == woken
+    assert _epoll_fds(agent.proc.pid) == 0
+
+
+def test_a_herd_nothing_wakes_times_out_and_a_collected_herd_is_gone(agent):
+    lfd, _port = listener(agent)
+    agent.ok("epoll_herd", fd=lfd, waiters=2, timeout=50)
+    time.sleep(0.2)
+    assert agent.call("epoll_herd_wakeups", fd=lfd)["extra"]["timed_out"] == 2
+    started = time.monotonic()
+    agent.ok("epoll_herd", fd=lfd, waiters=2)  # 10 s unless collected: collecting wakes them at once
+    assert agent.ok("epoll_herd_wakeups", fd=lfd) == 0 and time.monotonic() - started < 3
+    agent.ok("epoll_herd", fd=lfd, waiters=2, timeout=50)
+    assert agent.call("epoll_herd", fd=lfd, waiters=2)["errno"] == "EBUSY"
+    assert agent.ok("epoll_herd_wakeups", fd=lfd) == 0
+    assert agent.call("epoll_herd_wakeups", fd=lfd)["errno"] == "ENOENT"
+    for bad in ({"waiters": 0}, {"waiters": 65}, {"waiters": 2, "timeout": 0}):
+        reply = agent.call("epoll_herd", fd=lfd, **bad)
+        assert reply["errno"] == "EINVAL" and "must be" in reply.get("error", str(reply)), reply
+
+
+def test_the_block_guard_still_interrupts_the_main_thread_while_a_herd_sleeps(agent):
+    """The waiters block every signal: SIGALRM must cut the agent's own blocking call, not a waiter's."""
+    lfd, _port = listener(agent)
+    idle, _ = listener(agent)
+    agent.ok("epoll_herd", fd=lfd, waiters=4, timeout=3000)
+    started = time.monotonic()
+    reply = agent.call("accept", fd=idle, block_ms=300)
+    assert reply.get("blocked") and time.monotonic() - started < 2.5, reply
+    assert agent.ok("epoll_herd_wakeups", fd=lfd) == 0
+    assert agent.finish()[0] == 0
+
+
+# -- sendfile ----------------------------------------------------------------------------------------
+
+def test_sendfile_sends_from_a_file_far_above_the_scenario_s_numbers(agent):
+    """The agent's file (a memfd) is not a scenario descriptor: the next socket still gets the lowest number."""
+    lfd, cfd, afd = connected_pair(agent)
+    assert agent.ok("sendfile", fd=cfd, length=5000) == 5000
+    assert agent.ok("sendfile", fd=cfd, length=100, offset=10) == 100
+    assert agent.ok("sendfile", fd=cfd, length=0) == 0
+    time.sleep(0.1)
+    got = agent.ok("recv", fd=afd, length=65536, flags=socket.MSG_DONTWAIT)
+    assert got == 5100
+    own = [int(name) for name in os.listdir(f"/proc/{agent.proc.pid}/fd")
+           if os.readlink(f"/proc/{agent.proc.pid}/fd/{name}").startswith("/memfd:socklab-sendfile")]
+    assert len(own) == 1 and own[0] > 60
+    assert agent.call("close", fd=own[0])["errno"] == "EBADF"  # one of the agent's own
+    assert agent.ok("socket", family=socket.AF_INET, type=socket.SOCK_STREAM) == afd + 1
+
+
+def test_sendfile_on_a_socket_that_is_not_connected_is_epipe(agent):
+    fd = agent.ok("socket", family=socket.AF_INET, type=socket.SOCK_STREAM)
+    reply = agent.call("sendfile", fd=fd, length=10)
+    assert (reply["ret"], reply["errno"]) == (-1, "EPIPE")
+    assert agent.call("sendfile", fd=fd, length=-1)["errno"] == "EINVAL"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -126,6 +128,96 @@ def test_the_scenarios_carry_no_answer_comments(name):
         assert not comments, f"{path.name}: move these to ANSWERS.md: {comments[:2]}"
     assert (LABS_DIR / name / "ANSWERS.md").is_file()
     assert "<summary>Answers</summary>" not in (LABS_DIR / name / "README.md").read_text()
+
+
+def _answers(scenario) -> set[str]:
+    """Every value a step of the scenario must return, as words: errno names and numbers of 10 or more."""
+    found: set[str] = set()
+
+    def walk(value):
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10:
+            found.add(str(value))
+
+    for step in scenario.steps:
+        if step.expect is not None:
+            if step.expect.errno:
+                found.add(step.expect.errno)
+            walk(step.expect.ret)
+    return found
+
+
+def _given(scenario) -> set[str]:
+    """What the scenario itself says (its params and arguments): naming those reveals nothing."""
+    words = set(re.findall(r"[A-Z][A-Z0-9_]+|-?\d+", repr(scenario.params) + repr([s.args for s in scenario.steps])))
+    return words
+
+
+def answer_leaks(directory: Path) -> list[str]:
+    """What the student-facing files of a lab directory give away: each problem as a sentence.
+
+    Students open the scenarios (and run them blind) before they predict; the answers live in
+    key/<file>. A scenario carries no `expect:` of its own, and neither its description nor any of
+    its comments names an errno or a number that one of its steps must return, unless the scenario
+    gives it as a parameter or an argument. (Every scenario file of the directory counts, also one
+    only a guide runs, such as lab 06's pressure.yaml.)
+    """
+    problems = []
+    for path in sorted(directory.glob("*.yaml")):
+        if path.name == "lab.yaml":
+            continue
+        text = path.read_text()
+        if re.search(r"\bexpect\s*:", text):
+            problems.append(f"{path.name}: move its expect: values to key/{path.name}")
+        if not (directory / "key" / path.name).is_file():
+            problems.append(f"{path.name} has no answer key key/{path.name}")
+        scenario = load(path)
+        secret = _answers(scenario) - _given(scenario)
+        description = re.search(r"^description:(.*)$", text, re.M)
+        shown = [description[1]] if description else []
+        shown += re.findall(r"#(.*)$", text, re.M) + re.findall(r"\{#(.*?)#\}", text, re.S)
+        for words in shown:
+            leaked = sorted(word for word in secret if re.search(rf"(?<![\w-]){re.escape(word)}(?!\w)", words))
+            if leaked:
+                problems.append(f"{path.name} tells the answer {leaked} in: {words.strip()[:120]}")
+    return problems
+
+
+@pytest.mark.parametrize("name", LABS)
+def test_no_student_facing_file_reveals_an_answer(name):
+    assert answer_leaks(LABS_DIR / name) == []
+
+
+def test_the_answer_leak_check_catches_a_leak(tmp_path):
+    """The check above is not vacuous: an errno or a number a step returns, in a description or a comment,
+    and a stray expect:, are each found."""
+    lab = tmp_path / "01-x"
+    shutil.copytree(LABS_DIR / "01-sockets-are-files", lab)
+    assert answer_leaks(lab) == []
+    scenario = lab / "files.yaml"
+    original = scenario.read_text()
+    scenario.write_text(original.replace("description: ", "description: listen(0) says ENOTSOCK; "))
+    [problem] = answer_leaks(lab)
+    assert problem.startswith("files.yaml tells the answer ['ENOTSOCK'] in: listen(0) says ENOTSOCK;")
+    scenario.write_text(original.replace("label: getfl-flagged}", "label: getfl-flagged}  # 2050: O_RDWR|O_NONBLOCK"))
+    assert answer_leaks(lab) == ["files.yaml tells the answer ['2050'] in: 2050: O_RDWR|O_NONBLOCK"]
+    scenario.write_text(original.replace("label: socket-plain}", "label: socket-plain, expect: 3}"))
+    assert answer_leaks(lab) == ["files.yaml: move its expect: values to key/files.yaml"]
+
+
+def test_the_guides_send_students_to_the_key_only_after_predicting():
+    """A guide names a scenario's answer key only as something to open after predicting."""
+    for guide in sorted(LABS_DIR.glob("[0-9]*/README.md")):
+        text = " ".join(guide.read_text().split())
+        assert "itself is the answer key" not in text, guide
+        for match in re.finditer(r"`key/[a-z-]+\.yaml`", text):
+            nearby = text[max(0, match.start() - 200): match.end() + 200]
+            assert "after you have predicted" in nearby, (guide, nearby)
 
 
 @pytest.mark.parametrize("name", LABS)

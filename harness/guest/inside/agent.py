@@ -14,6 +14,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -92,6 +93,7 @@ def load_libc() -> ctypes.CDLL:
         "send": (ssize, [i, vp, size, i]),
         "sendto": (ssize, [i, vp, size, i, vp, u32]),
         "sendmsg": (ssize, [i, ctypes.POINTER(MsgHdr), i]),
+        "sendfile": (ssize, [i, i, ctypes.POINTER(ctypes.c_long), size]),
         "recvfrom": (ssize, [i, vp, size, i, vp, u32p]),
         "recvmsg": (ssize, [i, ctypes.POINTER(MsgHdr), i]),
         "poll": (i, [ctypes.POINTER(PollFd), ctypes.c_ulong, i]),
@@ -308,6 +310,95 @@ class BlockGuard:
             signal.setitimer(signal.ITIMER_REAL, 0, 0)
 
 
+HERD_MAX = 64
+SENDFILE_PATTERN = b"socklab sendfile page cache\n"
+HERD_TIMEOUT_MS = 10_000  # a herd nobody collects ends on its own after this
+EPOLLIN_BIT = 0x001
+
+
+class Herd:
+    """Threads blocked in epoll_wait at once, each on its own epoll file watching one socket.
+
+    Each thread blocks every signal first, so the block guard's SIGALRM still lands on the main
+    thread's call. ctypes drops the GIL around epoll_wait, so the waiters really sleep in the kernel
+    together. Every epoll file also watches the read end of a pipe of the herd's own: collecting the
+    herd writes to it, which wakes whoever is still asleep (through the pipe's wait queue, not the
+    socket's), so a slow step between arming and collecting cannot time a waiter out. A waiter counts
+    as woken when its epoll_wait reported the socket.
+    """
+
+    STOP = 0xFFFFFFFF  # epoll data of the pipe; the socket's is its descriptor
+
+    def __init__(self, libc: ctypes.CDLL, fd: int, events: int, waiters: int, timeout_ms: int) -> None:
+        self.libc, self.fd, self.events, self.waiters, self.timeout_ms = libc, fd, events, waiters, timeout_ms
+        self.epfds: list[int] = []
+        self.pipe: tuple[int, int] | None = None
+        # Per waiter: (epoll_wait's return, whether it reported the socket, ms after arming).
+        self.results: list[tuple[int, bool, int]] = [(0, False, 0)] * waiters
+        self.threads: list[threading.Thread] = []
+        self.ready = threading.Barrier(waiters + 1)
+        self.armed_ns = 0
+
+    def start(self) -> int:
+        """Make the epoll files and start the waiters; an errno if an epoll call failed (nothing left behind)."""
+        try:
+            self.pipe = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            return exc.errno or errno_mod.EMFILE
+        for _ in range(self.waiters):
+            epfd = self.libc.epoll_create1(0o2000000)  # EPOLL_CLOEXEC
+            if epfd < 0:
+                return self._undo(ctypes.get_errno())
+            self.epfds.append(epfd)
+            event = EpollEvent(self.events, self.fd & 0xFFFFFFFF)
+            if self.libc.epoll_ctl(epfd, 1, self.fd, ctypes.byref(event)) < 0:  # EPOLL_CTL_ADD
+                return self._undo(ctypes.get_errno())
+            stop = EpollEvent(EPOLLIN_BIT, self.STOP)
+            if self.libc.epoll_ctl(epfd, 1, self.pipe[0], ctypes.byref(stop)) < 0:
+                return self._undo(ctypes.get_errno())
+        self.armed_ns = time.monotonic_ns()
+        for number, epfd in enumerate(self.epfds):
+            thread = threading.Thread(target=self._wait, args=(number, epfd), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        self.ready.wait(timeout=10)
+        time.sleep(0.1)  # from "about to call epoll_wait" to asleep in it
+        return 0
+
+    def _wait(self, number: int, epfd: int) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))
+        events = (EpollEvent * 2)()
+        try:
+            self.ready.wait(timeout=10)
+        except threading.BrokenBarrierError:
+            pass
+        ret = self.libc.epoll_wait(epfd, events, 2, self.timeout_ms)
+        reported = any(events[n].data == (self.fd & 0xFFFFFFFF) for n in range(max(ret, 0)))
+        self.results[number] = (ret, reported, (time.monotonic_ns() - self.armed_ns) // 1_000_000)
+
+    def finish(self) -> tuple[int, int, list[int]]:
+        """(waiters the socket woke, waiters that timed out, when each woken one returned): stops, joins, closes."""
+        if self.pipe is not None:
+            try:
+                os.write(self.pipe[1], b"x")
+            except OSError:
+                pass
+        for thread in self.threads:
+            thread.join(timeout=self.timeout_ms / 1000 + 5)
+        self._undo(0)
+        woken = [ms for ret, reported, ms in self.results if reported]
+        return len(woken), sum(1 for ret, _, _ in self.results if ret == 0), sorted(woken)
+
+    def _undo(self, err: int) -> int:
+        for epfd in self.epfds + list(self.pipe or ()):
+            try:
+                os.close(epfd)
+            except OSError:
+                pass
+        self.epfds, self.pipe = [], None
+        return err
+
+
 class Session:
     """One process's socket calls: the descriptors it opened and everything to undo at the end.
 
@@ -329,6 +420,8 @@ class Session:
         self.sysctl_originals: dict[str, str] = {}
         self.zerocopy_buffers: list[ctypes.Array] = []
         self.zerocopy_bytes = 0
+        self.herds: dict[int, Herd] = {}
+        self.sendfile_fd: int | None = None  # the file sendfile reads (see op_sendfile)
         self.t_ns = 0
         self.dt_ns = 0
         self.handlers: dict[str, Callable[[dict], Outcome]] = {
@@ -581,6 +674,39 @@ class Session:
             extra["interrupted"] = True  # a blocking send cut short by the guard returns what it copied
         return self.blocked_or(ret, err, extra)
 
+    def op_sendfile(self, args: dict) -> Outcome:
+        """sendfile(fd, file, &offset, length) from a file of the agent's own (a memfd: page-cache pages).
+
+        The file holds ``length`` bytes from ``offset`` on (grown on demand, filled with a fixed
+        pattern), and sits far above the scenario's descriptor numbers, like the agent's pipes.
+        """
+        fd = fd_arg(args)
+        length, offset = int_arg(args, "length"), int_arg(args, "offset", 0)
+        if not 0 <= length <= MAX_BUFFER or not 0 <= offset <= MAX_BUFFER:
+            raise BadRequest(f"length and offset must be 0 to {MAX_BUFFER}")
+        refused = self.check_fd(fd)
+        if refused:
+            return refused
+        source = self._sendfile_source(offset + length)
+        position = ctypes.c_long(offset)
+        self._sigpipe_taken()
+        ret, err = self.syscall(self.libc.sendfile, fd, source, ctypes.byref(position), length,
+                                block_ms=self.block_arg(args))
+        return self._sent(ret, err, None, 0)
+
+    def _sendfile_source(self, size: int) -> int:
+        if self.sendfile_fd is None:
+            made = os.memfd_create("socklab-sendfile", os.MFD_CLOEXEC)
+            # Below the agent's own pipes (they sit at the top of the table), far above scenario numbers.
+            self.sendfile_fd = fcntl.fcntl(made, F_DUPFD_CLOEXEC, max(min(self.reserved, default=512) - 8, 64))
+            os.close(made)
+            self.reserved.add(self.sendfile_fd)
+        have = os.fstat(self.sendfile_fd).st_size
+        if size > have:
+            pattern = SENDFILE_PATTERN * ((size - have) // len(SENDFILE_PATTERN) + 1)
+            os.pwrite(self.sendfile_fd, pattern[:size - have], have)
+        return self.sendfile_fd
+
     def op_sendmsg(self, args: dict) -> Outcome:
         fd, flags = fd_arg(args), int_arg(args, "flags", 0)
         data, length = payload_arg(args)
@@ -716,6 +842,47 @@ class Session:
         if err:
             return self.blocked_or(ret, err)
         return Outcome({str(events[n].data): events[n].events for n in range(ret)}, 0, {"ready": ret})
+
+    def op_epoll_herd(self, args: dict) -> Outcome:
+        """Arm a herd: ``waiters`` threads, each with its own epoll file watching ``fd``, blocked in epoll_wait.
+
+        The call returns once every thread is about to wait; ``epoll_herd_wakeups`` later says how many
+        of them the socket woke (``timeout``, default 10 s, ends a herd nobody collects). This is what a step-by-step scenario cannot do by itself: several
+        waiters asleep on one socket at the same time, as in the thundering-herd problem.
+        """
+        fd = fd_arg(args)
+        refused = self.check_fd(fd)
+        if refused:
+            return refused
+        waiters = int_arg(args, "waiters")
+        if not 1 <= waiters <= HERD_MAX:
+            raise BadRequest(f"waiters must be 1 to {HERD_MAX}, not {waiters}")
+        timeout = int_arg(args, "timeout", HERD_TIMEOUT_MS)
+        if not 1 <= timeout <= 10_000:
+            raise BadRequest(f"timeout must be 1 to 10000 ms, not {timeout}")
+        if fd in self.herds:
+            self.t_ns, self.dt_ns = time.monotonic_ns(), 0
+            return Outcome(-1, errno_mod.EBUSY, {"agent": f"fd {fd} already has a herd; epoll_herd_wakeups ends it"})
+        start = time.monotonic_ns()
+        herd = Herd(self.libc, fd, int_arg(args, "events", EPOLLIN_BIT) & 0xFFFFFFFF, waiters, timeout)
+        err = herd.start()
+        self.t_ns, self.dt_ns = start, time.monotonic_ns() - start
+        if err:
+            return Outcome(-1, err)
+        self.herds[fd] = herd
+        return Outcome(0, 0, {"waiters": waiters, "timeout_ms": timeout})
+
+    def op_epoll_herd_wakeups(self, args: dict) -> Outcome:
+        """How many of the herd's waiters epoll_wait woke with the socket; wakes the rest through the herd's pipe."""
+        fd = fd_arg(args)
+        herd = self.herds.pop(fd, None)
+        start = time.monotonic_ns()
+        if herd is None:
+            self.t_ns, self.dt_ns = start, 0
+            return Outcome(-1, errno_mod.ENOENT, {"agent": f"fd {fd} has no herd (epoll_herd arms one)"})
+        woken, timed_out, after_ms = herd.finish()
+        self.t_ns, self.dt_ns = start, time.monotonic_ns() - start
+        return Outcome(woken, 0, {"waiters": herd.waiters, "timed_out": timed_out, "woken_after_ms": after_ms})
 
     def op_wait_readable(self, args: dict) -> Outcome:
         fd = fd_arg(args)
@@ -884,6 +1051,9 @@ class Session:
         self.sysctl_originals.clear()
         self.zerocopy_buffers.clear()
         self.zerocopy_bytes = 0
+        for herd in self.herds.values():
+            herd.finish()
+        self.herds.clear()
         summary = {"closed": closed, "unlinked": removed, "sysctls_restored": restored}
         if self.tracing.tracer.plan is not None:
             summary["tracing_restore_failed"] = self.tracing.cleanup()

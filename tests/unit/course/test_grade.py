@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import csv
+import re
 
+import pytest
 import yaml
 
 from harness.course import grade as grading
 from harness.course.exercise import Verdict
 from harness.course.score import AnswerKey, explain, score
 from harness.course.sheet import questions, read_sheet, render_sheet
-from harness.course.workspace import Workspace
+from harness.course.workspace import CourseError, Workspace
 from harness.scenario.check import check
 
 from .conftest import FakeLab
@@ -119,14 +121,22 @@ def test_an_empty_workspace_scores_zero_without_running_the_kernel(mini_lab, tmp
     assert (mark.correct, mark.total, mark.own.status, mark.explained) == (0, 9, "missing", 0)
 
 
-def test_one_students_broken_sheet_is_marked_zero_with_the_reason(mini_lab, tmp_path):
+def test_one_students_broken_sheet_stops_the_grading_before_the_kernel_runs(mini_lab, tmp_path):
+    """A sheet the grader cannot read is the teacher's to fix: its file:line, not a silent 0 for the student."""
     workspace = Workspace(tmp_path / "work")
+    _sheet(mini_lab, workspace.lab_dir("alice", mini_lab.name) / "predictions.yaml", {"queue/bind": 0})
     path = workspace.lab_dir("eve", mini_lab.name) / "predictions.yaml"
     _sheet(mini_lab, path, {"queue/bind": "perhaps"})
-    result = grading.grade_class(workspace, [mini_lab], lambda spec: _key(spec, FakeLab()),
-                                 lambda spec, path: Verdict("missing"))
-    (mark,) = result.marks
-    assert mark.correct == 0 and "'perhaps' is not a value" in mark.error
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), start=1) if "id: queue/bind" in text)
+
+    def key_for(spec):
+        raise AssertionError("a broken sheet stops the grading before any lab runs")
+
+    with pytest.raises(CourseError, match=rf"^{re.escape(str(path))}:{line}: queue/bind: 'perhaps' is not a value"):
+        grading.grade_class(workspace, [mini_lab], key_for, lambda spec, path: Verdict("missing"))
+    with pytest.raises(CourseError, match=rf"^{re.escape(str(path))}:{line}:"):
+        grading.read_sheets(workspace, [mini_lab])
+    assert set(grading.read_sheets(workspace, [mini_lab], ["alice"])) == {("alice", mini_lab.name)}
 
 
 def test_a_timing_dependent_statistic_accepts_a_near_answer(mini_lab):

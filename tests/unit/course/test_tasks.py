@@ -64,6 +64,21 @@ def test_a_bad_sheet_stops_the_check_before_any_vm(tmp_path, edit, message):
     assert not (tmp_path / "home" / "run").exists()  # no lab was booted
 
 
+def test_a_bad_sheet_stops_the_class_grade_with_its_file_and_line(tmp_path):
+    """lab.grade over a class where one sheet is broken: one line naming that sheet's line, exit 2, no lab used."""
+    invoke("lab.predict", "01", "--student", "alice", home=tmp_path / "home", workspace=tmp_path / "work")
+    path = _sheet(tmp_path, lambda text: text.replace("    answer:", "    answer: {errno: EWHAT}", 1))
+    line = path.read_text().splitlines().index("  - id: sockets-are-files/getfl-plain") + 1
+    before = {p: p.read_bytes() for p in (tmp_path / "work").rglob("*") if p.is_file()}
+    result = invoke("lab.grade", home=tmp_path / "home", workspace=tmp_path / "work")
+    assert result.returncode == 2, result.stderr
+    assert [text for text in result.stderr.splitlines() if text.strip()] == [
+        f"socklab: {path}:{line}: sockets-are-files/getfl-plain: 'EWHAT' is not an errno name (e.g. EADDRINUSE, EINVAL)"]
+    assert result.stdout == ""
+    assert {p: p.read_bytes() for p in (tmp_path / "work").rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "home" / "run").exists() and not (tmp_path / "home" / "results").exists()
+
+
 def test_a_missing_sheet_stops_the_check(tmp_path):
     result = invoke("lab.check", "02", "--student", "carol", home=tmp_path / "home", workspace=tmp_path / "work")
     assert result.returncode == 2

@@ -49,7 +49,7 @@ def test_every_rule_names_its_cause_and_differences_are_listed_per_kernel():
     assert versions.differences("6.1") == []
     assert [line.split(" =")[0] for line in versions.differences("6.12")] == [
         "net.core.optmem_max", "zerocopy_notification_truesize", "ss_lists_bound_only_tcp",
-        "virtio_net_ethtool_queue_packets"]
+        "virtio_net_ethtool_queue_packets", "so_busy_poll_raise_needs_cap_net_admin"]
     assert "net: increase optmem_max default value" in versions.differences("7.2")[0]
     assert {line.split(" =")[0] for line in versions.differences("7.2")} >= {"net.core.rmem_max", "net.core.wmem_max"}
 

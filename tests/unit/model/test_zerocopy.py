@@ -314,3 +314,21 @@ def test_a_failed_send_gives_back_the_id_it_joined(a, b):
     assert r.errno == "EAGAIN"
     after = a.socket(fd)
     assert after.zerocopy_next_id == view.zerocopy_next_id and after.omem == view.omem
+
+
+def test_sendfile_queues_its_bytes_and_no_completion_even_with_so_zerocopy(a, b):
+    """Rule: do_sendfile splices page-cache pages: no ubuf_info, so nothing reaches the error queue."""
+    from harness.model.constants import MSG_ERRQUEUE, SO_ZEROCOPY, SOL_SOCKET
+
+    from model_helpers import listener, tcp
+
+    lfd = listener(b, 7000)
+    fd = tcp(a)
+    assert a.call("setsockopt", {"fd": fd, "level": SOL_SOCKET, "optname": SO_ZEROCOPY, "value": 1}).ok
+    assert a.call("connect", {"fd": fd, "addr": ("198.51.100.2", 7000)}).ok
+    sent = a.call("sendfile", {"fd": fd, "length": 4096})
+    assert sent.ret == 4096 and sent.kernel_fn == "do_sendfile"
+    assert a.call("recvmsg", {"fd": fd, "flags": MSG_ERRQUEUE}).errno == "EAGAIN"
+    assert b.call("recv", {"fd": b.call("accept", {"fd": lfd}).ret, "length": 65536}).ret == 4096
+    assert a.call("sendfile", {"fd": tcp(a), "length": 1}).errno == "EPIPE"
+    assert a.call("sendfile", {"fd": fd, "length": -1}).errno == "EINVAL"

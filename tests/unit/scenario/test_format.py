@@ -125,3 +125,68 @@ def test_bad_param_syntax(bad):
 
 def test_declared_params(tmp_path):
     assert declared_params(write(tmp_path, GOOD)) == {"port": 7000, "n": 2}
+
+
+KEYED = """\
+steps:
+  - {on: server, call: socket, args: {family: AF_INET, type: SOCK_STREAM}, as: l}
+  - {on: server, call: bind, args: {fd: $l, addr: [0.0.0.0, {{ port }}]}, label: bind-l}
+{% for i in range(n) %}
+  - {on: client, call: socket, args: {family: AF_INET, type: "SOCK_STREAM|SOCK_NONBLOCK"}, as: c{{ i }}}
+  - {on: client, call: getsockname, args: {fd: $c{{ i }}}, label: name-{{ i }}}
+{% endfor %}
+"""
+
+
+def write_key(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "key").mkdir(exist_ok=True)
+    key = tmp_path / "key" / "s.yaml"
+    key.write_text(textwrap.dedent(text))
+    return key
+
+
+def test_the_answer_key_beside_a_scenario_fills_in_its_expects(tmp_path):
+    """A lab's scenario holds the calls; key/<file> holds what they return, rendered with the same params."""
+    path = write(tmp_path, KEYED)
+    assert all(step.expect is None for step in load(path).steps)
+    write_key(tmp_path, """\
+        # why: nothing listens yet
+        bind-l: {{ 0 if port > 1023 else "EACCES" }}
+        {% for i in range(n) %}
+        name-{{ i }}: [0.0.0.0, 0]
+        {% endfor %}
+        """)
+    steps = load(path).steps
+    assert steps[1].expect.ret == 0 and steps[3].expect.ret == ["0.0.0.0", 0] and steps[5].expect.ret == ["0.0.0.0", 0]
+    assert load(path, {"port": 80}).steps[1].expect.errno == "EACCES"
+    assert [s.index for s in load(path, {"n": 1}).steps if s.expect] == [2, 4]
+
+
+@pytest.mark.parametrize("key, message", [
+    ("bind-x: 0\n", r"key/s.yaml:1: no step of the scenario has the label 'bind-x'; did you mean 'bind-l'\?"),
+    ("bind-l: 0\nname-5: 0\n", r"key/s.yaml:2: no step .* 'name-5'"),
+    ("- bind-l\n", r"key/s.yaml:1: an answer key maps step labels to what they return"),
+    ("bind-l: 0\nbind-l: 1\n", r"key/s.yaml:2.*duplicate key 'bind-l'"),
+    ("bind-l: {{ nope }}\n", r"key/s.yaml:1: template: 'nope' is undefined"),
+    ("bind-l: {errno: 5}\n", r"key/s.yaml:1: step 2: `expect: errno:` takes a name"),
+])
+def test_a_bad_answer_key_is_one_clear_error(tmp_path, key, message):
+    path = write(tmp_path, KEYED)
+    write_key(tmp_path, key)
+    with pytest.raises(ScenarioError, match=message):
+        load(path)
+
+
+def test_a_step_answered_twice_is_refused(tmp_path):
+    """An answer in both the scenario and its key would let one silently win."""
+    path = write(tmp_path, KEYED.replace("label: bind-l}", "label: bind-l, expect: 0}"))
+    write_key(tmp_path, "bind-l: 0\n")
+    with pytest.raises(ScenarioError, match=r"key/s.yaml:1: step 2 \(bind-l\) has an `expect:` in the scenario too"):
+        load(path)
+
+
+def test_two_steps_with_the_key_s_label_are_refused(tmp_path):
+    path = write(tmp_path, KEYED.replace("label: name-{{ i }}", "label: name"))
+    write_key(tmp_path, "name: 0\n")
+    with pytest.raises(ScenarioError, match=r"key/s.yaml:1: 2 steps of the scenario have the label 'name'"):
+        load(path)
