@@ -188,7 +188,8 @@ def clean(c, all=False):
 
 
 @task(help={
-    "topology": "which VMs to boot: default (client + server), single (server) or mixed (client 6.1, server 7.2)",
+    "topology": "which VMs to boot: default (client + server), single (server), mixed (client 6.1, server 7.2), "
+                "lossy (20 ms, 1% loss, MTU 1400, no TSO/GSO), or the path of a topology file (docs/topologies.md)",
     "kernel": "kernel series (6.1, 6.12, 7.2) or recipe name; a topology may pin a VM to its own",
     "kernel_image": "boot your own bzImage over the chosen kernel's userland",
     "modules": "with --kernel-image: the INSTALL_MOD_PATH of its `make modules_install` (none if virtio is built in)",

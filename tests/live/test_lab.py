@@ -96,3 +96,23 @@ def test_down_leaves_nothing_behind(lab, tmp_path):
     assert _leftovers(own, netns, taps) == {"qemu": [], "netns": False, "taps": [], "run_dir": False}
     assert not any(qemu.is_running(pid) for pid in pids)
     assert not list(own.paths.home.rglob("*.qcow2"))
+
+
+def test_a_topology_s_nic_settings_are_made_in_the_guest(lab, tmp_path):
+    """`lossy`: MTU, offloads and netem from the topology file, set in both guests once they answer."""
+    own = Lab(own_home(lab.paths, tmp_path / "home"), name="lossy")
+    try:
+        state, started = own.up("lossy")
+        assert started and state.topology == "lossy"
+        for vm in ("client", "server"):
+            shown = own.ssh(vm).run("ip -o link show lab0; tc qdisc show dev lab0; ethtool -k lab0", check=True).stdout
+            assert " mtu 1400 " in shown
+            assert "netem" in shown and "delay 20ms loss 1%" in shown
+            assert "tcp-segmentation-offload: off" in shown and "generic-segmentation-offload: off" in shown
+        # The delay is real: one TCP connect is a round trip over two delayed NICs (20 ms each way).
+        took = own.ssh("client").run(
+            "python3 -c 'import socket,time; s=socket.socket(); t=time.monotonic(); "
+            "s.connect((\"198.51.100.2\", 22)); print(time.monotonic()-t)'", check=True).stdout
+        assert float(took) >= 0.035, took
+    finally:
+        own.down()
