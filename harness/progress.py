@@ -26,7 +26,7 @@ console = Console(stderr=True, highlight=False, width=_width(sys.stderr))
 out = Console(highlight=False, width=_width(sys.stdout))
 
 
-class Step:
+class Stage:
     """A running step; ``update`` changes the status text shown beside the spinner."""
 
     def __init__(self, status) -> None:
@@ -43,14 +43,14 @@ class Step:
 
 
 @contextmanager
-def step(title: str, quiet: bool = False) -> Iterator[Step]:
+def step(title: str, quiet: bool = False) -> Iterator[Stage]:
     """Show ``title`` with a spinner while the block runs, then ``✓ title  12.3 s`` (or ``✗``).
 
     Without a terminal (CI logs) the spinner is left out; the result lines stay.
     """
     live = console.is_terminal and not quiet
     with console.status(title) if live else nullcontext() as status:
-        current = Step(status)
+        current = Stage(status)
         try:
             yield current
         except BaseException:

@@ -641,26 +641,6 @@ class AgentHost:
         self.agents.clear()
 
 
-def run_steps(hosts: Mapping[str, AgentHost], steps: Any) -> list[AgentReply]:
-    """The real-kernel twin of ``harness.model.run_steps``: the same ``Step`` list, run on guests in order."""
-    from harness.model.runner import Step, resolve_args
-
-    saved: dict[str, Any] = {}
-    replies: list[AgentReply] = []
-    for raw in steps:
-        step = raw if isinstance(raw, Step) else Step(**raw)
-        try:
-            host = hosts[step.host]
-        except KeyError:
-            raise AgentRequestError(f"step {describe_step(step.op, step.args)} names host {step.host!r}; "
-                                    f"this lab has {', '.join(hosts)}") from None
-        reply = host.call(step.op, resolve_args(step.args, saved), user=step.user)
-        if step.save:
-            saved[step.save] = reply.ret
-        replies.append(reply)
-    return replies
-
-
 # -- latency ----------------------------------------------------------------------------------------
 
 def _time_ns(run: Callable[[], object], n: int) -> list[int]:

@@ -207,7 +207,7 @@ class Lab:
 
         plan = self._plan(state, topo, boots)
         # Snapshots are kept with the image each VM boots, keyed by its kernel and initrd too.
-        stores = {spec.name: vmstate.SnapshotStore(boots[spec.name].image.directory) for spec in plan}
+        stores = {spec.name: vmstate.SavedVMStore(boots[spec.name].image.directory) for spec in plan}
         keys = {spec.name: vmstate.snapshot_key({**boots[spec.name].image.sha256, **boots[spec.name].sha256}, spec,
                                                  vmstate.qemu_version()) for spec in plan}
         for store in {str(store.root): store for store in stores.values()}.values():
@@ -284,8 +284,8 @@ class Lab:
         self._boots = boots
         return specs
 
-    def _usable_snapshots(self, stores: dict[str, vmstate.SnapshotStore],
-                          keys: dict[str, str]) -> dict[str, vmstate.Snapshot]:
+    def _usable_snapshots(self, stores: dict[str, vmstate.SavedVMStore],
+                          keys: dict[str, str]) -> dict[str, vmstate.SavedVM]:
         """Every VM's snapshot if all are valid; a damaged one is discarded with a warning."""
         found = {}
         for name, key in keys.items():
@@ -299,7 +299,7 @@ class Lab:
         return found if len(found) == len(keys) else {}
 
     def _boot(self, state: LabState, topo: Topology, plan: list[qemu.VMSpec],
-              snapshots: dict[str, vmstate.Snapshot], deadline: float) -> None:
+              snapshots: dict[str, vmstate.SavedVM], deadline: float) -> None:
         """Start every VM (cold, or resuming its snapshot) and wait until all answer on SSH."""
         self.paths.ensure_private(self.run_dir)
         segment = None
@@ -378,7 +378,7 @@ class Lab:
             except SSHError as exc:
                 raise LabError(f"restored guests cannot reach each other: {exc}") from exc
 
-    def _save_snapshots(self, state: LabState, stores: dict[str, vmstate.SnapshotStore],
+    def _save_snapshots(self, state: LabState, stores: dict[str, vmstate.SavedVMStore],
                         keys: dict[str, str]) -> None:
         """Save every VM's ready state for the next ``lab.up``; a failure only costs the next boot its speed."""
         with progress.step("save ready snapshots for the next lab.up") as step:
@@ -396,7 +396,7 @@ class Lab:
                         pass
                 progress.say(f"[yellow]warning:[/] could not save snapshots ({exc}); the next lab.up boots cold")
 
-    def _wait_ssh(self, state: LabState, deadline: float, step: progress.Step) -> None:
+    def _wait_ssh(self, state: LabState, deadline: float, step: progress.Stage) -> None:
         abandon = threading.Event()
 
         def connect(vm: VMState) -> None:

@@ -1,12 +1,18 @@
-"""A generic step runner: the same step list (host, user, op, args with symbolic constants) drives the model."""
+"""The one step list runner: the same ``Step`` list (host, user, op, args with symbolic constants) drives the model
+and the guests.
+
+``run_steps`` takes any mapping of host name to something with ``call(op, args, user=)``: the model's
+``Network`` (or its ``Host`` objects), or the lab's ``harness.guest.client.AgentHost`` per VM. Scenario
+runs go through ``harness.scenario.runner``'s ``Backend`` instead; this is the API for code and tests
+that build steps themselves.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Protocol
 
 from .constants import NAMES, resolve
-from .result import Result
 
 # Arguments whose string values are constant names ("AF_INET", "SOCK_STREAM|SOCK_NONBLOCK").
 SYMBOLIC_ARGS = frozenset({"family", "type", "protocol", "level", "optname", "flags", "how", "events", "cmd"})
@@ -37,13 +43,32 @@ def resolve_args(args: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str,
     return out
 
 
-def run_steps(net: Any, steps: Iterable[Step | Mapping[str, Any]]) -> list[Result]:
-    """Run steps in order against a Network; returns one Result per step."""
+class Caller(Protocol):
+    """What a step runs on: a model host, or a guest's agents."""
+
+    def call(self, op: str, args: Mapping[str, Any], user: str = "root") -> Any: ...
+
+
+class UnknownHost(LookupError):
+    """A step names a host the network or lab does not have."""
+
+
+def run_steps(hosts: Any, steps: Iterable[Step | Mapping[str, Any]]) -> list[Any]:
+    """Run steps in order on ``hosts`` (a ``Network``, or a mapping of names to ``Caller``s): one result per step.
+
+    On the model the results are ``Result``s, on guests ``AgentReply``s; both have ``ret``, ``errno``
+    and ``blocked``, so the two lists compare item by item.
+    """
     saved: dict[str, Any] = {}
-    results: list[Result] = []
+    results: list[Any] = []
     for raw in steps:
         step = raw if isinstance(raw, Step) else Step(**raw)
-        result = net[step.host].call(step.op, resolve_args(step.args, saved), user=step.user)
+        try:
+            host: Caller = hosts[step.host]
+        except KeyError:
+            raise UnknownHost(f"step {step.op} names host {step.host!r}; there are: "
+                              f"{', '.join(getattr(hosts, 'hosts', hosts))}") from None
+        result = host.call(step.op, resolve_args(step.args, saved), user=step.user)
         if step.save:
             saved[step.save] = result.ret
         results.append(result)

@@ -116,13 +116,13 @@ class CheckReport:
 
     title: str
     runs: list[RunResult] = field(default_factory=list)
-    assertions: list[expect.Outcome] = field(default_factory=list)
+    assertions: list[expect.AssertionOutcome] = field(default_factory=list)
     kernel: bool = True
     notes: list[str] = field(default_factory=list)
     # host -> kernel series the model ran each host on
     kernels: dict[str, str] = field(default_factory=dict)
     # The assertions' outcomes again, by scenario name (a predictions sheet asks per scenario).
-    outcomes_by_scenario: dict[str, list[expect.Outcome]] = field(default_factory=dict)
+    outcomes_by_scenario: dict[str, list[expect.AssertionOutcome]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -270,7 +270,7 @@ def _hosts(spec: LabSpec) -> tuple[str, ...]:
     return topology_of(spec.topology).vms
 
 
-def _shown(outcome: expect.Outcome) -> str:
+def _shown(outcome: expect.AssertionOutcome) -> str:
     """The model's value for an assertion, as a report shows it; "" when it does not predict it."""
     if not outcome.predicted or outcome.error:
         return ""

@@ -62,7 +62,7 @@ class Assertion:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class AssertionOutcome:
     """One assertion, evaluated: the value seen and whether it held."""
 
     assertion: Assertion
@@ -221,7 +221,7 @@ def context(result: RunResult, params: Mapping[str, Any], sysctls: Mapping[str, 
             "sysctl": _ByHost("sysctl", sysctls)}
 
 
-def evaluate(assertions: list[Assertion], names: Mapping[str, Any]) -> list[Outcome]:
+def evaluate(assertions: list[Assertion], names: Mapping[str, Any]) -> list[AssertionOutcome]:
     env = sandbox()
     outcomes = []
     for assertion in assertions:
@@ -231,15 +231,15 @@ def evaluate(assertions: list[Assertion], names: Mapping[str, Any]) -> list[Outc
             if isinstance(value, jinja2.Undefined):
                 value._fail_with_undefined_error()
         except NotPredicted as exc:
-            outcomes.append(Outcome(assertion, None, True, str(exc), predicted=False))
+            outcomes.append(AssertionOutcome(assertion, None, True, str(exc), predicted=False))
             continue
         except jinja2.exceptions.SecurityError as exc:
-            outcomes.append(Outcome(assertion, None, False, f"unsafe expression: {exc}"))
+            outcomes.append(AssertionOutcome(assertion, None, False, f"unsafe expression: {exc}"))
             continue
         except Exception as exc:  # noqa: BLE001 - any failure to compute the value fails this assertion, with why
-            outcomes.append(Outcome(assertion, None, False, f"{type(exc).__name__}: {exc}"))
+            outcomes.append(AssertionOutcome(assertion, None, False, f"{type(exc).__name__}: {exc}"))
             continue
-        outcomes.append(Outcome(assertion, value, _holds(assertion, value)))
+        outcomes.append(AssertionOutcome(assertion, value, _holds(assertion, value)))
     return outcomes
 
 

@@ -64,7 +64,7 @@ def snapshot_key(image_digests: dict, spec: qemu.VMSpec, version: str) -> str:
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class SavedVM:
     """One VM's saved state in the store."""
 
     directory: Path
@@ -97,16 +97,16 @@ class Snapshot:
         return None
 
 
-class SnapshotStore:
+class SavedVMStore:
     """Snapshots of one image, under ``<image entry>/snapshots/``."""
 
     def __init__(self, image_dir: Path) -> None:
         self.root = image_dir / "snapshots"
 
-    def get(self, key: str) -> Snapshot:
-        return Snapshot(self.root / key)
+    def get(self, key: str) -> SavedVM:
+        return SavedVM(self.root / key)
 
-    def save(self, key: str, qmp_socket: Path, overlay: Path) -> Snapshot:
+    def save(self, key: str, qmp_socket: Path, overlay: Path) -> SavedVM:
         """Save a running guest (paused meanwhile, resumed by the caller) under ``key``.
 
         Files are written into a temporary directory of this process's own
@@ -127,12 +127,12 @@ class SnapshotStore:
             meta = {"format": SNAPSHOT_FORMAT, "state_size": (work / STATE).stat().st_size,
                     "disk_size": (work / DISK).stat().st_size, "state_sha256": file_sha256(work / STATE)}
             (work / META).write_text(json.dumps(meta, indent=2) + "\n")
-            if Snapshot(final).problem() is not None:
+            if SavedVM(final).problem() is not None:
                 shutil.rmtree(final, ignore_errors=True)
                 work.rename(final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        return Snapshot(final)
+        return SavedVM(final)
 
     def remove_interrupted(self, proc: Path = owner.PROC) -> list[Path]:
         """Delete the temporary directories of saves whose process is gone (socklab was killed mid-save)."""

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from harness.guest.client import Agent, AgentDied, AgentHost, measure_latency, run_steps
+from harness.guest.client import Agent, AgentDied, AgentHost, measure_latency
 from harness.model import Network, Step
 from harness.model import run_steps as run_on_model
 
@@ -188,7 +188,7 @@ def test_one_step_list_interleaves_on_both_guests_and_the_model(server, client):
     ]
     hosts = {"server": AgentHost(server, "server"), "client": AgentHost(client, "client")}
     try:
-        real = run_steps(hosts, steps)
+        real = run_on_model(hosts, steps)  # the same runner as the model's
     finally:
         for host in hosts.values():
             host.close()

@@ -222,9 +222,9 @@ def test_a_restore_that_fails_falls_back_to_a_cold_boot(lab, tmp_path, monkeypat
     fake_boots(monkeypatch, tmp_path)
     monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
     monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "test"))
-    monkeypatch.setattr(Lab, "_usable_snapshots", lambda self, stores, keys: {n: snapshot.Snapshot(tmp_path) for n in keys})
+    monkeypatch.setattr(Lab, "_usable_snapshots", lambda self, stores, keys: {n: snapshot.SavedVM(tmp_path) for n in keys})
     discarded, boots, saved = [], [], []
-    monkeypatch.setattr(snapshot.SnapshotStore, "discard", lambda self, key: discarded.append(key))
+    monkeypatch.setattr(snapshot.SavedVMStore, "discard", lambda self, key: discarded.append(key))
     monkeypatch.setattr(Lab, "_save_snapshots", lambda self, state, store, keys: saved.append(sorted(keys)))
 
     def boot(self, state, topo, plan, snapshots, deadline):

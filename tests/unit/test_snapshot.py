@@ -54,14 +54,14 @@ def test_image_or_qemu_changes_the_key(spec):
     assert key(spec, version="QEMU emulator version 8.2.0") != key(spec)
 
 
-def write_snapshot(directory: Path, state=b"S" * 1000, disk=b"D" * 300) -> snapshot.Snapshot:
+def write_snapshot(directory: Path, state=b"S" * 1000, disk=b"D" * 300) -> snapshot.SavedVM:
     directory.mkdir(parents=True)
     (directory / snapshot.STATE).write_bytes(state)
     (directory / snapshot.DISK).write_bytes(disk)
     meta = {"format": 1, "state_size": len(state), "disk_size": len(disk),
             "state_sha256": snapshot.file_sha256(directory / snapshot.STATE)}
     (directory / snapshot.META).write_text(json.dumps(meta))
-    return snapshot.Snapshot(directory)
+    return snapshot.SavedVM(directory)
 
 
 def test_whole_snapshot_is_usable(tmp_path):
@@ -69,7 +69,7 @@ def test_whole_snapshot_is_usable(tmp_path):
 
 
 def test_missing_snapshot_is_just_missing(tmp_path):
-    assert snapshot.Snapshot(tmp_path / "none").problem() == "missing"
+    assert snapshot.SavedVM(tmp_path / "none").problem() == "missing"
 
 
 def test_truncated_state_is_refused(tmp_path):
@@ -91,7 +91,7 @@ def test_missing_disk_is_refused(tmp_path):
 
 
 def test_store_discard_removes_it(tmp_path):
-    store = snapshot.SnapshotStore(tmp_path)
+    store = snapshot.SavedVMStore(tmp_path)
     write_snapshot(store.root / "abc")
     store.discard("abc")
     assert store.get("abc").problem() == "missing"
@@ -106,7 +106,7 @@ def _fake_migrate(content: bytes = b"S" * 1000, before_write=None):
 
 
 def test_a_save_is_written_aside_then_renamed_into_place(tmp_path, monkeypatch):
-    store = snapshot.SnapshotStore(tmp_path)
+    store = snapshot.SavedVMStore(tmp_path)
     overlay = tmp_path / "server.qcow2"
     overlay.write_bytes(b"D" * 300)
     seen = []
@@ -118,7 +118,7 @@ def test_a_save_is_written_aside_then_renamed_into_place(tmp_path, monkeypatch):
 
 
 def test_a_failed_save_leaves_neither_a_snapshot_nor_its_temporary_files(tmp_path, monkeypatch):
-    store = snapshot.SnapshotStore(tmp_path)
+    store = snapshot.SavedVMStore(tmp_path)
     (tmp_path / "server.qcow2").write_bytes(b"D")
 
     def fails(qmp_socket, target):
@@ -132,7 +132,7 @@ def test_a_failed_save_leaves_neither_a_snapshot_nor_its_temporary_files(tmp_pat
 
 
 def test_a_snapshot_another_lab_saved_meanwhile_is_kept(tmp_path, monkeypatch):
-    store = snapshot.SnapshotStore(tmp_path)
+    store = snapshot.SavedVMStore(tmp_path)
     existing = write_snapshot(store.root / "abc")
     inode = existing.disk.stat().st_ino
     (tmp_path / "server.qcow2").write_bytes(b"E" * 300)
@@ -148,7 +148,7 @@ def test_leftovers_of_a_killed_save_are_removed_but_a_live_save_is_not(tmp_path)
 
     from harness.vm import owner
 
-    store = snapshot.SnapshotStore(tmp_path)
+    store = snapshot.SavedVMStore(tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     me = os.getpid()

@@ -77,7 +77,7 @@ def test_a_guest_paused_over_qmp_is_reported_as_paused_within_10_s(faulty):
 def test_socklab_killed_while_saving_snapshots_leaves_no_ready_lab_and_no_half_snapshot(faulty):
     """SIGKILL of `invoke lab.up` during the save: the next up cleans the paused VMs and the leftovers."""
     faulty.down()
-    store = snapshot.SnapshotStore(image.find(faulty.paths).directory)
+    store = snapshot.SavedVMStore(image.find(faulty.paths).directory)
     # This cache's ready snapshots go, so that the next up boots cold and saves.
     for path in store.root.iterdir() if store.root.is_dir() else ():
         shutil.rmtree(path)
