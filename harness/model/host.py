@@ -135,8 +135,7 @@ class Host:
         if args is None:
             args = {}
         try:
-            proc = self.procs.get(user) or self.process(user)
-            return handler(self, proc, op, args)
+            return handler(self, self.procs.get(user) or self.process(user), op, args)
         except SyscallError as err:
             return Result(op, -1, err.errno, err.rule, err.kernel_fn, signal=err.signal)
         except Exception as exc:  # bad argument shapes must not escape as tracebacks

@@ -5,8 +5,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple
 
 from .addr import ANY4, ANY6, is_loopback4, v4_of_v6
 from . import tcp, zerocopy
@@ -20,9 +19,11 @@ if TYPE_CHECKING:
 
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """ip_route_connect()/ip_route_output() result: who answers, through which device, from which source."""
+class Route(NamedTuple):
+    """ip_route_connect()/ip_route_output() result: who answers, through which device, from which source.
+
+    A NamedTuple: every connect and datagram send builds one, and a frozen dataclass costs several times more.
+    """
 
     dst_host: "Host | None"
     device: Device

@@ -141,6 +141,8 @@ def sys_getsockopt(host, proc, op, args) -> Result:
 
 def _payload(args: Mapping[str, Any]) -> bytes:
     data = args.get("data")
+    if type(data) is bytes:
+        return data
     if data is None:
         length = args.get("length", args.get("len", 0))
         if isinstance(length, bool) or not isinstance(length, int):

@@ -205,8 +205,8 @@ def _establish(client: Sock, listener: Sock) -> None:
     client.sk_state = TCP_ESTABLISHED
     client.peer, child.peer = child, client
     client.host.net.syn_sent.discard(client)
-    for sk in (client, child):
-        _init_buffer_space(sk)
+    _init_buffer_space(client)
+    _init_buffer_space(child)
 
 
 def _init_buffer_space(sk: Sock) -> None:
@@ -294,7 +294,10 @@ def _done(sk: Sock) -> None:
     sk.host.net.syn_sent.discard(sk)
     if sk.orphan or not sk.bindport_locked:
         _unbind(sk)
-    zerocopy.complete_acked(sk)
+    if sk.zc_inflight:
+        zerocopy.complete_acked(sk)
+    else:
+        sk.zc_tail = None  # what complete_acked() does when nothing is in flight
     if sk.orphan:
         sk.peer = None  # a destroyed socket lets go of its peer (no reference cycle left for the GC)
 

@@ -15,6 +15,7 @@ from .constants import (
 from .kmem import udp_skb_truesize
 from .result import Result, SyscallError, fail
 from .sock import RCV_SHUTDOWN, SEND_SHUTDOWN, OpenFile, Sock
+from .tcp import check_route_source
 
 if TYPE_CHECKING:
     from .host import Host
@@ -38,8 +39,6 @@ def _mapped(sa: SockAddr) -> SockAddr:
 
 def _check_mapped_source(sk: Sock, dst: str) -> None:
     """ip6_dst_lookup_tail() and __mkroute_output() on the socket's bound source (see tcp.check_route_source)."""
-    from .tcp import check_route_source
-
     check_route_source(sk, dst, "ip6_datagram_connect")
 
 
