@@ -185,6 +185,8 @@ def fuzz(steps: int, seed: int, kernel: Kernel | None, hosts: tuple[str, ...] = 
          ) -> FuzzReport:
     """Generate and run programs until ``steps`` call steps ran; shrink each new kind of disagreement."""
     report = FuzzReport(seed)
+    if kernel is not None and hasattr(kernel, "start"):
+        kernel.start(hosts)  # every agent at once, before the first program
     known = set(known)
     seen: set[str] = set()
     number = 0

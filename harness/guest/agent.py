@@ -960,7 +960,7 @@ class Batch:
       the step answers ``{"calls", "total", "stopped"}``.
     - ``await`` is the answer the reference model gave. While the kernel's answer is a transient
       one (EAGAIN from accept/recv, EALREADY from connect, ENOTCONN from getpeername, any poll
-      result) and differs from it, the call is asked again every millisecond for up to
+      result; epoll_wait's "nothing ready") and differs from it, the call is asked again every millisecond for up to
       ``settle_ms``: a handshake or a datagram still on the wire is waited for, not reported as a
       disagreement. ``extra.settled`` says how many extra calls that took.
     """
@@ -1094,6 +1094,10 @@ class Batch:
             order = [item[0] if isinstance(item, list) else item for item in args.get("fds") or []]
             got = [response["ret"].get(str(fd)) for fd in order]
             return got != wanted.get("revents")
+        if op == "epoll_wait":
+            # Retried only while nothing is ready and the model has something: an empty answer
+            # consumed no edge-triggered or one-shot event, so asking again changes nothing.
+            return response.get("errno") is None and response.get("ret") == {} and bool(wanted.get("ready"))
         errno = response.get("errno")
         return errno in TRANSIENT.get(op, ()) and errno != wanted.get("errno")
 
