@@ -13,6 +13,7 @@ from .constants import (
     TCP_ESTABLISHED,
 )
 from .kmem import udp_skb_truesize
+from .ports import v4_rcv_saddr
 from .result import Result, SyscallError, fail
 from .sock import RCV_SHUTDOWN, SEND_SHUTDOWN, OpenFile, Sock
 from .tcp import check_route_source
@@ -116,10 +117,16 @@ def lookup(host: "Host", dst: str, dport: int, src: str, sport: int, v4_path: bo
             if local != dst:
                 continue
             score += 4
+        # compute_score(): a connected peer's address and port each count only where set, so a
+        # socket connected to port 0 takes datagrams from any port of that address.
         if peer is not None:
-            if peer != src or sk.peer_port != sport:
+            if peer != src:
                 continue
-            score += 8
+            score += 4
+        if sk.peer_port:
+            if sk.peer_port != sport:
+                continue
+            score += 4
         if score > best_score:
             best, best_score = sk, score
     return best
@@ -216,9 +223,13 @@ def _deliver(host: "Host", sk: Sock, route, dport: int, payload: bytes) -> str:
     if target is None:
         receiver_host.bump("Udp.NoPorts")
         peer = v4_of_v6(sk.peer_addr) or sk.peer_addr if v4_path and sk.peer_addr else sk.peer_addr
-        # __udp4_lib_err() finds the sender by the datagram's addresses: a connected socket only
-        # when the datagram went to its peer.
-        if sk.sk_state == TCP_ESTABLISHED and peer == route.dst and sk.peer_port == dport:
+        # __udp4_lib_err() finds the sender by the datagram's addresses, with the receive path's
+        # compute_score(): its bound address must be the datagram's source (a v6 socket bound to a
+        # native address has the IPv4 view 127.0.0.6, which no IPv4 datagram leaves from), and a
+        # connected socket's peer must be where the datagram went (peer port 0 matches any port).
+        local = v4_rcv_saddr(sk) if v4_path else (sk.rcv_addr or ANY6)
+        if sk.sk_state == TCP_ESTABLISHED and peer == route.dst and sk.peer_port in (0, dport) \
+                and local in (ANY4, ANY6, src):
             sk.err = "ECONNREFUSED"  # __udp4_lib_err(): port unreachable is a hard error for connected sockets
             return "sent; no socket on that port: ICMP port unreachable sets ECONNREFUSED on this socket"
         return "sent; no socket on that port (Udp.NoPorts on the receiver)"
