@@ -170,6 +170,15 @@ def _send_syn(sk: Sock) -> None:
         return  # nobody answers ARP; syn_timer() fails the connect
     dst, v4_path = _dst_v4(sk)
     listener = lookup_listener(dst_host, dst, sk.peer_port, v4_path)
+    if listener is None and dst_host is host and sk.peer_port == sk.port and _own_address(sk, dst, v4_path):
+        # A SYN to the socket's own address and port meets the socket itself in SYN_SENT:
+        # tcp_rcv_synsent_state_process() takes it as a simultaneous open, and the
+        # connection is established with itself (what it sends, it reads back).
+        sk.sk_state = TCP_ESTABLISHED
+        sk.peer = sk
+        host.net.syn_sent.discard(sk)
+        _init_buffer_space(sk)
+        return
     if listener is None:
         dst_host.bump("Tcp.OutRsts")
         host.bump("Tcp.AttemptFails")
@@ -178,6 +187,16 @@ def _send_syn(sk: Sock) -> None:
     admitted, _ = conn_request(listener)
     if admitted:
         _establish(sk, listener)
+
+
+def _own_address(sk: Sock, dst: str, v4_path: bool) -> bool:
+    """Whether ``dst`` (as the wire carries it) is the address the socket sends from."""
+    src = sk.rcv_addr
+    if src is None:
+        return False
+    if v4_path and sk.family == AF_INET6:
+        src = v4_of_v6(src) or src
+    return src == dst
 
 
 def _establish(client: Sock, listener: Sock) -> None:
