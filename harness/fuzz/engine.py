@@ -275,7 +275,9 @@ def corpus_text(disagreement: Disagreement, reason: str = "") -> str:
         program = Program(program.seed, program.number, program.hosts, program.sysctls,
                           program.steps[:step_index + 1])
         reason = (reason + " " if reason else "") + "Not shrunk: it did not happen again when the program was rerun."
-    used = [host for host in program.hosts if any(step["on"] == host for step in program.steps)]
+    # Every host of the program stays: a step may address one it no longer runs on (a connect to the
+    # client's address needs the client there to answer with an RST).
+    used = list(program.hosts)
     header = {
         "name": f"fuzz-{program.seed}-{program.number}",
         "description": (f"found by lab.fuzz --seed {program.seed} (program {program.number}): {disagreement.signature}. "

@@ -49,7 +49,8 @@ GETOPTS = [
 PROGRAM_LENGTH = 50  # steps per program: long enough for long batches, short enough to shrink fast
 SOLO_SHARE, SOLO_LENGTH_FACTOR = 0.5, 3
 SWITCH_ACTOR = 1 / 20  # mean length of a run of steps on one (host, user)
-SETTLING = {"accept", "accept4", "recv", "recvmsg", "recvfrom", "poll", "getpeername", "connect", "epoll_wait"}
+SETTLING = {"accept", "accept4", "recv", "recvmsg", "recvfrom", "poll", "getpeername", "connect", "epoll_wait",
+            "send", "sendto", "sendmsg", "bind"}
 EPOLL_EVENTS = ["EPOLLIN", "EPOLLOUT", "EPOLLIN|EPOLLOUT", "EPOLLIN|EPOLLRDHUP", "EPOLLIN|EPOLLET",
                 "EPOLLIN|EPOLLOUT|EPOLLET", "EPOLLIN|EPOLLONESHOT", "EPOLLOUT|EPOLLONESHOT", "EPOLLIN|EPOLLEXCLUSIVE",
                 "EPOLLIN|EPOLLEXCLUSIVE|EPOLLONESHOT", 0]

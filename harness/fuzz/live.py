@@ -34,6 +34,7 @@ class LiveKernel:
         self.agents: dict[tuple[str, str], Agent] = {}
         self.dirty: set[tuple[str, str]] = set()  # agents holding sockets of an earlier program
         self.to_reset: set[tuple[str, str]] = set()
+        self.sysctl_hosts: set[str] = set()  # hosts whose sysctls the current program set
         self.round_trips = 0
         self.segment_seconds = 0.0  # inside batch round trips only: agent start-up is start_seconds
         self.start_seconds = 0.0
@@ -68,6 +69,12 @@ class LiveKernel:
 
     def begin(self, program: Program) -> None:
         self.to_reset = set(self.dirty)
+        # A host whose sysctls an earlier program changed is put back now, even if this program never
+        # runs a step as root there: its other agents' steps must meet the defaults the model assumes.
+        for host in sorted(self.sysctl_hosts - set(program.sysctls)):
+            if (host, "root") in self.to_reset:
+                self._batch(host, "root", [])
+        self.sysctl_hosts = set(program.sysctls)
         for host, settings in program.sysctls.items():
             steps = [{"op": "sysctl_set", "args": {"name": name, "value": value}} for name, value in settings.items()]
             replies = self._batch(host, "root", steps)

@@ -944,7 +944,9 @@ MAX_REPEATS = 100_000
 MAX_SETTLE_MS = 5000
 # Answers that say "not yet" and leave the socket as it was, so asking again changes nothing.
 TRANSIENT = {"accept": {"EAGAIN"}, "accept4": {"EAGAIN"}, "recv": {"EAGAIN"}, "recvfrom": {"EAGAIN"},
-             "recvmsg": {"EAGAIN"}, "connect": {"EALREADY"}, "getpeername": {"ENOTCONN"}}
+             "recvmsg": {"EAGAIN"}, "connect": {"EALREADY"}, "getpeername": {"ENOTCONN"},
+             # a send or a bind while a refused handshake's RST is still on the way from the other VM
+             "send": {"EAGAIN"}, "sendto": {"EAGAIN"}, "sendmsg": {"EAGAIN"}, "bind": {"EINVAL"}}
 
 
 class Batch:
@@ -959,7 +961,7 @@ class Batch:
     - ``until: "EAGAIN"`` repeats the call until that errno, any other errno, or ``max`` calls;
       the step answers ``{"calls", "total", "stopped"}``.
     - ``await`` is the answer the reference model gave. While the kernel's answer is a transient
-      one (EAGAIN from accept/recv, EALREADY from connect, ENOTCONN from getpeername, any poll
+      one (EAGAIN from accept/recv/send, EINVAL from bind, EALREADY from connect, ENOTCONN from getpeername, any poll
       result; epoll_wait's "nothing ready") and differs from it, the call is asked again every millisecond for up to
       ``settle_ms``: a handshake or a datagram still on the wire is waited for, not reported as a
       disagreement. ``extra.settled`` says how many extra calls that took.

@@ -77,6 +77,8 @@ class Sock:
     syn_next = 0.0
     route_host = None  # the peer host a pending SYN goes to (None: nobody answers)
     unix_path: "str | None" = None
+    mapped_ops = False  # icsk_af_ops is ipv6_mapped: a v4-mapped connect got as far as sending its SYN
+    syn_lost = False  # the pending SYN can never be answered (sent down the stale IPv4 path)
 
     def __init__(self, host: "Host", inode: int, family: int, sock_type: int, protocol: int,
                  ops: "ProtoOps", uid: int):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from . import create, epoll, poll as pollmod, sockopt
-from .addr import parse_sockaddr
+from .addr import SOCKADDR_STORAGE, parse_sockaddr
 from .args import arg_int
 from .constants import (
     AF_INET, AF_INET6, AF_MAX, AF_PACKET, AF_UNIX, O_NONBLOCK, S_IFSOCK, SOCK_CLOEXEC, SOCK_MAX, SOCK_NONBLOCK,
@@ -161,6 +161,14 @@ def sys_send(host, proc, op, args) -> Result:
     f = proc.lookup(args.get("fd"))
     payload = _payload(args)
     flags = arg_int(args, "flags", 0)
+    if op == "sendmsg" and args.get("addr") is not None and type(args.get("addrlen")) is int:
+        # __copy_msghdr(): msg_namelen above sizeof(struct sockaddr_storage) is clamped to it, and
+        # a zero msg_namelen drops the name (measured: fuzz-1-93, fuzz-1-105); sendto() checks instead.
+        namelen = args["addrlen"]
+        if namelen == 0:
+            args = {key: value for key, value in args.items() if key not in ("addr", "addrlen")}
+        elif namelen > SOCKADDR_STORAGE:
+            args = {**args, "addrlen": SOCKADDR_STORAGE}
     dest = parse_sockaddr(args) if args.get("addr") is not None else None
     return f.sock.ops.sendmsg(op, host, proc.creds, f, payload, flags, dest)
 

@@ -56,9 +56,13 @@ def connect(host: "Host", sk: Sock, sa: SockAddr) -> None:
         raise fail("ENETUNREACH", "TCP cannot connect to a multicast or broadcast address", fn)
     if v6 and sa.host == "::" and sk.rcv_addr and v4_of_v6(sk.rcv_addr) is not None:
         sa = sa._replace(host="::ffff:127.0.0.1")  # tcp_v6_connect(): "::" means loopback, v4-mapped for a mapped source
+    mapped = v6 and v4_of_v6(sa.host) is not None
+    if mapped and sk.v6only:
+        # tcp_v6_connect(): a v4-mapped destination on an IPv6-only socket (a specific IPv6 bind makes
+        # one) is refused before any route lookup (measured: fuzz-1-92, fuzz-1-57).
+        raise fail("ENETUNREACH", "v4-mapped destination on an IPV6_V6ONLY socket", fn)
     check_route_source(sk, sa.host, fn)
     route = host.net.route(host, sa.host, v6)
-    mapped = v6 and v4_of_v6(sa.host) is not None
     src = f"::ffff:{route.src}" if mapped else route.src
     dst = f"::ffff:{route.dst}" if mapped else route.dst
     if not sk.bound:
@@ -83,6 +87,15 @@ def connect(host: "Host", sk: Sock, sa: SockAddr) -> None:
     if route.dst_host is None:
         sk.syn_retries_left = -1
         sk.syn_next = host.net.now + ARP_FAILURE_DELAY
+    # tcp_v6_connect() switches icsk_af_ops to ipv6_mapped for a v4-mapped destination and only
+    # switches back when tcp_v4_connect() fails at once; after an asynchronous failure the socket
+    # keeps them, so a later connect to a native IPv6 address sends its SYN down the IPv4 path with
+    # stale IPv4 addresses, and no answer ever finds the socket (measured: fuzz-1-44, fuzz-1-55).
+    if mapped:
+        sk.mapped_ops = True
+        sk.syn_lost = False
+    else:
+        sk.syn_lost = v6 and sk.mapped_ops
     host.net.syn_sent.add(sk)
     host.net.schedule(sk.syn_next, sk)
     _send_syn(sk)
@@ -166,8 +179,8 @@ def _listendrop(listener: Sock) -> None:
 def _send_syn(sk: Sock) -> None:
     host = sk.host
     dst_host = sk.route_host
-    if dst_host is None:
-        return  # nobody answers ARP; syn_timer() fails the connect
+    if dst_host is None or sk.syn_lost:
+        return  # nobody answers ARP (syn_timer() fails the connect), or the SYN left on the wrong path
     dst, v4_path = _dst_v4(sk)
     listener = lookup_listener(dst_host, dst, sk.peer_port, v4_path)
     if listener is None and dst_host is host and sk.peer_port == sk.port and _own_address(sk, dst, v4_path):
@@ -226,6 +239,12 @@ def _establish(client: Sock, listener: Sock) -> None:
     client.host.net.syn_sent.discard(client)
     _init_buffer_space(client)
     _init_buffer_space(child)
+    if listener.shutdown & SEND_SHUTDOWN:
+        # sk_clone_lock() copies the listener's sk_shutdown (a shutdown(SHUT_WR) before listen()
+        # records it, ENOTCONN or not); the child's tcp_rcv_state_process() then finishes that
+        # shutdown as it becomes ESTABLISHED, so its FIN follows the handshake (measured: fuzz-1-120).
+        child.shutdown |= SEND_SHUTDOWN
+        _send_fin(child)
 
 
 def _init_buffer_space(sk: Sock) -> None:
@@ -269,6 +288,8 @@ def _fail_connect(sk: Sock, error: str) -> None:
 
 
 def pending_reason(sk: Sock) -> str:
+    if sk.syn_lost:
+        return "SYN sent down the stale ipv6_mapped path: no answer will find this socket; ETIMEDOUT after tcp_syn_retries"
     if sk.route_host is None:
         return f"no host answers for {sk.peer_addr}; EHOSTUNREACH after ~{ARP_FAILURE_DELAY:.0f} s"
     return (f"SYN to {sk.peer_addr}:{sk.peer_port} dropped (accept queue full); retransmit in "
