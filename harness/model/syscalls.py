@@ -88,10 +88,15 @@ def sys_listen(host, proc, op, args) -> Result:
 
 
 def sys_accept(host, proc, op, args) -> Result:
-    f = proc.lookup(args.get("fd"))
     flags = arg_int(args, "flags", 0) if op == "accept4" else 0
     if flags & ~(SOCK_CLOEXEC | SOCK_NONBLOCK):
+        # __sys_accept4() takes the file (EBADF), then __sys_accept4_file() refuses the flags before
+        # sock_from_file() asks whether it is a socket (measured: EINVAL, not ENOTSOCK, on fd 0).
+        fd = args.get("fd")
+        if type(fd) is not int or fd not in proc.fds:
+            proc.lookup(fd)  # EBADF
         raise fail("EINVAL", f"accept4 flags {flags:#x} other than SOCK_NONBLOCK|SOCK_CLOEXEC", "__sys_accept4_file")
+    f = proc.lookup(args.get("fd"))
     return f.sock.ops.accept(op, host, proc, f, flags)
 
 

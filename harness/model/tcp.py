@@ -96,9 +96,12 @@ def connect(host: "Host", sk: Sock, sa: SockAddr) -> None:
         sk.syn_lost = False
     else:
         sk.syn_lost = v6 and sk.mapped_ops
-    host.net.syn_sent.add(sk)
-    host.net.schedule(sk.syn_next, sk)
     _send_syn(sk)
+    if sk.sk_state == TCP_SYN_SENT:
+        # Only a SYN still unanswered needs its retransmit timer (an answered one would find the
+        # socket out of SYN_SENT and drop the timer anyway).
+        host.net.syn_sent.add(sk)
+        host.net.schedule(sk.syn_next, sk)
 
 
 def _dst_v4(sk: Sock) -> tuple[str, bool]:
