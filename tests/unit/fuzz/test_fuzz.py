@@ -235,3 +235,43 @@ def test_a_call_the_model_says_blocks_is_confirmed_with_the_short_guard_and_epol
     assert guest.Batch.transient("epoll_wait", {}, {"errno": None, "ret": {}}, wait["await"])
     assert not guest.Batch.transient("epoll_wait", {}, {"errno": None, "ret": {"5": 4}}, wait["await"])
     assert not guest.Batch.transient("epoll_wait", {}, {"errno": None, "ret": {}}, {"errno": None, "ready": 0})
+
+
+def test_the_live_kernel_starts_agents_up_front_and_resets_a_host_whose_sysctls_changed(monkeypatch):
+    from harness.fuzz import live
+
+    batches = []
+
+    class FakeAgent:
+        def __init__(self, ssh, host, user, block_ms):
+            self.key = (host, user)
+
+        def start(self):
+            return self
+
+        def batch(self, steps, block_ms=None):
+            batches.append((self.key, [s["op"] for s in steps]))
+            return [guest_reply(s) for s in steps]
+
+        def close(self):
+            pass
+
+    def guest_reply(step):
+        from harness.agent import AgentReply
+        return AgentReply(id=0, op=step["op"], ret=0, errno=None, t_ns=0, dt_ns=0)
+
+    class FakeLab:
+        def ssh(self, host, timeout=None):
+            return host
+
+    monkeypatch.setattr(live, "Agent", FakeAgent)
+    kernel = live.LiveKernel(FakeLab())
+    kernel.start(("server", "client"))
+    assert set(kernel.agents) == {(h, u) for h in ("server", "client") for u in ("root", "student")}
+    with_sysctl = Program(1, 0, ("server", "client"), {"server": {"net.core.somaxconn": 4}}, [])
+    kernel.begin(with_sysctl)
+    kernel.run_segment("client", "student", [{"op": "socket", "args": {}}])
+    assert batches[-2] == (("server", "root"), ["sysctl_set"])
+    kernel.begin(Program(1, 1, ("server", "client"), {}, []))  # runs nothing as root on the server
+    assert batches[-1] == (("server", "root"), ["reset"])
+    assert kernel.round_trips == 3 and kernel.steps == 1
