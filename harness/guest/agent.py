@@ -839,6 +839,15 @@ class Session:
     def op_reset(self, args: dict) -> Outcome:
         start = time.monotonic_ns()
         closed = self.cleanup()
+        for fd in (0, 1, 2):
+            # A step may have set FD_CLOEXEC or O_NONBLOCK on /dev/null at 0-2: the next program
+            # starts from a fresh C program's descriptors again (inheritable, blocking).
+            if fd not in self.reserved:
+                try:
+                    fcntl.fcntl(fd, F_SETFD, 0)
+                    fcntl.fcntl(fd, F_SETFL, fcntl.fcntl(fd, F_GETFL) & ~os.O_NONBLOCK)
+                except OSError:
+                    pass
         self.t_ns, self.dt_ns = start, time.monotonic_ns() - start
         return Outcome(0, 0, closed)
 

@@ -106,6 +106,7 @@ def inet_bind(op: str, host: "Host", creds: Creds, f: OpenFile, sa: SockAddr) ->
     sk.port = port
     sk.bound = True
     sk.bindport_locked = sa.port != 0
+    sk.bindaddr_locked = addr not in (ANY4, ANY6)  # SOCK_BINDADDR_LOCK: tcp_disconnect() keeps the address
     port_table(host, sk).add(sk, port)
     kernel_fn = "inet_csk_get_port" if sk.type == SOCK_STREAM else "udp_lib_get_port"
     return Result(op, 0, None, f"bound {ep_text(sk, False)}; {rule}", kernel_fn)

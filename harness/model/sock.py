@@ -50,6 +50,7 @@ class Sock:
     sndbuf_locked = False  # SOCK_SNDBUF_LOCK
     rcvbuf_locked = False
     bindport_locked = False  # SOCK_BINDPORT_LOCK: bind() named the port
+    bindaddr_locked = False  # SOCK_BINDADDR_LOCK: bind() named an address
     rcv_addr: "str | None" = None  # None: not bound; "0.0.0.0"/"::" wildcard
     port = 0
     sport = 0  # inet_sport left behind when a TCP socket lost its port (getsockname still shows it)

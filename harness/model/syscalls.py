@@ -213,12 +213,19 @@ def sys_fcntl(host, proc, op, args) -> Result:
     cmd = arg_int(args, "cmd")
     if not isinstance(entry, OpenFile):
         # fds 0-2: a terminal (the agent: /dev/null) opened O_RDWR, which the kernel marks O_LARGEFILE.
+        flags = proc.tty_flags.setdefault(fd, [False, False])  # [O_NONBLOCK, FD_CLOEXEC]
         if cmd == F_GETFL:
-            return Result(op, 0o2 | O_LARGEFILE, None, "O_RDWR|O_LARGEFILE (force_o_largefile)", "do_fcntl")
+            return Result(op, 0o2 | O_LARGEFILE | (O_NONBLOCK if flags[0] else 0), None,
+                          "O_RDWR|O_LARGEFILE (force_o_largefile) plus status flags", "do_fcntl")
         if cmd == F_GETFD:
-            return Result(op, 0, None, "inherited without FD_CLOEXEC", "do_fcntl")
-        if cmd in (F_SETFL, F_SETFD):
-            return Result(op, 0, None, "flags of a non-socket descriptor (not tracked further)", "do_fcntl")
+            return Result(op, FD_CLOEXEC if flags[1] else 0, None,
+                          "FD_CLOEXEC set" if flags[1] else "inherited without FD_CLOEXEC", "do_fcntl")
+        if cmd == F_SETFL:
+            flags[0] = bool(arg_int(args, "arg", 0) & O_NONBLOCK)
+            return Result(op, 0, None, f"O_NONBLOCK {'set' if flags[0] else 'cleared'} on a non-socket", "setfl")
+        if cmd == F_SETFD:
+            flags[1] = bool(arg_int(args, "arg", 0) & FD_CLOEXEC)
+            return Result(op, 0, None, f"FD_CLOEXEC {'set' if flags[1] else 'cleared'} on a non-socket", "do_fcntl")
         raise fail("EINVAL", f"fcntl command {cmd} is not modelled", "do_fcntl")
     if cmd == F_GETFL:
         return Result(op, 0o2 | (O_NONBLOCK if entry.nonblock else 0), None, "O_RDWR plus status flags", "do_fcntl")

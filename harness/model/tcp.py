@@ -242,12 +242,14 @@ def _establish(client: Sock, listener: Sock) -> None:
     client.host.net.syn_sent.discard(client)
     _init_buffer_space(client)
     _init_buffer_space(child)
-    if listener.shutdown & SEND_SHUTDOWN:
-        # sk_clone_lock() copies the listener's sk_shutdown (a shutdown(SHUT_WR) before listen()
-        # records it, ENOTCONN or not); the child's tcp_rcv_state_process() then finishes that
-        # shutdown as it becomes ESTABLISHED, so its FIN follows the handshake (measured: fuzz-1-120).
-        child.shutdown |= SEND_SHUTDOWN
-        _send_fin(child)
+    if listener.shutdown:
+        # sk_clone_lock() copies the listener's sk_shutdown (a shutdown() before listen() records
+        # it, ENOTCONN or not); the child's tcp_rcv_state_process() then finishes a SHUT_WR as it
+        # becomes ESTABLISHED, so its FIN follows the handshake (measured: fuzz-1-120), and a
+        # SHUT_RD stays (poll says POLLHUP with both: fuzz-1-611).
+        child.shutdown |= listener.shutdown
+        if listener.shutdown & SEND_SHUTDOWN:
+            _send_fin(child)
 
 
 def _init_buffer_space(sk: Sock) -> None:
@@ -462,7 +464,8 @@ def disconnect(host: "Host", sk: Sock) -> None:
     sk.fin_received = False
     if not sk.bindport_locked:
         _unbind(sk)
-        sk.rcv_addr = None
+        if not sk.bindaddr_locked:
+            sk.rcv_addr = None  # inet_reset_saddr() unless SOCK_BINDADDR_LOCK (measured: fuzz-1-162)
 
 
 def close(host: "Host", sk: Sock) -> str:
@@ -513,7 +516,9 @@ def _flush(sender: Sock) -> None:
     peer = sender.peer
     if not sender.tx_pending:
         return
-    if isinstance(peer, TimeWaitSock) or (isinstance(peer, Sock) and peer.orphan and peer.shutdown & RCV_SHUTDOWN):
+    if isinstance(peer, TimeWaitSock) or (isinstance(peer, Sock) and peer.shutdown & RCV_SHUTDOWN and (
+            peer.orphan or peer.sk_state in (TCP_FIN_WAIT1, TCP_FIN_WAIT2))):
+        # tcp_rcv_state_process(): new data for a FIN_WAIT socket whose receive side is shut is reset
         # data for a socket that has closed its read side: it answers with RST (TCPAbortOnData)
         if isinstance(peer, Sock):
             peer.host.bump("TcpExt.TCPAbortOnData")
@@ -583,7 +588,7 @@ def _send_checked(op, host, sk: Sock, payload: bytes, flags: int, nonblock: bool
         return Result(op, 0, None, "nothing to send", "tcp_sendmsg_locked")
     peer = sk.peer
     if (uarg is None and not sk.tx_pending and type(peer) is Sock and not peer.orphan
-            and receive_window(peer) - len(peer.rx) >= size):
+            and not peer.shutdown & RCV_SHUTDOWN and receive_window(peer) - len(peer.rx) >= size):
         peer.rx += payload  # common case: the whole write fits the peer's window and is acked at once
         if flags & MSG_ZEROCOPY:
             return Result(op, size, None, f"sent {size} bytes; {_ZC_IGNORED}", "tcp_sendmsg_locked")

@@ -70,6 +70,11 @@ def connect(op: str, host: "Host", sk: Sock, sa: SockAddr) -> Result:
         return Result(op, 0, None, "AF_UNSPEC: default destination removed", "udp_disconnect")
     _autobind(host, sk)  # happens before the address is even checked
     fn = "ip6_datagram_connect" if sk.family == AF_INET6 else "ip4_datagram_connect"
+    if sk.family == AF_INET6 and sa.family == AF_INET6 and sa.host == ANY6:
+        # __ip6_datagram_connect(): "::" is the loopback, v4-mapped for a v4-mapped bound address
+        # (measured: fuzz-1-429), as tcp_v6_connect() does.
+        mapped_source = sk.rcv_addr is not None and v4_of_v6(sk.rcv_addr) is not None
+        sa = sa._replace(host="::ffff:127.0.0.1" if mapped_source else "::1")
     if sk.family == AF_INET6 and sa.family == AF_INET:
         # __ip6_datagram_connect(): an AF_INET name takes the IPv4 path, then the ends read v4-mapped.
         if sk.v6only:
@@ -166,7 +171,10 @@ def sendmsg(op: str, host: "Host", creds, f: OpenFile, payload: bytes, flags: in
         dst, dport = sk.peer_addr, sk.peer_port
         if v6 and dport == 0 and v4_of_v6(dst) is not None:
             # udpv6_sendmsg() hands a v4-mapped peer to udp_sendmsg() as an explicit sockaddr_in,
-            # whose port 0 it refuses; a native peer on port 0 is sent to as it is.
+            # whose port 0 it refuses; a native peer on port 0 is sent to as it is. udp_sendmsg()
+            # refuses MSG_OOB before it looks at the name (measured: fuzz-1-295).
+            if flags & MSG_OOB:
+                raise fail("EOPNOTSUPP", "MSG_OOB on UDP (udp_sendmsg, for the v4-mapped peer)", "udp_sendmsg")
             raise fail("EINVAL", "connected to port 0 of a v4-mapped address", "udp_sendmsg")
     if v6 and flags & MSG_OOB:
         raise fail("EOPNOTSUPP", "MSG_OOB on UDP (udpv6_sendmsg checks the destination first)", "udp_sendmsg")
