@@ -62,7 +62,7 @@ def connect(host: "Host", sk: Sock, sa: SockAddr) -> None:
         # one) is refused before any route lookup (measured: fuzz-1-92, fuzz-1-57).
         raise fail("ENETUNREACH", "v4-mapped destination on an IPV6_V6ONLY socket", fn)
     check_route_source(sk, sa.host, fn)
-    route = host.net.route(host, sa.host, v6)
+    route = host.net.route(host, sa.host, v6, _v4_source(sk))
     src = f"::ffff:{route.src}" if mapped else route.src
     dst = f"::ffff:{route.dst}" if mapped else route.dst
     if not sk.bound:
@@ -203,6 +203,14 @@ def _send_syn(sk: Sock) -> None:
     admitted, _ = conn_request(listener)
     if admitted:
         _establish(sk, listener)
+
+
+def _v4_source(sk: Sock) -> str | None:
+    """The socket's specific IPv4 source (its bound or connected address), if it has one."""
+    src = sk.rcv_addr
+    if src is None:
+        return None
+    return (v4_of_v6(src) if ":" in src else src) or None
 
 
 def _own_address(sk: Sock, dst: str, v4_path: bool) -> bool:
@@ -464,8 +472,9 @@ def disconnect(host: "Host", sk: Sock) -> None:
     sk.fin_received = False
     if not sk.bindport_locked:
         _unbind(sk)
-        if not sk.bindaddr_locked:
-            sk.rcv_addr = None  # inet_reset_saddr() unless SOCK_BINDADDR_LOCK (measured: fuzz-1-162)
+    if not sk.bindaddr_locked:
+        # inet_reset_saddr() unless SOCK_BINDADDR_LOCK, whether or not the port stays (fuzz-1-162, 1-200)
+        sk.rcv_addr = (ANY6 if sk.family == AF_INET6 else ANY4) if sk.bound else None
 
 
 def close(host: "Host", sk: Sock) -> str:

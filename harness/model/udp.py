@@ -16,7 +16,7 @@ from .kmem import udp_skb_truesize
 from .ports import v4_rcv_saddr
 from .result import Result, SyscallError, fail
 from .sock import RCV_SHUTDOWN, SEND_SHUTDOWN, OpenFile, Sock
-from .tcp import check_route_source
+from .tcp import _v4_source, check_route_source
 
 if TYPE_CHECKING:
     from .host import Host
@@ -86,7 +86,7 @@ def connect(op: str, host: "Host", sk: Sock, sa: SockAddr) -> Result:
     if sk.family == AF_INET6 and sk.v6only and v4_of_v6(sa.host) is not None:
         raise fail("ENETUNREACH", "v4-mapped destination on an IPV6_V6ONLY socket", fn)
     _check_mapped_source(sk, sa.host)
-    route = host.net.route(host, sa.host, sa.family == AF_INET6)
+    route = host.net.route(host, sa.host, sa.family == AF_INET6, _v4_source(sk))
     mapped = sk.family == AF_INET6 and ":" not in route.src
     src = f"::ffff:{route.src}" if mapped else route.src
     if sk.rcv_addr in (ANY4, ANY6, None):
@@ -180,12 +180,13 @@ def sendmsg(op: str, host: "Host", creds, f: OpenFile, payload: bytes, flags: in
         raise fail("EOPNOTSUPP", "MSG_OOB on UDP (udpv6_sendmsg checks the destination first)", "udp_sendmsg")
     if v6 and sk.v6only and v4_of_v6(dst) is not None:
         raise fail("ENETUNREACH", "v4-mapped destination on an IPV6_V6ONLY socket", fn)
-    if v6 and sk.err and v4_of_v6(dst) is None:
-        # Seen on 6.1 (tests/corpus/fuzz-1-25.yaml): a pending ICMP error is reported before the route
-        # lookup refuses a v4-mapped source.
+    if v6 and sk.err and dst == ANY6:
+        # Seen on 6.1 (tests/corpus/fuzz-1-25.yaml): toward :: a pending ICMP error is reported before
+        # the route lookup refuses a v4-mapped source; toward ::1 the refusal comes first
+        # (fuzz-1-322, fuzz-1-229). Why the two differ is not traced yet.
         raise fail(sk.take_error(), "pending socket error reported (ICMP)", "sock_error")
     _check_mapped_source(sk, dst)
-    route = host.net.route(host, dst, ":" in dst)
+    route = host.net.route(host, dst, ":" in dst, _v4_source(sk))
     if dst == "255.255.255.255" and not sk.broadcast:
         raise fail("EACCES", "broadcast destination without SO_BROADCAST", fn)
     try:
