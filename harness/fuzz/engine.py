@@ -185,6 +185,8 @@ def fuzz(steps: int, seed: int, kernel: Kernel | None, hosts: tuple[str, ...] = 
          ) -> FuzzReport:
     """Generate and run programs until ``steps`` call steps ran; shrink each new kind of disagreement."""
     report = FuzzReport(seed)
+    if kernel is not None and hasattr(kernel, "start"):
+        kernel.start(hosts)  # every agent at once, before the first program
     known = set(known)
     seen: set[str] = set()
     number = 0
@@ -273,7 +275,9 @@ def corpus_text(disagreement: Disagreement, reason: str = "") -> str:
         program = Program(program.seed, program.number, program.hosts, program.sysctls,
                           program.steps[:step_index + 1])
         reason = (reason + " " if reason else "") + "Not shrunk: it did not happen again when the program was rerun."
-    used = [host for host in program.hosts if any(step["on"] == host for step in program.steps)]
+    # Every host of the program stays: a step may address one it no longer runs on (a connect to the
+    # client's address needs the client there to answer with an RST).
+    used = list(program.hosts)
     header = {
         "name": f"fuzz-{program.seed}-{program.number}",
         "description": (f"found by lab.fuzz --seed {program.seed} (program {program.number}): {disagreement.signature}. "

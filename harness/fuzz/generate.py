@@ -49,7 +49,11 @@ GETOPTS = [
 PROGRAM_LENGTH = 50  # steps per program: long enough for long batches, short enough to shrink fast
 SOLO_SHARE, SOLO_LENGTH_FACTOR = 0.5, 3
 SWITCH_ACTOR = 1 / 20  # mean length of a run of steps on one (host, user)
-SETTLING = {"accept", "accept4", "recv", "recvmsg", "recvfrom", "poll", "getpeername", "connect"}
+SETTLING = {"accept", "accept4", "recv", "recvmsg", "recvfrom", "poll", "getpeername", "connect", "epoll_wait",
+            "send", "sendto", "sendmsg", "bind"}
+EPOLL_EVENTS = ["EPOLLIN", "EPOLLOUT", "EPOLLIN|EPOLLOUT", "EPOLLIN|EPOLLRDHUP", "EPOLLIN|EPOLLET",
+                "EPOLLIN|EPOLLOUT|EPOLLET", "EPOLLIN|EPOLLONESHOT", "EPOLLOUT|EPOLLONESHOT", "EPOLLIN|EPOLLEXCLUSIVE",
+                "EPOLLIN|EPOLLEXCLUSIVE|EPOLLONESHOT", 0]
 
 
 @dataclass
@@ -130,6 +134,8 @@ class Generator:
         self.ports = port_block(seed, number)
         self.low_port = low_port(seed, number)
         self.socks: list[Sock] = []
+        self.epolls: list[Sock] = []  # epoll files (family "epoll"), one list for every actor
+        self.watched: dict[str, list[Sock]] = {}  # epoll file name -> the sockets it was given with ADD
         self.counter = 0
         self.program = Program(seed, number, self.hosts)
         self.unix_names = [f"@fz{seed}-{number}-{i}" for i in range(2)] + [f"/tmp/fz{seed}-{number}-0"]
@@ -175,6 +181,7 @@ class Generator:
             (self.bind, 10), (self.listen, 7), (self.connect, 9), (self.accept, 7), (self.setsockopt, 6),
             (self.getsockopt, 5), (self.send, 8), (self.recv, 7), (self.poll, 5), (self.shutdown, 3),
             (self.close, 4), (self.fcntl, 3), (self.getname, 4), (self.edge, 4), (self.sysctl, 1),
+            (self.epoll, 5),
         ]
         action = rng.choices([c for c, _ in choices], [w for _, w in choices])[0]
         action()
@@ -415,6 +422,46 @@ class Generator:
                                                          "flags": rng.choice(["MSG_OOB|MSG_DONTWAIT", "MSG_DONTWAIT|MSG_EOR"])})
         else:
             self.emit(host, user, "close", {"fd": rng.choice([999, -1])})
+
+    def epoll(self) -> None:
+        """epoll_create1, epoll_ctl (ADD, MOD, DEL, and the flags it refuses) and non-blocking epoll_wait."""
+        rng = self.rng
+        host, user = self.actor
+        mine = [e for e in self.epolls if (e.host, e.user) == self.actor and e.state != "closed"]
+        if not mine or rng.random() < 0.1:
+            self.counter += 1
+            name = f"e{self.counter}"
+            flags = rng.choices(["EPOLL_CLOEXEC", 0, 1], [3, 6, 1])[0]
+            self.emit(host, user, "epoll_create1", {"flags": flags}, save=name)
+            if flags != 1:
+                self.epolls.append(Sock(name, host, user, "epoll", "epoll", False))
+            return
+        ep = rng.choice(mine)
+        if rng.random() < 0.04:
+            self.emit(host, user, "close", {"fd": f"${ep.name}"})
+            ep.state = "closed"
+            return
+        if rng.random() < 0.45:
+            maxevents = 16 if rng.random() < 0.9 else rng.choice([0, -1, 1])
+            self.emit(host, user, "epoll_wait", {"epfd": f"${ep.name}", "maxevents": maxevents, "timeout": 0})
+            return
+        op = rng.choices(["EPOLL_CTL_ADD", "EPOLL_CTL_MOD", "EPOLL_CTL_DEL", 99], [5, 3, 2, 0.3])[0]
+        watched = [s for s in self.watched.setdefault(ep.name, []) if s.state != "closed"]
+        if rng.random() < 0.05:
+            target: Any = f"${ep.name}"  # an epoll file watching itself: EINVAL
+        else:
+            # MOD and DEL mostly name a socket this epoll file watches; ADD mostly one it does not yet.
+            sock = rng.choice(watched) if op in ("EPOLL_CTL_MOD", "EPOLL_CTL_DEL") and watched \
+                and rng.random() < 0.85 else self.pick()
+            if sock is None:
+                return
+            target = self.fd(sock)
+            if op == "EPOLL_CTL_ADD" and sock not in watched:
+                self.watched[ep.name].append(sock)
+            elif op == "EPOLL_CTL_DEL" and sock in self.watched[ep.name]:
+                self.watched[ep.name].remove(sock)
+        self.emit(host, user, "epoll_ctl", {"epfd": f"${ep.name}", "op": op, "fd": target,
+                                            "events": rng.choice(EPOLL_EVENTS)})
 
     def sysctl(self) -> None:
         host, user = self.actor

@@ -27,12 +27,9 @@ def get_port(host: "Host", sk: Sock, port: int, fn: str) -> tuple[int, str]:
     """
     table = port_table(host, sk)
     if port == 0:
+        chosen = _ephemeral(host, sk, table)
         low, high = host.sysctls["net.ipv4.ip_local_port_range"]
         parity = None if table.udp else 1
-        chosen = table.pick_ephemeral(sk, low, high, host.rng, parity)
-        if not chosen:
-            raise fail("EADDRINUSE", f"no free port left in ip_local_port_range {low}-{high}",
-                       "inet_csk_find_open_port" if not table.udp else "udp_lib_get_port")
         how = "odd ports first" if parity == 1 else "any parity"
         if parity == 1 and sk.reuse:
             how += ", lower half first because of SO_REUSEADDR"
@@ -42,6 +39,16 @@ def get_port(host: "Host", sk: Sock, port: int, fn: str) -> tuple[int, str]:
         raise fail("EADDRINUSE", f"port {port} owned by {describe_owner(host, owner)}: {reason}",
                    "udp_lib_lport_inuse" if table.udp else tcp_conflict_fn(sk, owner))
     return port, f"port {port}: {reason}"
+
+
+def _ephemeral(host: "Host", sk: Sock, table: PortTable) -> int:
+    """The ephemeral half of get_port: a free port from ip_local_port_range, or EADDRINUSE."""
+    low, high = host.sysctls["net.ipv4.ip_local_port_range"]
+    chosen = table.pick_ephemeral(sk, low, high, host.rng, None if table.udp else 1)
+    if not chosen:
+        raise fail("EADDRINUSE", f"no free port left in ip_local_port_range {low}-{high}",
+                   "inet_csk_find_open_port" if not table.udp else "udp_lib_get_port")
+    return chosen
 
 
 def tcp_conflict_fn(sk: Sock, owner) -> str:
@@ -71,10 +78,11 @@ def autobind(host: "Host", sk: Sock) -> None:
     if sk.bound:
         return
     sk.rcv_addr = ANY6 if sk.family == AF_INET6 else ANY4
-    port, _ = get_port(host, sk, 0, "inet_autobind")
+    table = port_table(host, sk)
+    port = _ephemeral(host, sk, table)  # get_port(sk, 0) without the rule text nobody reads
     sk.port = port
     sk.bound = True
-    port_table(host, sk).add(sk, port)
+    table.add(sk, port)
 
 
 def unbind(host: "Host", sk: Sock) -> None:

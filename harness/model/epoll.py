@@ -98,6 +98,9 @@ def ctl(op: str, proc: "Process", args: Mapping[str, Any]) -> Result:
     if not isinstance(target, OpenFile):
         raise fail("EINVAL", "the model does not nest epoll files", "do_epoll_ctl")
     item = ep.items.get(fd)
+    if cmd not in (EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD):
+        # do_epoll_ctl(): error = -EINVAL before the switch, whether or not the file is watched
+        raise fail("EINVAL", f"op {cmd!r} is not EPOLL_CTL_ADD, _DEL or _MOD", "do_epoll_ctl")
     if cmd == EPOLL_CTL_ADD:
         if item is not None and item.file is target:
             raise fail("EEXIST", f"fd {fd} is already in the interest list", "ep_insert")

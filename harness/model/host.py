@@ -24,13 +24,14 @@ TTY = "tty"  # what fds 0-2 hold: open, but not sockets (ENOTSOCK)
 class Process:
     """The one process a user runs on a host: credentials and a file descriptor table."""
 
-    __slots__ = ("creds", "fds", "_next_fd", "_freed")
+    __slots__ = ("creds", "fds", "_next_fd", "_freed", "tty_flags")
 
     def __init__(self, creds: Creds):
         self.creds = creds
         self.fds: dict[int, Any] = {0: TTY, 1: TTY, 2: TTY}
         self._next_fd = 3  # every number below is in use or in _freed
         self._freed: list[int] = []  # heap of closed numbers below _next_fd
+        self.tty_flags: dict[int, list[bool]] = {}  # fd 0-2 -> [O_NONBLOCK, FD_CLOEXEC] once a step set them
 
     def install(self, entry: OpenFile) -> int:
         """get_unused_fd_flags(): the lowest free descriptor number."""
@@ -135,8 +136,7 @@ class Host:
         if args is None:
             args = {}
         try:
-            proc = self.procs.get(user) or self.process(user)
-            return handler(self, proc, op, args)
+            return handler(self, self.procs.get(user) or self.process(user), op, args)
         except SyscallError as err:
             return Result(op, -1, err.errno, err.rule, err.kernel_fn, signal=err.signal)
         except Exception as exc:  # bad argument shapes must not escape as tracebacks

@@ -106,6 +106,7 @@ def inet_bind(op: str, host: "Host", creds: Creds, f: OpenFile, sa: SockAddr) ->
     sk.port = port
     sk.bound = True
     sk.bindport_locked = sa.port != 0
+    sk.bindaddr_locked = addr not in (ANY4, ANY6)  # SOCK_BINDADDR_LOCK: tcp_disconnect() keeps the address
     port_table(host, sk).add(sk, port)
     kernel_fn = "inet_csk_get_port" if sk.type == SOCK_STREAM else "udp_lib_get_port"
     return Result(op, 0, None, f"bound {ep_text(sk, False)}; {rule}", kernel_fn)
@@ -238,6 +239,9 @@ def inet_stream_connect(op: str, host: "Host", creds: Creds, f: OpenFile, sa: So
     if sk.sk_state in (TCP_SYN_SENT, TCP_SYN_RECV):
         if f.nonblock:
             raise fail(err, f"handshake still pending ({tcp.pending_reason(sk)})", "__inet_stream_connect")
+        if sk.syn_lost:
+            return Result(op, None, None, "SYN sent down the stale ipv6_mapped path: sleeps in inet_wait_for_connect "
+                          "until tcp_syn_retries run out (about 127 s)", "__inet_stream_connect", blocked=True)
         host.net.advance_until(lambda: sk.sk_state not in (TCP_SYN_SENT, TCP_SYN_RECV))
     if sk.sk_state == TCP_CLOSE:
         error = sk.take_error() or "ECONNABORTED"

@@ -5,8 +5,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple
 
 from .addr import ANY4, ANY6, is_loopback4, v4_of_v6
 from . import tcp, zerocopy
@@ -20,9 +19,11 @@ if TYPE_CHECKING:
 
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """ip_route_connect()/ip_route_output() result: who answers, through which device, from which source."""
+class Route(NamedTuple):
+    """ip_route_connect()/ip_route_output() result: who answers, through which device, from which source.
+
+    A NamedTuple: every connect and datagram send builds one, and a frozen dataclass costs several times more.
+    """
 
     dst_host: "Host | None"
     device: Device
@@ -86,14 +87,19 @@ class Network:
 
     # -- routing -----------------------------------------------------------------------------
 
-    def route(self, src: "Host", dst: str, ipv6: bool) -> Route:
-        """Pick device and source for dst; ENETUNREACH when src has no way out (ip_route_connect)."""
+    def route(self, src: "Host", dst: str, ipv6: bool, saddr: str | None = None) -> Route:
+        """Pick device and source for dst; ENETUNREACH when src has no way out (ip_route_connect).
+
+        ``saddr`` is the socket's own IPv4 source when it has a specific one: a destination of
+        INADDR_ANY then means that address (ip_route_output_key_hash_rcu(): daddr = saddr), and the
+        loopback only without one (measured: fuzz-1-488, fuzz-1-823).
+        """
         mapped = v4_of_v6(dst) if ipv6 else None
         if mapped is not None:
             ipv6, dst = False, mapped
         if not ipv6:
             if dst == ANY4:
-                dst = "127.0.0.1"  # connect() to INADDR_ANY reaches the local host
+                dst = saddr if saddr and saddr != ANY4 else "127.0.0.1"  # INADDR_ANY reaches the local host
             if is_loopback4(dst):
                 return Route(src, src.lo, dst, dst, True)
             if dst in src.addrs4:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Iterable, Union
+from typing import Union
 
 from .addr import ANY4, ANY6, v4_of_v6
 from .constants import TCP_LISTEN, TCP_TIME_WAIT
@@ -133,12 +133,19 @@ class PortTable:
         Returns 0 when the range is exhausted.
         """
         buckets = self.buckets
-        for lo, hi in self._halves(sk, low, high, parity):
+        top = high + 1
+        if parity == 1 and sk.reuse and top - low >= 4:
+            half = low + (((top - low) >> 2) << 1)
+            halves: tuple[tuple[int, int], ...] = ((low, half), (half, top))
+        else:
+            halves = ((low, top),)
+        orders = (None,) if parity is None else (parity, 1 - parity)
+        for lo, hi in halves:
             span = hi - lo
             if span <= 0:
                 continue
             start = rng.getrandbits(32) % span
-            for order in _parity_orders(parity):
+            for order in orders:
                 if order is None:
                     first, stride, count = 0, 1, span
                 else:
@@ -151,18 +158,3 @@ class PortTable:
                     if not buckets.get(port) or not self.overlapping(sk, port):
                         return port
         return 0
-
-    @staticmethod
-    def _halves(sk: Sock, low: int, high: int, parity: int | None) -> Iterable[tuple[int, int]]:
-        top = high + 1
-        if parity == 1 and sk.reuse and top - low >= 4:
-            half = low + (((top - low) >> 2) << 1)
-            return ((low, half), (half, top))
-        return ((low, top),)
-
-
-def _parity_orders(parity: int | None) -> tuple[int | None, ...]:
-    if parity is None:
-        return (None,)
-    return (parity, 1 - parity)
-

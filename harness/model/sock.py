@@ -53,6 +53,7 @@ class Sock:
     sndbuf_locked = False  # SOCK_SNDBUF_LOCK
     rcvbuf_locked = False
     bindport_locked = False  # SOCK_BINDPORT_LOCK: bind() named the port
+    bindaddr_locked = False  # SOCK_BINDADDR_LOCK: bind() named an address
     rcv_addr: "str | None" = None  # None: not bound; "0.0.0.0"/"::" wildcard
     port = 0
     sport = 0  # inet_sport left behind when a TCP socket lost its port (getsockname still shows it)
@@ -80,6 +81,8 @@ class Sock:
     syn_next = 0.0
     route_host = None  # the peer host a pending SYN goes to (None: nobody answers)
     unix_path: "str | None" = None
+    mapped_ops = False  # icsk_af_ops is ipv6_mapped: a v4-mapped connect got as far as sending its SYN
+    syn_lost = False  # the pending SYN can never be answered (sent down the stale IPv4 path)
 
     def __init__(self, host: "Host", inode: int, family: int, sock_type: int, protocol: int,
                  ops: "ProtoOps", uid: int):

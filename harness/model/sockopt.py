@@ -205,6 +205,24 @@ def _ipv6_setsockopt(op, sk: Sock, optname: int, val: int, optlen: int) -> Resul
     raise fail("ENOPROTOOPT", f"IPv6 option {optname} is not modelled", fn)
 
 
+# The SOL_SOCKET options sk_getsockopt() reads straight from struct sock (built once, not per call).
+_SOL_SOCKET_GETTERS = {
+    SO_SNDBUF: lambda sk: sk.sndbuf,
+    SO_RCVBUF: lambda sk: sk.rcvbuf,
+    SO_REUSEADDR: lambda sk: int(sk.reuse),
+    SO_REUSEPORT: lambda sk: int(sk.reuseport),
+    SO_TYPE: lambda sk: sk.type,
+    SO_PROTOCOL: lambda sk: sk.protocol,
+    SO_DOMAIN: lambda sk: sk.family,
+    SO_ACCEPTCONN: lambda sk: int(sk.sk_state == TCP_LISTEN),
+    SO_ZEROCOPY: lambda sk: int(sk.zerocopy),
+    SO_KEEPALIVE: lambda sk: int(sk.keepalive),
+    SO_BROADCAST: lambda sk: int(sk.broadcast),
+    SO_BUSY_POLL: lambda sk: sk.ll_usec,
+    SO_PREFER_BUSY_POLL: lambda sk: int(sk.prefer_busy_poll),
+}
+
+
 def getsockopt(op: str, host: "Host", creds: Creds, f: OpenFile, args: Mapping[str, Any]) -> Result:
     """sk_getsockopt() and the protocol getters; SO_ERROR reads and clears sk_err."""
     sk = f.sock
@@ -219,23 +237,9 @@ def getsockopt(op: str, host: "Host", creds: Creds, f: OpenFile, args: Mapping[s
             error = sk.take_error()
             number = getattr(_errno, error) if error else 0
             return Result(op, number, None, f"sk_err was {error or 0}; reading clears it", fn)
-        values = {
-            SO_SNDBUF: sk.sndbuf,
-            SO_RCVBUF: sk.rcvbuf,
-            SO_REUSEADDR: int(sk.reuse),
-            SO_REUSEPORT: int(sk.reuseport),
-            SO_TYPE: sk.type,
-            SO_PROTOCOL: sk.protocol,
-            SO_DOMAIN: sk.family,
-            SO_ACCEPTCONN: int(sk.sk_state == TCP_LISTEN),
-            SO_ZEROCOPY: int(sk.zerocopy),
-            SO_KEEPALIVE: int(sk.keepalive),
-            SO_BROADCAST: int(sk.broadcast),
-            SO_BUSY_POLL: sk.ll_usec,
-            SO_PREFER_BUSY_POLL: int(sk.prefer_busy_poll),
-        }
-        if optname in values:
-            return Result(op, values[optname], None, "value read from struct sock", fn)
+        getter = _SOL_SOCKET_GETTERS.get(optname)
+        if getter is not None:
+            return Result(op, getter(sk), None, "value read from struct sock", fn)
         if optname == SO_INCOMING_NAPI_ID:
             return _napi_id(op, sk, fn)
         raise fail("ENOPROTOOPT", f"SOL_SOCKET option {optname} cannot be read", fn)

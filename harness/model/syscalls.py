@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from . import create, epoll, poll as pollmod, sockopt
-from .addr import parse_sockaddr
+from .addr import SOCKADDR_STORAGE, parse_sockaddr
 from .args import arg_int
 from .constants import (
     AF_INET, AF_INET6, AF_MAX, AF_PACKET, AF_UNIX, O_NONBLOCK, S_IFSOCK, SOCK_CLOEXEC, SOCK_MAX, SOCK_NONBLOCK,
@@ -90,10 +90,15 @@ def sys_listen(host, proc, op, args) -> Result:
 
 
 def sys_accept(host, proc, op, args) -> Result:
-    f = proc.lookup(args.get("fd"))
     flags = arg_int(args, "flags", 0) if op == "accept4" else 0
     if flags & ~(SOCK_CLOEXEC | SOCK_NONBLOCK):
+        # __sys_accept4() takes the file (EBADF), then __sys_accept4_file() refuses the flags before
+        # sock_from_file() asks whether it is a socket (measured: EINVAL, not ENOTSOCK, on fd 0).
+        fd = args.get("fd")
+        if type(fd) is not int or fd not in proc.fds:
+            proc.lookup(fd)  # EBADF
         raise fail("EINVAL", f"accept4 flags {flags:#x} other than SOCK_NONBLOCK|SOCK_CLOEXEC", "__sys_accept4_file")
+    f = proc.lookup(args.get("fd"))
     return f.sock.ops.accept(op, host, proc, f, flags)
 
 
@@ -143,6 +148,8 @@ def sys_getsockopt(host, proc, op, args) -> Result:
 
 def _payload(args: Mapping[str, Any]) -> bytes:
     data = args.get("data")
+    if type(data) is bytes:
+        return data
     if data is None:
         length = args.get("length", args.get("len", 0))
         if isinstance(length, bool) or not isinstance(length, int):
@@ -161,6 +168,14 @@ def sys_send(host, proc, op, args) -> Result:
     f = proc.lookup(args.get("fd"))
     payload = _payload(args)
     flags = arg_int(args, "flags", 0)
+    if op == "sendmsg" and args.get("addr") is not None and type(args.get("addrlen")) is int:
+        # __copy_msghdr(): msg_namelen above sizeof(struct sockaddr_storage) is clamped to it, and
+        # a zero msg_namelen drops the name (measured: fuzz-1-93, fuzz-1-105); sendto() checks instead.
+        namelen = args["addrlen"]
+        if namelen == 0:
+            args = {key: value for key, value in args.items() if key not in ("addr", "addrlen")}
+        elif namelen > SOCKADDR_STORAGE:
+            args = {**args, "addrlen": SOCKADDR_STORAGE}
     dest = parse_sockaddr(args) if args.get("addr") is not None else None
     return f.sock.ops.sendmsg(op, host, proc.creds, f, payload, flags, dest)
 
@@ -225,12 +240,19 @@ def sys_fcntl(host, proc, op, args) -> Result:
     cmd = arg_int(args, "cmd")
     if not isinstance(entry, OpenFile):
         # fds 0-2: a terminal (the agent: /dev/null) opened O_RDWR, which the kernel marks O_LARGEFILE.
+        flags = proc.tty_flags.setdefault(fd, [False, False])  # [O_NONBLOCK, FD_CLOEXEC]
         if cmd == F_GETFL:
-            return Result(op, 0o2 | O_LARGEFILE, None, "O_RDWR|O_LARGEFILE (force_o_largefile)", "do_fcntl")
+            return Result(op, 0o2 | O_LARGEFILE | (O_NONBLOCK if flags[0] else 0), None,
+                          "O_RDWR|O_LARGEFILE (force_o_largefile) plus status flags", "do_fcntl")
         if cmd == F_GETFD:
-            return Result(op, 0, None, "inherited without FD_CLOEXEC", "do_fcntl")
-        if cmd in (F_SETFL, F_SETFD):
-            return Result(op, 0, None, "flags of a non-socket descriptor (not tracked further)", "do_fcntl")
+            return Result(op, FD_CLOEXEC if flags[1] else 0, None,
+                          "FD_CLOEXEC set" if flags[1] else "inherited without FD_CLOEXEC", "do_fcntl")
+        if cmd == F_SETFL:
+            flags[0] = bool(arg_int(args, "arg", 0) & O_NONBLOCK)
+            return Result(op, 0, None, f"O_NONBLOCK {'set' if flags[0] else 'cleared'} on a non-socket", "setfl")
+        if cmd == F_SETFD:
+            flags[1] = bool(arg_int(args, "arg", 0) & FD_CLOEXEC)
+            return Result(op, 0, None, f"FD_CLOEXEC {'set' if flags[1] else 'cleared'} on a non-socket", "do_fcntl")
         raise fail("EINVAL", f"fcntl command {cmd} is not modelled", "do_fcntl")
     if cmd == F_GETFL:
         return Result(op, 0o2 | (O_NONBLOCK if entry.nonblock else 0), None, "O_RDWR plus status flags", "do_fcntl")

@@ -56,9 +56,13 @@ def connect(host: "Host", sk: Sock, sa: SockAddr) -> None:
         raise fail("ENETUNREACH", "TCP cannot connect to a multicast or broadcast address", fn)
     if v6 and sa.host == "::" and sk.rcv_addr and v4_of_v6(sk.rcv_addr) is not None:
         sa = sa._replace(host="::ffff:127.0.0.1")  # tcp_v6_connect(): "::" means loopback, v4-mapped for a mapped source
-    check_route_source(sk, sa.host, fn)
-    route = host.net.route(host, sa.host, v6)
     mapped = v6 and v4_of_v6(sa.host) is not None
+    if mapped and sk.v6only:
+        # tcp_v6_connect(): a v4-mapped destination on an IPv6-only socket (a specific IPv6 bind makes
+        # one) is refused before any route lookup (measured: fuzz-1-92, fuzz-1-57).
+        raise fail("ENETUNREACH", "v4-mapped destination on an IPV6_V6ONLY socket", fn)
+    check_route_source(sk, sa.host, fn)
+    route = host.net.route(host, sa.host, v6, _v4_source(sk))
     src = f"::ffff:{route.src}" if mapped else route.src
     dst = f"::ffff:{route.dst}" if mapped else route.dst
     if not sk.bound:
@@ -83,9 +87,21 @@ def connect(host: "Host", sk: Sock, sa: SockAddr) -> None:
     if route.dst_host is None:
         sk.syn_retries_left = -1
         sk.syn_next = host.net.now + ARP_FAILURE_DELAY
-    host.net.syn_sent.add(sk)
-    host.net.schedule(sk.syn_next, sk)
+    # tcp_v6_connect() switches icsk_af_ops to ipv6_mapped for a v4-mapped destination and only
+    # switches back when tcp_v4_connect() fails at once; after an asynchronous failure the socket
+    # keeps them, so a later connect to a native IPv6 address sends its SYN down the IPv4 path with
+    # stale IPv4 addresses, and no answer ever finds the socket (measured: fuzz-1-44, fuzz-1-55).
+    if mapped:
+        sk.mapped_ops = True
+        sk.syn_lost = False
+    else:
+        sk.syn_lost = v6 and sk.mapped_ops
     _send_syn(sk)
+    if sk.sk_state == TCP_SYN_SENT:
+        # Only a SYN still unanswered needs its retransmit timer (an answered one would find the
+        # socket out of SYN_SENT and drop the timer anyway).
+        host.net.syn_sent.add(sk)
+        host.net.schedule(sk.syn_next, sk)
 
 
 def _dst_v4(sk: Sock) -> tuple[str, bool]:
@@ -166,10 +182,19 @@ def _listendrop(listener: Sock) -> None:
 def _send_syn(sk: Sock) -> None:
     host = sk.host
     dst_host = sk.route_host
-    if dst_host is None:
-        return  # nobody answers ARP; syn_timer() fails the connect
+    if dst_host is None or sk.syn_lost:
+        return  # nobody answers ARP (syn_timer() fails the connect), or the SYN left on the wrong path
     dst, v4_path = _dst_v4(sk)
     listener = lookup_listener(dst_host, dst, sk.peer_port, v4_path)
+    if listener is None and dst_host is host and sk.peer_port == sk.port and _own_address(sk, dst, v4_path):
+        # A SYN to the socket's own address and port meets the socket itself in SYN_SENT:
+        # tcp_rcv_synsent_state_process() takes it as a simultaneous open, and the
+        # connection is established with itself (what it sends, it reads back).
+        sk.sk_state = TCP_ESTABLISHED
+        sk.peer = sk
+        host.net.syn_sent.discard(sk)
+        _init_buffer_space(sk)
+        return
     if listener is None:
         dst_host.bump("Tcp.OutRsts")
         host.bump("Tcp.AttemptFails")
@@ -178,6 +203,24 @@ def _send_syn(sk: Sock) -> None:
     admitted, _ = conn_request(listener)
     if admitted:
         _establish(sk, listener)
+
+
+def _v4_source(sk: Sock) -> str | None:
+    """The socket's specific IPv4 source (its bound or connected address), if it has one."""
+    src = sk.rcv_addr
+    if src is None:
+        return None
+    return (v4_of_v6(src) if ":" in src else src) or None
+
+
+def _own_address(sk: Sock, dst: str, v4_path: bool) -> bool:
+    """Whether ``dst`` (as the wire carries it) is the address the socket sends from."""
+    src = sk.rcv_addr
+    if src is None:
+        return False
+    if v4_path and sk.family == AF_INET6:
+        src = v4_of_v6(src) or src
+    return src == dst
 
 
 def _establish(client: Sock, listener: Sock) -> None:
@@ -206,8 +249,16 @@ def _establish(client: Sock, listener: Sock) -> None:
     client.sk_state = TCP_ESTABLISHED
     client.peer, child.peer = child, client
     client.host.net.syn_sent.discard(client)
-    for sk in (client, child):
-        _init_buffer_space(sk)
+    _init_buffer_space(client)
+    _init_buffer_space(child)
+    if listener.shutdown:
+        # sk_clone_lock() copies the listener's sk_shutdown (a shutdown() before listen() records
+        # it, ENOTCONN or not); the child's tcp_rcv_state_process() then finishes a SHUT_WR as it
+        # becomes ESTABLISHED, so its FIN follows the handshake (measured: fuzz-1-120), and a
+        # SHUT_RD stays (poll says POLLHUP with both: fuzz-1-611).
+        child.shutdown |= listener.shutdown
+        if listener.shutdown & SEND_SHUTDOWN:
+            _send_fin(child)
 
 
 def _init_buffer_space(sk: Sock) -> None:
@@ -251,6 +302,8 @@ def _fail_connect(sk: Sock, error: str) -> None:
 
 
 def pending_reason(sk: Sock) -> str:
+    if sk.syn_lost:
+        return "SYN sent down the stale ipv6_mapped path: no answer will find this socket; ETIMEDOUT after tcp_syn_retries"
     if sk.route_host is None:
         return f"no host answers for {sk.peer_addr}; EHOSTUNREACH after ~{ARP_FAILURE_DELAY:.0f} s"
     return (f"SYN to {sk.peer_addr}:{sk.peer_port} dropped (accept queue full); retransmit in "
@@ -295,7 +348,10 @@ def _done(sk: Sock) -> None:
     sk.host.net.syn_sent.discard(sk)
     if sk.orphan or not sk.bindport_locked:
         _unbind(sk)
-    zerocopy.complete_acked(sk)
+    if sk.zc_inflight:
+        zerocopy.complete_acked(sk)
+    else:
+        sk.zc_tail = None  # what complete_acked() does when nothing is in flight
     if sk.orphan:
         sk.peer = None  # a destroyed socket lets go of its peer (no reference cycle left for the GC)
 
@@ -417,7 +473,9 @@ def disconnect(host: "Host", sk: Sock) -> None:
     sk.fin_received = False
     if not sk.bindport_locked:
         _unbind(sk)
-        sk.rcv_addr = None
+    if not sk.bindaddr_locked:
+        # inet_reset_saddr() unless SOCK_BINDADDR_LOCK, whether or not the port stays (fuzz-1-162, 1-200)
+        sk.rcv_addr = (ANY6 if sk.family == AF_INET6 else ANY4) if sk.bound else None
 
 
 def close(host: "Host", sk: Sock) -> str:
@@ -468,7 +526,9 @@ def _flush(sender: Sock) -> None:
     peer = sender.peer
     if not sender.tx_pending:
         return
-    if isinstance(peer, TimeWaitSock) or (isinstance(peer, Sock) and peer.orphan and peer.shutdown & RCV_SHUTDOWN):
+    if isinstance(peer, TimeWaitSock) or (isinstance(peer, Sock) and peer.shutdown & RCV_SHUTDOWN and (
+            peer.orphan or peer.sk_state in (TCP_FIN_WAIT1, TCP_FIN_WAIT2))):
+        # tcp_rcv_state_process(): new data for a FIN_WAIT socket whose receive side is shut is reset
         # data for a socket that has closed its read side: it answers with RST (TCPAbortOnData)
         if isinstance(peer, Sock):
             peer.host.bump("TcpExt.TCPAbortOnData")
@@ -538,7 +598,7 @@ def _send_checked(op, host, sk: Sock, payload: bytes, flags: int, nonblock: bool
         return Result(op, 0, None, "nothing to send", "tcp_sendmsg_locked")
     peer = sk.peer
     if (uarg is None and not sk.tx_pending and type(peer) is Sock and not peer.orphan
-            and receive_window(peer) - len(peer.rx) >= size):
+            and not peer.shutdown & RCV_SHUTDOWN and receive_window(peer) - len(peer.rx) >= size):
         peer.rx += payload  # common case: the whole write fits the peer's window and is acked at once
         if flags & MSG_ZEROCOPY:
             return Result(op, size, None, f"sent {size} bytes; {_ZC_IGNORED}", "tcp_sendmsg_locked")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from .addr import SOCKADDR_UN_LEN, SUN_PATH_OFFSET, SockAddr
 from .constants import (
-    AF_UNIX, MSG_DONTWAIT, MSG_NOSIGNAL, MSG_OOB, MSG_PEEK, SOCK_CLOEXEC, SOCK_DGRAM, SOCK_NONBLOCK, SOCK_SEQPACKET,
+    AF_UNIX, MSG_DONTWAIT, MSG_NOSIGNAL, MSG_OOB, MSG_PEEK, MSG_TRUNC, SOCK_CLOEXEC, SOCK_DGRAM, SOCK_NONBLOCK, SOCK_SEQPACKET,
     SOCK_STREAM, SS_CONNECTED, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN,
 )
 from .result import Result, fail
@@ -28,7 +28,10 @@ def _validate(sa: SockAddr, fn: str) -> str:
     name = sa.host
     room = sa.addrlen - SUN_PATH_OFFSET
     if name.startswith("@"):
-        return "@" + name[1:room]
+        # An abstract name is all addrlen - 2 bytes of sun_path, NULs past the text included
+        # (measured: fuzz-1-193, addrlen 23 reads back with 11 trailing NULs).
+        name = "@" + name[1:room]
+        return name + "\0" * (room - len(name))
     return name[:room]
 
 
@@ -290,8 +293,9 @@ def unix_dgram_recvmsg(op, host, f: OpenFile, length: int, flags: int) -> Result
         payload, source, _ = sk.datagrams[0]
         if not flags & MSG_PEEK:
             sk.datagrams.popleft()
-        return Result(op, min(length, len(payload)), None, f"datagram from {source!r}", "unix_dgram_recvmsg",
-                      data=payload[:length])
+        # __unix_dgram_recvmsg(): with MSG_TRUNC the datagram's whole length, as UDP (measured: fuzz-1-62)
+        ret = len(payload) if flags & MSG_TRUNC else min(length, len(payload))
+        return Result(op, ret, None, f"datagram from {source!r}", "unix_dgram_recvmsg", data=payload[:length])
     if f.nonblock or flags & MSG_DONTWAIT:
         raise fail("EAGAIN", "nothing queued", "__skb_try_recv_datagram")
     return Result(op, None, None, "nothing queued: sleeps", "__skb_wait_for_more_packets", blocked=True)

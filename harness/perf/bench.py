@@ -326,7 +326,7 @@ def run(paths: Paths, repeats: int = 3, only: tuple[str, ...] = SECTIONS) -> Ben
             if "kernels" in lab_sections:
                 progress.say("cold boot vs restore per kernel")
                 bench_kernels(bench, paths, lab, repeats)
-            if not set(lab_sections) & {"latency", "stats", "check", "trace", "memory"}:
+            if not set(lab_sections) & {"latency", "stats", "check", "trace", "memory", "fuzz"}:
                 return bench
             lab.up("default")
             for section in ("latency", "stats", "check", "trace", "memory", "fuzz"):

@@ -26,6 +26,11 @@ from .runner import (
 )
 
 DEFAULT_SETTLE_MS = 200
+# A call the model says sleeps for ever is confirmed asleep after this long (the agent's guard is
+# 300 ms otherwise): a kernel that answers later than this still counts as blocked.
+CONFIRM_BLOCK_MS = 100
+BLOCKING_CALLS = frozenset({"connect", "accept", "accept4", "send", "sendto", "sendmsg", "recv", "recvfrom",
+                            "recvmsg", "poll", "epoll_wait", "close"})
 
 
 class SegmentBackend(Protocol):
@@ -59,6 +64,9 @@ def wanted(step: Step, model: Outcome) -> dict[str, Any]:
         # Keys are $names, or the number for raw fds and for names never set on the model side (-1).
         return {"revents": [model.ret.get(f, model.ret.get("-1")) if isinstance(f, str) else model.ret.get(str(f))
                             for f in step.args.get("fds", [])]}
+    if step.call == "epoll_wait" and model.errno is None and isinstance(model.ret, dict):
+        # Only "nothing ready yet" is waited out: asking again then consumes no edge or one-shot event.
+        return {"errno": None, "ready": len(model.ret)}
     return {"errno": model.errno}
 
 
@@ -169,6 +177,9 @@ def _kernel_segment(kernel: SegmentBackend, records: list[StepRecord], names: So
             pending.add(step.save_as)
         if step.until:
             entry["until"], entry["max"] = step.until, step.max_repeats
+        if record.model is not None and record.model.blocked and step.call in BLOCKING_CALLS \
+                and "block_ms" not in args:
+            entry["args"] = {**args, "block_ms": CONFIRM_BLOCK_MS}
         if step.compare == "eventually" and record.model is not None:
             entry["await"], entry["settle_ms"] = wanted(step, record.model), settle_ms
         wire.append(entry)
@@ -180,6 +191,6 @@ def _kernel_segment(kernel: SegmentBackend, records: list[StepRecord], names: So
             if step.call not in ("socket", "accept", "accept4") or (isinstance(outcome.ret, int) and outcome.ret >= 0):
                 names[step.save_as] = (host, user, outcome.ret)
                 mine[step.save_as] = outcome.ret
-        if step.call == "poll":
+        if step.call in ("poll", "epoll_wait"):
             outcome = replace(outcome, ret=_fds_to_names(outcome.ret, names.by_fd(host, user)))
         record.kernel = outcome

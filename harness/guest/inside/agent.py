@@ -1006,6 +1006,15 @@ class Session:
     def op_reset(self, args: dict) -> Outcome:
         start = time.monotonic_ns()
         closed = self.cleanup()
+        for fd in (0, 1, 2):
+            # A step may have set FD_CLOEXEC or O_NONBLOCK on /dev/null at 0-2: the next program
+            # starts from a fresh C program's descriptors again (inheritable, blocking).
+            if fd not in self.reserved:
+                try:
+                    fcntl.fcntl(fd, F_SETFD, 0)
+                    fcntl.fcntl(fd, F_SETFL, fcntl.fcntl(fd, F_GETFL) & ~os.O_NONBLOCK)
+                except OSError:
+                    pass
         self.t_ns, self.dt_ns = start, time.monotonic_ns() - start
         return Outcome(0, 0, closed)
 
@@ -1114,7 +1123,9 @@ MAX_REPEATS = 100_000
 MAX_SETTLE_MS = 5000
 # Answers that say "not yet" and leave the socket as it was, so asking again changes nothing.
 TRANSIENT = {"accept": {"EAGAIN"}, "accept4": {"EAGAIN"}, "recv": {"EAGAIN"}, "recvfrom": {"EAGAIN"},
-             "recvmsg": {"EAGAIN"}, "connect": {"EALREADY"}, "getpeername": {"ENOTCONN"}}
+             "recvmsg": {"EAGAIN"}, "connect": {"EALREADY"}, "getpeername": {"ENOTCONN"},
+             # a send or a bind while a refused handshake's RST is still on the way from the other VM
+             "send": {"EAGAIN"}, "sendto": {"EAGAIN"}, "sendmsg": {"EAGAIN"}, "bind": {"EINVAL"}}
 
 
 class Batch:
@@ -1129,8 +1140,8 @@ class Batch:
     - ``until: "EAGAIN"`` repeats the call until that errno, any other errno, or ``max`` calls;
       the step answers ``{"calls", "total", "stopped"}``.
     - ``await`` is the answer the reference model gave. While the kernel's answer is a transient
-      one (EAGAIN from accept/recv, EALREADY from connect, ENOTCONN from getpeername, any poll
-      result) and differs from it, the call is asked again every millisecond for up to
+      one (EAGAIN from accept/recv/send, EINVAL from bind, EALREADY from connect, ENOTCONN from getpeername, any poll
+      result; epoll_wait's "nothing ready") and differs from it, the call is asked again every millisecond for up to
       ``settle_ms``: a handshake or a datagram still on the wire is waited for, not reported as a
       disagreement. ``extra.settled`` says how many extra calls that took.
     """
@@ -1264,6 +1275,10 @@ class Batch:
             order = [item[0] if isinstance(item, list) else item for item in args.get("fds") or []]
             got = [response["ret"].get(str(fd)) for fd in order]
             return got != wanted.get("revents")
+        if op == "epoll_wait":
+            # Retried only while nothing is ready and the model has something: an empty answer
+            # consumed no edge-triggered or one-shot event, so asking again changes nothing.
+            return response.get("errno") is None and response.get("ret") == {} and bool(wanted.get("ready"))
         errno = response.get("errno")
         return errno in TRANSIENT.get(op, ()) and errno != wanted.get("errno")
 

@@ -105,7 +105,8 @@ def test_generated_programs_are_valid_scenarios_that_cover_every_call_family_and
             users.add(step.get("user", "root"))
             families.add(step["args"].get("family"))
     assert {"socket", "bind", "listen", "connect", "accept", "accept4", "setsockopt", "getsockopt", "send",
-            "sendto", "sendmsg", "recv", "recvmsg", "poll", "shutdown", "close", "fcntl"} <= calls
+            "sendto", "sendmsg", "recv", "recvmsg", "poll", "shutdown", "close", "fcntl", "epoll_create1",
+            "epoll_ctl", "epoll_wait"} <= calls
     assert users == {"root", "student"}
     assert {"AF_INET", "AF_INET6", "AF_UNIX"} <= families
 
@@ -191,3 +192,86 @@ def test_a_relocated_program_uses_another_program_s_ports_and_names_only():
     assert len(moved.steps) == len(program.steps)
     assert [s["call"] for s in moved.steps] == [s["call"] for s in program.steps]
     scenario_of(moved)
+
+
+def test_epoll_steps_reach_insert_modify_remove_and_wait_on_the_model():
+    report = fuzz(6000, seed=1, kernel=None)
+    for rule in ("ep_insert:ok", "ep_modify:ok", "ep_remove:ok", "ep_send_events:ok", "do_epoll_ctl:ENOENT"):
+        assert rule in report.reached, rule
+
+
+def test_a_call_the_model_says_blocks_is_confirmed_with_the_short_guard_and_epoll_waits_only_for_nothing():
+    from harness.scenario import batch
+
+    sent = []
+
+    class Recorder:
+        def run_segment(self, host, user, steps):
+            sent.extend(steps)
+            return [Outcome(ret=None, errno=None, blocked=True) if s["op"] == "recv" else Outcome(ret={}, errno=None)
+                    for s in steps]
+
+    from harness.scenario.format import from_body
+    scenario = from_body("t", ("server",), {"steps": [
+        {"on": "server", "call": "socket", "args": {"family": "AF_INET", "type": "SOCK_DGRAM"}, "as": "u"},
+        {"on": "server", "call": "recv", "args": {"fd": "$u", "length": 1}},
+        {"on": "server", "call": "epoll_create1", "args": {"flags": 0}, "as": "e"},
+        {"on": "server", "call": "epoll_ctl", "args": {"epfd": "$e", "op": "EPOLL_CTL_ADD", "fd": "$u",
+                                                       "events": "EPOLLOUT"}},
+        {"on": "server", "call": "epoll_wait", "args": {"epfd": "$e", "timeout": 0}, "compare": "eventually"},
+    ]})
+    model = ModelBackend(scenario)
+    records = [batch.StepRecord(step) for step in scenario.steps]
+    names = batch.SocketNames()
+    for record in records:
+        record.model = batch._call(model, record.step, names)
+    sent.clear()
+    batch._kernel_segment(Recorder(), records, batch.SocketNames(), 200)
+    recv = next(s for s in sent if s["op"] == "recv")
+    assert recv["args"]["block_ms"] == batch.CONFIRM_BLOCK_MS  # the model says it sleeps: 100 ms confirm it
+    assert "block_ms" not in next(s for s in sent if s["op"] == "socket")["args"]
+    wait = next(s for s in sent if s["op"] == "epoll_wait")
+    assert wait["await"] == {"errno": None, "ready": 1}  # the model has the socket writable
+    assert guest.Batch.transient("epoll_wait", {}, {"errno": None, "ret": {}}, wait["await"])
+    assert not guest.Batch.transient("epoll_wait", {}, {"errno": None, "ret": {"5": 4}}, wait["await"])
+    assert not guest.Batch.transient("epoll_wait", {}, {"errno": None, "ret": {}}, {"errno": None, "ready": 0})
+
+
+def test_the_live_kernel_starts_agents_up_front_and_resets_a_host_whose_sysctls_changed(monkeypatch):
+    from harness.fuzz import live
+
+    batches = []
+
+    class FakeAgent:
+        def __init__(self, ssh, host, user, block_ms):
+            self.key = (host, user)
+
+        def start(self):
+            return self
+
+        def batch(self, steps, block_ms=None):
+            batches.append((self.key, [s["op"] for s in steps]))
+            return [guest_reply(s) for s in steps]
+
+        def close(self):
+            pass
+
+    def guest_reply(step):
+        from harness.agent import AgentReply
+        return AgentReply(id=0, op=step["op"], ret=0, errno=None, t_ns=0, dt_ns=0)
+
+    class FakeLab:
+        def ssh(self, host, timeout=None):
+            return host
+
+    monkeypatch.setattr(live, "Agent", FakeAgent)
+    kernel = live.LiveKernel(FakeLab())
+    kernel.start(("server", "client"))
+    assert set(kernel.agents) == {(h, u) for h in ("server", "client") for u in ("root", "student")}
+    with_sysctl = Program(1, 0, ("server", "client"), {"server": {"net.core.somaxconn": 4}}, [])
+    kernel.begin(with_sysctl)
+    kernel.run_segment("client", "student", [{"op": "socket", "args": {}}])
+    assert batches[-2] == (("server", "root"), ["sysctl_set"])
+    kernel.begin(Program(1, 1, ("server", "client"), {}, []))  # runs nothing as root on the server
+    assert batches[-1] == (("server", "root"), ["reset"])
+    assert kernel.round_trips == 3 and kernel.steps == 1

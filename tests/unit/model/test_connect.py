@@ -158,3 +158,20 @@ def test_udp_connect_af_unspec(a):
     connect(a, fd, ("127.0.0.1", 53))
     assert connect(a, fd, {"family": AF_UNSPEC, "host": "0.0.0.0", "port": 0}).ok
     assert a.call("getpeername", {"fd": fd}).errno == "ENOTCONN"
+
+
+def test_a_connect_to_its_own_address_and_port_is_a_simultaneous_open_with_itself(a):
+    """Rule: tcp_rcv_synsent_state_process: the SYN meets the socket itself; established, it reads what it sends.
+
+    Measured on the 6.1 guests (tests/corpus/fuzz-7-62.yaml): connect 0, send 5, recv 5, getpeername itself.
+    """
+    for family, addr in ((AF_INET6, ("::ffff:127.0.0.1", 7100)), (None, ("127.0.0.1", 7101))):
+        fd = tcp(a, family=family) if family else tcp(a)
+        assert a.call("bind", {"fd": fd, "addr": addr}).ok
+        assert connect(a, fd, addr).ret == 0
+        assert a.call("send", {"fd": fd, "data": b"hello"}).ret == 5
+        assert a.call("recv", {"fd": fd, "length": 64, "flags": 0x40}).data == b"hello"
+        assert a.call("getpeername", {"fd": fd}).ret[:2] == addr
+    other = tcp(a)
+    assert a.call("bind", {"fd": other, "addr": ("127.0.0.1", 7102)}).ok
+    assert connect(a, other, ("127.0.0.1", 7103)).errno == "ECONNREFUSED"  # another closed port: still refused
