@@ -163,7 +163,7 @@ class Herd:
     proc: Any = None
 
 
-HERD_MAX = 64  # harness/guest/agent.py HERD_MAX
+HERD_MAX = 64  # harness/guest/inside/agent.py HERD_MAX
 # Armed herds by (process, fd); the process is kept to tell a reused id() from the same process.
 _HERDS: dict[tuple[int, int], Herd] = {}
 

@@ -327,7 +327,7 @@ SYSCALLS: dict[str, Callable[..., Result]] = {
     "epoll_create1": sys_epoll_create1,
     "epoll_ctl": sys_epoll_ctl,
     "epoll_wait": sys_epoll_wait,
-    "epoll_herd": sys_epoll_herd,  # not a system call: the guest agent's waiters (harness/guest/agent.py Herd)
+    "epoll_herd": sys_epoll_herd,  # not a system call: the guest agent's waiters (harness/guest/inside/agent.py Herd)
     "epoll_herd_wakeups": sys_epoll_herd_wakeups,
     "fcntl": sys_fcntl,
     "fstat": sys_fstat,

@@ -66,7 +66,7 @@ CALLS: dict[str, dict[str, str]] = {
     "epoll_ctl": {"epfd": "fd", "op": "const", "fd": "fd", "events": "const?"},
     "epoll_wait": {"epfd": "fd", "maxevents": "int?", "timeout": "int?"},
     # Not system calls: `waiters` threads of the guest agent asleep in epoll_wait on fd at once, each on its
-    # own epoll file; then how many of them a wakeup reached (harness/guest/agent.py Herd).
+    # own epoll file; then how many of them a wakeup reached (harness/guest/inside/agent.py Herd).
     "epoll_herd": {"fd": "fd", "waiters": "int", "events": "const?", "timeout": "int?"},
     "epoll_herd_wakeups": {"fd": "fd"},
     "fcntl": {"fd": "fd", "cmd": "const", "arg": "const?"},

@@ -257,7 +257,7 @@ def test_the_live_kernel_starts_agents_up_front_and_resets_a_host_whose_sysctls_
             pass
 
     def guest_reply(step):
-        from harness.agent import AgentReply
+        from harness.guest.client import AgentReply
         return AgentReply(id=0, op=step["op"], ret=0, errno=None, t_ns=0, dt_ns=0)
 
     class FakeLab:
