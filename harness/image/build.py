@@ -67,7 +67,7 @@ class Recipe:
         path = images_dir / f"{name}.yaml"
         where = str(path)
         data = textio.parse_yaml(textio.read_text(path, "image recipe", error=ImageError), where, error=ImageError)
-        if not isinstance(data, dict):
+        if not isinstance(data, textio.YamlMap):  # parse_yaml's mappings know their lines
             raise ImageError(f"{where}:1: a recipe is a mapping (suite, packages, initrd_modules, ...)")
         textio.check_keys(data, RECIPE_FIELDS, where, error=ImageError)
         for key in ("suite", "kernel", "packages", "initrd_modules"):
@@ -572,7 +572,8 @@ def build_log(paths: Paths, recipe: Recipe) -> Path:
     return logs / f"build-{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 def installed_packages(root: Path) -> dict[str, str]:
     """Package -> version of every package installed in the guest root, read from its dpkg status file."""
-    packages, name = {}, None
+    packages: dict[str, str] = {}
+    name = None
     try:
         text = (root / "var/lib/dpkg/status").read_text(errors="replace")
     except OSError:
@@ -588,7 +589,7 @@ def installed_packages(root: Path) -> dict[str, str]:
 def _mounts_below(path: Path) -> list[str]:
     """Mount points at or below ``path`` (mmdebstrap mounts /proc, /sys, /dev into the root it builds)."""
     prefix = str(path.resolve())
-    found = []
+    found: list[str] = []
     try:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:
