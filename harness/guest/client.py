@@ -12,7 +12,7 @@ import statistics
 import subprocess
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -446,7 +446,7 @@ class Agent:
             raise AgentRequestError(f"{self.vm}: the agent ({self.user}) refused {step}: {reply.error}")
         return reply
 
-    def batch(self, steps: list[Mapping[str, Any]], *, block_ms: int | None = None,
+    def batch(self, steps: Sequence[Mapping[str, Any]], *, block_ms: int | None = None,
               timeout: float | None = None) -> list[AgentReply]:
         """Run a whole program in one round trip; one reply per step, in order.
 
