@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Any
 
 from .errors import Origin, StatsFormatError, StatsTruncatedError
 from .snapshot import Endpoint, FrozenDict, SkMem, Socket, TcpInfo
@@ -307,7 +308,7 @@ def _skmem(line: _Line, token: str) -> SkMem:
 
 def _tcp_info(line: _Line, details: _Details) -> TcpInfo:
     fields = details.tcp_fields
-    typed: dict[str, object] = {}
+    typed: dict[str, Any] = {}  # TcpInfo field -> int or float, by the table it came from
     for key, (attr, kind) in _TCP_NUMBERS.items():
         if key in fields:
             typed[attr] = _number(line, key, fields[key], kind)
