@@ -315,11 +315,14 @@ class Lab:
         with progress.step(f"{how} {len(plan)} QEMU ({state.accel})"):
             # In socket mode the listening side (the first VM) must exist before the others connect.
             for index, spec in enumerate(plan):
-                lab_nic = replace(spec.lab_nic, listen_port=socket_port if index == 0 else 0,
-                                  connect_port=socket_port if index > 0 else 0) if state.segment == "socket" else spec.lab_nic
+                planned_nic = spec.lab_nic
+                if planned_nic is None:  # the plan above gives every VM its lab NIC
+                    raise LabError(f"{spec.name}: planned without a lab NIC")
+                lab_nic = replace(planned_nic, listen_port=socket_port if index == 0 else 0,
+                                  connect_port=socket_port if index > 0 else 0) if state.segment == "socket" else planned_nic
                 boot = self._boots[spec.name]
                 vm = VMState(name=spec.name, index=index, ssh_port=0, lab_ip=spec.lab_ip, mgmt_mac=spec.mgmt_mac,
-                             lab_mac=spec.lab_nic.mac, tap=spec.lab_nic.ifname, overlay=str(spec.overlay),
+                             lab_mac=planned_nic.mac, tap=planned_nic.ifname, overlay=str(spec.overlay),
                              image=str(boot.image.directory), kernel=boot.release,
                              kernel_image=boot.source if boot.custom else "", host_key=boot.image.host_key)
                 state.vms.append(vm)

@@ -80,7 +80,7 @@ def start_ticks(pid: int, proc: Path = PROC) -> int:
 
 def pids_with_uuid(match, proc: Path = PROC) -> list[int]:
     """Live pids whose ``-uuid`` argument satisfies ``match(uuid)`` (zombies excluded)."""
-    found = []
+    found: list[int] = []
     try:
         entries = list(proc.iterdir())
     except OSError:

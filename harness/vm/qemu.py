@@ -10,6 +10,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from harness.deadline import QEMU_START, QEMU_STOP, QMP_CALL, QMP_CONNECT, SNAPSHOT_RESTORE, SNAPSHOT_SAVE
 from harness.errors import LabError
@@ -258,7 +259,7 @@ def migrate_to_file(socket_path: Path, target: Path, timeout: float = SNAPSHOT_S
         client = QMPClient("socklab-snapshot")
         await asyncio.wait_for(client.connect(str(socket_path)), QMP_CONNECT)
 
-        async def call(command: str, arguments: dict | None = None) -> object:
+        async def call(command: str, arguments: dict | None = None) -> Any:  # QMP's JSON reply
             return await asyncio.wait_for(client.execute(command, arguments), QMP_CALL)
 
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
