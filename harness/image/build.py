@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -490,7 +490,8 @@ def _build_locked(paths: Paths, recipe: Recipe, key: str, final: Path, client_pu
             remove_tree(work)
 
 
-def hand_to_invoker(paths: Paths, entry: Path, environ=os.environ, chown=os.chown) -> list[Path]:
+def hand_to_invoker(paths: Paths, entry: Path, environ: Mapping[str, str] = os.environ,
+                    chown: Callable[..., None] = os.chown) -> list[Path]:
     """Give a build run through sudo to the user who ran sudo (SUDO_UID): the entry, the key and the home.
 
     Without this, the entry (0700) and the key are root's, and the same user's

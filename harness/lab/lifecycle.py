@@ -14,6 +14,7 @@ Neighbours: ``state`` (what is on disk), ``topology`` (what to boot),
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -538,7 +539,7 @@ class Lab:
             for vm in state.vms:
                 if vm.pid:
                     how = qemu.stop(vm.name, vm.pid, Path(vm.qmp or self.run_dir / f"{vm.name}.qmp"),
-                                    alive=lambda vm=vm: self.owned(vm))
+                                    alive=functools.partial(self.owned, vm))
                     done.append(f"{vm.name}: {how}")
         # QEMUs of this lab that the state file does not know (it was lost, or socklab died before saving a pid):
         # their -uuid starts with this lab's key, which no other lab's does.

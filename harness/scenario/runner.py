@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, ItemsView, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 
@@ -194,7 +194,7 @@ class SocketNames:
     def __contains__(self, name: object) -> bool:
         return name in self._all
 
-    def items(self):
+    def items(self) -> ItemsView[str, tuple[str, str, Any]]:
         return self._all.items()
 
     def of(self, host: str, user: str) -> Mapping[str, Any]:

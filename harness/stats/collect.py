@@ -437,7 +437,7 @@ def collect(ssh: "GuestSSH", vm: str | None = None, *, nics: Sequence[str] | Non
     return dataclasses.replace(snapshot, raw=output)
 
 
-def collect_many(lab: "Lab", names: Sequence[str] | None = None, **options) -> LabSnapshot:
+def collect_many(lab: "Lab", names: Sequence[str] | None = None, **options: Any) -> LabSnapshot:
     """Snapshots of several VMs (default: all of the lab's) taken in parallel, one thread per VM."""
     names = list(names) if names is not None else [vm.name for vm in lab.require().vms]
     if not names:

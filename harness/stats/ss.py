@@ -187,7 +187,8 @@ def _inet_endpoint(line: _Line, text: str, what: str) -> Endpoint:
     return Endpoint(address, port, interface)
 
 
-def _check_address(line: _Line, kind, address: str, what: str) -> None:
+def _check_address(line: _Line, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address], address: str,
+                   what: str) -> None:
     try:
         kind(address)
     except ValueError:

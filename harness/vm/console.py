@@ -145,7 +145,7 @@ class GuestConsole:
     def __enter__(self) -> "GuestConsole":
         return self.open()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -8,6 +8,7 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,7 @@ def create_overlay(base: Path, overlay: Path, base_format: str = "raw") -> None:
     overlay.chmod(0o600)
 
 
-def start(spec: VMSpec, popen=subprocess.Popen) -> int:
+def start(spec: VMSpec, popen: Callable[..., Any] = subprocess.Popen) -> int:
     """Start QEMU daemonized and return its pid.
 
     QEMU forks into the background only once its devices are set up, so a bad
@@ -216,7 +217,7 @@ def is_running(pid: int, name: str | None = None) -> bool:
     return name is None or f"socklab-{name},".encode() in cmdline
 
 
-def qmp_command(socket_path: Path, command: str, timeout: float = QMP_CALL, **arguments) -> object:
+def qmp_command(socket_path: Path, command: str, timeout: float = QMP_CALL, **arguments: Any) -> object:
     """Send one QMP command and return its result; every wait is bounded by ``timeout``.
 
     A wedged QEMU must not hang ``lab.down``: qemu.qmp's connect has no timeout
@@ -308,7 +309,7 @@ def resume_incoming(socket_path: Path, timeout: float = SNAPSHOT_RESTORE) -> Non
         except asyncio.TimeoutError as exc:
             raise LabError(f"QEMU's monitor did not answer within {QMP_CALL:g} s while resuming") from exc
 
-    async def resume(client) -> None:
+    async def resume(client: Any) -> None:  # a qemu.qmp QMPClient (untyped)
         ends = time.monotonic() + timeout
         while True:  # the monitor socket appears as QEMU starts
             try:
@@ -337,7 +338,8 @@ def resume_incoming(socket_path: Path, timeout: float = SNAPSHOT_RESTORE) -> Non
     asyncio.run(exchange())
 
 
-def stop(name: str, pid: int, qmp_socket: Path, timeout: float = QEMU_STOP, alive=None) -> str:
+def stop(name: str, pid: int, qmp_socket: Path, timeout: float = QEMU_STOP,
+         alive: Callable[[], bool] | None = None) -> str:
     """Stop a guest: QMP ``quit`` first, SIGKILL if it lingers. Returns how it went.
 
     ``alive()`` tells whether ``pid`` is still this guest's QEMU (by default: by
