@@ -197,7 +197,7 @@ class GuestSSH:
         sock.settimeout(self._probe_timeout)
         try:
             head = sock.recv(4, socket.MSG_PEEK)
-        except socket.timeout:
+        except TimeoutError:
             self._probe_timeout = min(self._probe_timeout * 1.5, 5.0)
             raise
         if not head:

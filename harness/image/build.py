@@ -297,7 +297,7 @@ def failure_summary(lines: list[str], kept: int = CAUSE_LINES) -> str:
         text = line.strip()
         if text and CAUSE.search(text) and text not in causes:
             causes.append(text)
-    return " | ".join((causes[:kept] if causes else [line for line in lines if line.strip()][-3:]))
+    return " | ".join(causes[:kept] if causes else [line for line in lines if line.strip()][-3:])
 
 
 def _run(argv: list[str], what: str, on_line: Callable[[str], None] | None = None, log: Path | None = None,

@@ -474,7 +474,7 @@ class Lab:
         guest = self._ssh.pop(name, None)
         if guest is not None and guest.port == vm.ssh_port:
             try:
-                guest.client  # raises when the connection is gone: sshd restarted, the guest rebooted
+                guest.client  # noqa: B018 - raises when the connection is gone: sshd restarted, the guest rebooted
                 self._ssh[name] = guest
                 return guest
             except SSHError:

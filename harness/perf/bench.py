@@ -104,7 +104,7 @@ def bench_build(bench: Bench, paths: Paths, repeats: int) -> None:
             with tempfile.TemporaryDirectory(prefix="socklab-bench-cache-", dir=paths.images) as scratch:
                 os.environ["SOCKLAB_CACHE"] = scratch
                 try:
-                    cold.append(_timed(lambda: image.build(paths, recipe.name)))
+                    cold.append(_timed(lambda: image.build(paths, recipe.name)))  # noqa: B023 - called at once
                 finally:
                     del os.environ["SOCKLAB_CACHE"]
         if recipe.name == "bookworm":

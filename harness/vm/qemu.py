@@ -253,7 +253,7 @@ def migrate_to_file(socket_path: Path, target: Path, timeout: float = SNAPSHOT_S
             await save()
         except ExecuteError as exc:
             raise LabError(f"saving the guest state failed: {exc}") from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise LabError(f"QEMU's monitor did not answer within {QMP_CALL:g} s while saving") from exc
 
     async def save() -> None:
@@ -306,7 +306,7 @@ def resume_incoming(socket_path: Path, timeout: float = SNAPSHOT_RESTORE) -> Non
             await resume(client)
         except ExecuteError as exc:
             raise LabError(f"the snapshot did not load: {exc}") from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise LabError(f"QEMU's monitor did not answer within {QMP_CALL:g} s while resuming") from exc
 
     async def resume(client: Any) -> None:  # a qemu.qmp QMPClient (untyped)
@@ -315,7 +315,7 @@ def resume_incoming(socket_path: Path, timeout: float = SNAPSHOT_RESTORE) -> Non
             try:
                 await asyncio.wait_for(client.connect(str(socket_path)), QMP_CONNECT)
                 break
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 if time.monotonic() > ends:
                     raise LabError(f"no QMP monitor at {socket_path} to resume the snapshot") from None
                 await asyncio.sleep(0.02)
