@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jinja2
 import jinja2.compiler
@@ -124,6 +124,11 @@ class _Limit(yaml.MarkedYAMLError):
     """A YAML input past one of our caps (not a syntax error: no "malformed" in front)."""
 
 
+def _mark(mark: object) -> yaml.Mark | None:
+    """An event's mark as PyYAML's ``Mark``: libyaml's ``yaml._yaml.Mark`` is another class with the same fields."""
+    return cast("yaml.Mark | None", mark)
+
+
 class _Resolver(Resolver):
     """YAML 1.2 booleans (true/false only): in YAML 1.1 the key ``on:`` of every step would be True."""
 
@@ -170,21 +175,21 @@ def _scalar(event: ScalarEvent, cache: dict) -> Any:
         tag = _full_tag(tag)
         if tag not in _PLAIN_TAGS:
             raise _Limit(None, None, f"YAML tag {_short_tag(tag)} is not allowed (plain values, lists and mappings only)",
-                         event.start_mark)
+                         _mark(event.start_mark))
     key = (tag, event.value)
     if key in cache:
         return cache[key]
     if tag == "tag:yaml.org,2002:int":
         digits = re.sub(r"[^0-9a-fA-F]", "", event.value)
         if len(digits) > 40:
-            raise _Limit(None, None, f"integer {event.value[:20]}… is too large (at most 64 bits)", event.start_mark)
-    node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+            raise _Limit(None, None, f"integer {event.value[:20]}… is too large (at most 64 bits)", _mark(event.start_mark))
+    node = yaml.ScalarNode(tag, event.value, _mark(event.start_mark), _mark(event.end_mark), event.style)
     try:
         value = _CONSTRUCTOR.construct_object(node)
     except (ValueError, TypeError, yaml.YAMLError):
-        raise _Limit(None, None, f"{event.value!r} is not a valid {_short_tag(tag)}", event.start_mark) from None
+        raise _Limit(None, None, f"{event.value!r} is not a valid {_short_tag(tag)}", _mark(event.start_mark)) from None
     if isinstance(value, int) and not -INT_LIMIT < value < INT_LIMIT:
-        raise _Limit(None, None, f"integer {value} is too large (at most 64 bits)", event.start_mark)
+        raise _Limit(None, None, f"integer {value} is too large (at most 64 bits)", _mark(event.start_mark))
     cache[key] = value
     return value
 
@@ -212,13 +217,13 @@ def _build(parser: Any, first_line: int) -> Any:
         line = event.start_mark.line + first_line
         if isinstance(event, AliasEvent):
             raise _Limit(None, None, f"YAML aliases (*{event.anchor}) are not allowed: write the value out",
-                         event.start_mark)
+                         _mark(event.start_mark))
         if isinstance(event, (MappingStartEvent, SequenceStartEvent)):
             if event.tag not in (None, "!") and _full_tag(event.tag) not in _PLAIN_TAGS:
                 raise _Limit(None, None, f"YAML tag {_short_tag(_full_tag(event.tag))} is not allowed "
-                             "(plain values, lists and mappings only)", event.start_mark)
+                             "(plain values, lists and mappings only)", _mark(event.start_mark))
             if len(stack) >= MAX_DEPTH:
-                raise _Limit(None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+                raise _Limit(None, None, f"nested deeper than {MAX_DEPTH} levels", _mark(event.start_mark))
             container: Any = YamlMap() if isinstance(event, MappingStartEvent) else YamlList()
             container.line = line
             if isinstance(container, YamlMap):
@@ -233,7 +238,7 @@ def _build(parser: Any, first_line: int) -> Any:
         elif isinstance(event, ScalarEvent):
             value, mark = _scalar(event, cache), event.start_mark
         else:
-            raise _Limit(None, None, f"unexpected YAML event {type(event).__name__}", event.start_mark)
+            raise _Limit(None, None, f"unexpected YAML event {type(event).__name__}", _mark(event.start_mark))
         if not stack:
             root, done = value, True
             continue
@@ -257,7 +262,7 @@ def _build(parser: Any, first_line: int) -> Any:
     parser.get_event()  # DocumentEnd
     if not parser.check_event(StreamEndEvent):
         event = parser.get_event()
-        raise _Limit(None, None, "a second YAML document (a line `---`): one document only", event.start_mark)
+        raise _Limit(None, None, "a second YAML document (a line `---`): one document only", _mark(event.start_mark))
     return root
 
 
@@ -289,7 +294,8 @@ def parse_yaml(text: str, where: str, first_line: int = 1, note: str = "", error
             _load_with(_PARSERS[-1], text, first_line)
             raise fast from None
     except _Limit as exc:
-        raise error(f"{where}:{exc.problem_mark.line + first_line}{note}: {exc.problem}") from None
+        mark_line = exc.problem_mark.line if exc.problem_mark is not None else 0  # every _Limit has its mark
+        raise error(f"{where}:{mark_line + first_line}{note}: {exc.problem}") from None
     except yaml.reader.ReaderError as exc:  # control characters and the like
         line = text[:exc.position].count("\n") + first_line
         raise error(f"{where}:{line}{note}: malformed YAML: character #x{int(exc.character) if not isinstance(exc.character, str) else ord(exc.character):02x} is not allowed") from None
@@ -444,7 +450,7 @@ class Sandbox(jinja2.sandbox.SandboxedEnvironment):
         super().__init__(**options)
         self.filters = {name: _budgeted_filter(function) for name, function in self.filters.items()}
 
-    def concat(self, values: tuple) -> str:
+    def concat(self, values: Iterable[Any]) -> str:
         _check_time()
         parts = [str(value) for value in values]
         if sum(map(len, parts)) > MAX_TEMPLATE_SEQUENCE:
@@ -466,10 +472,11 @@ class Sandbox(jinja2.sandbox.SandboxedEnvironment):
                 raise TemplateLimit(f"{left} * {right} is too large a number")
         elif operator == "*":
             for seq, count in ((left, right), (right, left)):
-                if _size(seq) is not None and isinstance(count, int) and _size(seq) * count > MAX_TEMPLATE_SEQUENCE:
-                    raise TemplateLimit(f"a sequence of {_size(seq)} repeated {count} times is too long")
-        elif operator == "+" and _size(left) is not None and _size(right) is not None:
-            if _size(left) + _size(right) > MAX_TEMPLATE_SEQUENCE:
+                size = _size(seq)
+                if size is not None and isinstance(count, int) and size * count > MAX_TEMPLATE_SEQUENCE:
+                    raise TemplateLimit(f"a sequence of {size} repeated {count} times is too long")
+        elif operator == "+" and (left_size := _size(left)) is not None and (right_size := _size(right)) is not None:
+            if left_size + right_size > MAX_TEMPLATE_SEQUENCE:
                 raise TemplateLimit(f"a value of more than {MAX_TEMPLATE_SEQUENCE} characters or items")
         return super().call_binop(context, operator, left, right)
 

@@ -9,6 +9,7 @@ of one kernel is stopped before the next one boots.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -48,7 +49,7 @@ def _series(kernel: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def lab(socklab_kernel: str) -> Lab:
+def lab(socklab_kernel: str) -> Iterator[Lab]:
     """The live lab (topology from SOCKLAB_TOPOLOGY, default ``default``; name from SOCKLAB_LAB) on ``socklab_kernel``.
 
     A running lab is used when it runs that kernel (any kernel when none was asked for); a running

@@ -139,7 +139,7 @@ def read_sheet(spec: LabSpec, path: Path, lab_questions: list[Question] | None =
     except OSError as exc:
         raise CourseError(f"{where}: cannot read: {exc.strerror}") from None
     raw = textio.parse_yaml(text, where, error=CourseError)
-    if not isinstance(raw, dict) or not isinstance(raw.get("predictions"), list):
+    if not isinstance(raw, textio.YamlMap) or not isinstance(raw.get("predictions"), list):
         raise CourseError(f"{where}:1: a predictions sheet is a mapping with `lab:` and a list `predictions:`")
     if raw.get("lab") not in (None, spec.name):
         raise CourseError(f"{where}:{raw.line_of('lab')}: this sheet is for lab {raw.get('lab')!r}, "

@@ -226,7 +226,8 @@ def fuzz(steps: int, seed: int, kernel: Kernel | None, hosts: tuple[str, ...] = 
                 except ScenarioError:
                     return None
                 at = first_disagreement(again)
-                return at if at is not None and signature(again, at) == sig else None
+                # shrink() calls this within the iteration, while `sig` is still this disagreement's
+                return at if at is not None and signature(again, at) == sig else None  # noqa: B023
             shrunk, shrunk_index = shrink(program, still_fails,
                                           blocks_from=SHRINK_BLOCKS + 100 * len(report.disagreements))
             if shrunk_index < 0:

@@ -12,7 +12,7 @@ import statistics
 import subprocess
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -21,6 +21,7 @@ import paramiko
 
 from harness.deadline import AGENT_REPLY, AGENT_START, SSH_CHANNEL_OPEN, WATCH_INTERVAL
 from harness.errors import LabError
+from harness.guest.ssh import transport_of
 
 if TYPE_CHECKING:
     from harness.lab.lifecycle import Lab
@@ -248,7 +249,7 @@ class Agent:
         self.ssh = ssh
         # Asked every WATCH_INTERVAL s of silence: why the VM cannot answer (paused, stopped), or None.
         self.watch = watch
-        self.vm = vm or getattr(ssh, "vm", "guest")
+        self.vm: str = vm if vm else getattr(ssh, "vm", "guest")
         self.user = user
         self.timeout = timeout
         self.block_ms = block_ms
@@ -283,7 +284,7 @@ class Agent:
         self._dead = None
         self.exit_status = None
         try:
-            channel = client.get_transport().open_session(timeout=SSH_CHANNEL_OPEN)
+            channel = transport_of(client).open_session(timeout=SSH_CHANNEL_OPEN)
             channel.exec_command(self.command(remote))
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise AgentDied(f"{self.vm}: cannot start the agent as {self.user}: SSH failed "
@@ -446,7 +447,7 @@ class Agent:
             raise AgentRequestError(f"{self.vm}: the agent ({self.user}) refused {step}: {reply.error}")
         return reply
 
-    def batch(self, steps: list[Mapping[str, Any]], *, block_ms: int | None = None,
+    def batch(self, steps: Sequence[Mapping[str, Any]], *, block_ms: int | None = None,
               timeout: float | None = None) -> list[AgentReply]:
         """Run a whole program in one round trip; one reply per step, in order.
 
@@ -616,7 +617,7 @@ class AgentHost:
 
     def __init__(self, ssh: "GuestSSH", vm: str | None = None, **agent_options: Any) -> None:
         self.ssh = ssh
-        self.vm = vm or getattr(ssh, "vm", "guest")
+        self.vm: str = vm if vm else getattr(ssh, "vm", "guest")
         self.agent_options = agent_options
         self.agents: dict[str, Agent] = {}
 

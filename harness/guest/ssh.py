@@ -32,6 +32,14 @@ logging.getLogger("paramiko").addHandler(logging.NullHandler())
 logging.getLogger("paramiko").propagate = False
 
 
+def transport_of(client: paramiko.SSHClient) -> paramiko.Transport:
+    """``client``'s transport; paramiko.SSHException when it has none (never connected, or closed)."""
+    transport = client.get_transport()
+    if transport is None:
+        raise paramiko.SSHException("the SSH connection is closed")
+    return transport
+
+
 @dataclass(frozen=True)
 class CommandResult:
     """What a command did: its exit status and both output streams."""
@@ -174,7 +182,7 @@ class GuestSSH:
             sock.close()
             raise
         # paramiko waits 3,600 s for a channel to open (a command, SFTP, the agent); a paused guest never answers.
-        client.get_transport().channel_timeout = SSH_CHANNEL_OPEN
+        transport_of(client).channel_timeout = SSH_CHANNEL_OPEN
         return client
 
     def _peek_banner(self, sock: socket.socket) -> None:
@@ -189,7 +197,7 @@ class GuestSSH:
         sock.settimeout(self._probe_timeout)
         try:
             head = sock.recv(4, socket.MSG_PEEK)
-        except socket.timeout:
+        except TimeoutError:
             self._probe_timeout = min(self._probe_timeout * 1.5, 5.0)
             raise
         if not head:
@@ -246,7 +254,7 @@ class GuestSSH:
         line = command if isinstance(command, str) else shlex.join(command)
         shown = _shown(command)
         try:
-            channel = self.client.get_transport().open_session(timeout=OPEN_TIMEOUT)
+            channel = transport_of(self.client).open_session(timeout=OPEN_TIMEOUT)
             if merge:
                 channel.set_combine_stderr(True)
             if pty is not None:
@@ -281,7 +289,8 @@ class GuestSSH:
                 if remaining <= 0:
                     self._kill_remote(bytes(pid))
                     raise SSHError(f"{self.vm}: {shown!r} timed out after {timeout:.0f} s")
-                readable, _, _ = select.select([channel, *feeder.fds], [], [], min(remaining, 0.5))
+                watched: list[paramiko.Channel | int] = [channel, *feeder.fds]  # the feeder drops its fd at EOF
+                readable, _, _ = select.select(watched, [], [], min(remaining, 0.5))
                 if feeder.fds and feeder.fds[0] in readable:
                     feeder.pump()
                 while channel.recv_ready():
@@ -305,7 +314,7 @@ class GuestSSH:
     def _kill_remote(self, pid: bytes) -> None:
         if pid.isdigit():
             try:
-                channel = self.client.get_transport().open_session(timeout=OPEN_TIMEOUT)
+                channel = transport_of(self.client).open_session(timeout=OPEN_TIMEOUT)
                 # sshd makes the command's shell a session (and group) leader, and the
                 # exec keeps its pid: killing the group takes its children too.
                 # (`kill -KILL -PID`, not `kill -- -PID`: dash, a possible login shell, rejects the latter.)

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from harness.errors import LabError
 
@@ -58,7 +59,7 @@ def kvm_device_usable(path: str = "/dev/kvm") -> tuple[bool, str]:
     return True, f"{path} opens"
 
 
-def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT, popen=subprocess.Popen) -> ProbeResult:
+def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT, popen: Callable[..., Any] = subprocess.Popen) -> ProbeResult:
     """Boot ``kernel`` under KVM until it panics for want of a root file system."""
     with tempfile.TemporaryDirectory(prefix="socklab-kvm-probe-") as tmp:
         log = Path(tmp) / "console.log"

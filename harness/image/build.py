@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +67,7 @@ class Recipe:
         path = images_dir / f"{name}.yaml"
         where = str(path)
         data = textio.parse_yaml(textio.read_text(path, "image recipe", error=ImageError), where, error=ImageError)
-        if not isinstance(data, dict):
+        if not isinstance(data, textio.YamlMap):  # parse_yaml's mappings know their lines
             raise ImageError(f"{where}:1: a recipe is a mapping (suite, packages, initrd_modules, ...)")
         textio.check_keys(data, RECIPE_FIELDS, where, error=ImageError)
         for key in ("suite", "kernel", "packages", "initrd_modules"):
@@ -297,7 +297,7 @@ def failure_summary(lines: list[str], kept: int = CAUSE_LINES) -> str:
         text = line.strip()
         if text and CAUSE.search(text) and text not in causes:
             causes.append(text)
-    return " | ".join((causes[:kept] if causes else [line for line in lines if line.strip()][-3:]))
+    return " | ".join(causes[:kept] if causes else [line for line in lines if line.strip()][-3:])
 
 
 def _run(argv: list[str], what: str, on_line: Callable[[str], None] | None = None, log: Path | None = None,
@@ -490,7 +490,8 @@ def _build_locked(paths: Paths, recipe: Recipe, key: str, final: Path, client_pu
             remove_tree(work)
 
 
-def hand_to_invoker(paths: Paths, entry: Path, environ=os.environ, chown=os.chown) -> list[Path]:
+def hand_to_invoker(paths: Paths, entry: Path, environ: Mapping[str, str] = os.environ,
+                    chown: Callable[..., None] = os.chown) -> list[Path]:
     """Give a build run through sudo to the user who ran sudo (SUDO_UID): the entry, the key and the home.
 
     Without this, the entry (0700) and the key are root's, and the same user's
@@ -572,7 +573,8 @@ def build_log(paths: Paths, recipe: Recipe) -> Path:
     return logs / f"build-{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 def installed_packages(root: Path) -> dict[str, str]:
     """Package -> version of every package installed in the guest root, read from its dpkg status file."""
-    packages, name = {}, None
+    packages: dict[str, str] = {}
+    name = None
     try:
         text = (root / "var/lib/dpkg/status").read_text(errors="replace")
     except OSError:
@@ -588,7 +590,7 @@ def installed_packages(root: Path) -> dict[str, str]:
 def _mounts_below(path: Path) -> list[str]:
     """Mount points at or below ``path`` (mmdebstrap mounts /proc, /sys, /dev into the root it builds)."""
     prefix = str(path.resolve())
-    found = []
+    found: list[str] = []
     try:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:

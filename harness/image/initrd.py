@@ -97,12 +97,12 @@ def module_load_order(modules_dep: str, wanted: list[str], builtin: str = "") ->
         order.append(path)
 
     for name in wanted:
-        path = by_name.get(name.replace("-", "_"))
-        if path is None and name.replace("-", "_") in built_in:
+        module_path = by_name.get(name.replace("-", "_"))
+        if module_path is None and name.replace("-", "_") in built_in:
             continue
-        if path is None:
+        if module_path is None:
             raise KeyError(f"kernel module {name!r} is not in modules.dep")
-        visit(path)
+        visit(module_path)
     return order
 
 

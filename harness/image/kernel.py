@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.image import build as image
+from harness.image.build import Image
 from harness.errors import ImageError
 from harness.image.initrd import build_initrd, module_name, modules_dir, read_newc
 
@@ -37,7 +38,7 @@ VERSION_POINTER_AT = 0x20E
 class Boot:
     """What one VM boots: a kernel, its initrd, the userland image, and maybe a module disk."""
 
-    image: image.Image
+    image: Image
     kernel: Path
     initrd: Path
     release: str
@@ -48,7 +49,7 @@ class Boot:
     source: str = ""
 
     @classmethod
-    def of_image(cls, img: image.Image) -> "Boot":
+    def of_image(cls, img: Image) -> "Boot":
         return cls(img, img.kernel, img.initrd, img.kernel_release, img.sha256)
 
 

@@ -81,7 +81,7 @@ def vm_fault(lab: Lab, name: str, settle: float = 3.0) -> str | None:
     guest = lab.kept_connection(name)
     if guest is not None:
         try:
-            guest.client  # raises when the connection is gone
+            guest.client  # noqa: B018 - raises when the connection is gone
             return None
         except SSHError:
             pass

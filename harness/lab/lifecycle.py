@@ -14,6 +14,7 @@ Neighbours: ``state`` (what is on disk), ``topology`` (what to boot),
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -315,11 +316,14 @@ class Lab:
         with progress.step(f"{how} {len(plan)} QEMU ({state.accel})"):
             # In socket mode the listening side (the first VM) must exist before the others connect.
             for index, spec in enumerate(plan):
-                lab_nic = replace(spec.lab_nic, listen_port=socket_port if index == 0 else 0,
-                                  connect_port=socket_port if index > 0 else 0) if state.segment == "socket" else spec.lab_nic
+                planned_nic = spec.lab_nic
+                if planned_nic is None:  # the plan above gives every VM its lab NIC
+                    raise LabError(f"{spec.name}: planned without a lab NIC")
+                lab_nic = replace(planned_nic, listen_port=socket_port if index == 0 else 0,
+                                  connect_port=socket_port if index > 0 else 0) if state.segment == "socket" else planned_nic
                 boot = self._boots[spec.name]
                 vm = VMState(name=spec.name, index=index, ssh_port=0, lab_ip=spec.lab_ip, mgmt_mac=spec.mgmt_mac,
-                             lab_mac=spec.lab_nic.mac, tap=spec.lab_nic.ifname, overlay=str(spec.overlay),
+                             lab_mac=planned_nic.mac, tap=planned_nic.ifname, overlay=str(spec.overlay),
                              image=str(boot.image.directory), kernel=boot.release,
                              kernel_image=boot.source if boot.custom else "", host_key=boot.image.host_key)
                 state.vms.append(vm)
@@ -470,7 +474,7 @@ class Lab:
         guest = self._ssh.pop(name, None)
         if guest is not None and guest.port == vm.ssh_port:
             try:
-                guest.client  # raises when the connection is gone: sshd restarted, the guest rebooted
+                guest.client  # noqa: B018 - raises when the connection is gone: sshd restarted, the guest rebooted
                 self._ssh[name] = guest
                 return guest
             except SSHError:
@@ -535,7 +539,7 @@ class Lab:
             for vm in state.vms:
                 if vm.pid:
                     how = qemu.stop(vm.name, vm.pid, Path(vm.qmp or self.run_dir / f"{vm.name}.qmp"),
-                                    alive=lambda vm=vm: self.owned(vm))
+                                    alive=functools.partial(self.owned, vm))
                     done.append(f"{vm.name}: {how}")
         # QEMUs of this lab that the state file does not know (it was lost, or socklab died before saving a pid):
         # their -uuid starts with this lab's key, which no other lab's does.

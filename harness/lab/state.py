@@ -101,8 +101,9 @@ class LabState:
 
 def check_field_types(state: LabState) -> None:
     """Every field of a loaded state has its declared type: ``down`` must not trip over a pid that is a string."""
-    kinds = {"int": int, "str": str, "float": (int, float), "bool": bool}
-    for record in [state, *state.vms]:
+    kinds: dict[str, type | tuple[type, ...]] = {"int": int, "str": str, "float": (int, float), "bool": bool}
+    records: list[LabState | VMState] = [state, *state.vms]
+    for record in records:
         for spec in fields(record):
             kind = kinds.get(str(spec.type))
             value = getattr(record, spec.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from rich.table import Table
@@ -13,10 +14,11 @@ from harness.errors import SocklabError
 def offloads(lab, name: str) -> tuple[str, str]:
     """(scatter-gather, tx-checksumming) of the guest's lab NIC, from its own ethtool -k (the stats parser)."""
     from harness.stats.ethtool import parse_ethtool_features
+    from harness.stats.snapshot import Feature
 
     try:
         result = lab.ssh(name, timeout=5).run("ethtool -k lab0", timeout=10, check=True)
-        features = parse_ethtool_features(result.stdout).get("lab0", {})
+        features: Mapping[str, Feature] = parse_ethtool_features(result.stdout).get("lab0", {})
     except SocklabError:
         return "?", "?"
 

@@ -24,7 +24,7 @@ class ProtoOps:
     sendmsg: Callable[..., Any]
     recvmsg: Callable[..., Any]
     poll: Callable[..., int]
-    release: Callable[..., None]
+    release: Callable[..., str]  # the rule that closed the socket (sys_close reports it)
     sockopt_levels: bool = True  # False: ops->setsockopt is NULL, non-SOL_SOCKET levels -> EOPNOTSUPP
 
 

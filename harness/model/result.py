@@ -74,15 +74,18 @@ class Result:
         return f"{head}  ({self.rule}; {self.kernel_fn}){extra}"
 
 
-_SET_OP = Result.op.__set__
-_SET_RET = Result.ret.__set__
-_SET_ERRNO = Result.errno.__set__
-_SET_RULE = Result.rule.__set__
-_SET_FN = Result.kernel_fn.__set__
-_SET_BLOCKED = Result.blocked.__set__
-_SET_APPROX = Result.approx.__set__
-_SET_SIGNAL = Result.signal.__set__
-_SET_DATA = Result.data.__set__
+# The slots' member descriptors, read from the class's namespace: the same objects as ``Result.op``
+# and so on at run time, where a type checker would see the field's declared type instead.
+_SLOTS: dict[str, Any] = dict(vars(Result))
+_SET_OP = _SLOTS["op"].__set__
+_SET_RET = _SLOTS["ret"].__set__
+_SET_ERRNO = _SLOTS["errno"].__set__
+_SET_RULE = _SLOTS["rule"].__set__
+_SET_FN = _SLOTS["kernel_fn"].__set__
+_SET_BLOCKED = _SLOTS["blocked"].__set__
+_SET_APPROX = _SLOTS["approx"].__set__
+_SET_SIGNAL = _SLOTS["signal"].__set__
+_SET_DATA = _SLOTS["data"].__set__
 _OPTIONAL_DEFAULTS = {"blocked": False, "approx": False, "signal": None, "data": None}
 
 

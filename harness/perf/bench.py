@@ -16,12 +16,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness import progress
 from harness.image import build as image
 from harness.lab.lifecycle import Lab
 from harness.paths import Paths
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 SECTIONS = ("build", "boot", "kernels", "latency", "stats", "model", "check", "trace", "memory", "fuzz")
 TRACE_LABS = ("03-listen", "01-sockets-are-files")  # checks timed traced and untraced: three scenarios, and one
@@ -101,7 +104,7 @@ def bench_build(bench: Bench, paths: Paths, repeats: int) -> None:
             with tempfile.TemporaryDirectory(prefix="socklab-bench-cache-", dir=paths.images) as scratch:
                 os.environ["SOCKLAB_CACHE"] = scratch
                 try:
-                    cold.append(_timed(lambda: image.build(paths, recipe.name)))
+                    cold.append(_timed(lambda: image.build(paths, recipe.name)))  # noqa: B023 - called at once
                 finally:
                     del os.environ["SOCKLAB_CACHE"]
         if recipe.name == "bookworm":
@@ -350,7 +353,7 @@ def save(bench: Bench, directory: Path) -> Path:
     return path
 
 
-def table(bench: Bench):
+def table(bench: Bench) -> Table:
     from rich.table import Table
 
     out = Table(title=f"socklab bench ({bench.host.get('cpus')} CPUs, load {bench.host.get('load_1min', 0):.1f})",

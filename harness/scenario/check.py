@@ -42,7 +42,7 @@ class LabSpec:
         where = str(path)
         data = textio.parse_yaml(textio.read_text(path, "lab description", error=ScenarioError), where,
                                  error=ScenarioError)
-        if not isinstance(data, dict) or not data.get("scenarios"):
+        if not isinstance(data, textio.YamlMap) or not data.get("scenarios"):
             raise ScenarioError(f"{path}:1: lab.yaml needs `title:` and a list of `scenarios:`")
         textio.check_keys(data, LAB_KEYS, where, error=ScenarioError)
         for key, kinds in LAB_KEYS.items():
@@ -131,8 +131,8 @@ class CheckReport:
 
     @property
     def counts(self) -> dict[str, int]:
-        steps = [rec for run in self.runs for rec in run.records if rec.verdict is not None]
-        return {"steps": len(steps), "step_failures": sum(not rec.verdict.ok for rec in steps),
+        verdicts = [rec.verdict for run in self.runs for rec in run.records if rec.verdict is not None]
+        return {"steps": len(verdicts), "step_failures": sum(not verdict.ok for verdict in verdicts),
                 "assertions": len(self.assertions),
                 "assertion_failures": sum(not a.ok for a in self.assertions if a.predicted),
                 "not_predicted": sum(not a.predicted for a in self.assertions)}

@@ -131,7 +131,7 @@ def load(path: Path, variables: Mapping[str, Any]) -> list[Assertion]:
     text = textio.read_text(path, "expectation template", error=ScenarioError)
     rendered = render(text, variables, where)
     raw = textio.parse_yaml(rendered, where, error=ScenarioError)
-    if not isinstance(raw, list):
+    if not isinstance(raw, textio.YamlList):
         raise ScenarioError(f"{where}:1: an expectation file is a list of assertions")
     assertions = []
     for number, item in enumerate(raw, start=1):
@@ -174,7 +174,7 @@ def default_sysctls(overrides: Mapping[str, Any] | None = None) -> Any:
     from ..stats import Sysctls
     from ..stats.sysctl import SYSCTLS
 
-    values = {}
+    values: dict[str, Any] = {}  # attr -> its spec's kind
     for spec in SYSCTLS:
         value = (overrides or {}).get(spec.name, DEFAULT_SYSCTLS.get(spec.name, 0))
         if isinstance(value, str):  # a scenario's setting as sysctl takes it, e.g. "40000 40003"

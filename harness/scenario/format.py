@@ -218,18 +218,18 @@ def _read(path: Path) -> str:
     return textio.read_text(path, "scenario", error=ScenarioError)
 
 
-def _header(header_text: str, where: str) -> dict:
+def _header(header_text: str, where: str) -> textio.YamlMap:
     header = _yaml(header_text, where, 1)
-    if not isinstance(header, dict):
+    if not isinstance(header, textio.YamlMap):
         raise ScenarioError(f"{where}:1: the header must be a mapping (name, hosts, params)")
     textio.check_keys(header, HEADER_KEYS, where, "header key", error=ScenarioError)
     for key, kind in (("name", (str, int)), ("description", str), ("hosts", list), ("params", dict)):
         if header.get(key) is not None:
             textio.expect_type(header[key], kind, where, header.line_of(key), key, error=ScenarioError)
-    hosts = header.get("hosts") or []
+    hosts = header.get("hosts") or textio.YamlList()
     for index, host in enumerate(hosts):
         textio.expect_type(host, str, where, hosts.line_of(index), "hosts", error=ScenarioError)
-    params = header.get("params") or {}
+    params = header.get("params") or textio.YamlMap()
     for name in params:
         if not isinstance(name, str) or not _NAME.match(name):
             raise ScenarioError(f"{where}:{params.line_of(name)}: parameter {_shown(name)} is not a name "
@@ -262,7 +262,7 @@ def load(path: Path, overrides: Mapping[str, Any] | None = None, known_hosts: tu
     params.update(overrides or {})
     rendered = render(body_text, params, where, body_line)
     body = _yaml(rendered, where, body_line, " (line of the rendered body)")
-    if not isinstance(body, dict) or "steps" not in body:
+    if not isinstance(body, textio.YamlMap) or "steps" not in body:
         raise ScenarioError(f"{where}:{body_line}: the body must be a mapping with `steps:`")
     textio.check_keys(body, BODY_KEYS, where, "body key", error=ScenarioError)
     hosts = tuple(header.get("hosts") or ())
@@ -300,7 +300,7 @@ def _apply_key(steps: tuple[Step, ...], key: Path, params: Mapping[str, Any]) ->
     raw = _yaml(render(_read(key), params, where), where, 1, " (line of the rendered key)")
     if raw is None:
         return steps
-    if not isinstance(raw, dict):
+    if not isinstance(raw, textio.YamlMap):
         raise ScenarioError(f"{where}:1: an answer key maps step labels to what they return (label: 0)")
     by_label: dict[str, list[int]] = {}
     for position, step in enumerate(steps):

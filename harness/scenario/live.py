@@ -9,7 +9,7 @@ from typing import Any
 
 import paramiko
 
-from harness.guest.client import Agent, AgentError, AgentPushError, AgentRequestError, AgentTimeout
+from harness.guest.client import Agent, AgentError, AgentPushError, AgentReply, AgentRequestError, AgentTimeout
 from ..errors import LabError, SocklabError, SSHError
 from ..stats import collect_many
 from harness.guest.trace import KernelTrace, TraceError
@@ -66,7 +66,7 @@ class LabBackend:
                 raise self.explain(host, exc) from exc
         return self.agents[key]
 
-    def _request(self, host: str, user: str, op: str, args: Mapping[str, Any]):
+    def _request(self, host: str, user: str, op: str, args: Mapping[str, Any]) -> AgentReply:
         agent = self.agent(host, user)
         try:
             return agent.request(op, args)

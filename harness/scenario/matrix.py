@@ -150,7 +150,7 @@ def markdown(result: MatrixResult) -> str:
         if not cell.ok:
             lines.append(f"\n{lab} on {kernel}:")
             lines += [f"- {difference}" for difference in cell.differences]
-    for lab, problems in result.guide_problems.items():
+    for _lab, problems in result.guide_problems.items():
         lines += [f"- guide: {problem}" for problem in problems]
     return "\n".join(lines) + "\n"
 

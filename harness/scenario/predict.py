@@ -157,7 +157,7 @@ def _modelled(counter: str) -> str:
 
 def model_view(result: RunResult, sysctls: Mapping[str, Any]) -> RunResult:
     """The run as the model saw it: model snapshots as the snapshots, the model's outcomes as the trace."""
-    snapshots = {name: {host: ModelSnapshot(stats, sysctls.get(host)) for host, stats in hosts.items()}
+    snapshots: dict[str, Mapping[str, Any]] = {name: {host: ModelSnapshot(stats, sysctls.get(host)) for host, stats in hosts.items()}
                  for name, hosts in result.model_snapshots.items()}
     records = [replace(record, kernel=record.model) if isinstance(record, StepRecord) else record
                for record in result.records]

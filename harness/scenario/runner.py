@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, ItemsView, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from ..errors import LabError
 from ..model import Network
@@ -26,6 +26,13 @@ class Backend(Protocol):
     def snapshot(self, name: str) -> Mapping[str, Any]: ...
 
     def close(self) -> None: ...
+
+
+class TracingBackend(Backend, Protocol):
+    """The live side, which can also record the kernel's call graph of a call (harness.scenario.live)."""
+
+    def call_traced(self, host: str, user: str, op: str, args: dict[str, Any], options: Any,
+                    functions: list[str]) -> Outcome: ...
 
 
 @dataclass
@@ -187,7 +194,7 @@ class SocketNames:
     def __contains__(self, name: object) -> bool:
         return name in self._all
 
-    def items(self):
+    def items(self) -> ItemsView[str, tuple[str, str, Any]]:
         return self._all.items()
 
     def of(self, host: str, user: str) -> Mapping[str, Any]:
@@ -368,7 +375,7 @@ def run(scenario: Scenario, kernel: Backend | None, model: ModelBackend | None,
                 record.verdict = judge(step, record.kernel, record.model, port_range)
                 crossed = crossed or crosses_hosts(step)
                 if (crossed and not segment_checked and not record.verdict.ok
-                        and hasattr(kernel, "segment_faults")):
+                        and kernel is not None and hasattr(kernel, "segment_faults")):
                     segment_checked = True
                     faults = kernel.segment_faults()
                     if faults:
@@ -407,7 +414,7 @@ def _call(backend: Backend, step: Step, names: SocketNames, trace: Any = None, c
     except UnsetReference as exc:
         return Outcome(ret=None, errno=UNSET, rule=f"{exc.args[0]} was never set on this side: the step did not run")
     if trace is not None:
-        outcome = backend.call_traced(step.host, step.user, step.call, args, trace, [cited] if cited else [])
+        outcome = cast(TracingBackend, backend).call_traced(step.host, step.user, step.call, args, trace, [cited] if cited else [])
     elif step.until:
         outcome = call_until(backend, step, args)
     else:
@@ -434,7 +441,7 @@ def call_until(backend: Backend, step: Step, args: dict[str, Any]) -> Outcome:
     calls = total = 0
     approx = False
     last = Outcome(ret=None)
-    stopped = "max"
+    stopped: str | None = "max"
     for _ in range(step.max_repeats):
         last = backend.call(step.host, step.user, step.call, args)
         approx = approx or last.approx
@@ -455,7 +462,7 @@ def evaluate_value(step: Step, snapshots: Mapping[str, Any], names: SocketNames)
         value = sandbox().compile_expression(step.expression, undefined_to_none=False)(**scope)
     except Exception as exc:  # noqa: BLE001 - a template error is this step's outcome, not the run's end
         return Outcome(ret=None, errno=UNSET, rule=f"cannot evaluate {step.expression}: {exc}")
-    if hasattr(value, "_asdict"):
+    if value is not None and hasattr(value, "_asdict"):
         value = list(value)
     if step.save_as:
         names[step.save_as] = ("", "", value)

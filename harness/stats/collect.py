@@ -35,12 +35,13 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import paramiko
 
 from ..deadline import SSH_CHANNEL_OPEN, STATS_COLLECT
 from ..errors import SSHError
+from ..guest.ssh import transport_of
 from . import procnet
 from .errors import Origin, StatsCommandFailed, StatsError, StatsFormatError, StatsToolMissing, StatsTruncatedError
 from .ethtool import FEATURES_COMMAND, parse_ethtool_features, parse_ethtool_stats, stats_command
@@ -150,7 +151,7 @@ def split_sections(text: str, nonce: str, vm: str) -> dict[str, Section]:
     whole = Origin(vm, "the stats command")
     sections: dict[str, Section] = {}
     position = 0
-    current: dict[str, object] | None = None
+    current: dict[str, Any] | None = None  # name, stdout, stderr: str; status: int
     done = False
 
     def line_number(offset: int) -> int:
@@ -251,9 +252,9 @@ def parse_output(text: str, nonce: str, vm: str, taken_at: float = 0.0, round_tr
     features = parse_ethtool_features(sections["ethtool-k"].stdout, Origin(vm, FEATURES_COMMAND))
     nics: dict[str, Nic] = {}
     for name in [*features, *(n for n in stats if n not in features)]:
-        counters, queues = (parse_ethtool_stats(stats[name].stdout, Origin(vm, stats_command(name)))
-                            if name in stats else (EMPTY, ()))
-        nics[name] = Nic(name, counters, queues, features.get(name, EMPTY), counters_collected=name in stats)
+        nic_counters, queues = (parse_ethtool_stats(stats[name].stdout, Origin(vm, stats_command(name)))
+                                if name in stats else (EMPTY, ()))
+        nics[name] = Nic(name, nic_counters, queues, features.get(name, EMPTY), counters_collected=name in stats)
 
     procfs = procnet.split_grep_h(sections["procfs"].stdout, PROCFS_FILES, Origin(vm, PROCFS_COMMAND))
 
@@ -298,7 +299,7 @@ class _StatsShell:
             return self.channel
         self.close()
         try:
-            channel = client.get_transport().open_session(timeout=SSH_CHANNEL_OPEN)
+            channel = transport_of(client).open_session(timeout=SSH_CHANNEL_OPEN)
             channel.exec_command(SHELL_COMMAND)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise SSHError(f"{self.ssh.vm}: cannot start the stats shell: {exc}") from exc
@@ -316,6 +317,8 @@ class _StatsShell:
 
     def _read_until(self, end: bytes, command: str, timeout: float) -> str:
         channel = self.channel
+        if channel is None:  # callers start the shell first
+            raise StatsError(f"{self.ssh.vm}: the stats shell is not running")
         out, err = bytearray(), bytearray()
         deadline = time.monotonic() + timeout
         try:
@@ -362,7 +365,7 @@ class _StatsShell:
         if not self.pid or self.client is None:
             return
         try:
-            channel = self.client.get_transport().open_session(timeout=SSH_CHANNEL_OPEN)
+            channel = transport_of(self.client).open_session(timeout=SSH_CHANNEL_OPEN)
             channel.exec_command(f"kill -KILL -{self.pid} 2>/dev/null || kill -KILL {self.pid}")
             deadline = time.monotonic() + 5
             while not channel.exit_status_ready() and time.monotonic() < deadline:
@@ -390,7 +393,13 @@ def _shell_for(ssh: "GuestSSH") -> _StatsShell:
         if shell is None:
             shell = _shells[ssh] = _StatsShell(ssh)
             connection = weakref.ref(ssh)
-            ssh.on_close(lambda: close_shell(connection()) if connection() is not None else None)
+
+            def closed() -> None:
+                owner = connection()
+                if owner is not None:
+                    close_shell(owner)
+
+            ssh.on_close(closed)
         return shell
 
 
@@ -428,7 +437,7 @@ def collect(ssh: "GuestSSH", vm: str | None = None, *, nics: Sequence[str] | Non
     return dataclasses.replace(snapshot, raw=output)
 
 
-def collect_many(lab: "Lab", names: Sequence[str] | None = None, **options) -> LabSnapshot:
+def collect_many(lab: "Lab", names: Sequence[str] | None = None, **options: Any) -> LabSnapshot:
     """Snapshots of several VMs (default: all of the lab's) taken in parallel, one thread per VM."""
     names = list(names) if names is not None else [vm.name for vm in lab.require().vms]
     if not names:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Any
 
 from .errors import Origin, StatsFormatError, StatsTruncatedError
 from .snapshot import Endpoint, FrozenDict, SkMem, Socket, TcpInfo
@@ -186,7 +187,8 @@ def _inet_endpoint(line: _Line, text: str, what: str) -> Endpoint:
     return Endpoint(address, port, interface)
 
 
-def _check_address(line: _Line, kind, address: str, what: str) -> None:
+def _check_address(line: _Line, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address], address: str,
+                   what: str) -> None:
     try:
         kind(address)
     except ValueError:
@@ -307,7 +309,7 @@ def _skmem(line: _Line, token: str) -> SkMem:
 
 def _tcp_info(line: _Line, details: _Details) -> TcpInfo:
     fields = details.tcp_fields
-    typed: dict[str, object] = {}
+    typed: dict[str, Any] = {}  # TcpInfo field -> int or float, by the table it came from
     for key, (attr, kind) in _TCP_NUMBERS.items():
         if key in fields:
             typed[attr] = _number(line, key, fields[key], kind)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import Origin, StatsFormatError, StatsTruncatedError
 from .snapshot import PortRange, Sysctls, TcpMem
@@ -77,7 +78,7 @@ def parse_sysctl_value(spec: SysctlSpec, text: str, origin: Origin) -> object:
 
 def parse_sysctls(files: Mapping[str, str], origin_for: Callable[[str], Origin]) -> Sysctls:
     """``Sysctls`` from ``{"/proc/sys/net/core/somaxconn": "4096\\n", …}``."""
-    values = {}
+    values: dict[str, Any] = {}  # attr -> its spec's kind: ints, TcpMem, PortRange, bools
     for spec in SYSCTLS:
         if spec.path not in files:
             raise StatsTruncatedError(origin_for(spec.path), 0, "", f"{spec.name} was not read")

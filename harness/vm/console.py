@@ -130,7 +130,10 @@ class GuestConsole:
         token = "SL" + secrets.token_hex(4)
         self.child.send(f"{command}; printf '\\n{token}:%s:{token}\\n' $?\r".encode())
         self.expect([re.compile(rf"{token}:\d+:{token}".encode())], timeout)
-        text = (self.child.before + self.child.after).decode(errors="replace")
+        before, after = self.child.before, self.child.after
+        if not isinstance(before, bytes) or not isinstance(after, bytes):  # bytes once expect() matched the marker
+            raise ConsoleError(f"{self.vm}: the console lost the output of {command!r}")
+        text = (before + after).decode(errors="replace")
         return parse_marked_output(text, token)
 
     def close(self) -> None:
@@ -142,7 +145,7 @@ class GuestConsole:
     def __enter__(self) -> "GuestConsole":
         return self.open()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

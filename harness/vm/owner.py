@@ -13,6 +13,7 @@ match. A lab whose state file is lost is still found by its key prefix.
 from __future__ import annotations
 
 import uuid as uuid_mod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,9 +79,9 @@ def start_ticks(pid: int, proc: Path = PROC) -> int:
     return info.start_ticks if info else 0
 
 
-def pids_with_uuid(match, proc: Path = PROC) -> list[int]:
+def pids_with_uuid(match: Callable[[str], bool], proc: Path = PROC) -> list[int]:
     """Live pids whose ``-uuid`` argument satisfies ``match(uuid)`` (zombies excluded)."""
-    found = []
+    found: list[int] = []
     try:
         entries = list(proc.iterdir())
     except OSError:

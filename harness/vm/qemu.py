@@ -8,8 +8,10 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from harness.deadline import QEMU_START, QEMU_STOP, QMP_CALL, QMP_CONNECT, SNAPSHOT_RESTORE, SNAPSHOT_SAVE
 from harness.errors import LabError
@@ -172,7 +174,7 @@ def create_overlay(base: Path, overlay: Path, base_format: str = "raw") -> None:
     overlay.chmod(0o600)
 
 
-def start(spec: VMSpec, popen=subprocess.Popen) -> int:
+def start(spec: VMSpec, popen: Callable[..., Any] = subprocess.Popen) -> int:
     """Start QEMU daemonized and return its pid.
 
     QEMU forks into the background only once its devices are set up, so a bad
@@ -215,7 +217,7 @@ def is_running(pid: int, name: str | None = None) -> bool:
     return name is None or f"socklab-{name},".encode() in cmdline
 
 
-def qmp_command(socket_path: Path, command: str, timeout: float = QMP_CALL, **arguments) -> object:
+def qmp_command(socket_path: Path, command: str, timeout: float = QMP_CALL, **arguments: Any) -> object:
     """Send one QMP command and return its result; every wait is bounded by ``timeout``.
 
     A wedged QEMU must not hang ``lab.down``: qemu.qmp's connect has no timeout
@@ -251,14 +253,14 @@ def migrate_to_file(socket_path: Path, target: Path, timeout: float = SNAPSHOT_S
             await save()
         except ExecuteError as exc:
             raise LabError(f"saving the guest state failed: {exc}") from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise LabError(f"QEMU's monitor did not answer within {QMP_CALL:g} s while saving") from exc
 
     async def save() -> None:
         client = QMPClient("socklab-snapshot")
         await asyncio.wait_for(client.connect(str(socket_path)), QMP_CONNECT)
 
-        async def call(command: str, arguments: dict | None = None) -> object:
+        async def call(command: str, arguments: dict | None = None) -> Any:  # QMP's JSON reply
             return await asyncio.wait_for(client.execute(command, arguments), QMP_CALL)
 
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -304,16 +306,16 @@ def resume_incoming(socket_path: Path, timeout: float = SNAPSHOT_RESTORE) -> Non
             await resume(client)
         except ExecuteError as exc:
             raise LabError(f"the snapshot did not load: {exc}") from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise LabError(f"QEMU's monitor did not answer within {QMP_CALL:g} s while resuming") from exc
 
-    async def resume(client) -> None:
+    async def resume(client: Any) -> None:  # a qemu.qmp QMPClient (untyped)
         ends = time.monotonic() + timeout
         while True:  # the monitor socket appears as QEMU starts
             try:
                 await asyncio.wait_for(client.connect(str(socket_path)), QMP_CONNECT)
                 break
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 if time.monotonic() > ends:
                     raise LabError(f"no QMP monitor at {socket_path} to resume the snapshot") from None
                 await asyncio.sleep(0.02)
@@ -336,7 +338,8 @@ def resume_incoming(socket_path: Path, timeout: float = SNAPSHOT_RESTORE) -> Non
     asyncio.run(exchange())
 
 
-def stop(name: str, pid: int, qmp_socket: Path, timeout: float = QEMU_STOP, alive=None) -> str:
+def stop(name: str, pid: int, qmp_socket: Path, timeout: float = QEMU_STOP,
+         alive: Callable[[], bool] | None = None) -> str:
     """Stop a guest: QMP ``quit`` first, SIGKILL if it lingers. Returns how it went.
 
     ``alive()`` tells whether ``pid`` is still this guest's QEMU (by default: by

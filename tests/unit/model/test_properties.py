@@ -43,7 +43,7 @@ def test_no_two_conflicting_owners_of_a_port(proto, specs, steps):
     net = Network(strict=True)
     host = net.add_host("h", addrs=["198.51.100.1", "2001:db8::1"])
     fds: list[tuple[str, int]] = []
-    for user, reuse, reuseport, (addr, family), port in specs:
+    for user, reuse, reuseport, (_addr, family), _port in specs:
         fd = host.call("socket", {"family": family, "type": 1 if proto == "tcp" else 2}, user=user).ret
         for optname, on in ((2, reuse), (15, reuseport)):
             if on:
