@@ -446,9 +446,26 @@ def prune(paths: Paths, recipe_name: str, keep: Path, in_use: set[Path] | None =
     return removed
 
 
-def images_in_use(paths: Paths) -> set[Path]:
-    """Cache entries the running labs' VMs boot from (read from their state files; none if no lab)."""
+def images_in_use(paths: Paths, proc: Path = Path("/proc")) -> set[Path]:
+    """Cache entries a running lab boots from: this home's labs by their state files, and any lab of any
+    home or checkout sharing the cache (``SOCKLAB_CACHE``) by the cache paths on its QEMUs' command lines.
+
+    Only reads: another lab's files and processes are never touched.
+    """
     used: set[str] = set()
+    cache = str(paths.cache.resolve()) + "/"
+    for cmdline in proc.glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not args or b"qemu-system" not in args[0]:
+            continue
+        for arg in args:
+            text = arg.decode(errors="replace")
+            for piece in text.replace(",", "=").split("="):
+                if piece.startswith(cache):
+                    used.add(cache + piece[len(cache):].split("/", 1)[0])
     for state_file in [paths.home / "run/lab.json", *paths.home.glob("labs/*/run/lab.json")]:
         try:
             state = json.loads(state_file.read_text())

@@ -310,8 +310,26 @@ def test_prune_removes_older_entries_of_the_recipe_but_not_what_a_lab_boots(path
     state = {"image": str(keep), "vms": [{"image": str(booted)}]}
     (paths.home / "labs/second/run").mkdir(parents=True)
     (paths.home / "labs/second/run/lab.json").write_text(json.dumps(state))
-    assert image.prune(paths, "bookworm", keep=keep) == [old]
+    assert image.prune(paths, "bookworm", keep=keep, in_use=image.images_in_use(paths, proc=paths.home / "noproc")) == [old]
     assert keep.exists() and booted.exists() and other.exists() and not old.exists()
+
+
+def test_prune_spares_an_entry_a_qemu_of_another_home_boots(paths, pubkey, tmp_path):
+    """A shared SOCKLAB_CACHE: a lab of another checkout has no state file here, but its QEMU names the entry."""
+    keep = fake_entry(paths, pubkey)
+    theirs, stale = paths.cache / "bookworm-00000000000000aa", paths.cache / "bookworm-00000000000000bb"
+    for directory in (theirs, stale):
+        directory.mkdir()
+    proc = tmp_path / "proc"
+    for pid, argv in (("4242", [b"/usr/bin/qemu-system-x86_64", b"-kernel", str(theirs / "vmlinuz").encode(),
+                                b"-drive", f"file={theirs}/rootfs.ext4,format=raw".encode()]),
+                      ("4243", [b"/bin/cat", str(stale / "vmlinuz").encode()])):
+        (proc / pid).mkdir(parents=True)
+        (proc / pid / "cmdline").write_bytes(b"\0".join(argv) + b"\0")
+    in_use = image.images_in_use(paths, proc=proc)
+    assert in_use == {theirs.resolve()}
+    assert image.prune(paths, "bookworm", keep=keep, in_use=in_use) == [stale]
+    assert theirs.exists() and not stale.exists()
 
 
 def test_the_manifest_records_the_packages_a_moving_suite_resolved(tmp_path):
