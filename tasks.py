@@ -24,6 +24,7 @@ from harness.errors import SocklabError
 from harness.lab.lifecycle import Lab, check_up_args
 from harness.lab.topology import topology
 from harness.lab.topology import topology as topology_of
+from harness import paths as paths_module
 from harness.paths import DEFAULT_LAB, Paths, check_lab_name
 
 NAME_HELP = "which lab of this checkout (default: $SOCKLAB_LAB or 'default'); each name is a lab of its own"
@@ -78,6 +79,8 @@ def _friendly(fn):
     def wrapper(c, *args, debug=False, **kwargs):
         if debug and not debug_log.enabled():
             debug_log.configure(True)
+        # Recipes and labs from invoke config; the environment still wins (harness/paths.py).
+        paths_module.configure(images=c.config.images.dir, labs=c.config.lab.labs_dir)
         # invoke hands `--help` to a task's positional argument (`invoke lab.ssh --help`
         # would try to reach a VM called "--help"); show the task's help instead.
         for flag in ("--help", "-h"):
