@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("harness.lab",),
     ("harness.scenario",),
     ("harness.fuzz", "harness.course"),
-    ("harness.perf", "harness.config", "harness.pytest_plugin"),
+    ("harness.perf", "harness.config", "harness.pytest_plugin", "harness.cli"),
 ]
 # Where a package's own modules sit above others of the same package.
 WITHIN = {
