@@ -87,6 +87,8 @@ def _friendly(fn):
             if flag in args or flag in kwargs.values():
                 where = sys.argv.index(flag) if flag in sys.argv else 0
                 task_name = sys.argv[where - 1] if where > 0 else fn.__name__
+                if Path(sys.argv[0]).name == "socklab":  # the installed command (harness/cli.py)
+                    os.execvp(sys.argv[0], [sys.argv[0], "--help", task_name])
                 os.execvp(sys.executable, [sys.executable, "-m", "invoke", "--help", task_name])
 
         def on_term(signum, frame):
