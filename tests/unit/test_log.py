@@ -180,3 +180,21 @@ def test_status_record_has_the_documented_keys():
     assert [(vm["name"], vm["state"], vm["pid"], vm["sg"]) for vm in record["vms"]] == \
         [("client", "running", 7, None), ("server", "dead", None, None)]
     json.dumps(record)
+
+
+def test_status_table_and_json_are_on_stdout_so_grep_sees_them(tmp_path):
+    from harness.lab.lifecycle import Lab
+    from harness.lab.state import LabState, VMState
+    from harness.paths import PACKAGE_RECIPES, Paths
+
+    home = tmp_path / "home"
+    lab = Lab(Paths(images=PACKAGE_RECIPES, home=home), "logtest")
+    lab.save(LabState("abc", "default", name="logtest", accel="tcg", segment="socket",
+                      vms=[VMState("client", 0, 2201, "198.51.100.1", "m", "l"),
+                           VMState("server", 1, 2202, "198.51.100.2", "m", "l")]))
+    table = _invoke("lab.status", "--no-live", "--name", "logtest", home=home)
+    assert table.returncode == 0, table.stderr
+    assert [line for line in table.stdout.splitlines() if "client" in line and "dead" in line]
+    assert "client" not in table.stderr
+    record = json.loads(_invoke("lab.status", "--no-live", "--json", "--name", "logtest", home=home).stdout)
+    assert record["running"] and [vm["state"] for vm in record["vms"]] == ["dead", "dead"]
