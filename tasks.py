@@ -7,6 +7,8 @@ prints. Errors a user can act on come out as one line and exit status 2.
 from __future__ import annotations
 
 import functools
+import inspect
+import logging
 import os
 import signal
 import sys
@@ -16,17 +18,23 @@ from invoke import Collection, Exit, task
 from rich.markup import escape
 
 from harness import config, progress
+from harness import log as debug_log
 from harness.image import build as image
 from harness.errors import SocklabError
 from harness.lab.lifecycle import Lab, check_up_args
 from harness.lab.topology import topology
 from harness.lab.topology import topology as topology_of
+from harness import paths as paths_module
 from harness.paths import DEFAULT_LAB, Paths, check_lab_name
 
 NAME_HELP = "which lab of this checkout (default: $SOCKLAB_LAB or 'default'); each name is a lab of its own"
 
 # invoke reads invoke.yaml right after this import, with no check of its own: check it first.
 config.check_at_import(Path(__file__).resolve().parent)
+# The debug log (harness/log.py): on with SOCKLAB_DEBUG=1 or invoke's own --debug (which has set
+# the root logger to DEBUG by now); a task's --debug turns it on later. Off, the output is unchanged.
+debug_log.configure(debug_log.env_debug() or logging.getLogger().isEnabledFor(logging.DEBUG))
+DEBUG_HELP = "log QEMU argv, SSH commands, agent messages and timings to stderr (also SOCKLAB_DEBUG=1)"
 
 
 # Tasks whose VM name is checked by the task itself, so that a missing one gives the usual one
@@ -62,16 +70,25 @@ _let_tasks_check_their_vm_name()
 
 
 def _friendly(fn):
-    """Turn SocklabError into `socklab: <message>` and exit 2; SIGTERM behaves like Ctrl-C."""
+    """Turn SocklabError into `socklab: <message>` and exit 2; SIGTERM behaves like Ctrl-C.
+
+    The task also gets a ``--debug`` flag (harness/log.py), which it does not see itself.
+    """
 
     @functools.wraps(fn)
-    def wrapper(c, *args, **kwargs):
+    def wrapper(c, *args, debug=False, **kwargs):
+        if debug and not debug_log.enabled():
+            debug_log.configure(True)
+        # Recipes and labs from invoke config; the environment still wins (harness/paths.py).
+        paths_module.configure(images=c.config.images.dir, labs=c.config.lab.labs_dir)
         # invoke hands `--help` to a task's positional argument (`invoke lab.ssh --help`
         # would try to reach a VM called "--help"); show the task's help instead.
         for flag in ("--help", "-h"):
             if flag in args or flag in kwargs.values():
                 where = sys.argv.index(flag) if flag in sys.argv else 0
                 task_name = sys.argv[where - 1] if where > 0 else fn.__name__
+                if Path(sys.argv[0]).name == "socklab":  # the installed command (harness/cli.py)
+                    os.execvp(sys.argv[0], [sys.argv[0], "--help", task_name])
                 os.execvp(sys.executable, [sys.executable, "-m", "invoke", "--help", task_name])
 
         def on_term(signum, frame):
@@ -88,6 +105,11 @@ def _friendly(fn):
             progress.console.print(f"[yellow]socklab: interrupted; {_left_running()}[/]")
             raise Exit(code=130) from None
 
+    signature = inspect.signature(fn)
+    if "debug" not in signature.parameters:
+        # invoke builds a task's flags from this signature (it follows __signature__ before __wrapped__).
+        flag = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False)
+        wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), flag])
     return wrapper
 
 
@@ -246,17 +268,33 @@ def down(c, name=None):
     _lab(name).down()
 
 
-@task(help={"live": "also ask each guest for its lab NIC's offloads (ethtool -k over SSH)", "name": NAME_HELP})
+@task(help={"live": "also ask each guest for its lab NIC's offloads (ethtool -k over SSH)", "name": NAME_HELP,
+            "json": "print one JSON object instead of the table (keys: harness/lab/status.py, docs/cli.md)"})
 @_friendly
-def status(c, live=True, name=None):
+def status(c, live=True, name=None, json=False):
     """Show the lab: VMs, pids, ports, accelerator, segment mode, offloads, uptime."""
     lab = _lab(name)
     state = lab.load()
     if state is None:
-        progress.say("no lab is running")
+        if json:
+            _print_json({"lab": lab.name, "running": False})
+        else:
+            progress.say("no lab is running")
         return
-    _print_status(lab, state, live=live)
+    if json:
+        from harness.lab.status import status_record
+
+        _print_json(status_record(lab, state, live=live))
+    else:
+        _print_status(lab, state, live=live)
     lab.close()
+
+
+def _print_json(record) -> None:
+    """Data for a program: one JSON object on stdout, nothing else there."""
+    import json
+
+    sys.stdout.write(json.dumps(record, indent=2) + "\n")
 
 
 def _print_status(lab, state, live):
@@ -365,16 +403,19 @@ def _model_kernel(kernel) -> str:
     return image.resolve(Paths.default().images, str(kernel)).kernel
 
 
-def _show_and_save(root, report, name: str, blind: bool = False, explain: bool = False, fail_exit: bool = True):
+def _show_and_save(root, report, name: str, blind: bool = False, explain: bool = False, fail_exit: bool = True,
+                   as_json: bool = False):
+    """The report's tables and verdict on stdout (with ``as_json`` one JSON object instead, the verdict
+    on stderr), its files in a new results directory."""
     from harness.course import state
     from harness.course.html import write_report
-    from harness.lab.status import assertion_table, markdown, step_table, trace_panels, write_junit
+    from harness.lab.status import assertion_table, check_record, markdown, step_table, trace_panels, write_junit
 
-    for result in report.runs:
+    for result in report.runs if not as_json else ():
         progress.show(step_table(result, kernel=report.kernel, blind=blind, explain=explain))
         for panel in trace_panels(result):
             progress.show(panel)
-    if report.assertions:
+    if report.assertions and not as_json:
         progress.show(assertion_table(report.assertions, blind=blind, kernel=report.kernel))
     for note in report.notes:
         progress.say(f"note: {note}")
@@ -399,9 +440,12 @@ def _show_and_save(root, report, name: str, blind: bool = False, explain: bool =
     verdict = "[green]PASS[/]" if report.ok else "[red]FAIL[/]"
     held = counts["assertions"] - counts["assertion_failures"] - counts["not_predicted"]
     unpredicted = f" ({counts['not_predicted']} not predicted by the model)" if counts["not_predicted"] else ""
-    progress.show(f"{verdict}: {counts['steps'] - counts['step_failures']}/{counts['steps']} steps agree, "
-                  f"{held}/{counts['assertions']} expectations hold{'' if report.kernel else ' on the model'}"
-                  f"{unpredicted}; report in {directory}")
+    if as_json:
+        _print_json(check_record(name, report, directory, blind=blind))
+    (progress.say if as_json else progress.show)(
+        f"{verdict}: {counts['steps'] - counts['step_failures']}/{counts['steps']} steps agree, "
+        f"{held}/{counts['assertions']} expectations hold{'' if report.kernel else ' on the model'}"
+        f"{unpredicted}; report in {directory}")
     if not report.ok and fail_exit:
         raise Exit(code=1)
     return directory
@@ -436,15 +480,18 @@ TRACE_HELP = {
     "workspace": "the students' workspace (default: work/, or $SOCKLAB_WORKSPACE)",
     "reveal": "show the model's answers and the expected values (hidden by default: predict first)",
     "explain": "show every step's rule and kernel function (implies --reveal)",
+    "json": "print one JSON object instead of the tables (keys: harness/lab/status.py, docs/cli.md)",
 })
 @_friendly
 def check_(c, lab_name, param=None, model_only=False, out=None, name=None, kernel=None, trace=False, depth=None,
-           student=None, workspace=None, reveal=False, explain=False):
+           student=None, workspace=None, reveal=False, explain=False, json=False):
     """Check a lab: its scenarios on the live kernels and the model, then its expectations. Exit 0 only if all agree."""
     from harness.scenario.check import LabSpec, check, prepare
     from harness.scenario.format import parse_params
 
     sheet = None
+    if json and student is not None:
+        raise SocklabError("--json goes without --student: the marked sheet is a table of its own")
     if student is not None:  # the sheet is read and checked before anything else is touched
         sheet = _student_sheet(lab_name, student, workspace, param, model_only)
     root = _results_root(c, out)
@@ -467,7 +514,7 @@ def check_(c, lab_name, param=None, model_only=False, out=None, name=None, kerne
             lab.close()
     blind = not (reveal or explain)
     if sheet is None:
-        _show_and_save(root, report, spec.name, blind=blind, explain=explain)
+        _show_and_save(root, report, spec.name, blind=blind, explain=explain, as_json=json)
         return
     _show_and_save(root, report, spec.name, blind=blind, explain=explain, fail_exit=False)
     _mark(spec, report, *sheet)
@@ -907,4 +954,7 @@ images = Collection("images", build, clean)
 lab = Collection("lab", up, down, status, ssh, console, exec_, check_, run_, model_, trace_, predict_, grade, selfcheck,
                  soak_, matrix_, fuzz_)
 ns = Collection(images, lab, test_, bench_)
+for _task in [*images.tasks.values(), *lab.tasks.values(), bench_]:
+    if "debug" in inspect.signature(_task.body).parameters:
+        _task.help.setdefault("debug", DEBUG_HELP)
 ns.configure(config.DEFAULTS)

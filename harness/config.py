@@ -25,8 +25,9 @@ from .lab.topology import builtin_names
 
 # The settings tasks.py reads (`c.config.lab.topology`, ...), with their defaults.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "images": {"recipe": "bookworm", "mirror": None},
-    "lab": {"topology": "default", "accel": "auto", "segment": "auto"},
+    # images.dir and lab.labs_dir: where recipes and labs are (harness/paths.py gives the precedence).
+    "images": {"recipe": "bookworm", "mirror": None, "dir": None},
+    "lab": {"topology": "default", "accel": "auto", "segment": "auto", "labs_dir": None},
     "results": {"dir": None},
 }
 # invoke's own top-level sections (invoke.Config.global_defaults()); each is a mapping.

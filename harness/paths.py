@@ -1,4 +1,22 @@
-"""Where socklab keeps things: the image cache, keys and the running labs' state."""
+"""Where socklab keeps things and finds things: recipes, labs, the image cache, keys, the labs' state.
+
+Each location is found the same way, first match wins (this is the one place that says so):
+
+1. a command-line option, where the task has one (``--out`` for results, a lab given by path);
+2. the environment: ``SOCKLAB_IMAGES`` (image recipes: ``<name>.yaml``, ``rootfs/``, ``initrd/``),
+   ``SOCKLAB_LABS`` (the course labs), ``SOCKLAB_CACHE`` (built images), ``SOCKLAB_HOME`` (keys
+   and lab state), ``SOCKLAB_RESULTS`` (reports, harness/results.py);
+3. invoke config (invoke.yaml): ``images.dir``, ``lab.labs_dir``, ``results.dir``; the tasks hand
+   the first two to ``configure`` before they run;
+4. the default. In a source checkout (``IN_CHECKOUT``) that is the checkout: ``labs/``,
+   ``images/cache/``, ``.socklab/``, ``results/``. Installed from a wheel, it is the current
+   directory's ``labs/`` and ``results/``, ``$XDG_CACHE_HOME/socklab/images`` and
+   ``$XDG_STATE_HOME/socklab``. The recipes default to the ones shipped inside the package
+   (``harness/image/recipes``) either way, so an install builds the same images a checkout does.
+
+A recipe directory given by ``SOCKLAB_IMAGES`` or ``images.dir`` keeps its cache beside it
+(``<dir>/cache``) unless ``SOCKLAB_CACHE`` says otherwise, as before.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +28,12 @@ from pathlib import Path
 from .errors import SocklabError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# A source checkout (tasks.py and pyproject.toml beside the package), not an installed wheel.
+IN_CHECKOUT = (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "tasks.py").is_file()
+# The image recipes shipped with the package.
+PACKAGE_RECIPES = Path(__file__).resolve().parent / "image" / "recipes"
+# What invoke config says (configure); the environment still wins over it.
+_configured: dict[str, str | None] = {"images": None, "labs": None}
 DEFAULT_LAB = "default"
 LAB_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 # Written into a home socklab created, so it knows the directory is its own to chmod.
@@ -37,6 +61,31 @@ def check_location(what: str, value: str | os.PathLike) -> Path:
     return path
 
 
+def configure(images: str | None = None, labs: str | None = None) -> None:
+    """The invoke config's ``images.dir`` and ``lab.labs_dir`` (None: not set); tasks.py calls it per task."""
+    _configured.update(images=images or None, labs=labs or None)
+
+
+def _xdg(variable: str, fallback: str) -> Path:
+    value = os.environ.get(variable, "")
+    return Path(value) if os.path.isabs(value) else Path.home() / fallback
+
+
+def project_root() -> Path:
+    """Where a checkout keeps labs/, results/ and work/: the checkout, or for an install the current directory."""
+    return REPO_ROOT if IN_CHECKOUT else Path.cwd()
+
+
+def labs_dir() -> Path:
+    """Where the course labs are: SOCKLAB_LABS, else invoke's lab.labs_dir, else ``labs/`` (module docstring)."""
+    for what, value in (("SOCKLAB_LABS", os.environ.get("SOCKLAB_LABS")), ("lab.labs_dir", _configured["labs"])):
+        if value is not None:
+            if not value.strip():
+                raise PathError(f"{what} is empty; unset it or give it the directory that holds the labs")
+            return Path(value).expanduser().resolve()
+    return project_root() / "labs"
+
+
 def check_lab_name(name: str) -> str:
     if not isinstance(name, str) or not LAB_NAME.fullmatch(name):
         raise PathError(f"lab name {name!r}: use 1-32 of a-z, 0-9, '-' and '_', starting with a letter or digit")
@@ -47,25 +96,34 @@ def check_lab_name(name: str) -> str:
 class Paths:
     """All on-disk locations, derived from two roots so tests can point them at tmp dirs.
 
-    ``images`` holds recipes (in git) and ``images/cache`` the built entries.
-    ``home`` (default ``REPO_ROOT/.socklab``) holds the per-install SSH key, the
-    accelerator-probe cache and, per lab name, the lab's state: ``run/`` and
-    ``lab.lock`` for the lab named ``default``, ``labs/NAME/`` for the others.
+    ``images`` holds the recipes and ``cache_dir`` the built entries (``images/cache``
+    when not given). ``home`` holds the per-install SSH key, the accelerator-probe
+    cache and, per lab name, the lab's state: ``run/`` and ``lab.lock`` for the lab
+    named ``default``, ``labs/NAME/`` for the others. ``default`` finds them as the
+    module docstring says.
     """
 
     images: Path
     home: Path
+    cache_dir: Path | None = None
 
     @classmethod
     def default(cls) -> "Paths":
-        home = check_location("SOCKLAB_HOME", os.environ.get("SOCKLAB_HOME", REPO_ROOT / ".socklab"))
-        images = check_location("SOCKLAB_IMAGES", os.environ.get("SOCKLAB_IMAGES", REPO_ROOT / "images"))
-        return cls(images=images, home=home)
+        home_default = REPO_ROOT / ".socklab" if IN_CHECKOUT else _xdg("XDG_STATE_HOME", ".local/state") / "socklab"
+        home = check_location("SOCKLAB_HOME", os.environ.get("SOCKLAB_HOME", home_default))
+        given = os.environ.get("SOCKLAB_IMAGES", _configured["images"])
+        if given is not None:
+            what = "SOCKLAB_IMAGES" if "SOCKLAB_IMAGES" in os.environ else "images.dir"
+            return cls(images=check_location(what, given), home=home)
+        cache = REPO_ROOT / "images" / "cache" if IN_CHECKOUT else _xdg("XDG_CACHE_HOME", ".cache") / "socklab" / "images"
+        return cls(images=PACKAGE_RECIPES, home=home, cache_dir=cache)
 
     @property
     def cache(self) -> Path:
         configured = os.environ.get("SOCKLAB_CACHE")
-        return check_location("SOCKLAB_CACHE", configured) if configured is not None else self.images / "cache"
+        if configured is not None:
+            return check_location("SOCKLAB_CACHE", configured)
+        return self.cache_dir if self.cache_dir is not None else self.images / "cache"
 
     @property
     def keys(self) -> Path:

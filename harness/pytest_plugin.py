@@ -15,6 +15,7 @@ import pytest
 
 from harness.lab.lifecycle import Lab
 from harness.lab.topology import topology
+from . import log as debug_log
 from .paths import Paths
 
 
@@ -25,6 +26,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm: needs the live lab (QEMU guests); boots it when none runs")
+    # As on the command line: paramiko's and qemu.qmp's records dropped, or with SOCKLAB_DEBUG=1
+    # the debug log on stderr (pytest shows it with -s, or for a failing test).
+    debug_log.configure(debug_log.env_debug())
 
 
 def kernels(config: pytest.Config) -> list[str]:

@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 
 from .errors import SocklabError
-from .paths import REPO_ROOT
+from .paths import project_root
 
-DEFAULT_ROOT = REPO_ROOT / "results"
+# results/ of the checkout (installed: of the current directory); harness/paths.py says why.
+DEFAULT_ROOT = project_root() / "results"
 
 
 def results_root(option: str | None = None, configured: str | None = None) -> Path:

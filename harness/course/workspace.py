@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SocklabError
-from ..paths import REPO_ROOT
+from ..paths import project_root
 
 # A name becomes a directory: letters, digits, '.', '_', '-', and never '..' or a path separator.
 _STUDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -33,8 +33,8 @@ def check_student(name: str | None) -> str:
 
 
 def default_root(option: str | None = None) -> Path:
-    """``--workspace``, else $SOCKLAB_WORKSPACE, else ``work/`` in the repository."""
-    return Path(option or os.environ.get("SOCKLAB_WORKSPACE") or REPO_ROOT / "work")
+    """``--workspace``, else $SOCKLAB_WORKSPACE, else ``work/`` in the checkout (installed: the current directory)."""
+    return Path(option or os.environ.get("SOCKLAB_WORKSPACE") or project_root() / "work")
 
 
 def lab_number(lab_name: str) -> str:

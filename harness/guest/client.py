@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import select
 import shlex
 import statistics
@@ -22,12 +23,14 @@ import paramiko
 from harness.deadline import AGENT_REPLY, AGENT_START, SSH_CHANNEL_OPEN, WATCH_INTERVAL
 from harness.errors import LabError
 from harness.guest.ssh import transport_of
+from harness.log import truncate
 
 if TYPE_CHECKING:
     from harness.lab.lifecycle import Lab
     from harness.guest.ssh import GuestSSH
 
 GUEST_AGENT = Path(__file__).resolve().parent / "inside" / "agent.py"
+log = logging.getLogger(__name__)
 REMOTE_DIR = "/run/socklab/agent"  # tmpfs: a rebooted guest starts without a stale agent
 GUEST_PYTHON = "/usr/bin/python3"
 DEFAULT_TIMEOUT = AGENT_REPLY
@@ -432,6 +435,7 @@ class Agent:
         limit = self.step_timeout(op, args) if timeout is None else timeout
         sent_at = time.monotonic_ns()
         started = time.perf_counter_ns()
+        log.debug("%s agent (%s) <- %s", self.vm, self.user, truncate(line))
         try:
             self._channel.sendall(line.encode() + b"\n")
         except (OSError, EOFError, paramiko.SSHException) as exc:
@@ -442,6 +446,9 @@ class Agent:
             if message.get("id") == request_id:
                 break
             # A reply to a step that timed out earlier: that step is over for the caller.
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s agent (%s) -> %s in %.1f ms", self.vm, self.user,
+                      truncate(json.dumps(message, separators=(",", ":"))), (time.perf_counter_ns() - started) / 1e6)
         reply = decode_reply(message, self.vm, self.user, time.perf_counter_ns() - started, sent_at)
         if reply.error is not None and check:
             raise AgentRequestError(f"{self.vm}: the agent ({self.user}) refused {step}: {reply.error}")
@@ -486,6 +493,7 @@ class Agent:
         self._next_id += 1
         line = json.dumps({"id": self._next_id, "op": op, "args": encode_args(op, dict(args or {}))},
                           separators=(",", ":"))
+        log.debug("%s agent (%s) <- %s (no wait)", self.vm, self.user, truncate(line))
         try:
             self._channel.sendall(line.encode() + b"\n")
         except (OSError, EOFError, paramiko.SSHException) as exc:

@@ -21,15 +21,15 @@ import paramiko
 
 from harness.deadline import SSH_CHANNEL_OPEN, SSH_COMMAND, SSH_CONNECT, SSH_EXIT_STATUS
 from harness.errors import SSHError
+from harness.log import truncate
 
 RETRYABLE = (OSError, EOFError, paramiko.SSHException)
 # Opening a channel on a live connection takes milliseconds; paramiko's own default is an hour.
 OPEN_TIMEOUT = SSH_CHANNEL_OPEN
 
-# paramiko logs every failed attempt of a booting guest with a traceback;
-# our own errors say what matters.
-logging.getLogger("paramiko").addHandler(logging.NullHandler())
-logging.getLogger("paramiko").propagate = False
+# paramiko logs every failed attempt of a booting guest with a traceback; our own errors say
+# what matters, so the command line drops its records unless --debug is on (harness/log.py).
+log = logging.getLogger(__name__)
 
 
 def transport_of(client: paramiko.SSHClient) -> paramiko.Transport:
@@ -148,7 +148,9 @@ class GuestSSH:
 
     def connect(self, timeout: float = SSH_CONNECT) -> "GuestSSH":
         """Connect, retrying while the guest boots, until ``timeout`` seconds have passed."""
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
+        log.debug("%s: connecting to %s@127.0.0.1:%d (up to %g s)", self.vm, self.user, self.port, timeout)
         try:
             self._client = retry(self._connect_once, deadline, f"{self.vm} (127.0.0.1:{self.port})")
         except paramiko.BadHostKeyException as exc:
@@ -158,6 +160,7 @@ class GuestSSH:
             ) from exc
         except paramiko.AuthenticationException as exc:
             raise SSHError(f"{self.vm}: the guest refused the socklab key {self.key_file}") from exc
+        log.debug("%s: SSH connected in %.3f s", self.vm, time.monotonic() - started)
         return self
 
     def _connect_once(self) -> paramiko.SSHClient:
@@ -253,6 +256,8 @@ class GuestSSH:
         """
         line = command if isinstance(command, str) else shlex.join(command)
         shown = _shown(command)
+        log.debug("%s: ssh %s", self.vm, truncate(shown))
+        started = time.monotonic()
         try:
             channel = transport_of(self.client).open_session(timeout=OPEN_TIMEOUT)
             if merge:
@@ -309,6 +314,7 @@ class GuestSSH:
             channel.close()
         if not header["done"] and pid:
             on_stdout(bytes(pid))  # no pid line at all: never swallow what the guest printed
+        log.debug("%s: exit %d in %.3f s: %s", self.vm, status, time.monotonic() - started, truncate(shown, 80))
         return status
 
     def _kill_remote(self, pid: bytes) -> None:

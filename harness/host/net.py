@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import os
+import shlex
 import socket
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from harness.errors import LabError
+from harness.log import truncate
+
+log = logging.getLogger(__name__)
 
 LAB_NETWORK = ipaddress.ip_network("198.51.100.0/24")
 BRIDGE = "br-lab"
@@ -30,7 +35,11 @@ Runner = Callable[[Sequence[str]], subprocess.CompletedProcess]
 
 
 def run_ip(argv: Sequence[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    log.debug("host: %s", shlex.join(argv))
+    result = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if result.returncode:
+        log.debug("host: exit %d: %s", result.returncode, truncate(result.stderr.strip()))
+    return result
 
 
 def lab_address(index: int) -> str:

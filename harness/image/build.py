@@ -552,7 +552,7 @@ def _build_into(paths: Paths, recipe: Recipe, key: str, work: Path, client_pubke
         release = kernels[-1].name.removeprefix("vmlinuz-")
         if not release_in_series(release, recipe.kernel):
             raise ImageError(f"recipe {recipe.name} says kernel {recipe.kernel}, but suite {recipe.suite} installed "
-                             f"{release}: the suite moved on; set `kernel:` in images/{recipe.name}.yaml to its series")
+                             f"{release}: the suite moved on; set `kernel:` in the recipe {recipe.name}.yaml to its series")
         shutil.copyfile(kernels[-1], work / KERNEL)
         try:
             initrd = build_initrd(root, release, list(recipe.initrd_modules), (paths.images / "initrd/init").read_bytes())

@@ -53,6 +53,32 @@ def kernel_notes(state) -> list[str]:
     return lines
 
 
+# `invoke lab.status --json`: one object. Keys (docs/cli.md repeats them):
+#   lab, id, topology, accel, accel_reason, segment, segment_reason, netns, ready, boot_mode,
+#   boot_seconds, uptime_seconds (null before the lab started), kernel_notes (list of lines),
+#   vms: [{name, kernel, own_kernel, pid, state ("running" | "paused" | "dead"), ssh_port,
+#          address, sg, tx_csum ("on" | "off" | "?" when unknown, null without --live or when
+#          the VM does not answer)}]
+# `--json` without a lab prints {"lab": NAME, "running": false}; with one, "running" is true.
+def status_record(lab, state, live: bool = True) -> dict:
+    """The lab's status as data: what status_table shows, by the keys above."""
+    alive = lab.alive(state)
+    vms = []
+    for vm in state.vms:
+        running = alive.get(vm.name, False)
+        paused = bool(running and hasattr(lab, "paused") and lab.paused(vm))
+        sg, csum = offloads(lab, vm.name) if (live and running and not paused) else (None, None)
+        vms.append({"name": vm.name, "kernel": vm.kernel or None, "own_kernel": vm.kernel_image or None,
+                    "pid": vm.pid or None, "state": "paused" if paused else "running" if running else "dead",
+                    "ssh_port": vm.ssh_port, "address": vm.address, "sg": sg, "tx_csum": csum})
+    return {"lab": getattr(state, "name", "default"), "running": True, "id": state.lab_id,
+            "topology": state.topology, "accel": state.accel, "accel_reason": state.accel_reason,
+            "segment": state.segment, "segment_reason": state.segment_reason, "netns": state.netns or None,
+            "ready": state.ready, "boot_mode": state.boot_mode, "boot_seconds": state.boot_seconds,
+            "uptime_seconds": round(time.time() - state.started_at, 1) if state.started_at else None,
+            "kernel_notes": kernel_notes(state), "vms": vms}
+
+
 def status_table(lab, state, live: bool = True) -> Table:
     alive = lab.alive(state)
     name = getattr(state, "name", "default")
@@ -273,3 +299,48 @@ def markdown(report, blind: bool = False) -> str:
     for note in report.notes:
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
+
+
+# `invoke lab.check --json`: one object. Keys (docs/cli.md repeats them):
+#   lab, title, ok, on_kernel (false with --model-only), counts {steps, step_failures, assertions,
+#   assertion_failures, not_predicted}, report_dir, notes (list),
+#   scenarios: [{name, ok, error, diagnosis (list), steps: [{index, host, user, call, kernel, model,
+#                expected, verdict ("ok" | "fail" | null for a step that is not compared), problems}]}],
+#   expectations: [{name, value, ok, predicted, error, model}]
+# With ``blind`` (no --reveal) model, expected, problems and the expectations' values are null,
+# as the tables hide them.
+def check_record(name: str, report, directory, blind: bool = False) -> dict:
+    """A lab check's report as data, by the keys above."""
+    def text(outcome) -> str | None:
+        return outcome.describe() if outcome is not None else None
+
+    scenarios = []
+    for result in report.runs:
+        steps = []
+        for record in result.records:
+            step = record.step
+            verdict = None if record.verdict is None else "ok" if record.verdict.ok else "fail"
+            steps.append({"index": step.index, "host": step.host, "user": step.user, "call": step.describe(),
+                          "kernel": text(record.kernel), "model": None if blind else text(record.model),
+                          "expected": None if blind or not step.expect else step.expect.describe(),
+                          "verdict": verdict,
+                          "problems": None if blind or record.verdict is None else list(record.verdict.problems)})
+        scenarios.append({"name": result.scenario.name, "ok": result.ok, "error": result.error,
+                          "diagnosis": list(result.diagnosis), "steps": steps})
+    expectations = [{"name": outcome.assertion.describe(), "value": None if blind else _plain(outcome.value),
+                     "ok": outcome.ok, "predicted": outcome.predicted, "error": outcome.error or None,
+                     "model": None if blind else (outcome.model or None)} for outcome in report.assertions]
+    return {"lab": name, "title": report.title, "ok": report.ok, "on_kernel": report.kernel,
+            "counts": dict(report.counts), "report_dir": str(directory), "notes": list(report.notes),
+            "scenarios": scenarios, "expectations": expectations}
+
+
+def _plain(value):
+    """``value`` as JSON can hold it (a number, a string, a list...), else its text."""
+    import json
+
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return value

@@ -87,7 +87,7 @@ def host_facts() -> dict[str, Any]:
 
 def own_lab(paths: Paths, home: Path) -> Lab:
     """A lab of the bench's own: same image and snapshots, its own netns, taps and run dir."""
-    own = Lab(Paths(images=paths.images, home=home))
+    own = Lab(Paths(images=paths.images, home=home, cache_dir=paths.cache))
     shutil.copytree(paths.keys, own.paths.keys, dirs_exist_ok=True)
     probe = paths.home / "accel-probe.json"
     if probe.exists():
@@ -101,7 +101,7 @@ def bench_build(bench: Bench, paths: Paths, repeats: int) -> None:
     for recipe in image.recipes(paths.images):
         cold = []
         for _ in range(repeats):
-            with tempfile.TemporaryDirectory(prefix="socklab-bench-cache-", dir=paths.images) as scratch:
+            with tempfile.TemporaryDirectory(prefix="socklab-bench-cache-", dir=paths.cache.parent) as scratch:
                 os.environ["SOCKLAB_CACHE"] = scratch
                 try:
                     cold.append(_timed(lambda: image.build(paths, recipe.name)))  # noqa: B023 - called at once

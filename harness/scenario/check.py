@@ -11,12 +11,14 @@ from typing import Any
 from .. import load as textio
 from ..errors import LabError
 from ..lab.topology import topology as topology_of
-from ..paths import REPO_ROOT
+from ..paths import REPO_ROOT, labs_dir as configured_labs_dir
 from . import expect
 from .format import Scenario, ScenarioError, declared_params, load
 from .predict import model_view
 from .runner import ModelBackend, RunAborted, RunResult, StepRecord, run, traced_options
 
+# The checkout's own labs (tests read their guides); a lab is looked up in paths.labs_dir(),
+# which is SOCKLAB_LABS, invoke's lab.labs_dir, or this.
 LABS_DIR = REPO_ROOT / "labs"
 
 
@@ -34,9 +36,10 @@ class LabSpec:
     exercise: Mapping[str, Any] | None = None
 
     @classmethod
-    def load(cls, name: str, labs_dir: Path = LABS_DIR) -> "LabSpec":
-        """A lab by name (``03-listen``) or, when ``name`` contains a slash, by its directory."""
-        directory = _lab_directory(name, labs_dir)
+    def load(cls, name: str, labs_dir: Path | None = None) -> "LabSpec":
+        """A lab by name (``03-listen``) in ``labs_dir`` (default: paths.labs_dir()) or, when ``name``
+        contains a slash, by its directory, which may be anywhere."""
+        directory = _lab_directory(name, labs_dir if labs_dir is not None else configured_labs_dir())
         name = directory.name
         path = directory / "lab.yaml"
         where = str(path)
@@ -106,8 +109,9 @@ def _inside(directory: Path, relative: str, where: str, what: str) -> Path:
     return path
 
 
-def known_labs(labs_dir: Path = LABS_DIR) -> list[str]:
-    return sorted(p.parent.name for p in labs_dir.glob("*/lab.yaml"))
+def known_labs(labs_dir: Path | None = None) -> list[str]:
+    """The labs in ``labs_dir`` (default: paths.labs_dir())."""
+    return sorted(p.parent.name for p in (labs_dir if labs_dir is not None else configured_labs_dir()).glob("*/lab.yaml"))
 
 
 @dataclass

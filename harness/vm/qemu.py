@@ -15,13 +15,14 @@ from typing import Any
 
 from harness.deadline import QEMU_START, QEMU_STOP, QMP_CALL, QMP_CONNECT, SNAPSHOT_RESTORE, SNAPSHOT_SAVE
 from harness.errors import LabError
+from harness.log import truncate
 from harness.vm.owner import stopped
 
 QEMU = "qemu-system-x86_64"
 
-# qemu.qmp logs a refused or wedged monitor at ERROR level; ``stop`` handles both.
-logging.getLogger("qemu.qmp").addHandler(logging.NullHandler())
-logging.getLogger("qemu.qmp").propagate = False
+# qemu.qmp logs a refused or wedged monitor at ERROR level; ``stop`` handles both, and the
+# command line drops those records unless --debug is on (harness/log.py).
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -183,13 +184,17 @@ def start(spec: VMSpec, popen: Callable[..., Any] = subprocess.Popen) -> int:
     for stale in (spec.pidfile, spec.qmp_socket, spec.console_socket):
         stale.unlink(missing_ok=True)
     incoming_fd = os.open(spec.incoming, os.O_RDONLY | os.O_CLOEXEC) if spec.incoming is not None else None
+    argv = qemu_argv(spec, incoming_fd)
+    log.debug("%s: %s", spec.name, shlex.join(argv))
+    started = time.monotonic()
     try:
-        proc = popen(qemu_argv(spec, incoming_fd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        proc = popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE, text=True, pass_fds=() if incoming_fd is None else (incoming_fd,))
         _out, err = proc.communicate(timeout=QEMU_START)
     finally:
         if incoming_fd is not None:
             os.close(incoming_fd)
+    log.debug("%s: QEMU daemonized in %.3f s (exit %s)", spec.name, time.monotonic() - started, proc.returncode)
     if proc.returncode != 0:
         message = " ".join(line for line in err.strip().splitlines() if line)[-400:]
         raise LabError(f"QEMU for {spec.name} did not start: {message or f'exit {proc.returncode}'}")
@@ -235,7 +240,11 @@ def qmp_command(socket_path: Path, command: str, timeout: float = QMP_CALL, **ar
         finally:
             await asyncio.wait_for(client.disconnect(), timeout)
 
-    return asyncio.run(exchange())
+    log.debug("QMP %s: %s %s", socket_path.name, command, truncate(arguments) if arguments else "")
+    started = time.monotonic()
+    reply = asyncio.run(exchange())
+    log.debug("QMP %s: %s -> %s in %.3f s", socket_path.name, command, truncate(reply), time.monotonic() - started)
+    return reply
 
 
 def migrate_to_file(socket_path: Path, target: Path, timeout: float = SNAPSHOT_SAVE) -> None:

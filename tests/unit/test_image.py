@@ -11,16 +11,16 @@ import pytest
 
 from harness.image import build as image
 from harness.errors import ImageError
-from harness.paths import REPO_ROOT, Paths
+from harness.paths import PACKAGE_RECIPES, Paths
 
 
 @pytest.fixture
 def paths(tmp_path) -> Paths:
     images = tmp_path / "images"
     images.mkdir()
-    shutil.copy(REPO_ROOT / "images/bookworm.yaml", images)
+    shutil.copy(PACKAGE_RECIPES / "bookworm.yaml", images)
     for tree in ("rootfs", "initrd"):
-        shutil.copytree(REPO_ROOT / "images" / tree, images / tree, symlinks=True)
+        shutil.copytree(PACKAGE_RECIPES / tree, images / tree, symlinks=True)
     return Paths(images=images, home=tmp_path / "home")
 
 
@@ -48,7 +48,7 @@ def fake_entry(paths: Paths, pubkey: str) -> Path:
 
 
 def test_repository_recipe_loads():
-    recipe = image.Recipe.load(REPO_ROOT / "images", "bookworm")
+    recipe = image.Recipe.load(PACKAGE_RECIPES, "bookworm")
     assert recipe.suite == "bookworm"
     assert {"openssh-server", "python3", "iproute2", "ethtool", "procps"} <= set(recipe.packages)
     assert any(p.startswith("linux-image-") for p in recipe.packages)
@@ -285,7 +285,7 @@ def test_clean_removes_only_what_a_build_made(paths, pubkey):
 
 
 def test_recipes_are_found_by_kernel_series_or_name():
-    images = REPO_ROOT / "images"
+    images = PACKAGE_RECIPES
     assert image.resolve(images, "6.12").name == "trixie" and image.resolve(images, "forky").kernel == "7.2"
     assert image.resolve(images, "6.1").suite == "bookworm"
     with pytest.raises(ImageError, match=r"unknown kernel or image recipe '5\.10'; known: 6\.1 \(bookworm\)"):

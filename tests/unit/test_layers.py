@@ -19,7 +19,7 @@ HARNESS = Path(__file__).resolve().parents[2] / "harness"
 
 # Lowest first. A module belongs to the first entry that is its name or a package above it.
 LAYERS: list[tuple[str, ...]] = [
-    ("harness", "harness.errors", "harness.deadline", "harness.progress", "harness.paths", "harness.load",
+    ("harness", "harness.errors", "harness.deadline", "harness.progress", "harness.log", "harness.paths", "harness.load",
      "harness.results"),
     ("harness.host", "harness.model"),
     ("harness.image",),
@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("harness.lab",),
     ("harness.scenario",),
     ("harness.fuzz", "harness.course"),
-    ("harness.perf", "harness.config", "harness.pytest_plugin"),
+    ("harness.perf", "harness.config", "harness.pytest_plugin", "harness.cli"),
 ]
 # Where a package's own modules sit above others of the same package.
 WITHIN = {
