@@ -62,8 +62,8 @@ def _let_tasks_check_their_vm_name() -> None:
                 argument.value = ""
         original(self)
 
-    complete_context._socklab = True
-    ParseMachine.complete_context = complete_context
+    complete_context._socklab = True  # type: ignore[attr-defined]  # marks our hook, so it is installed once
+    ParseMachine.complete_context = complete_context  # type: ignore[method-assign]  # see the docstring
 
 
 _let_tasks_check_their_vm_name()
@@ -109,7 +109,8 @@ def _friendly(fn):
     if "debug" not in signature.parameters:
         # invoke builds a task's flags from this signature (it follows __signature__ before __wrapped__).
         flag = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False)
-        wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), flag])
+        new = signature.replace(parameters=[*signature.parameters.values(), flag])
+        wrapper.__signature__ = new  # type: ignore[attr-defined]  # functools.wraps' wrapper takes it at run time
     return wrapper
 
 
@@ -118,7 +119,8 @@ def _left_running() -> str:
     from harness.lab.state import lab_names
 
     paths = Paths.default()
-    up, stale = [], []
+    up: list[tuple[str, list[str], Lab]] = []
+    stale: list[tuple[str, list[str], Lab]] = []
     try:
         for name in lab_names(paths):
             lab = Lab(paths, name)
