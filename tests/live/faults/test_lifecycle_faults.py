@@ -208,10 +208,16 @@ def test_a_forced_rebuild_that_cannot_reach_its_mirror_keeps_the_old_image_and_s
     assert [p.name for p in cache.iterdir() if p.name.startswith(".tmp-")] == []
     # The lab still comes up on it, from its snapshots.
     faulty.down()
+    # Put back the session's own SOCKLAB_CACHE after (deleting it sent every later test's image
+    # look-up to the checkout's images/cache, where the next image.build built a whole image).
+    was = os.environ.get("SOCKLAB_CACHE")
     os.environ["SOCKLAB_CACHE"] = str(cache)
     try:
         state, _ = faulty.up("default")
         assert state.image == str(cache / entry.name) and state.boot_mode == "restored from snapshot"
     finally:
-        del os.environ["SOCKLAB_CACHE"]
+        if was is None:
+            del os.environ["SOCKLAB_CACHE"]
+        else:
+            os.environ["SOCKLAB_CACHE"] = was
         faulty.down()
