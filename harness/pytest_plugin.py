@@ -4,6 +4,12 @@
 ``--socklab-kernel K`` (repeatable; or SOCKLAB_KERNEL) runs every test that uses
 ``lab`` or ``model`` once per kernel, with ids like ``[kernel-6.12]``; the lab
 of one kernel is stopped before the next one boots.
+
+Under pytest-xdist (``pytest -n 2``, ``invoke test --workers 2``) each worker has a lab of its own:
+worker ``gw0`` uses the lab named by SOCKLAB_LAB (the one ``invoke lab.up`` started), worker ``gwN``
+the lab ``<name>-gwN`` of the same home, booted from the ready snapshot and stopped at the end.
+SOCKLAB_LAB is set to the worker's lab, so commands the tests start (`invoke lab.exec`, the guides)
+drive that lab too.
 """
 
 from __future__ import annotations
@@ -52,14 +58,31 @@ def _series(kernel: str) -> str:
     return image.resolve(Paths.default().images, kernel).kernel
 
 
+_session: dict[str, str] = {}
+
+
+def lab_name(environ=os.environ) -> str:
+    """The lab of this test process: SOCKLAB_LAB (else ``default``), and under xdist one per worker."""
+    from .paths import DEFAULT_LAB, check_lab_name
+
+    name = environ.get("SOCKLAB_LAB") or DEFAULT_LAB
+    worker = environ.get("PYTEST_XDIST_WORKER", "")
+    if worker and worker != "gw0":
+        name = f"{name[:32 - len(worker) - 1]}-{worker}"
+    return check_lab_name(name)
+
+
 @pytest.fixture(scope="session")
 def lab(socklab_kernel: str) -> Iterator[Lab]:
-    """The live lab (topology from SOCKLAB_TOPOLOGY, default ``default``; name from SOCKLAB_LAB) on ``socklab_kernel``.
+    """The live lab (topology from SOCKLAB_TOPOLOGY, default ``default``; name: ``lab_name()``) on ``socklab_kernel``.
 
     A running lab is used when it runs that kernel (any kernel when none was asked for); a running
     lab on another kernel is not touched: the tests of that kernel are skipped, saying why.
     """
-    lab = Lab(Paths.default(), os.environ.get("SOCKLAB_LAB") or "default")
+    if "name" not in _session:  # once: SOCKLAB_LAB names the worker's lab from here on
+        _session["name"] = lab_name()
+    lab = Lab(Paths.default(), _session["name"])
+    os.environ["SOCKLAB_LAB"] = lab.name  # for the commands the tests run
     state = lab.load()
     booted = False
     if state is not None and all(lab.alive(state).values()):

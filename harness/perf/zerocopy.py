@@ -383,15 +383,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from harness.errors import SocklabError
     from harness.lab.lifecycle import Lab
-    from harness.paths import Paths
+    from harness.paths import DEFAULT_LAB, Paths, check_lab_name
 
-    name = os.environ.get("SOCKLAB_LAB") or "default"  # as invoke's tasks pick it
-    lab = Lab(Paths.default(), name)
     try:
+        lab = Lab(Paths.default(), check_lab_name(os.environ.get("SOCKLAB_LAB") or DEFAULT_LAB))
         state = lab.load()
         if state is None or not all(lab.alive(state).values()):
-            raise SocklabError(f"no lab {name!r} is running: `invoke lab.up` first (SOCKLAB_HOME and SOCKLAB_LAB "
-                               "pick which lab)")
+            raise SocklabError("no lab is running: `invoke lab.up` first (SOCKLAB_HOME and SOCKLAB_LAB pick which lab)")
         results = measure(lab, args.sizes, args.seconds, args.repeats)
     except SocklabError as exc:
         print(f"socklab: {exc}", file=sys.stderr)

@@ -14,7 +14,13 @@ from harness.paths import REPO_ROOT
 pytestmark = pytest.mark.vm
 
 LINES = 20000
-RUNS = 1000
+# The bug this guards against is reading until the exit status instead of until EOF *and* the status
+# (harness.guest.ssh.GuestSSH.execute): sshd often sends the status before a stream's last bytes.
+# Measured on this lab (TCG, load 2): a reader that stops at the status, even one that first drains
+# what has arrived, loses output in 340 to 354 of 400 runs (85-89 %). 100 runs miss a loss rate of
+# 85 % with a chance of 0.15**100, and still catch one of 5 % with a chance of 99.4 %; the 1,000 runs
+# this test used to make (53-168 s) added nothing a failure needs.
+RUNS = 100
 
 
 def lab_exec(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -60,8 +66,8 @@ def test_merge_keeps_the_order_the_command_printed_in(lab):
     assert (result.returncode, result.stdout, result.stderr) == (0, "1\n2\n3\n", "")
 
 
-def test_a_thousand_runs_lose_nothing(lab, client, server):
-    """20,000 lines on stdout then one on stderr, 1,000 times (half on each guest, in parallel)."""
+def test_a_hundred_runs_lose_nothing(lab, client, server):
+    """20,000 lines on stdout then one on stderr, 100 times (half on each guest, in parallel)."""
     command = f"seq {LINES}; echo last line >&2"
     expected = "".join(f"{i}\n" for i in range(1, LINES + 1))
 

@@ -495,13 +495,13 @@ def test_keys_state_and_run_dir_are_private(lab):
     assert _mode(paths.home) == 0o700
     assert _mode(paths.keys) == 0o700
     assert _mode(paths.client_key) == 0o600
-    assert _mode(paths.run) == 0o700
+    assert _mode(lab.run_dir) == 0o700
     assert _mode(lab.state_file) == 0o600
     state = lab.require()
     for vm_ in state.vms:
         assert _mode(Path(vm_.overlay)) == 0o600  # the guest's disk: its host key and whatever ran there
     for vm_ in state.vms:  # QMP can make QEMU run host commands (migrate to exec:); only the owner may reach it
-        assert Path(vm_.qmp).parent == paths.run and Path(vm_.console).parent == paths.run
+        assert Path(vm_.qmp).parent == lab.run_dir and Path(vm_.console).parent == lab.run_dir
     # The image entry holds the guest's private host key (in rootfs.ext4) and RAM snapshots.
     assert _mode(Path(state.image)) == 0o700
     assert _mode(Path(state.image) / "snapshots") == 0o700

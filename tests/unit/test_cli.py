@@ -172,3 +172,26 @@ def test_a_report_file_that_cannot_be_written_says_the_check_s_verdict_and_where
     with pytest.raises(SocklabError, match=r"^the check passed \(tables above\), but its report could not be "
                                            r"written: \S+/junit\.xml: No space left on device$"):
         tasks._show_and_save(tmp_path / "results", _good_report(), "disk-full-test")
+
+
+
+@pytest.mark.parametrize("kwargs,wanted,unwanted", [
+    ({}, ["-n 2 --dist loadgroup"], ["-m vm", "-m 'not vm'"]),
+    ({"workers": 0}, [], ["-n ", "--dist"]),
+    ({"workers": "3", "live": True}, ["-n 3 --dist loadgroup", "-m vm"], []),
+    ({"unit": True, "pytest_args": "-k ssh"}, ["-n 2", "-m 'not vm'", "-k ssh"], []),
+])
+def test_invoke_test_runs_pytest_in_workers_unless_told_not_to(kwargs, wanted, unwanted, monkeypatch, tmp_path):
+    tasks = _tasks_module(monkeypatch, tmp_path)
+    ran = []
+
+    class Context:
+        def run(self, command, **_):
+            ran.append(command)
+            done = subprocess.CompletedProcess(command, 0)
+            done.exited = 0
+            return done
+
+    tasks.test_.body(Context(), **kwargs)
+    assert len(ran) == 1 and ran[0].startswith(f"{sys.executable} -m pytest ")
+    assert all(text in ran[0] for text in wanted) and not any(text in ran[0] for text in unwanted), ran[0]

@@ -24,3 +24,15 @@ def test_a_recipe_name_is_accepted_as_a_kernel(pytester):
         """)
     result = pytester.runpytest("--socklab-kernel", "trixie", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_each_xdist_worker_but_the_first_gets_a_lab_of_its_own():
+    from harness.pytest_plugin import lab_name
+
+    assert lab_name({}) == "default"
+    assert lab_name({"SOCKLAB_LAB": "speed"}) == "speed"
+    assert lab_name({"SOCKLAB_LAB": "speed", "PYTEST_XDIST_WORKER": "gw0"}) == "speed"
+    assert lab_name({"SOCKLAB_LAB": "speed", "PYTEST_XDIST_WORKER": "gw1"}) == "speed-gw1"
+    assert lab_name({"PYTEST_XDIST_WORKER": "gw3"}) == "default-gw3"
+    long = "a" * 32
+    assert lab_name({"SOCKLAB_LAB": long, "PYTEST_XDIST_WORKER": "gw1"}) == "a" * 28 + "-gw1"

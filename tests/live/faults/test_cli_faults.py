@@ -34,7 +34,7 @@ def cli_lab(tmp_path_factory):
 def _invoke(lab: Lab, *args: str) -> subprocess.Popen:
     """``invoke ARGS`` on ``lab``'s home, with SIGINT delivered as at a terminal (not ignored as in `cmd &`)."""
     env = {**os.environ, "SOCKLAB_HOME": str(lab.paths.home), "SOCKLAB_IMAGES": str(lab.paths.images),
-           "COLUMNS": "200"}
+           "SOCKLAB_LAB": lab.name, "COLUMNS": "200"}
     return subprocess.Popen([sys.executable, "-m", "invoke", *args], cwd=REPO_ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

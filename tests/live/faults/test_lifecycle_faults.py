@@ -31,7 +31,8 @@ HOLD = LabSpec.load(str(LABS / "hold"))
 
 
 def _invoke(home: Path, *args: str, cwd: Path = REPO_ROOT, env: dict | None = None) -> subprocess.Popen:
-    environ = {**os.environ, "SOCKLAB_HOME": str(home), "COLUMNS": "200", **(env or {})}
+    # The lab named 'default' of ``home``: the session's SOCKLAB_LAB names a lab of another home.
+    environ = {**os.environ, "SOCKLAB_HOME": str(home), "SOCKLAB_LAB": "default", "COLUMNS": "200", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(REPO_ROOT), *args], cwd=cwd,
                             env=environ, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
@@ -207,10 +208,16 @@ def test_a_forced_rebuild_that_cannot_reach_its_mirror_keeps_the_old_image_and_s
     assert [p.name for p in cache.iterdir() if p.name.startswith(".tmp-")] == []
     # The lab still comes up on it, from its snapshots.
     faulty.down()
+    # Put back the session's own SOCKLAB_CACHE after (deleting it sent every later test's image
+    # look-up to the checkout's images/cache, where the next image.build built a whole image).
+    was = os.environ.get("SOCKLAB_CACHE")
     os.environ["SOCKLAB_CACHE"] = str(cache)
     try:
         state, _ = faulty.up("default")
         assert state.image == str(cache / entry.name) and state.boot_mode == "restored from snapshot"
     finally:
-        del os.environ["SOCKLAB_CACHE"]
+        if was is None:
+            del os.environ["SOCKLAB_CACHE"]
+        else:
+            os.environ["SOCKLAB_CACHE"] = was
         faulty.down()

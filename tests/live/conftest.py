@@ -1,0 +1,60 @@
+"""Shared by the live tests: a guide's shell script run once per session, whichever test asks first.
+
+The guide of each lab tells the student to run `invoke lab.check NN` and tests/live/test_labs.py
+checks every lab: the same command on the same lab. Run twice, it cost a whole second pass over every
+lab (about a minute under TCG). Both tests now ask ``guide_shell`` for it, and the second gets the
+first's run: its exit status, its output and the reports it wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.guideblocks import REPO_ROOT
+
+BLOCK_TIMEOUT = 900.0  # a whole lab check under TCG on a loaded host, with room to spare
+
+
+@dataclass(frozen=True)
+class ShellRun:
+    """One run of a guide script: what it printed (stdout and stderr, in order) and where its reports went."""
+
+    script: str
+    returncode: int
+    output: str
+    results: Path  # SOCKLAB_RESULTS of this run: every report it wrote is under it
+
+    def shown(self, label: str) -> str:
+        return f"{label}\n$ {self.script}exit {self.returncode}\n{self.output[-4000:]}"
+
+
+@pytest.fixture(scope="session")
+def guide_shell(lab, tmp_path_factory):
+    """``run(script)``: ``bash -e -c script`` from the repository root, as a student's shell runs it; once per script.
+
+    The reports of each run go to a directory of their own (SOCKLAB_RESULTS), so a test can read the
+    reports of the run it was handed, and a test run leaves no reports in the checkout's results/.
+    """
+    runs: dict[str, ShellRun] = {}
+    guard = threading.Lock()
+
+    def run(script: str) -> ShellRun:
+        with guard:
+            if script not in runs:
+                results = tmp_path_factory.mktemp("guide-results")
+                # As in a student's shell: pytest's COLUMNS=80 would make every table fold at 80 columns.
+                env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+                env["SOCKLAB_RESULTS"] = str(results)
+                done = subprocess.run(["bash", "-e", "-c", script], cwd=REPO_ROOT, stdin=subprocess.DEVNULL, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      timeout=BLOCK_TIMEOUT)
+                runs[script] = ShellRun(script, done.returncode, done.stdout, results)
+            return runs[script]
+
+    return run
