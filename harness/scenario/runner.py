@@ -310,9 +310,18 @@ def crosses_hosts(step: Step, addresses: Mapping[str, str] = LAB_ADDRESSES) -> b
     return isinstance(value, (list, tuple)) and bool(value) and value[0] in others
 
 
+# Steps that are the guest agent's own work, not one system call of the step's thread: a sysctl read,
+# and the epoll herd, whose waits and wakeups run in the agent's waiter threads (the tracer follows
+# the agent's main thread only). A whole-run --trace leaves them untraced instead of judging a citation
+# against a graph that cannot hold it. A loop step (`until:`/`max:`) is many calls: it is not traced either.
+NOT_ONE_SYSCALL = frozenset({"sysctl_get", "epoll_herd", "epoll_herd_wakeups"})
+
+
 def traced_options(step: Step, trace: Any = None) -> Any:
     """The trace options of ``step`` in a run traced with ``trace`` (every call step) or not (``trace: true`` steps)."""
-    if step.kind != "call":
+    if step.kind != "call" or step.until is not None or step.max_repeats:
+        return None
+    if step.call in NOT_ONE_SYSCALL and not step.trace:
         return None
     return step.trace or trace
 

@@ -1467,7 +1467,8 @@ TRACED_FUNCTIONS = (
 TRACED_SYSCALLS = ("socket", "socketpair", "bind", "listen", "accept", "accept4", "connect", "close", "shutdown",
                    "getsockname", "getpeername", "setsockopt", "getsockopt", "sendto", "sendmsg", "sendmmsg",
                    "recvfrom", "recvmsg", "recvmmsg", "poll", "ppoll", "select", "pselect6", "epoll_create1",
-                   "epoll_ctl", "epoll_wait", "epoll_pwait", "fcntl", "newfstat", "newfstatat", "statx", "ioctl", "readlink")
+                   "epoll_ctl", "epoll_wait", "epoll_pwait", "fcntl", "newfstat", "newfstatat", "statx", "ioctl", "readlink",
+                   "sendfile64")
 PROGRAM_SYSCALLS = ("read", "write", "readv", "writev", "close_range", "exit_group")
 # Dropped from the tree with everything below them: locking and memory bookkeeping that the
 # traced set still catches (lock_sock, release_sock), and softirq work (timers, packets received)

@@ -117,3 +117,18 @@ def test_poll_names_come_from_the_polling_host_only(tmp_path):
     result = run(scenario, Replay([Outcome(3), Outcome(3), Outcome({"3": 4})]), ModelBackend(scenario))
     assert result.records[2].kernel.ret == {"$mine": 4}
     assert result.records[2].model.ret == {"$mine": 4}
+
+
+def test_a_whole_run_trace_leaves_loops_and_agent_work_untraced():
+    """--trace judges one syscall's graph: a loop step is many calls, and the herd runs in waiter threads."""
+    from harness.scenario.format import Step as ScenarioStep
+    from harness.scenario.runner import traced_options
+
+    everything = object()
+    one = ScenarioStep(index=1, line=1, kind="call", host="server", call="recv", args={"fd": 3})
+    loop = ScenarioStep(index=2, line=2, kind="call", host="server", call="recv", args={"fd": 3}, until="EAGAIN")
+    herd = ScenarioStep(index=3, line=3, kind="call", host="server", call="epoll_herd_wakeups", args={"fd": 3})
+    assert traced_options(one, everything) is everything
+    assert traced_options(loop, everything) is None
+    assert traced_options(herd, everything) is None
+    assert traced_options(one, None) is None
