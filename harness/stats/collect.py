@@ -72,8 +72,8 @@ ETHTOOL_NO_STATS = 94  # EOPNOTSUPP: the driver has no get_ethtool_stats (bridge
 
 # LC_ALL=C: ss prints rtt and rates with %g, which a locale would give a decimal comma.
 _PRELUDE = r"""export LC_ALL=C
-e=/tmp/.socklab-stats.$$.err
-trap 'busybox rm -f "$e"' EXIT
+e=${TMPDIR:-/tmp}/.socklab-stats.$$.err
+trap 'rm -f "$e"' EXIT  # once, when the shell ends: the cost of a coreutils exec does not matter
 m() { printf '@@socklab-stats %s %s@@\n' "$N" "$*"; }
 sec() {
   m begin "$1"; shift

@@ -168,7 +168,8 @@ class LocalGuest:
               *) echo "fake busybox: $*" >&2; exit 1 ;;
             esac
         """)
-        self.env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+        self.env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+                    "TMPDIR": str(tmp_path)}  # the shell's stderr file stays in the test's own dir
 
     @staticmethod
     def _tool(bin_dir: Path, name: str, body: str) -> None:
