@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -146,9 +147,22 @@ def test_two_names_in_one_checkout_run_side_by_side_and_never_touch_each_other(f
         second.down()
 
 
-def test_two_checkouts_with_the_same_relative_home_never_touch_each_other(faulty, tmp_path):
+
+@pytest.fixture
+def short_tmp():
+    """A directory with a short path: QEMU's unix sockets (QMP, console) under it must stay below the
+    108-byte sun_path limit, which pytest-xdist's tmp_path (…/popen-gwN/test_…/checkout/.socklab/run/)
+    overruns."""
+    directory = Path(tempfile.mkdtemp(prefix="sl-"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_two_checkouts_with_the_same_relative_home_never_touch_each_other(faulty, short_tmp):
     """SOCKLAB_HOME=.socklab from two directories: two homes, two keys; one's down leaves the other's QEMUs."""
-    other_checkout = tmp_path / "checkout"
+    other_checkout = short_tmp / "checkout"
     other_checkout.mkdir()
     home = make_home(other_checkout / ".socklab").home
     env = {"SOCKLAB_IMAGES": str(faulty.paths.images)}
