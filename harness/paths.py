@@ -92,6 +92,11 @@ def check_lab_name(name: str) -> str:
     return name
 
 
+def default_cache() -> Path:
+    """Where built images go when nothing says: ``images/cache`` of a checkout, the XDG cache otherwise."""
+    return REPO_ROOT / "images" / "cache" if IN_CHECKOUT else _xdg("XDG_CACHE_HOME", ".cache") / "socklab" / "images"
+
+
 @dataclass(frozen=True)
 class Paths:
     """All on-disk locations, derived from two roots so tests can point them at tmp dirs.
@@ -115,15 +120,20 @@ class Paths:
         if given is not None:
             what = "SOCKLAB_IMAGES" if "SOCKLAB_IMAGES" in os.environ else "images.dir"
             return cls(images=check_location(what, given), home=home)
-        cache = REPO_ROOT / "images" / "cache" if IN_CHECKOUT else _xdg("XDG_CACHE_HOME", ".cache") / "socklab" / "images"
-        return cls(images=PACKAGE_RECIPES, home=home, cache_dir=cache)
+        return cls(images=PACKAGE_RECIPES, home=home, cache_dir=default_cache())
 
     @property
     def cache(self) -> Path:
         configured = os.environ.get("SOCKLAB_CACHE")
         if configured is not None:
             return check_location("SOCKLAB_CACHE", configured)
-        return self.cache_dir if self.cache_dir is not None else self.images / "cache"
+        if self.cache_dir is not None:
+            return self.cache_dir
+        # The shipped recipes, however they were named (SOCKLAB_IMAGES, or a Paths built from another's
+        # .images): the package's own directory is never a cache.
+        if self.images.resolve() == PACKAGE_RECIPES.resolve():
+            return default_cache()
+        return self.images / "cache"
 
     @property
     def keys(self) -> Path:

@@ -38,6 +38,17 @@ def test_checkout_defaults_keep_the_cache_and_home_where_they_were(monkeypatch):
     assert labs_dir() == REPO_ROOT / "labs"
 
 
+def test_the_shipped_recipes_named_explicitly_keep_the_default_cache(monkeypatch, tmp_path):
+    """SOCKLAB_IMAGES=<the package's recipes> (live tests pass paths.images to their subprocesses) must
+    not make a cache inside the package: that built a whole image under harness/image/recipes/cache."""
+    monkeypatch.setattr(paths, "IN_CHECKOUT", True)
+    monkeypatch.setenv("SOCKLAB_IMAGES", str(PACKAGE_RECIPES))
+    assert Paths.default().cache == REPO_ROOT / "images" / "cache"
+    assert Paths(images=PACKAGE_RECIPES, home=tmp_path / "own-home").cache == REPO_ROOT / "images" / "cache"
+    monkeypatch.setenv("SOCKLAB_IMAGES", str(tmp_path / "mine"))
+    assert Paths.default().cache == tmp_path / "mine" / "cache"
+
+
 def test_installed_defaults_are_the_users_dirs(monkeypatch, tmp_path):
     monkeypatch.setattr(paths, "IN_CHECKOUT", False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
