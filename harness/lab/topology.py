@@ -26,7 +26,7 @@ from typing import Any
 
 from harness import load as textio
 from harness.errors import LabError
-from harness.host.net import LAB_NETWORK
+from harness.host.net import LAB_NETWORK, lab_address
 
 BUILTIN = Path(__file__).resolve().parent / "topologies"
 # ethtool -K's short names for the features a lab NIC can toggle (virtio-net, Linux 6.1 and later).
@@ -180,8 +180,8 @@ def _guest(entry: Any, index: int, where: str) -> Guest:
 
 def _nic(nic: dict, index: int, where: str, line: int) -> Nic:
     textio.check_keys(nic, _NIC_KEYS, where, error=LabError)
-    default = f"{LAB_NETWORK.network_address + index + 1}/{LAB_NETWORK.prefixlen}"
-    address = textio.expect_type(nic.get("address", default), str, where, line, "address", error=LabError)
+    address = textio.expect_type(nic["address"] if "address" in nic else lab_address(index), str, where, line, "address",
+                                 error=LabError)
     try:
         interface = ipaddress.ip_interface(address)
     except ValueError:
