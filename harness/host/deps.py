@@ -18,9 +18,12 @@ PACKAGE_OF = {
     "ssh-keygen": "openssh-client",
     "ssh": "openssh-client",
     "ip": "iproute2",
+    # Decompress a zstd or lz4 kernel into the ELF a VM boots at its PVH entry (harness/image/pvh.py).
+    "zstd": "zstd",
+    "lz4": "lz4",
 }
 
-IMAGE_TOOLS = ("mmdebstrap", "mke2fs", "ssh-keygen")
+IMAGE_TOOLS = ("mmdebstrap", "mke2fs", "ssh-keygen", "zstd", "lz4")
 LAB_TOOLS = ("qemu-system-x86_64", "qemu-img", "ip", "ssh-keygen")
 
 Which = Callable[[str], "str | None"]

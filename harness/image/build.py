@@ -30,13 +30,16 @@ from harness import progress
 from harness.host import deps as hostdeps
 from harness import load as textio
 from harness.errors import ImageError
+from harness.image import pvh
 from harness.image.initrd import build_initrd
 from harness.paths import Paths
 
 # Bump when the layout of a cache entry or the build steps change.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 ROOTFS = "rootfs.ext4"
 KERNEL = "vmlinuz"
+# The same kernel's ELF, booted at its PVH entry (harness/image/pvh.py); absent if the kernel has none.
+PVH_KERNEL = "vmlinux"
 INITRD = "initrd.img"
 HOST_KEY = "ssh_host_ed25519_key.pub"
 MANIFEST = "manifest.json"
@@ -165,6 +168,11 @@ class Image:
     @property
     def initrd(self) -> Path:
         return self.directory / INITRD
+
+    @property
+    def boot_kernel(self) -> Path:
+        """What QEMU's -kernel gets: the ELF with its PVH entry if the build made one, else the bzImage."""
+        return self.directory / PVH_KERNEL if PVH_KERNEL in self.sha256 else self.kernel
 
     @classmethod
     def load(cls, directory: Path) -> "Image":
@@ -554,6 +562,9 @@ def _build_into(paths: Paths, recipe: Recipe, key: str, work: Path, client_pubke
             raise ImageError(f"recipe {recipe.name} says kernel {recipe.kernel}, but suite {recipe.suite} installed "
                              f"{release}: the suite moved on; set `kernel:` in the recipe {recipe.name}.yaml to its series")
         shutil.copyfile(kernels[-1], work / KERNEL)
+        files = [ROOTFS, KERNEL, INITRD]
+        if pvh.extract(work / KERNEL, work / PVH_KERNEL):
+            files.append(PVH_KERNEL)
         try:
             initrd = build_initrd(root, release, list(recipe.initrd_modules), (paths.images / "initrd/init").read_bytes())
         except (KeyError, OSError) as exc:
@@ -571,9 +582,9 @@ def _build_into(paths: Paths, recipe: Recipe, key: str, work: Path, client_pubke
     shutil.rmtree(stage)
     shutil.rmtree(work / "tmp", ignore_errors=True)  # mmdebstrap's TMPDIR (its gpg home)
     with progress.step("checksums"):
-        sums = {name: file_sha256(work / name) for name in (ROOTFS, KERNEL, INITRD)}
+        sums = {name: file_sha256(work / name) for name in files}
     (work / HOST_KEY).write_text(host_key + "\n")
-    for name in (ROOTFS, KERNEL, INITRD):
+    for name in files:
         # The base is never written: every VM boots from its own overlay.
         (work / name).chmod(0o444)
     manifest = {"recipe": recipe.name, "recipe_hash": key, "suite": recipe.suite, "kernel_series": recipe.kernel,

@@ -50,7 +50,7 @@ class Boot:
 
     @classmethod
     def of_image(cls, img: Image) -> "Boot":
-        return cls(img, img.kernel, img.initrd, img.kernel_release, img.sha256)
+        return cls(img, img.boot_kernel, img.initrd, img.kernel_release, img.sha256)
 
 
 def bzimage_release(path: Path) -> str:

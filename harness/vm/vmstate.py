@@ -51,6 +51,8 @@ def vm_config(spec: qemu.VMSpec) -> dict:
         "memory_mib": spec.memory_mib,
         "cpus": spec.cpus,
         "accel": spec.accel,
+        # A bzImage and its PVH ELF run the same kernel, but QEMU loads different option ROMs for them.
+        "kernel_file": spec.kernel.name,
         "kernel_append": spec.kernel_append(),
         "mgmt_mac": spec.mgmt_mac,
         "lab_nic": None if spec.lab_nic is None else {"mode": spec.lab_nic.mode, "mac": spec.lab_nic.mac},

@@ -136,7 +136,7 @@ def test_down_without_a_lab_is_a_no_op(lab):
 class FakeImage:
     def __init__(self, tmp_path: Path) -> None:
         self.directory = tmp_path / "image"
-        self.rootfs = self.kernel = self.initrd = tmp_path / "image" / "file"
+        self.rootfs = self.kernel = self.boot_kernel = self.initrd = tmp_path / "image" / "file"
         self.host_key = "ssh-ed25519 AAAA"
         self.sha256 = {"rootfs.ext4": "0" * 64}
 
@@ -193,7 +193,7 @@ def test_interrupted_up_stops_everything_it_started(lab, tmp_path, monkeypatch):
     monkeypatch.setattr(lab_mod.qemu, "start", lambda spec: 5000 + spec.lab_ip.count("2"))
     monkeypatch.setattr(lab_mod.qemu, "stop", lambda name, pid, qmp, **k: stopped.append(name) or "quit")
 
-    def ctrl_c(*args):
+    def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Lab, "_wait_ssh", ctrl_c)
@@ -430,3 +430,55 @@ def test_status_shows_a_paused_vm_and_does_not_ask_it_over_ssh():
     console.print(status_table(PausedLab(), state, live=True))
     text = console.export_text()
     assert "socklab lab 'second': abc123 (default)" in text and "paused" in text
+
+
+class _Stage:
+    def __init__(self) -> None:
+        self.updates: list[str] = []
+
+    def update(self, text: str) -> None:
+        self.updates.append(text)
+
+
+def _console_vm(tmp_path: Path) -> VMState:
+    log = tmp_path / "client.console.log"
+    log.write_bytes(b"")
+    return VMState(name="client", index=0, ssh_port=1, lab_ip="198.51.100.1/24", mgmt_mac="m", lab_mac="l",
+                   console_log=str(log))
+
+
+def test_a_cold_guest_is_reached_for_once_its_console_says_its_nics_are_up(lab, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    vm = _console_vm(tmp_path)
+    monkeypatch.setattr(Lab, "owned", staticmethod(lambda vm: True))
+    written = []
+
+    def boot_prints() -> None:
+        Path(vm.console_log).write_bytes(b"socklab: server ready for sshd\n")  # another VM's line is not ours
+        time.sleep(0.2)
+        written.append(time.monotonic())
+        Path(vm.console_log).write_bytes(b"socklab: server ready for sshd\nsocklab: client ready for sshd\n")
+
+    threading.Thread(target=boot_prints).start()
+    stage = _Stage()
+    assert lab._console_ready(vm, time.monotonic() + 5, threading.Event(), stage)
+    assert written and time.monotonic() - written[0] < 0.2  # polled, not waited out
+    assert stage.updates == ["client: NICs up, waiting for sshd"]
+
+
+def test_waiting_for_the_console_ends_when_qemu_exits_or_time_runs_out(lab, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    vm = _console_vm(tmp_path)
+    monkeypatch.setattr(Lab, "owned", staticmethod(lambda vm: False))
+    started = time.monotonic()
+    assert not lab._console_ready(vm, started + 5, threading.Event(), _Stage())
+    assert time.monotonic() - started < 0.5
+    monkeypatch.setattr(Lab, "owned", staticmethod(lambda vm: True))
+    assert not lab._console_ready(vm, time.monotonic() + 0.2, threading.Event(), _Stage())
+    abandon = threading.Event()
+    abandon.set()
+    assert not lab._console_ready(vm, time.monotonic() + 5, abandon, _Stage())
