@@ -104,6 +104,11 @@ class VMSpec:
             # with fixed mappings every exec (ss, python3, sshd's children) is about
             # twice as fast. The labs do not depend on address randomisation.
             "norandmaps",
+            # Boot-time trims, measured with initcall_debug under TCG (docs/performance.md): the crypto
+            # self-tests (crypto_algapi_init, about 0.2 s) and the ACPI _PRS/_SRS evaluation of an
+            # interrupt link per PCI device (about 0.1 s each, three of them; the PIR table serves).
+            "cryptomgr.notests",
+            "acpi=noirq",
             f"socklab.name={self.name}",
             f"socklab.mgmt_mac={self.mgmt_mac}",
         ]
