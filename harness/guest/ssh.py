@@ -26,6 +26,9 @@ from harness.log import truncate
 RETRYABLE = (OSError, EOFError, paramiko.SSHException)
 # Opening a channel on a live connection takes milliseconds; paramiko's own default is an hour.
 OPEN_TIMEOUT = SSH_CHANNEL_OPEN
+# How long a guest known to be up may take to send sshd's banner: a restored guest's first
+# connection under TCG translates sshd's code afresh (0.4-0.8 s quiet, several times that loaded).
+UP_BANNER_PATIENCE = 5.0
 
 # paramiko logs every failed attempt of a booting guest with a traceback; our own errors say
 # what matters, so the command line drops its records unless --debug is on (harness/log.py).
@@ -146,13 +149,25 @@ class GuestSSH:
         # What layers above keep on this connection (the stats shell's channel) and must stop before it closes.
         self._on_close: list[Callable[[], None]] = []
 
-    def connect(self, timeout: float = SSH_CONNECT) -> "GuestSSH":
-        """Connect, retrying while the guest boots, until ``timeout`` seconds have passed."""
+    def connect(self, timeout: float = SSH_CONNECT, guest_up: bool = False) -> "GuestSSH":
+        """Connect, retrying while the guest boots, until ``timeout`` seconds have passed.
+
+        ``guest_up`` says the guest's NICs are known to be up (its console printed
+        the ready line, or it was restored from a snapshot). Then a forward that
+        closes at once means sshd does not listen yet, worth another try within
+        50 ms, and a silent one means sshd is busy forking its child under TCG:
+        the banner is waited for instead of the work being thrown away.
+        """
         started = time.monotonic()
         deadline = started + timeout
-        log.debug("%s: connecting to %s@127.0.0.1:%d (up to %g s)", self.vm, self.user, self.port, timeout)
+        log.debug("%s: connecting to %s@127.0.0.1:%d (up to %g s%s)", self.vm, self.user, self.port, timeout,
+                  ", guest up" if guest_up else "")
+        if guest_up:
+            self._probe_timeout = max(self._probe_timeout, UP_BANNER_PATIENCE)
+        first_delay, max_delay = (0.05, 0.2) if guest_up else (0.2, 1.0)
         try:
-            self._client = retry(self._connect_once, deadline, f"{self.vm} (127.0.0.1:{self.port})")
+            self._client = retry(self._connect_once, deadline, f"{self.vm} (127.0.0.1:{self.port})",
+                                 first_delay=first_delay, max_delay=max_delay)
         except paramiko.BadHostKeyException as exc:
             raise SSHError(
                 f"{self.vm}: the guest's host key changed (got {exc.key.get_fingerprint().hex()[:16]}…): "

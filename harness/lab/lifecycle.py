@@ -46,6 +46,10 @@ from harness.vm.console import GuestConsole, log_tail
 
 # A resumed guest answers within a second or two; past this the saved state is broken.
 RESTORE_TIMEOUT = SNAPSHOT_RESTORE
+# What the guest's rc prints on the serial console once its NICs have their addresses
+# (harness/image/recipes/rootfs/etc/socklab/rc), and how often the console log is read for it.
+READY_LINE = "ready for sshd"
+CONSOLE_POLL = 0.02
 
 
 def check_up_args(topology_name: str | Path, accel: str, segment: str, boot_timeout: float) -> Topology:
@@ -339,7 +343,7 @@ class Lab:
             for vm in state.vms if snapshots else ():
                 qemu.resume_incoming(Path(vm.qmp))
         with progress.step(f"wait for SSH on {', '.join(topo.vms)}") as step:
-            self._wait_ssh(state, deadline, step)
+            self._wait_ssh(state, deadline, step, restored=bool(snapshots))
         state.boot_seconds = round(time.monotonic() - started, 2)
 
     def _start_vm(self, state: LabState, vm: VMState, spec: qemu.VMSpec) -> None:
@@ -400,14 +404,23 @@ class Lab:
                         pass
                 progress.say(f"[yellow]warning:[/] could not save snapshots ({exc}); the next lab.up boots cold")
 
-    def _wait_ssh(self, state: LabState, deadline: float, step: progress.Stage) -> None:
+    def _wait_ssh(self, state: LabState, deadline: float, step: progress.Stage, restored: bool = False) -> None:
+        """Connect to every guest at once. A cold guest is first waited for on its console.
+
+        Probing a guest whose NICs are not up yet costs more than it finds: user
+        networking drops the SYN, and the attempt sits out its timeout while sshd
+        starts listening. The guest's rc prints a ready line once its addresses
+        are set (READY_LINE); from then on an attempt either reaches sshd or is
+        refused at once. A restored guest is past that line already.
+        """
         abandon = threading.Event()
 
         def connect(vm: VMState) -> None:
+            guest_up = restored or self._console_ready(vm, deadline, abandon, step)
             remaining = deadline - time.monotonic()
             guest = GuestSSH(vm.name, vm.ssh_port, self.paths.client_key, vm.host_key or state.host_key)
             try:
-                self._connect_watching(guest, vm, remaining, abandon)
+                self._connect_watching(guest, vm, remaining, abandon, guest_up=guest_up)
             except SSHError as exc:
                 raise GuestUnreachable(f"{vm.name} never became reachable over SSH ({exc}); "
                                        f"console's last lines:\n{log_tail(Path(vm.console_log))}") from exc
@@ -440,8 +453,22 @@ class Lab:
             raise
         pool.shutdown()
 
+    def _console_ready(self, vm: VMState, deadline: float, abandon: threading.Event, step: progress.Stage) -> bool:
+        """Wait for the guest's ready line on its console log; False if QEMU exited or the deadline passed first."""
+        wanted = f"socklab: {vm.name} {READY_LINE}".encode()
+        log_path = Path(vm.console_log)
+        while time.monotonic() < deadline and not abandon.is_set() and self.owned(vm):
+            try:
+                if wanted in log_path.read_bytes():
+                    step.update(f"{vm.name}: NICs up, waiting for sshd")
+                    return True
+            except OSError:
+                pass  # QEMU creates the log as it starts
+            time.sleep(CONSOLE_POLL)
+        return False
+
     def _connect_watching(self, guest: GuestSSH, vm: VMState, timeout: float,
-                          abandon: threading.Event | None = None) -> None:
+                          abandon: threading.Event | None = None, guest_up: bool = False) -> None:
         """Connect while checking QEMU is still alive, so a crashed guest fails fast, not at the deadline."""
         deadline = time.monotonic() + timeout
         abandon = abandon or threading.Event()
@@ -451,7 +478,7 @@ class Lab:
             if not self.owned(vm):
                 raise SSHError(f"QEMU of {vm.name} (pid {vm.pid}) exited")
             try:
-                guest.connect(timeout=min(2.0, max(0.5, deadline - time.monotonic())))
+                guest.connect(timeout=min(2.0, max(0.5, deadline - time.monotonic())), guest_up=guest_up)
             except SSHError:
                 if time.monotonic() >= deadline:
                     raise

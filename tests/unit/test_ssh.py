@@ -256,3 +256,89 @@ def test_a_silent_forward_is_retried_quickly_with_growing_patience(keys):
     assert time.monotonic() - started < 6
     assert len(accepted) >= 3  # several short tries, not one 5 s banner wait
     assert guest._probe_timeout > 0.5
+
+
+class Forward:
+    """QEMU's hostfwd in front of the fake sshd: accepts at once, then closes the first ``refuse``
+    connections (the guest's RST while sshd is not listening yet), and holds every other one
+    silent for ``delay`` seconds (sshd forking its child under TCG) before relaying it."""
+
+    def __init__(self, target_port: int, refuse: int = 0, delay: float = 0.0) -> None:
+        import socket
+        import threading
+
+        self.target_port, self.refuse, self.delay = target_port, refuse, delay
+        self.accepted: list[float] = []
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.port = self._listener.getsockname()[1]
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn = self._listener.accept()[0]
+            except OSError:
+                return
+            self.accepted.append(time.monotonic())
+            self._conns.append(conn)
+            if len(self.accepted) <= self.refuse:
+                conn.close()
+                continue
+            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+
+    def _relay(self, conn) -> None:
+        import socket
+        import threading
+
+        time.sleep(self.delay)
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        except OSError:
+            return
+        self._conns.append(upstream)
+
+        def pump(src, dst):
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+
+        threading.Thread(target=pump, args=(upstream, conn), daemon=True).start()
+        pump(conn, upstream)
+        upstream.close()  # the client gave up on this one: so does the fake sshd's side
+
+    def close(self) -> None:
+        self._listener.close()
+        for conn in self._conns:
+            conn.close()
+
+
+def test_a_guest_known_to_be_up_gets_the_time_its_banner_takes(keys, sshd):
+    """A restored guest's first banner can take over a second: the attempt waits for it, not starts again.
+
+    (Not known to be up, the same 1.2 s silence is abandoned after 0.5 s: the silent-forward test above.)
+    """
+    forward = Forward(sshd.port, delay=1.2)
+    try:
+        guest = GuestSSH("server", forward.port, keys["client"], keys["host_pub"]).connect(timeout=5, guest_up=True)
+        assert guest.run("echo up").stdout == "up\n"
+        guest.close()
+    finally:
+        forward.close()
+    assert len(forward.accepted) == 1
+
+
+def test_a_guest_known_to_be_up_is_tried_again_at_once_while_sshd_starts(keys, sshd):
+    forward = Forward(sshd.port, refuse=4)
+    try:
+        GuestSSH("server", forward.port, keys["client"], keys["host_pub"]).connect(timeout=5, guest_up=True).close()
+    finally:
+        forward.close()
+    gaps = [b - a for a, b in zip(forward.accepted, forward.accepted[1:])]
+    assert len(forward.accepted) == 5 and max(gaps) < 0.5, gaps  # 0.05 s growing to 0.2 s, not 0.2 s to 1 s
