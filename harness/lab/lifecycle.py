@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -50,6 +51,35 @@ RESTORE_TIMEOUT = SNAPSHOT_RESTORE
 # (harness/image/recipes/rootfs/etc/socklab/rc), and how often the console log is read for it.
 READY_LINE = "ready for sshd"
 CONSOLE_POLL = 0.02
+
+
+def wake_command(seed_hex: str, now: float, peers: list[str]) -> str:
+    """What a restored guest runs first, in one round trip and two execs: no stale neighbours, new
+    randomness, the clock, and every peer reached on the lab segment.
+
+    Two restores of one snapshot start with the same crng state: mixing in host
+    randomness and forcing a reseed (RNDRESEEDCRNG, ``_IO('R', 7)``) makes them
+    independent. The clock is set with clock_settime (x86_64 syscall 227), and each
+    peer's sshd port must accept a TCP connection, which needs ARP across the
+    segment anew. Everything is perl builtins, no modules: perl-base is in every
+    Debian, and under TCG each exec and each library loaded costs translation time.
+    """
+    if not re.fullmatch(r"[0-9a-f]{2,}", seed_hex) or not all(re.fullmatch(r"[0-9.]+", p) for p in peers):
+        raise ValueError("wake_command takes a hex seed and dotted IPv4 peers")
+    seconds = int(now)
+    nanoseconds = min(int((now - seconds) * 1e9), 999_999_999)
+    script = (
+        'open(my $f, ">", "/dev/urandom") or die "urandom: $!\\n"; '
+        f'syswrite($f, pack("H*", "{seed_hex}")) or die "urandom: $!\\n"; '
+        'ioctl($f, 0x5207, 0) or die "reseed: $!\\n"; '
+        f'my $ts = pack("qq", {seconds}, {nanoseconds}); syscall(227, 0, $ts) == 0 or die "clock_settime: $!\\n"; '
+        f'for my $peer ({", ".join(f"{chr(34)}{p}{chr(34)}" for p in peers)}) {{ '
+        'socket(my $s, 2, 1, 0) or die "socket: $!\\n"; '
+        'local $SIG{ALRM} = sub { die "$peer:22 did not answer in 5 s\\n" }; alarm 5; '
+        'connect($s, pack("S n C4 x8", 2, 22, split(/[.]/, $peer))) or die "$peer:22: $!\\n"; '
+        'alarm 0; close $s; }'
+    )
+    return f"busybox ip neigh flush dev lab0 >/dev/null && perl -e '{script}'"
 
 
 def check_up_args(topology_name: str | Path, accel: str, segment: str, boot_timeout: float) -> Topology:
@@ -369,17 +399,8 @@ class Lab:
         """A resumed guest wakes with the clock and neighbours of the moment it was saved: fix and check."""
         with progress.step("reseed guest RNGs, set clocks, check the lab segment"):
             def fix(vm: VMState) -> None:
-                # One round trip per guest: new randomness, the clock, no stale neighbours, every peer reached.
-                # Two restores of one snapshot start with the same crng state; mixing in host
-                # randomness and forcing a reseed (RNDRESEEDCRNG, _IO('R', 7)) makes them
-                # independent. perl-base is in every Debian, and starts faster than python3.
-                seed = secrets.token_hex(32)
-                reseed = (f"perl -e 'open(my $f, \">\", \"/dev/urandom\") or die $!; "
-                          f"syswrite($f, pack(\"H*\", \"{seed}\")); ioctl($f, 0x5207, 0) or die \"reseed: $!\"'")
-                peers = " && ".join(f"timeout 5 bash -c '</dev/tcp/{peer.address}/22'"
-                                    for peer in state.vms if peer.name != vm.name) or "true"
-                self._ssh[vm.name].run(f"{reseed} && date -u -s @{time.time():.6f} >/dev/null && "
-                                       f"ip neigh flush dev lab0 && {peers}", timeout=15, check=True)
+                peers = [peer.address for peer in state.vms if peer.name != vm.name]
+                self._ssh[vm.name].run(wake_command(secrets.token_hex(32), time.time(), peers), timeout=15, check=True)
 
             try:
                 self._in_parallel(fix, state.vms, threading.Event())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rich.table import Table
@@ -26,6 +27,24 @@ def offloads(lab, name: str) -> tuple[str, str]:
         return ("on" if features[feature].enabled else "off") if feature in features else "?"
 
     return shown("scatter-gather"), shown("tx-checksumming")
+
+
+def vm_facts(lab, state, live: bool) -> list[tuple[bool, bool, tuple[str, str] | None]]:
+    """(running, paused, offloads or None) of every VM, the guests asked at once.
+
+    A stopped QEMU or a paused guest answers no SSH: it is not asked, and says so.
+    """
+    alive = lab.alive(state)
+
+    def facts(vm) -> tuple[bool, bool, tuple[str, str] | None]:
+        running = alive.get(vm.name, False)
+        paused = bool(running and hasattr(lab, "paused") and lab.paused(vm))
+        return running, paused, offloads(lab, vm.name) if (live and running and not paused) else None
+
+    if len(state.vms) < 2:
+        return [facts(vm) for vm in state.vms]
+    with ThreadPoolExecutor(max_workers=len(state.vms), thread_name_prefix="socklab-status") as pool:
+        return list(pool.map(facts, state.vms))
 
 
 def vm_kernel(vm) -> str:
@@ -62,12 +81,9 @@ def kernel_notes(state) -> list[str]:
 # `--json` without a lab prints {"lab": NAME, "running": false}; with one, "running" is true.
 def status_record(lab, state, live: bool = True) -> dict:
     """The lab's status as data: what status_table shows, by the keys above."""
-    alive = lab.alive(state)
     vms = []
-    for vm in state.vms:
-        running = alive.get(vm.name, False)
-        paused = bool(running and hasattr(lab, "paused") and lab.paused(vm))
-        sg, csum = offloads(lab, vm.name) if (live and running and not paused) else (None, None)
+    for vm, (running, paused, offload) in zip(state.vms, vm_facts(lab, state, live)):
+        sg, csum = offload or (None, None)
         vms.append({"name": vm.name, "kernel": vm.kernel or None, "own_kernel": vm.kernel_image or None,
                     "pid": vm.pid or None, "state": "paused" if paused else "running" if running else "dead",
                     "ssh_port": vm.ssh_port, "address": vm.address, "sg": sg, "tx_csum": csum})
@@ -80,17 +96,13 @@ def status_record(lab, state, live: bool = True) -> dict:
 
 
 def status_table(lab, state, live: bool = True) -> Table:
-    alive = lab.alive(state)
     name = getattr(state, "name", "default")
     table = Table(title=f"socklab lab {name!r}: {state.lab_id} ({state.topology})", title_justify="left")
     for column in ("VM", "kernel", "pid", "state", "SSH", "lab0", "up", "sg", "tx-csum"):
         table.add_column(column, overflow="fold")
     uptime = f"{time.time() - state.started_at:.0f} s" if state.started_at else "-"
-    for vm in state.vms:
-        running = alive.get(vm.name, False)
-        # A stopped QEMU or a paused guest answers no SSH: say so instead of waiting on it.
-        paused = running and hasattr(lab, "paused") and lab.paused(vm)
-        sg, csum = offloads(lab, vm.name) if (live and running and not paused) else ("-", "-")
+    for vm, (running, paused, offload) in zip(state.vms, vm_facts(lab, state, live)):
+        sg, csum = offload or ("-", "-")
         shown = "[yellow]paused[/]" if paused else "running" if running else "[red]dead[/]"
         table.add_row(vm.name, vm_kernel(vm), str(vm.pid or "-"), shown,
                       f":{vm.ssh_port}", vm.address, uptime, sg, csum)

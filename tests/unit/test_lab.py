@@ -482,3 +482,25 @@ def test_waiting_for_the_console_ends_when_qemu_exits_or_time_runs_out(lab, tmp_
     abandon = threading.Event()
     abandon.set()
     assert not lab._console_ready(vm, time.monotonic() + 5, abandon, _Stage())
+
+
+def test_the_wake_command_is_one_perl_program_with_the_seed_clock_and_peers():
+    import shlex
+    import shutil
+    import subprocess
+
+    from harness.lab.lifecycle import wake_command
+
+    line = wake_command("ab" * 32, 1764650000.25, ["198.51.100.2", "198.51.100.3"])
+    words = shlex.split(line)
+    assert words[:6] == ["busybox", "ip", "neigh", "flush", "dev", "lab0"] and words[8:10] == ["perl", "-e"]
+    script = words[10]
+    assert '"ab' + "ab" * 31 + '"' in script and 'pack("qq", 1764650000, 250000000)' in script
+    assert '("198.51.100.2", "198.51.100.3")' in script and "0x5207" in script
+    if shutil.which("perl"):  # compiles, without running it (it would set the host's clock)
+        checked = subprocess.run(["perl", "-c", "-e", script], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stderr
+    with pytest.raises(ValueError):
+        wake_command("ab'; rm -rf /", 0.0, [])
+    with pytest.raises(ValueError):
+        wake_command("ab", 0.0, ["198.51.100.2'"])
