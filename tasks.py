@@ -308,7 +308,15 @@ def _print_status(lab, state, live):
 @task(positional=["vm"], help={"vm": "VM name, e.g. client or server", "name": NAME_HELP})
 @_friendly
 def ssh(c, vm=None, name=None):
-    """Open an interactive SSH session to a VM (host key pinned, project key only)."""
+    """Open an interactive SSH session to a VM (host key pinned, project key only).
+
+    A command after `--` is not run here (ssh would): `invoke lab.exec VM -- CMD` runs one.
+    """
+    from harness.guest import remote
+
+    if remote.words_after_dashes(sys.argv, c.remainder):
+        raise SocklabError(f"lab.ssh opens an interactive session and runs no command; "
+                           f"run one with `invoke lab.exec {vm or 'client'} -- COMMAND`")
     argv = _lab(name).ssh_argv(_vm_name(vm))
     os.execvp(argv[0], argv)
 

@@ -37,6 +37,7 @@ def test_every_task_explains_itself(name, tmp_path):
     (["lab.exec"], "socklab: name a VM: client or server"),
     (["lab.exec", "--", "ls"], "socklab: name a VM: client or server"),
     (["lab.ssh"], "socklab: name a VM: client or server"),
+    (["lab.ssh", "client", "--", "uname", "-a"], "socklab: lab.ssh opens an interactive session and runs no command"),
     (["lab.console"], "socklab: name a VM: client or server"),
     (["lab.exec", "server"], "socklab: no command: put it after --"),
     (["lab.check", "01-sockets-are-files", "--out", ""], "socklab: the results directory is empty"),
