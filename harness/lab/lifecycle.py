@@ -51,6 +51,8 @@ RESTORE_TIMEOUT = SNAPSHOT_RESTORE
 # (harness/image/recipes/rootfs/etc/socklab/rc), and how often the console log is read for it.
 READY_LINE = "ready for sshd"
 CONSOLE_POLL = 0.02
+# sizeof(sockaddr_un.sun_path), NUL included: QEMU's QMP and console sockets live in the run dir.
+SUN_PATH_MAX = 108
 
 
 def wake_command(seed_hex: str, now: float, peers: list[str]) -> str:
@@ -316,6 +318,11 @@ class Lab:
                 cpus=guest.cpus, sandbox=True,
                 modules_disk=boot.modules_disk,
             ))
+        for spec in specs:
+            for sock in (spec.qmp_socket, spec.console_socket):
+                if len(os.fsencode(sock)) >= SUN_PATH_MAX:
+                    raise LabError(f"{sock} is {len(os.fsencode(sock))} bytes, and a UNIX socket path must be under "
+                                   f"{SUN_PATH_MAX}: point SOCKLAB_HOME at a shorter directory (or clone nearer /)")
         self._boots = boots
         return specs
 

@@ -504,3 +504,16 @@ def test_the_wake_command_is_one_perl_program_with_the_seed_clock_and_peers():
         wake_command("ab'; rm -rf /", 0.0, [])
     with pytest.raises(ValueError):
         wake_command("ab", 0.0, ["198.51.100.2'"])
+
+
+def test_a_home_too_deep_for_qemu_s_sockets_is_named_before_anything_starts(tmp_path, monkeypatch):
+    deep = tmp_path / ("d" * 100)
+    lab = Lab(Paths(images=tmp_path / "images", home=deep))
+    monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
+    fake_boots(monkeypatch, tmp_path)
+    monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
+    monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "test"))
+    monkeypatch.setattr(lab_mod.qemu, "start", lambda spec: pytest.fail("QEMU must not start"))
+    with pytest.raises(LabError, match="a UNIX socket path must be under 108: point SOCKLAB_HOME"):
+        lab.up("default", "auto", "socket")
+    assert lab.load() is None
