@@ -353,8 +353,8 @@ class Lab:
         socket_port = net.free_port() if state.segment == "socket" else 0
         started = time.monotonic()
         state.started_at = time.time()
-        how = "resume" if snapshots else "boot"
-        with progress.step(f"{how} {len(plan)} QEMU ({state.accel})"):
+        how = "start" if snapshots else "boot"
+        with progress.step(f"{how} {len(plan)} QEMU ({state.accel}{', loading their snapshots' if snapshots else ''})"):
             # In socket mode the listening side (the first VM) must exist before the others connect.
             for index, spec in enumerate(plan):
                 planned_nic = spec.lab_nic
@@ -377,9 +377,7 @@ class Lab:
                 self._start_vm(state, vm, replace(spec, lab_nic=lab_nic, incoming=snap.state if snap else None))
                 if segment is not None:
                     segment.attach(vm.tap)
-            for vm in state.vms if snapshots else ():
-                qemu.resume_incoming(Path(vm.qmp))
-        with progress.step(f"wait for SSH on {', '.join(topo.vms)}") as step:
+        with progress.step(f"{'resume and ' if snapshots else ''}wait for SSH on {', '.join(topo.vms)}") as step:
             self._wait_ssh(state, deadline, step, restored=bool(snapshots))
         state.boot_seconds = round(time.monotonic() - started, 2)
 
@@ -433,7 +431,8 @@ class Lab:
                 progress.say(f"[yellow]warning:[/] could not save snapshots ({exc}); the next lab.up boots cold")
 
     def _wait_ssh(self, state: LabState, deadline: float, step: progress.Stage, restored: bool = False) -> None:
-        """Connect to every guest at once. A cold guest is first waited for on its console.
+        """Connect to every guest at once (a restored one is first resumed). A cold guest is first
+        waited for on its console.
 
         Probing a guest whose NICs are not up yet costs more than it finds: user
         networking drops the SYN, and the attempt sits out its timeout while sshd
@@ -444,6 +443,8 @@ class Lab:
         abandon = threading.Event()
 
         def connect(vm: VMState) -> None:
+            if restored:  # each guest runs as soon as its own state is loaded, and is connected to at once
+                qemu.resume_incoming(Path(vm.qmp))
             guest_up = restored or self._console_ready(vm, deadline, abandon, step)
             remaining = deadline - time.monotonic()
             guest = GuestSSH(vm.name, vm.ssh_port, self.paths.client_key, vm.host_key or state.host_key)
