@@ -254,7 +254,6 @@ class Lab:
         if snapshots:
             try:
                 self._boot(state, topo, plan, snapshots, time.monotonic() + RESTORE_TIMEOUT)
-                self._after_restore(state)
                 state.boot_mode = "restored from snapshot"
             except LabError as exc:
                 progress.say(f"[yellow]warning:[/] restoring the snapshot failed ({exc}); discarding it, booting cold")
@@ -377,9 +376,10 @@ class Lab:
                 self._start_vm(state, vm, replace(spec, lab_nic=lab_nic, incoming=snap.state if snap else None))
                 if segment is not None:
                     segment.attach(vm.tap)
-        with progress.step(f"{'resume and ' if snapshots else ''}wait for SSH on {', '.join(topo.vms)}") as step:
-            self._wait_ssh(state, deadline, step, restored=bool(snapshots))
-        state.boot_seconds = round(time.monotonic() - started, 2)
+        what = "resume, wait for SSH, reseed, set clocks, check the segment on" if snapshots else "wait for SSH on"
+        with progress.step(f"{what} {', '.join(topo.vms)}") as step:
+            ssh_ready = self._wait_ssh(state, deadline, step, restored=bool(snapshots))
+        state.boot_seconds = round(ssh_ready - started, 2)
 
     def _start_vm(self, state: LabState, vm: VMState, spec: qemu.VMSpec) -> None:
         """Start one QEMU, choosing a new SSH port if another process took ours in the meantime."""
@@ -400,18 +400,6 @@ class Lab:
             self.save(state)
             return
 
-    def _after_restore(self, state: LabState) -> None:
-        """A resumed guest wakes with the clock and neighbours of the moment it was saved: fix and check."""
-        with progress.step("reseed guest RNGs, set clocks, check the lab segment"):
-            def fix(vm: VMState) -> None:
-                peers = [peer.address for peer in state.vms if peer.name != vm.name]
-                self._ssh[vm.name].run(wake_command(secrets.token_hex(32), time.time(), peers), timeout=15, check=True)
-
-            try:
-                self._in_parallel(fix, state.vms, threading.Event())
-            except SSHError as exc:
-                raise LabError(f"restored guests cannot reach each other: {exc}") from exc
-
     def _save_snapshots(self, state: LabState, stores: dict[str, vmstate.SavedVMStore],
                         keys: dict[str, str]) -> None:
         """Save every VM's ready state for the next ``lab.up``; a failure only costs the next boot its speed."""
@@ -430,21 +418,34 @@ class Lab:
                         pass
                 progress.say(f"[yellow]warning:[/] could not save snapshots ({exc}); the next lab.up boots cold")
 
-    def _wait_ssh(self, state: LabState, deadline: float, step: progress.Stage, restored: bool = False) -> None:
-        """Connect to every guest at once (a restored one is first resumed). A cold guest is first
-        waited for on its console.
+    def _wait_ssh(self, state: LabState, deadline: float, step: progress.Stage, restored: bool = False) -> float:
+        """Connect to every guest at once; return when the last one answered SSH (a monotonic time).
 
-        Probing a guest whose NICs are not up yet costs more than it finds: user
-        networking drops the SYN, and the attempt sits out its timeout while sshd
-        starts listening. The guest's rc prints a ready line once its addresses
-        are set (READY_LINE); from then on an attempt either reaches sshd or is
-        refused at once. A restored guest is past that line already.
+        A cold guest is first waited for on its console. Probing a guest whose
+        NICs are not up yet costs more than it finds: user networking drops the
+        SYN, and the attempt sits out its timeout while sshd starts listening.
+        The guest's rc prints a ready line once its addresses are set
+        (READY_LINE); from then on an attempt either reaches sshd or is refused
+        at once.
+
+        A restored guest is past that line. Each one is resumed as soon as its
+        own state is loaded, connected to at once, and woken (``wake_command``)
+        as soon as every guest runs, so one guest's wake overlaps the other's
+        login: each has a vCPU of its own.
         """
         abandon = threading.Event()
+        resumed: list[str] = []
+        all_running = threading.Event()
+        lock = threading.Lock()
+        answered: list[float] = []
 
         def connect(vm: VMState) -> None:
-            if restored:  # each guest runs as soon as its own state is loaded, and is connected to at once
+            if restored:
                 qemu.resume_incoming(Path(vm.qmp))
+                with lock:
+                    resumed.append(vm.name)
+                    if len(resumed) == len(state.vms):
+                        all_running.set()
             guest_up = restored or self._console_ready(vm, deadline, abandon, step)
             remaining = deadline - time.monotonic()
             guest = GuestSSH(vm.name, vm.ssh_port, self.paths.client_key, vm.host_key or state.host_key)
@@ -453,6 +454,7 @@ class Lab:
             except SSHError as exc:
                 raise GuestUnreachable(f"{vm.name} never became reachable over SSH ({exc}); "
                                        f"console's last lines:\n{log_tail(Path(vm.console_log))}") from exc
+            answered.append(time.monotonic())
             # The lab may be being stopped meanwhile (Ctrl-C, another VM failed): no connection may outlive it.
             if not abandon.is_set():
                 self._ssh[vm.name] = guest
@@ -460,9 +462,26 @@ class Lab:
                 if self._ssh.get(vm.name) is guest:
                     del self._ssh[vm.name]
                 guest.close()
+                return
+            if restored:  # its peers must run too: the wake connects to each of them
+                while not all_running.wait(0.02):
+                    if abandon.is_set():
+                        return
+                    if time.monotonic() > deadline:
+                        raise LabError(f"{vm.name}: the other restored guests did not start running in time")
+                self._wake(state, vm)
 
         self._in_parallel(connect, state.vms, abandon)
         step.update("all guests answer")
+        return max(answered)
+
+    def _wake(self, state: LabState, vm: VMState) -> None:
+        """A resumed guest wakes with the clock, crng and neighbours of the moment it was saved: fix and check."""
+        peers = [peer.address for peer in state.vms if peer.name != vm.name]
+        try:
+            self._ssh[vm.name].run(wake_command(secrets.token_hex(32), time.time(), peers), timeout=15, check=True)
+        except SSHError as exc:
+            raise LabError(f"restored guests cannot reach each other: {exc}") from exc
 
     @staticmethod
     def _in_parallel(work, vms: list[VMState], abandon: threading.Event) -> None:
