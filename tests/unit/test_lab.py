@@ -517,3 +517,32 @@ def test_a_home_too_deep_for_qemu_s_sockets_is_named_before_anything_starts(tmp_
     with pytest.raises(LabError, match="a UNIX socket path must be under 108: point SOCKLAB_HOME"):
         lab.up("default", "auto", "socket")
     assert lab.load() is None
+
+
+def test_a_restored_guest_logs_in_at_once_and_is_woken_once_every_guest_runs(lab, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def record(what: str, name: str) -> None:
+        with lock:
+            events.append((what, name))
+
+    vms = [VMState(name=name, index=i, ssh_port=1 + i, lab_ip=f"198.51.100.{i + 1}/24", mgmt_mac="m", lab_mac="l",
+                   qmp=str(tmp_path / f"{name}.qmp")) for i, name in enumerate(("client", "server"))]
+    state = LabState(lab_id="abc123", topology="default", accel="tcg", segment="tap", vms=vms)
+
+    def resume(qmp: Path) -> None:
+        if qmp.stem == "server":
+            time.sleep(0.3)  # its state takes longer to load
+        record("running", qmp.stem)
+
+    monkeypatch.setattr(lab_mod.qemu, "resume_incoming", resume)
+    monkeypatch.setattr(Lab, "_connect_watching", lambda self, guest, vm, *a, **k: record("logged in", vm.name))
+    monkeypatch.setattr(Lab, "_wake", lambda self, state, vm: record("woken", vm.name))
+    lab._wait_ssh(state, time.monotonic() + 5, _Stage(), restored=True)
+    assert events.index(("logged in", "client")) < events.index(("running", "server"))  # not held back
+    assert events.index(("woken", "client")) > events.index(("running", "server"))  # its peer runs first
+    assert {what for what, name in events if name == "server"} == {"running", "logged in", "woken"}
