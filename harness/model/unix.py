@@ -247,7 +247,12 @@ def unix_dgram_connect(op, host, creds, f: OpenFile, sa: SockAddr) -> Result:
         sk.peer = None
         return Result(op, 0, None, "AF_UNSPEC: peer removed", "unix_dgram_connect")
     name = _validate(sa, "unix_dgram_connect")
-    sk.peer = _find_other(host, sk, name, "unix_dgram_connect")
+    other = _find_other(host, sk, name, "unix_dgram_connect")
+    if other.peer is not None and other.peer is not sk:
+        # unix_dgram_connect() asks unix_may_send() too, not only sendmsg: a receiver connected to
+        # another socket refuses the connect itself (measured: fuzz-1-873).
+        raise fail("EPERM", "the receiver is connected to another socket", "unix_may_send")
+    sk.peer = other
     return Result(op, 0, None, f"default destination {name}", "unix_dgram_connect")
 
 

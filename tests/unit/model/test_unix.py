@@ -139,3 +139,19 @@ def test_unix_sockopt_levels(a):
     assert a.call("setsockopt", {"fd": fd, "level": 0, "optname": 15, "value": 1}).errno == "EOPNOTSUPP"
     assert a.call("setsockopt", {"fd": fd, "level": 1, "optname": 15, "value": 1}).errno == "EOPNOTSUPP"
     assert a.call("setsockopt", {"fd": fd, "level": 1, "optname": 15, "value": 0}).ok
+
+
+def test_dgram_connect_to_a_socket_connected_elsewhere_is_eperm(a):
+    """Rule: unix_dgram_connect -> unix_may_send: the receiver's own peer must be unset or this socket."""
+    rfd = usock(a, SOCK_DGRAM)
+    a.call("bind", {"fd": rfd, "addr": "@r"})
+    assert a.call("connect", {"fd": rfd, "addr": "@r"}).ok  # connected to itself
+    other = usock(a, SOCK_DGRAM)
+    refused = a.call("connect", {"fd": other, "addr": "@r"})
+    assert (refused.errno, refused.kernel_fn) == ("EPERM", "unix_may_send")
+    # unix_our_peer(): a receiver connected to the connecting socket itself takes it
+    assert a.call("bind", {"fd": other, "addr": "@o"}).ok
+    back = usock(a, SOCK_DGRAM)
+    assert a.call("bind", {"fd": back, "addr": "@b"}).ok
+    assert a.call("connect", {"fd": back, "addr": "@o"}).ok
+    assert a.call("connect", {"fd": other, "addr": "@b"}).ok
