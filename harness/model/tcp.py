@@ -26,10 +26,17 @@ ARP_FAILURE_DELAY = 3.0  # neighbour resolution gives up after 3 probes, 1 s apa
 
 # -- connection set-up ---------------------------------------------------------------------------
 
+def _multicast_or_broadcast4(addr: str) -> bool:
+    return addr == "255.255.255.255" or 224 <= int(addr.split(".", 1)[0]) <= 239
+
+
 def check_route_source(sk: Sock, dst: str, fn: str) -> None:
     """Source-address rules of the route lookup a connect or send makes from a bound socket.
 
     - ip6_dst_lookup_tail(): an IPv6 route from a v4-mapped source is refused (EAFNOSUPPORT);
+    - ip_route_output_key_hash_rcu(): an IPv4 route from a source that is no address of this host is
+      refused (ENETUNREACH) unless FLOWI_FLAG_ANYSRC, which only IP_TRANSPARENT (or IP_HDRINCL) sets:
+      IP_FREEBIND and ip_nonlocal_bind let bind() take the address, not a route use it (measured: fuzz-1-839);
     - __mkroute_output(): an IPv4 route from a loopback source leaves only through loopback (EINVAL).
     """
     src = sk.rcv_addr
@@ -39,6 +46,9 @@ def check_route_source(sk: Sock, dst: str, fn: str) -> None:
     dst4 = v4_of_v6(dst) if ":" in dst else dst
     if sk.family == AF_INET6 and src4 is not None and dst4 is None and dst != "::":
         raise fail("EAFNOSUPPORT", f"IPv6 destination {dst} from the v4-mapped source {src}", "ip6_dst_lookup_tail")
+    if src4 is not None and dst4 is not None and not sk.host.is_local4(src4) and not _multicast_or_broadcast4(src4):
+        raise fail("ENETUNREACH", f"source {src4} is not an address of {sk.host.name} (a freebind bind; no "
+                   "IP_TRANSPARENT)", "ip_route_output_key_hash_rcu")
     if src4 is not None and dst4 is not None and src4.startswith("127.") and not (
             dst4 == "0.0.0.0" or sk.host.is_local4(dst4)):  # the host's own addresses route through lo
         raise fail("EINVAL", f"loopback source {src4} towards {dst4}", "__mkroute_output")

@@ -175,3 +175,20 @@ def test_a_connect_to_its_own_address_and_port_is_a_simultaneous_open_with_itsel
     other = tcp(a)
     assert a.call("bind", {"fd": other, "addr": ("127.0.0.1", 7102)}).ok
     assert connect(a, other, ("127.0.0.1", 7103)).errno == "ECONNREFUSED"  # another closed port: still refused
+
+
+def test_a_freebind_source_that_is_not_local_has_no_route(a):
+    """Rule: ip_route_output_key_hash_rcu: a non-local source without IP_TRANSPARENT -> ENETUNREACH (TCP and UDP)."""
+    fd = tcp(a, flags=SOCK_NONBLOCK)
+    assert a.call("setsockopt", {"fd": fd, "level": 0, "optname": 15, "value": 1}).ok  # SOL_IP, IP_FREEBIND
+    assert a.call("bind", {"fd": fd, "addr": ("198.51.100.77", 25032)}).ok
+    for dst in ("0.0.0.0", "127.0.0.1", "198.51.100.2"):
+        refused = a.call("connect", {"fd": fd, "addr": (dst, 25034)})
+        assert (refused.errno, refused.kernel_fn) == ("ENETUNREACH", "ip_route_output_key_hash_rcu"), dst
+    dgram = udp(a)
+    assert a.call("setsockopt", {"fd": dgram, "level": 0, "optname": 15, "value": 1}).ok
+    assert a.call("bind", {"fd": dgram, "addr": ("198.51.100.77", 25033)}).ok
+    assert a.call("sendto", {"fd": dgram, "length": 1, "addr": ("198.51.100.2", 9)}).errno == "ENETUNREACH"
+    local = tcp(a, flags=SOCK_NONBLOCK)
+    assert a.call("bind", {"fd": local, "addr": ("198.51.100.1", 25035)}).ok
+    assert a.call("connect", {"fd": local, "addr": ("198.51.100.2", 25034)}).errno == "EINPROGRESS"
