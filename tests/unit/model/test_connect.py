@@ -56,25 +56,30 @@ def test_nonblocking_refused_reports_through_so_error(a, b):
     assert b.call("getsockopt", {"fd": fd, "level": 1, "optname": 4}).ret == 0
 
 
-def test_blocking_connect_to_full_queue_times_out(a, b, net):
-    """Model rule: a blocking connect into a full queue runs the SYN retries (1+6) and ends in ETIMEDOUT."""
+def test_blocking_connect_to_full_queue_sleeps_until_the_syn_retries_run_out(a, b, net):
+    """Rule: inet_wait_for_connect: a SYN dropped by a full accept queue leaves a blocking connect asleep;
+    the retries (1+6) run as model time passes and end in ETIMEDOUT (SO_ERROR)."""
     listener(a, 7000, backlog=0)
     connect(b, tcp(b, flags=SOCK_NONBLOCK), ("198.51.100.1", 7000))
     fd = tcp(b)
     r = connect(b, fd, ("198.51.100.1", 7000))
-    assert r.errno == "ETIMEDOUT"
+    assert r.blocked and r.kernel_fn == "__inet_stream_connect" and "accept queue full" in r.rule
+    assert b.socket(fd).sk_state == "SYN_SENT"
+    net.advance(200)
     assert a.predict_counters()["TcpExt.ListenOverflows"] >= 7
-    assert net.now >= 127
-    assert b.socket(fd).sk_state == "CLOSE" and b.socket(fd).ss_state == "SS_UNCONNECTED"
+    assert b.socket(fd).sk_state == "CLOSE"
+    assert b.call("getsockopt", {"fd": fd, "level": 1, "optname": 4}).ret == 110  # ETIMEDOUT
 
 
 def test_connect_to_nobody_is_ehostunreach(b, net):
-    """Model rule: an address nobody owns fails ARP: blocking connect -> EHOSTUNREACH."""
-    assert connect(b, tcp(b), ("198.51.100.77", 80)).errno == "EHOSTUNREACH"
+    """Model rule: an address nobody owns fails ARP after ~3 s: a blocking connect sleeps, then EHOSTUNREACH."""
+    blocking = tcp(b)
+    assert connect(b, blocking, ("198.51.100.77", 80)).blocked
     fd = tcp(b, flags=SOCK_NONBLOCK)
     assert connect(b, fd, ("198.51.100.77", 80)).errno == "EINPROGRESS"
     net.advance(5)
     assert b.call("getsockopt", {"fd": fd, "level": 1, "optname": 4}).ret == 113
+    assert b.call("getsockopt", {"fd": blocking, "level": 1, "optname": 4}).ret == 113
 
 
 def test_no_route_is_enetunreach(net):
