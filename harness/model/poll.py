@@ -80,7 +80,10 @@ def unix_poll(sk: Sock) -> int:
 
 
 def unix_dgram_poll(sk: Sock) -> int:
+    """unix_dgram_poll(): unix_writable() counts the sender's unread datagrams, then the peer's queue."""
     mask = datagram_poll(sk)
+    if (1 + sk.unix_wmem) << 2 > sk.sndbuf:  # unix_writable(): sk_wmem_alloc (which starts at 1) << 2
+        return mask & ~(POLLOUT | POLLWRNORM | POLLWRBAND)  # (measured: fuzz-1-389)
     other = sk.peer
     if other is not None and len(other.datagrams) > sk.host.sysctls.get("net.unix.max_dgram_qlen", 10):
         mask &= ~(POLLOUT | POLLWRNORM | POLLWRBAND)

@@ -65,6 +65,7 @@ class Sock:
     drops = 0  # sk_drops
     peer: "Sock | TimeWaitSock | None" = None
     rmem_alloc = 0
+    unix_wmem = 0  # sk_wmem_alloc - 1 of an AF_UNIX datagram sender: its skbs still queued at receivers
     err: "str | None" = None  # sk_err as an errno name
     shutdown = 0
     fin_received = False  # SOCK_DONE: the peer's FIN arrived
