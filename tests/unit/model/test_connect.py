@@ -1,6 +1,6 @@
 """connect(): blocking vs non-blocking outcomes, sock->state machine, refusals, timeouts, UDP connect."""
 
-from harness.model.constants import AF_INET6, AF_UNSPEC, SOCK_NONBLOCK
+from harness.model.constants import AF_INET6, AF_UNSPEC, MSG_DONTWAIT, MSG_OOB, MSG_PEEK, SOCK_NONBLOCK
 
 from model_helpers import listener, tcp, udp
 
@@ -197,3 +197,28 @@ def test_a_freebind_source_that_is_not_local_has_no_route(a):
     local = tcp(a, flags=SOCK_NONBLOCK)
     assert a.call("bind", {"fd": local, "addr": ("198.51.100.1", 25035)}).ok
     assert a.call("connect", {"fd": local, "addr": ("198.51.100.2", 25034)}).errno == "EINPROGRESS"
+
+
+def test_tcp_urgent_byte_is_read_with_msg_oob_and_stepped_over_by_normal_reads(a):
+    """Rule: tcp_recvmsg_locked/tcp_recv_urg/tcp_poll: without SO_OOBINLINE the urgent byte is no data
+    (reads stop before it and step over it, poll gives POLLPRI and no POLLIN for it alone); MSG_OOB reads it once."""
+    lfd = listener(a, 7100)
+    cfd = tcp(a)
+    assert connect(a, cfd, ("127.0.0.1", 7100)).ok
+    afd = a.call("accept", {"fd": lfd}).ret
+    assert a.call("send", {"fd": cfd, "data": b"x", "flags": MSG_OOB}).ret == 1
+    assert a.call("poll", {"fds": [[afd, 3]]}).ret == {afd: 2}  # POLLPRI only
+    assert a.call("recv", {"fd": afd, "length": 10, "flags": MSG_DONTWAIT | MSG_PEEK}).errno == "EAGAIN"
+    oob = a.call("recv", {"fd": afd, "length": 10, "flags": MSG_OOB})
+    assert (oob.ret, oob.data, oob.kernel_fn) == (1, b"x", "tcp_recv_urg")
+    assert a.call("recv", {"fd": afd, "length": 10, "flags": MSG_OOB}).errno == "EINVAL"
+    assert a.call("send", {"fd": cfd, "data": b"abcd", "flags": MSG_OOB}).ret == 4  # the old byte is dropped
+    assert a.call("recv", {"fd": afd, "length": 10, "flags": MSG_DONTWAIT}).data == b"abc"  # stops at the mark
+    assert a.call("send", {"fd": cfd, "data": b"ef"}).ok
+    assert a.call("recv", {"fd": afd, "length": 10, "flags": MSG_DONTWAIT}).data == b"ef"  # "d" stepped over
+    assert a.call("recv", {"fd": afd, "length": 10, "flags": MSG_OOB}).errno == "EINVAL"  # and lost to MSG_OOB
+    assert a.call("setsockopt", {"fd": afd, "level": 1, "optname": 10, "value": 1}).ok  # SO_OOBINLINE
+    assert a.call("send", {"fd": cfd, "data": b"ghij", "flags": MSG_OOB}).ok
+    assert a.call("recv", {"fd": afd, "length": 10, "flags": MSG_DONTWAIT}).data == b"ghi"
+    assert a.call("recv", {"fd": afd, "length": 10, "flags": MSG_OOB}).errno == "EINVAL"
+    assert a.call("recv", {"fd": afd, "length": 10, "flags": MSG_DONTWAIT}).data == b"j"  # inline data
