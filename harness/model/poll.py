@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .constants import (
-    POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, POLLRDHUP, POLLRDNORM, POLLWRBAND, POLLWRNORM,
+    POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, POLLPRI, POLLRDHUP, POLLRDNORM, POLLWRBAND, POLLWRNORM,
     TCP_CLOSE, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
 )
 from .result import Result, fail
@@ -26,8 +26,12 @@ def tcp_poll(sk: Sock) -> int:
     if sk.shutdown & RCV_SHUTDOWN:
         mask |= POLLIN | POLLRDNORM | POLLRDHUP
     if state not in (TCP_SYN_SENT, TCP_SYN_RECV):
-        if sk.rx:
+        # tcp_poll(): an urgent byte at the read point does not count as data (target + 1)
+        target = 2 if sk.urg_mark == 0 and not sk.oobinline else 1
+        if len(sk.rx) >= target:
             mask |= POLLIN | POLLRDNORM
+        if sk.urg_mark is not None and not sk.urg_read:
+            mask |= POLLPRI  # tp->urg_data & TCP_URG_VALID
         if sk.shutdown & SEND_SHUTDOWN:
             mask |= POLLOUT | POLLWRNORM
         else:
@@ -80,7 +84,10 @@ def unix_poll(sk: Sock) -> int:
 
 
 def unix_dgram_poll(sk: Sock) -> int:
+    """unix_dgram_poll(): unix_writable() counts the sender's unread datagrams, then the peer's queue."""
     mask = datagram_poll(sk)
+    if (1 + sk.unix_wmem) << 2 > sk.sndbuf:  # unix_writable(): sk_wmem_alloc (which starts at 1) << 2
+        return mask & ~(POLLOUT | POLLWRNORM | POLLWRBAND)  # (measured: fuzz-1-389)
     other = sk.peer
     if other is not None and len(other.datagrams) > sk.host.sysctls.get("net.unix.max_dgram_qlen", 10):
         mask &= ~(POLLOUT | POLLWRNORM | POLLWRBAND)

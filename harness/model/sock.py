@@ -65,6 +65,14 @@ class Sock:
     drops = 0  # sk_drops
     peer: "Sock | TimeWaitSock | None" = None
     rmem_alloc = 0
+    # TCP urgent data: urg_mark is the urgent byte's offset in rx while tp->urg_data is set (VALID, or
+    # READ once recv(MSG_OOB) took it: urg_read); urg_pending is the sender's tp->snd_up as an offset
+    # in tx_pending, for urgent data not yet delivered.
+    urg_mark: "int | None" = None
+    urg_read = False
+    urg_pending: "int | None" = None
+    oobinline = False  # SOCK_URGINLINE (SO_OOBINLINE)
+    unix_wmem = 0  # sk_wmem_alloc - 1 of an AF_UNIX datagram sender: its skbs still queued at receivers
     err: "str | None" = None  # sk_err as an errno name
     shutdown = 0
     fin_received = False  # SOCK_DONE: the peer's FIN arrived

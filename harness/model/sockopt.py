@@ -138,6 +138,9 @@ def _sk_setsockopt(op, host: "Host", creds: Creds, sk: Sock, optname: int, val: 
     if optname == SO_KEEPALIVE:
         sk.keepalive = bool(valbool)
         return Result(op, 0, None, f"SOCK_KEEPOPEN = {valbool}", fn)
+    if optname == SO_OOBINLINE:
+        sk.oobinline = bool(valbool)
+        return Result(op, 0, None, f"SOCK_URGINLINE = {int(sk.oobinline)}: urgent data stays in the stream", fn)
     if optname in _ACCEPTED_FLAGS:
         return Result(op, 0, None, "flag recorded (not modelled further)", fn)
     raise fail("ENOPROTOOPT", f"SOL_SOCKET option {optname} is not modelled", fn)

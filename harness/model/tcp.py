@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from . import zerocopy
 from .addr import ANY4, ANY6, SIN6_LEN_RFC2133, SOCKADDR_IN_LEN, SockAddr, v4_of_v6
 from .constants import (
-    AF_INET, AF_INET6, MSG_DONTWAIT, MSG_ERRQUEUE, MSG_NOSIGNAL, MSG_PEEK, MSG_ZEROCOPY, SOCK_STREAM, TCP_CLOSE,
+    AF_INET, AF_INET6, MSG_DONTWAIT, MSG_ERRQUEUE, MSG_NOSIGNAL, MSG_OOB, MSG_PEEK, MSG_ZEROCOPY, SOCK_STREAM, TCP_CLOSE,
     TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_LAST_ACK, TCP_LISTEN, TCP_SYN_RECV,
     TCP_STATE_NAMES, TCP_SYN_SENT, TCP_TIME_WAIT,
 )
@@ -26,10 +26,17 @@ ARP_FAILURE_DELAY = 3.0  # neighbour resolution gives up after 3 probes, 1 s apa
 
 # -- connection set-up ---------------------------------------------------------------------------
 
+def _multicast_or_broadcast4(addr: str) -> bool:
+    return addr == "255.255.255.255" or 224 <= int(addr.split(".", 1)[0]) <= 239
+
+
 def check_route_source(sk: Sock, dst: str, fn: str) -> None:
     """Source-address rules of the route lookup a connect or send makes from a bound socket.
 
     - ip6_dst_lookup_tail(): an IPv6 route from a v4-mapped source is refused (EAFNOSUPPORT);
+    - ip_route_output_key_hash_rcu(): an IPv4 route from a source that is no address of this host is
+      refused (ENETUNREACH) unless FLOWI_FLAG_ANYSRC, which only IP_TRANSPARENT (or IP_HDRINCL) sets:
+      IP_FREEBIND and ip_nonlocal_bind let bind() take the address, not a route use it (measured: fuzz-1-839);
     - __mkroute_output(): an IPv4 route from a loopback source leaves only through loopback (EINVAL).
     """
     src = sk.rcv_addr
@@ -39,6 +46,9 @@ def check_route_source(sk: Sock, dst: str, fn: str) -> None:
     dst4 = v4_of_v6(dst) if ":" in dst else dst
     if sk.family == AF_INET6 and src4 is not None and dst4 is None and dst != "::":
         raise fail("EAFNOSUPPORT", f"IPv6 destination {dst} from the v4-mapped source {src}", "ip6_dst_lookup_tail")
+    if src4 is not None and dst4 is not None and not sk.host.is_local4(src4) and not _multicast_or_broadcast4(src4):
+        raise fail("ENETUNREACH", f"source {src4} is not an address of {sk.host.name} (a freebind bind; no "
+                   "IP_TRANSPARENT)", "ip_route_output_key_hash_rcu")
     if src4 is not None and dst4 is not None and src4.startswith("127.") and not (
             dst4 == "0.0.0.0" or sk.host.is_local4(dst4)):  # the host's own addresses route through lo
         raise fail("EINVAL", f"loopback source {src4} towards {dst4}", "__mkroute_output")
@@ -230,6 +240,7 @@ def _establish(client: Sock, listener: Sock) -> None:
                  listener.uid)
     # sk_clone_lock() copies the listener's options and buffer settings
     child.reuse, child.reuseport, child.freebind = listener.reuse, listener.reuseport, listener.freebind
+    child.oobinline = listener.oobinline  # sk_clone_lock() copies sk_flags (SOCK_URGINLINE)
     child.v6only, child.zerocopy = listener.v6only, listener.zerocopy
     child.ll_usec, child.prefer_busy_poll = listener.ll_usec, listener.prefer_busy_poll
     child.sndbuf, child.rcvbuf = listener.sndbuf, listener.rcvbuf
@@ -468,6 +479,7 @@ def disconnect(host: "Host", sk: Sock) -> None:
     sk.peer = None
     sk.peer_addr, sk.peer_port = None, 0
     sk.rx.clear()
+    sk.urg_mark, sk.urg_pending = None, None
     sk.tx_pending.clear()
     sk.shutdown = 0
     sk.fin_received = False
@@ -546,6 +558,12 @@ def _flush(sender: Sock) -> None:
     chunk = sender.tx_pending[:room]
     del sender.tx_pending[:room]
     peer.rx += chunk
+    if sender.urg_pending is not None:
+        if sender.urg_pending < len(chunk):
+            _mark_urgent(peer, len(peer.rx) - len(chunk) + sender.urg_pending)
+            sender.urg_pending = None
+        else:
+            sender.urg_pending -= len(chunk)
     if not sender.tx_pending:
         zerocopy.complete_acked(sender)
         if sender.sk_state in (TCP_FIN_WAIT1, TCP_LAST_ACK):
@@ -600,6 +618,8 @@ def _send_checked(op, host, sk: Sock, payload: bytes, flags: int, nonblock: bool
     if (uarg is None and not sk.tx_pending and type(peer) is Sock and not peer.orphan
             and not peer.shutdown & RCV_SHUTDOWN and receive_window(peer) - len(peer.rx) >= size):
         peer.rx += payload  # common case: the whole write fits the peer's window and is acked at once
+        if flags & MSG_OOB:
+            _mark_urgent(peer, len(peer.rx) - 1)
         if flags & MSG_ZEROCOPY:
             return Result(op, size, None, f"sent {size} bytes; {_ZC_IGNORED}", "tcp_sendmsg_locked")
         return Result(op, size, None, f"sent {size} bytes", "tcp_sendmsg_locked")
@@ -619,6 +639,8 @@ def _send_checked(op, host, sk: Sock, payload: bytes, flags: int, nonblock: bool
         return Result(op, None, None, f"queued {taken} of {size} bytes, then sleeps for buffer space",
                       "sk_stream_wait_memory", blocked=True, approx=True)
     sk.tx_pending += payload[:taken]
+    if flags & MSG_OOB:
+        sk.urg_pending = len(sk.tx_pending) - 1  # tcp_mark_urg(): snd_up = write_seq, after the last byte
     _flush(sk)
     _attach(host, sk, uarg, extended)
     zc = ""
@@ -659,6 +681,56 @@ def _epipe(flags: int, why: str, fn: str):
     return fail("EPIPE", why, fn, signal=signal)
 
 
+def _mark_urgent(peer: Sock, offset: int) -> None:
+    """tcp_check_urg() and tcp_urg(): the byte at ``offset`` of rx is urgent; a newer pointer replaces the old.
+
+    An old urgent byte that the reader stands at (and would step over) is dropped first, as
+    tcp_check_urg() advances copied_seq past it; further back it simply becomes data.
+    """
+    if peer.urg_mark == 0 and not peer.oobinline and offset > 0:
+        del peer.rx[0]
+        offset -= 1
+    peer.urg_mark, peer.urg_read = offset, False
+
+
+def _readable_span(sk: Sock) -> tuple[int, int]:
+    """(start, end) in rx of what one read copies: tcp_recvmsg_locked() stops before the urgent mark and,
+    without SO_OOBINLINE, steps over the urgent byte itself when it stands at it."""
+    mark = sk.urg_mark
+    if mark is None:
+        return 0, len(sk.rx)
+    if mark > 0:
+        return 0, mark
+    return (0 if sk.oobinline else 1), len(sk.rx)
+
+
+def _consume(sk: Sock, count: int) -> None:
+    """Bytes read off rx; once copied_seq passes urg_seq, tp->urg_data is cleared."""
+    del sk.rx[:count]
+    if sk.urg_mark is not None:
+        if sk.urg_mark < count:
+            sk.urg_mark, sk.urg_read = None, False
+        else:
+            sk.urg_mark -= count
+    if isinstance(sk.peer, Sock):
+        _flush(sk.peer)
+
+
+def _recv_urgent(op: str, sk: Sock, length: int, flags: int) -> Result:
+    """tcp_recv_urg(): EINVAL without an unread urgent byte (or with SO_OOBINLINE), else that one byte."""
+    if sk.oobinline or sk.urg_mark is None or sk.urg_read:
+        why = "SO_OOBINLINE set" if sk.oobinline else "urgent byte already read" if sk.urg_read else "no urgent data"
+        raise fail("EINVAL", f"recv(MSG_OOB): {why}", "tcp_recv_urg")
+    if sk.sk_state == TCP_CLOSE and not sk.fin_received:
+        raise fail("ENOTCONN", "recv(MSG_OOB) on a closed socket", "tcp_recv_urg")
+    byte = bytes(sk.rx[sk.urg_mark:sk.urg_mark + 1])
+    if not flags & MSG_PEEK:
+        sk.urg_read = True  # TCP_URG_READ: the byte stays in the queue, skipped by normal reads
+    count = 1 if length > 0 else 0
+    return Result(op, count, None, "the urgent byte (tp->urg_data); it stays in the queue", "tcp_recv_urg",
+                  data=byte[:count])
+
+
 def recvmsg(op: str, host: "Host", f: OpenFile, length: int, flags: int) -> Result:
     """tcp_recvmsg_locked(): data first, then FIN (0), sk_err, RCV_SHUTDOWN, CLOSE (ENOTCONN), EAGAIN."""
     sk = f.sock
@@ -670,15 +742,19 @@ def recvmsg(op: str, host: "Host", f: OpenFile, length: int, flags: int) -> Resu
                       "ip_recv_error", approx=uncertain)
     if sk.sk_state == TCP_LISTEN:
         raise fail("ENOTCONN", "recv on a listening socket", "tcp_recvmsg_locked")
-    if sk.rx:
-        count = min(length, len(sk.rx))
-        data = bytes(sk.rx[:count])
+    if flags & MSG_OOB:
+        return _recv_urgent(op, sk, length, flags)
+    start, end = _readable_span(sk)
+    if end > start:
+        count = min(length, end - start)
+        data = bytes(sk.rx[start:start + count])
         if not flags & MSG_PEEK:
-            del sk.rx[:count]
-            if isinstance(sk.peer, Sock):
-                _flush(sk.peer)
-        return Result(op, count, None, f"read {count} byte(s), {len(sk.rx)} left queued", "tcp_recvmsg_locked",
+            _consume(sk, start + count)
+        note = "; the urgent byte before them stepped over" if start else ""
+        return Result(op, count, None, f"read {count} byte(s), {len(sk.rx)} left queued{note}", "tcp_recvmsg_locked",
                       data=data)
+    if start and not flags & MSG_PEEK:
+        _consume(sk, start)  # only the urgent byte was queued: stepped over (and lost to MSG_OOB), nothing copied
     if sk.fin_received:
         return Result(op, 0, None, "peer sent FIN: end of stream", "tcp_recvmsg_locked")
     error = sk.take_error()

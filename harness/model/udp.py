@@ -100,6 +100,74 @@ def connect(op: str, host: "Host", sk: Sock, sa: SockAddr) -> Result:
     return Result(op, 0, None, f"default destination {dst}:{sa.port}; sock->state stays SS_UNCONNECTED", fn)
 
 
+def _v4_destination(sk: Sock, dest: SockAddr | None, flags: int) -> tuple[str, int]:
+    """udp_sendmsg(): MSG_OOB first, then the name (or the connected peer)."""
+    if flags & MSG_OOB:
+        raise fail("EOPNOTSUPP", "MSG_OOB on UDP", "udp_sendmsg")
+    if dest is not None:
+        _check_dest(sk, dest, "udp_sendmsg")
+        if dest.port == 0:
+            raise fail("EINVAL", "destination port 0", "udp_sendmsg")
+        return dest.host, dest.port
+    if sk.sk_state != TCP_ESTABLISHED:
+        raise fail("EDESTADDRREQ", "no destination and not connected", "udp_sendmsg")
+    return sk.peer_addr, sk.peer_port
+
+
+def _v6_destination(sk: Sock, dest: SockAddr | None, flags: int) -> tuple[str, int]:
+    """udpv6_sendmsg()'s destination checks in its order; a v4-mapped one goes on to udp_sendmsg()'s.
+
+    The native IPv6 path has no MSG_OOB test at all (measured: fuzz-1-62); only udp_sendmsg(),
+    reached for an AF_INET name or a v4-mapped destination, refuses it, and before it reads the
+    port (fuzz-1-295). The IPv6-only test comes before either (fuzz-1-750). An AF_UNSPEC name
+    clears the name but skips the v4-mapped test: a v4-mapped peer is then routed as IPv6, where
+    ip6_dst_lookup_tail() finds no route (fuzz-1-752).
+    """
+    fn = "udpv6_sendmsg"
+    if dest is not None and dest.addrlen < 2:
+        raise fail("EINVAL", f"addrlen {dest.addrlen} shorter than sa_family", fn)
+    if dest is not None and dest.family == AF_INET:
+        # do_udp_sendmsg: the caller's sockaddr_in goes to udp_sendmsg() as it is
+        if sk.v6only:
+            raise fail("ENETUNREACH", "IPv4 destination on an IPV6_V6ONLY socket", fn)
+        if flags & MSG_OOB:
+            raise fail("EOPNOTSUPP", "MSG_OOB on UDP (udp_sendmsg, for the IPv4 name)", "udp_sendmsg")
+        if dest.addrlen < SOCKADDR_IN_LEN:
+            raise fail("EINVAL", f"addrlen {dest.addrlen} < sizeof(struct sockaddr_in)", "udp_sendmsg")
+        if dest.port == 0:
+            raise fail("EINVAL", "destination port 0", "udp_sendmsg")
+        return _mapped(dest).host, dest.port
+    check_mapped = True
+    if dest is not None and dest.family == AF_UNSPEC:
+        dest, check_mapped = None, False  # msg_name = NULL, daddr = NULL: the v4-mapped test is skipped
+    elif dest is not None and dest.family != AF_INET6:
+        raise fail("EINVAL", f"sockaddr family {dest.family}", fn)  # switch (sin6_family) default
+    if dest is not None:
+        if dest.addrlen < SIN6_LEN_RFC2133:
+            raise fail("EINVAL", f"addrlen {dest.addrlen} < SIN6_LEN_RFC2133", fn)
+        dst, dport = dest.host, dest.port
+        if dst == ANY6 and sk.rcv_addr is not None and v4_of_v6(sk.rcv_addr) is not None:
+            dst = "::ffff:127.0.0.1"  # "::" from a v4-mapped np->saddr is the v4-mapped loopback (fuzz-1-25)
+    elif sk.sk_state != TCP_ESTABLISHED:
+        raise fail("EDESTADDRREQ", "no destination and not connected", fn)
+    else:
+        dst, dport = sk.peer_addr, sk.peer_port
+    if v4_of_v6(dst) is not None:
+        if not check_mapped:
+            raise fail("ENETUNREACH", f"no IPv6 route to the v4-mapped {dst} (AF_UNSPEC name: not handed to "
+                       "udp_sendmsg)", "ip6_dst_lookup_tail")
+        if sk.v6only:
+            raise fail("ENETUNREACH", "v4-mapped destination on an IPV6_V6ONLY socket", fn)
+        if flags & MSG_OOB:
+            raise fail("EOPNOTSUPP", "MSG_OOB on UDP (udp_sendmsg, for the v4-mapped destination)", "udp_sendmsg")
+        if dport == 0:
+            raise fail("EINVAL", "port 0 of a v4-mapped destination", "udp_sendmsg")
+        return dst, dport
+    if dest is not None and dport == 0:
+        raise fail("EINVAL", "destination port 0", fn)
+    return dst, dport
+
+
 def lookup(host: "Host", dst: str, dport: int, src: str, sport: int, v4_path: bool) -> Sock | None:
     """udp4_lib_lookup2() compute_score(): bound address and connected peer must match; best score wins."""
     best, best_score = None, -1
@@ -149,44 +217,18 @@ def sendmsg(op: str, host: "Host", creds, f: OpenFile, payload: bytes, flags: in
     limit = UDP_MAX_PAYLOAD6 if v6 else UDP_MAX_PAYLOAD4
     if size > limit:
         raise fail("EMSGSIZE", f"{size} bytes exceed the largest datagram ({limit})", "ip_append_data")
-    if flags & MSG_OOB and not v6:
-        raise fail("EOPNOTSUPP", "MSG_OOB on UDP", "udp_sendmsg")
     fn = "udpv6_sendmsg" if v6 else "udp_sendmsg"
-    if dest is not None and v6 and dest.family == AF_UNSPEC and dest.addrlen >= 2:
-        dest = None  # udpv6_sendmsg(): an AF_UNSPEC name counts as no name at all
-    if dest is not None and v6 and dest.family not in (AF_INET, AF_INET6) and dest.addrlen >= 2:
-        raise fail("EINVAL", f"sockaddr family {dest.family}", fn)  # udpv6_sendmsg(): default: -EINVAL
-    if dest is not None and v6 and dest.family == AF_INET:
-        if sk.v6only:
-            raise fail("ENETUNREACH", "IPv4 destination on an IPV6_V6ONLY socket", fn)
-        dest = _mapped(dest)  # do_udp_sendmsg: the IPv4 path
-    if dest is not None:
-        _check_dest(sk, dest, fn)
-        if dest.port == 0:
-            raise fail("EINVAL", "destination port 0", fn)
-        dst, dport = dest.host, dest.port
+    if v6:
+        dst, dport = _v6_destination(sk, dest, flags)
     else:
-        if sk.sk_state != TCP_ESTABLISHED:
-            raise fail("EDESTADDRREQ", "no destination and not connected", fn)
-        dst, dport = sk.peer_addr, sk.peer_port
-        if v6 and dport == 0 and v4_of_v6(dst) is not None:
-            # udpv6_sendmsg() hands a v4-mapped peer to udp_sendmsg() as an explicit sockaddr_in,
-            # whose port 0 it refuses; a native peer on port 0 is sent to as it is. udp_sendmsg()
-            # refuses MSG_OOB before it looks at the name (measured: fuzz-1-295).
-            if flags & MSG_OOB:
-                raise fail("EOPNOTSUPP", "MSG_OOB on UDP (udp_sendmsg, for the v4-mapped peer)", "udp_sendmsg")
-            raise fail("EINVAL", "connected to port 0 of a v4-mapped address", "udp_sendmsg")
-    if v6 and flags & MSG_OOB:
-        raise fail("EOPNOTSUPP", "MSG_OOB on UDP (udpv6_sendmsg checks the destination first)", "udp_sendmsg")
-    if v6 and sk.v6only and v4_of_v6(dst) is not None:
-        raise fail("ENETUNREACH", "v4-mapped destination on an IPV6_V6ONLY socket", fn)
-    if v6 and sk.err and dst == ANY6:
-        # Seen on 6.1 (tests/corpus/fuzz-1-25.yaml): toward :: a pending ICMP error is reported before
-        # the route lookup refuses a v4-mapped source; toward ::1 the refusal comes first
-        # (fuzz-1-322, fuzz-1-229). Why the two differ is not traced yet.
-        raise fail(sk.take_error(), "pending socket error reported (ICMP)", "sock_error")
-    _check_mapped_source(sk, dst)
-    route = host.net.route(host, dst, ":" in dst, _v4_source(sk))
+        dst, dport = _v4_destination(sk, dest, flags)
+    if v4_of_v6(dst) is None and ":" in dst:
+        # ip6_dst_lookup_tail(): the route lookup (ENETUNREACH), then the v4-mapped source test (EAFNOSUPPORT)
+        route = host.net.route(host, dst, True, _v4_source(sk))
+        _check_mapped_source(sk, dst)
+    else:
+        _check_mapped_source(sk, dst)
+        route = host.net.route(host, dst, ":" in dst, _v4_source(sk))
     if dst == "255.255.255.255" and not sk.broadcast:
         raise fail("EACCES", "broadcast destination without SO_BROADCAST", fn)
     try:

@@ -10,12 +10,16 @@ from .constants import (
     AF_UNIX, MSG_DONTWAIT, MSG_NOSIGNAL, MSG_OOB, MSG_PEEK, MSG_TRUNC, SOCK_CLOEXEC, SOCK_DGRAM, SOCK_NONBLOCK, SOCK_SEQPACKET,
     SOCK_STREAM, SS_CONNECTED, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN,
 )
+from .kmem import SKB_SHINFO_ALIGNED, alloc_skb_truesize
 from .result import Result, fail
 from .sock import RCV_SHUTDOWN, SEND_SHUTDOWN, SHUTDOWN_MASK, OpenFile, Sock
 
 if TYPE_CHECKING:
     from .host import Host, Process
 
+PAGE_SIZE = 4096
+MAX_SKB_FRAGS = 17
+SKB_MAX_ALLOC = 4 * PAGE_SIZE - SKB_SHINFO_ALIGNED  # SKB_MAX_ORDER(0, 2): 16064
 LEFTOVER_FILE = "socket file"  # a path whose socket was closed: the inode stays until unlink()
 
 
@@ -247,7 +251,12 @@ def unix_dgram_connect(op, host, creds, f: OpenFile, sa: SockAddr) -> Result:
         sk.peer = None
         return Result(op, 0, None, "AF_UNSPEC: peer removed", "unix_dgram_connect")
     name = _validate(sa, "unix_dgram_connect")
-    sk.peer = _find_other(host, sk, name, "unix_dgram_connect")
+    other = _find_other(host, sk, name, "unix_dgram_connect")
+    if other.peer is not None and other.peer is not sk:
+        # unix_dgram_connect() asks unix_may_send() too, not only sendmsg: a receiver connected to
+        # another socket refuses the connect itself (measured: fuzz-1-873).
+        raise fail("EPERM", "the receiver is connected to another socket", "unix_may_send")
+    sk.peer = other
     return Result(op, 0, None, f"default destination {name}", "unix_dgram_connect")
 
 
@@ -265,6 +274,13 @@ def unix_dgram_sendmsg(op, host, creds, f: OpenFile, payload: bytes, flags: int,
     if sk.shutdown & SEND_SHUTDOWN:
         # sock_alloc_send_pskb() comes before the receiver is looked up (no SIGPIPE for datagrams).
         raise fail("EPIPE", "send side shut down", "sock_alloc_send_pskb")
+    if sk.unix_wmem >= sk.sndbuf:
+        # sock_alloc_send_pskb(): the skbs this socket sent stay charged to it until they are read
+        if f.nonblock or flags & MSG_DONTWAIT:
+            raise fail("EAGAIN", f"sk_wmem_alloc {sk.unix_wmem} >= sk_sndbuf {sk.sndbuf} (datagrams not yet read)",
+                       "sock_alloc_send_pskb")
+        return Result(op, None, None, "send buffer full of unread datagrams: sleeps", "sock_alloc_send_pskb",
+                      blocked=True)
     if name is not None:
         other = _find_other(host, sk, name, "unix_dgram_sendmsg")
     else:
@@ -283,16 +299,28 @@ def unix_dgram_sendmsg(op, host, creds, f: OpenFile, payload: bytes, flags: int,
         return Result(op, None, None, "receiver queue full: sleeps", "unix_wait_for_peer", blocked=True)
     if not other.datagrams:
         other.datagrams = deque()
-    other.datagrams.append((payload, sk.unix_path or "", len(payload)))
+    truesize = _dgram_truesize(len(payload))
+    sk.unix_wmem += truesize  # skb_set_owner_w(): charged to the sender, freed by sock_wfree() when read
+    other.datagrams.append((payload, sk.unix_path or "", truesize, sk))
     return Result(op, len(payload), None, f"datagram queued on {other.unix_path or 'peer'}", "unix_dgram_sendmsg")
+
+
+def _dgram_truesize(length: int) -> int:
+    """skb->truesize of unix_dgram_sendmsg()'s skb: linear up to SKB_MAX_ALLOC, the rest in pages."""
+    paged = 0
+    if length > SKB_MAX_ALLOC:
+        paged = min(length - SKB_MAX_ALLOC, MAX_SKB_FRAGS * PAGE_SIZE)
+        paged = (paged + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    return alloc_skb_truesize(length - paged) + paged
 
 
 def unix_dgram_recvmsg(op, host, f: OpenFile, length: int, flags: int) -> Result:
     sk = f.sock
     if sk.datagrams:
-        payload, source, _ = sk.datagrams[0]
+        payload, source, truesize, sender = sk.datagrams[0]
         if not flags & MSG_PEEK:
             sk.datagrams.popleft()
+            sender.unix_wmem -= truesize
         # __unix_dgram_recvmsg(): with MSG_TRUNC the datagram's whole length, as UDP (measured: fuzz-1-62)
         ret = len(payload) if flags & MSG_TRUNC else min(length, len(payload))
         return Result(op, ret, None, f"datagram from {source!r}", "unix_dgram_recvmsg", data=payload[:length])
@@ -319,6 +347,10 @@ def unix_release(host: "Host", sk: Sock) -> str:
                 client.err = "ECONNRESET"
         notes.append(f"{len(sk.accept_queue)} pending connection(s) reset")
         sk.accept_queue = ()
+    for _, _, truesize, sender in sk.datagrams if sk.type == SOCK_DGRAM else ():
+        sender.unix_wmem -= truesize  # skb_queue_purge(): each skb's sock_wfree() uncharges its sender
+    if sk.type == SOCK_DGRAM:
+        sk.datagrams = ()
     other = sk.peer
     if other is not None and sk.type != SOCK_DGRAM:
         other.shutdown = SHUTDOWN_MASK

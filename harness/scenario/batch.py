@@ -64,6 +64,9 @@ def wanted(step: Step, model: Outcome) -> dict[str, Any]:
         # Keys are $names, or the number for raw fds and for names never set on the model side (-1).
         return {"revents": [model.ret.get(f, model.ret.get("-1")) if isinstance(f, str) else model.ret.get(str(f))
                             for f in step.args.get("fds", [])]}
+    if step.until and isinstance(model.ret, dict) and "stopped" in model.ret:
+        # A loop is waited out only while it stops at its first call with a "not yet" errno (calls 0).
+        return {"stopped": model.ret["stopped"]}
     if step.call == "epoll_wait" and model.errno is None and isinstance(model.ret, dict):
         # Only "nothing ready yet" is waited out: asking again then consumes no edge or one-shot event.
         return {"errno": None, "ready": len(model.ret)}

@@ -14,7 +14,7 @@ from ..errors import LabError, SocklabError, SSHError
 from ..stats import collect_many
 from harness.guest.trace import KernelTrace, TraceError
 from .compare import Outcome
-from .format import Scenario
+from .format import Scenario, Step
 
 # (Re)connecting SSH during a run: a guest whose sshd is gone is reported, not waited for.
 SSH_TIMEOUT = 10.0
@@ -134,6 +134,17 @@ class LabBackend:
         return [Outcome(ret=reply.ret, errno=reply.errno, blocked=reply.blocked,
                         extra={**reply.extra, **({"error": reply.error} if reply.error else {})})
                 for reply in replies]
+
+    def call_settled(self, step: Step, args: dict[str, Any], model: Outcome) -> Outcome:
+        """A ``compare: eventually`` step, asked again in the guest while the kernel's answer is a "not yet"
+        one that differs from the model's (the batch runner's settling, for step-by-step runs)."""
+        from .batch import DEFAULT_SETTLE_MS, wanted
+
+        entry: dict[str, Any] = {"op": step.call, "args": args, "await": wanted(step, model),
+                                 "settle_ms": DEFAULT_SETTLE_MS}
+        if step.until:
+            entry["until"], entry["max"] = step.until, step.max_repeats
+        return self.run_segment(step.host, step.user, [entry])[0]
 
     def call_until(self, host: str, user: str, op: str, args: dict[str, Any], until: str, limit: int) -> Outcome:
         """A step repeated until an errno, looped in the guest: one round trip, not one per call."""

@@ -375,6 +375,11 @@ def run(scenario: Scenario, kernel: Backend | None, model: ModelBackend | None,
 
                         record.citation = check_citation(record.trace, record.model.kernel_fn,
                                                          same_outcome=_same_outcome(record.kernel, record.model))
+                elif step.compare == "eventually" and model is not None and hasattr(kernel, "call_settled"):
+                    # The model first: the agent asks the kernel again while its answer is a "not yet"
+                    # one that differs from the model's (docs/scenarios.md), as batched runs do.
+                    record.model = _call(model, step, model_names)
+                    record.kernel = _call(cast(Backend, kernel), step, kernel_names, awaited=record.model)
                 else:
                     if kernel is not None:
                         record.kernel = _call(kernel, step, kernel_names)
@@ -411,10 +416,12 @@ def _same_outcome(kernel: Outcome, model: Outcome) -> bool:
     return kernel.errno == model.errno and kernel.blocked == model.blocked
 
 
-def _call(backend: Backend, step: Step, names: SocketNames, trace: Any = None, cited: str = "") -> Outcome:
+def _call(backend: Backend, step: Step, names: SocketNames, trace: Any = None, cited: str = "",
+          awaited: Outcome | None = None) -> Outcome:
     """One call on one side; ``names`` holds that side's named results per process.
 
-    With ``trace`` (TraceOptions) the kernel side also records the call's kernel graph.
+    With ``trace`` (TraceOptions) the kernel side also records the call's kernel graph; with
+    ``awaited`` (the model's outcome of a ``compare: eventually`` step) it is settled toward it.
     """
     # Descriptor numbers belong to one process: only this host's and this user's names apply.
     mine = names.of(step.host, step.user)
@@ -424,6 +431,8 @@ def _call(backend: Backend, step: Step, names: SocketNames, trace: Any = None, c
         return Outcome(ret=None, errno=UNSET, rule=f"{exc.args[0]} was never set on this side: the step did not run")
     if trace is not None:
         outcome = cast(TracingBackend, backend).call_traced(step.host, step.user, step.call, args, trace, [cited] if cited else [])
+    elif awaited is not None:
+        outcome = cast(Any, backend).call_settled(step, args, awaited)
     elif step.until:
         outcome = call_until(backend, step, args)
     else:

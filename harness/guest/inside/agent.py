@@ -1139,7 +1139,8 @@ class Batch:
       program that ignored an error) and otherwise makes the step answer ``errno: "UNSET"``.
     - ``until: "EAGAIN"`` repeats the call until that errno, any other errno, or ``max`` calls;
       the step answers ``{"calls", "total", "stopped"}``.
-    - ``await`` is the answer the reference model gave. While the kernel's answer is a transient
+    - ``await`` is the answer the reference model gave (for an until-loop, ``{"stopped": errno}``: a loop
+      whose first call got a transient answer the model's did not is run again, as a single call is). While the kernel's answer is a transient
       one (EAGAIN from accept/recv/send, EINVAL from bind, EALREADY from connect, ENOTCONN from getpeername, any poll
       result; epoll_wait's "nothing ready") and differs from it, the call is asked again every millisecond for up to
       ``settle_ms``: a handshake or a datagram still on the wire is waited for, not reported as a
@@ -1180,7 +1181,11 @@ class Batch:
                     "extra": {"unset": str(exc.args[0])}}
         until = item.get("until")
         if until is not None:
-            response = self.repeat(op, handler, args, until, item.get("max", MAX_REPEATS))
+            limit = item.get("max", MAX_REPEATS)
+            response = self.repeat(op, handler, args, until, limit)
+            if "await" in item and response.get("error") is None:
+                response = self.settle_loop(op, handler, args, until, limit, response, item["await"],
+                                            item.get("settle_ms", 200))
         else:
             response = self.once(op, handler, args)
             if "await" in item and response.get("error") is None:
@@ -1263,6 +1268,35 @@ class Batch:
         if retries:
             response["extra"] = {**(response.get("extra") or {}), "settled": retries}
         return response
+
+    def settle_loop(self, op: str, handler: Callable[[dict], Outcome], args: dict, until: Any, limit: Any,
+                    response: dict, wanted: Any, settle_ms: Any) -> dict:
+        """An until-loop asked again while its very first call gave a "not yet" answer the model's loop did not.
+
+        Such a loop made no successful call (``calls`` 0), so it sent nothing and changed nothing:
+        running it again is as safe as asking a single call again. A loop that made any call is
+        never rerun (each call may have queued data).
+        """
+        if isinstance(settle_ms, bool) or not isinstance(settle_ms, int) or not 0 <= settle_ms <= MAX_SETTLE_MS:
+            return self.error(op, f"settle_ms must be 0..{MAX_SETTLE_MS}")
+        deadline = time.monotonic() + settle_ms / 1000
+        retries = 0
+        while self.transient_loop(op, response, wanted) and time.monotonic() < deadline:
+            time.sleep(0.001)
+            response = self.repeat(op, handler, args, until, limit)
+            retries += 1
+        if retries:
+            response["extra"] = {**(response.get("extra") or {}), "settled": retries}
+        return response
+
+    @staticmethod
+    def transient_loop(op: str, response: dict, wanted: Any) -> bool:
+        """Whether a loop stopped at its first call by a "not yet" errno other than the model's stop."""
+        loop = response.get("ret")
+        if not isinstance(wanted, dict) or not isinstance(loop, dict) or loop.get("calls") != 0:
+            return False
+        stopped = loop.get("stopped")
+        return stopped in TRANSIENT.get(op, ()) and stopped != wanted.get("stopped")
 
     @staticmethod
     def transient(op: str, args: dict, response: dict, wanted: Any) -> bool:

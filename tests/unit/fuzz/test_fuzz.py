@@ -275,3 +275,33 @@ def test_the_live_kernel_starts_agents_up_front_and_resets_a_host_whose_sysctls_
     kernel.begin(Program(1, 1, ("server", "client"), {}, []))  # runs nothing as root on the server
     assert batches[-1] == (("server", "root"), ["reset"])
     assert kernel.round_trips == 3 and kernel.steps == 1
+
+
+def test_an_until_loop_is_settled_only_while_its_first_call_says_not_yet():
+    """compare: eventually on a loop: rerun while it stopped at call 0 by a transient errno the model's did not."""
+    from harness.scenario import batch
+    from harness.scenario.format import from_body
+
+    scenario = from_body("t", ("server",), {"steps": [
+        {"on": "server", "call": "socket", "args": {"family": "AF_INET", "type": "SOCK_STREAM"}, "as": "s"},
+        {"on": "server", "call": "send", "args": {"fd": "$s", "length": 1}, "until": "EAGAIN", "max": 5,
+         "compare": "eventually"},
+    ]})
+    loop = scenario.steps[1]
+    wanted = batch.wanted(loop, Outcome(ret={"calls": 0, "total": 0, "stopped": "ECONNREFUSED"}))
+    assert wanted == {"stopped": "ECONNREFUSED"}
+    not_yet = {"ret": {"calls": 0, "total": 0, "stopped": "EAGAIN"}}
+    assert guest.Batch.transient_loop("send", not_yet, wanted)
+    assert not guest.Batch.transient_loop("send", {"ret": {"calls": 2, "total": 2, "stopped": "EAGAIN"}}, wanted)
+    assert not guest.Batch.transient_loop("send", not_yet, {"stopped": "EAGAIN"})
+    assert not guest.Batch.transient_loop("send", {"ret": {"calls": 0, "total": 0, "stopped": "EPIPE"}}, wanted)
+
+    class Session:
+        t_ns = dt_ns = 0
+
+    answers = iter([guest.Outcome(None, errno_mod.EAGAIN), guest.Outcome(None, errno_mod.EAGAIN),
+                    guest.Outcome(None, errno_mod.ECONNREFUSED)])
+    runner = guest.Batch(Session())
+    response = runner.settle_loop("send", lambda args: next(answers), {}, "EAGAIN", 5,
+                                  runner.repeat("send", lambda args: next(answers), {}, "EAGAIN", 5), wanted, 1000)
+    assert response["ret"]["stopped"] == "ECONNREFUSED" and response["extra"]["settled"] == 2

@@ -1,6 +1,6 @@
 """connect(): blocking vs non-blocking outcomes, sock->state machine, refusals, timeouts, UDP connect."""
 
-from harness.model.constants import AF_INET6, AF_UNSPEC, SOCK_NONBLOCK
+from harness.model.constants import AF_INET6, AF_UNSPEC, MSG_DONTWAIT, MSG_OOB, MSG_PEEK, SOCK_NONBLOCK
 
 from model_helpers import listener, tcp, udp
 
@@ -56,25 +56,30 @@ def test_nonblocking_refused_reports_through_so_error(a, b):
     assert b.call("getsockopt", {"fd": fd, "level": 1, "optname": 4}).ret == 0
 
 
-def test_blocking_connect_to_full_queue_times_out(a, b, net):
-    """Model rule: a blocking connect into a full queue runs the SYN retries (1+6) and ends in ETIMEDOUT."""
+def test_blocking_connect_to_full_queue_sleeps_until_the_syn_retries_run_out(a, b, net):
+    """Rule: inet_wait_for_connect: a SYN dropped by a full accept queue leaves a blocking connect asleep;
+    the retries (1+6) run as model time passes and end in ETIMEDOUT (SO_ERROR)."""
     listener(a, 7000, backlog=0)
     connect(b, tcp(b, flags=SOCK_NONBLOCK), ("198.51.100.1", 7000))
     fd = tcp(b)
     r = connect(b, fd, ("198.51.100.1", 7000))
-    assert r.errno == "ETIMEDOUT"
+    assert r.blocked and r.kernel_fn == "__inet_stream_connect" and "accept queue full" in r.rule
+    assert b.socket(fd).sk_state == "SYN_SENT"
+    net.advance(200)
     assert a.predict_counters()["TcpExt.ListenOverflows"] >= 7
-    assert net.now >= 127
-    assert b.socket(fd).sk_state == "CLOSE" and b.socket(fd).ss_state == "SS_UNCONNECTED"
+    assert b.socket(fd).sk_state == "CLOSE"
+    assert b.call("getsockopt", {"fd": fd, "level": 1, "optname": 4}).ret == 110  # ETIMEDOUT
 
 
 def test_connect_to_nobody_is_ehostunreach(b, net):
-    """Model rule: an address nobody owns fails ARP: blocking connect -> EHOSTUNREACH."""
-    assert connect(b, tcp(b), ("198.51.100.77", 80)).errno == "EHOSTUNREACH"
+    """Model rule: an address nobody owns fails ARP after ~3 s: a blocking connect sleeps, then EHOSTUNREACH."""
+    blocking = tcp(b)
+    assert connect(b, blocking, ("198.51.100.77", 80)).blocked
     fd = tcp(b, flags=SOCK_NONBLOCK)
     assert connect(b, fd, ("198.51.100.77", 80)).errno == "EINPROGRESS"
     net.advance(5)
     assert b.call("getsockopt", {"fd": fd, "level": 1, "optname": 4}).ret == 113
+    assert b.call("getsockopt", {"fd": blocking, "level": 1, "optname": 4}).ret == 113
 
 
 def test_no_route_is_enetunreach(net):
@@ -175,3 +180,45 @@ def test_a_connect_to_its_own_address_and_port_is_a_simultaneous_open_with_itsel
     other = tcp(a)
     assert a.call("bind", {"fd": other, "addr": ("127.0.0.1", 7102)}).ok
     assert connect(a, other, ("127.0.0.1", 7103)).errno == "ECONNREFUSED"  # another closed port: still refused
+
+
+def test_a_freebind_source_that_is_not_local_has_no_route(a):
+    """Rule: ip_route_output_key_hash_rcu: a non-local source without IP_TRANSPARENT -> ENETUNREACH (TCP and UDP)."""
+    fd = tcp(a, flags=SOCK_NONBLOCK)
+    assert a.call("setsockopt", {"fd": fd, "level": 0, "optname": 15, "value": 1}).ok  # SOL_IP, IP_FREEBIND
+    assert a.call("bind", {"fd": fd, "addr": ("198.51.100.77", 25032)}).ok
+    for dst in ("0.0.0.0", "127.0.0.1", "198.51.100.2"):
+        refused = a.call("connect", {"fd": fd, "addr": (dst, 25034)})
+        assert (refused.errno, refused.kernel_fn) == ("ENETUNREACH", "ip_route_output_key_hash_rcu"), dst
+    dgram = udp(a)
+    assert a.call("setsockopt", {"fd": dgram, "level": 0, "optname": 15, "value": 1}).ok
+    assert a.call("bind", {"fd": dgram, "addr": ("198.51.100.77", 25033)}).ok
+    assert a.call("sendto", {"fd": dgram, "length": 1, "addr": ("198.51.100.2", 9)}).errno == "ENETUNREACH"
+    local = tcp(a, flags=SOCK_NONBLOCK)
+    assert a.call("bind", {"fd": local, "addr": ("198.51.100.1", 25035)}).ok
+    assert a.call("connect", {"fd": local, "addr": ("198.51.100.2", 25034)}).errno == "EINPROGRESS"
+
+
+def test_tcp_urgent_byte_is_read_with_msg_oob_and_stepped_over_by_normal_reads(a):
+    """Rule: tcp_recvmsg_locked/tcp_recv_urg/tcp_poll: without SO_OOBINLINE the urgent byte is no data
+    (reads stop before it and step over it, poll gives POLLPRI and no POLLIN for it alone); MSG_OOB reads it once."""
+    lfd = listener(a, 7100)
+    cfd = tcp(a)
+    assert connect(a, cfd, ("127.0.0.1", 7100)).ok
+    afd = a.call("accept", {"fd": lfd}).ret
+    assert a.call("send", {"fd": cfd, "data": b"x", "flags": MSG_OOB}).ret == 1
+    assert a.call("poll", {"fds": [[afd, 3]]}).ret == {afd: 2}  # POLLPRI only
+    assert a.call("recv", {"fd": afd, "length": 10, "flags": MSG_DONTWAIT | MSG_PEEK}).errno == "EAGAIN"
+    oob = a.call("recv", {"fd": afd, "length": 10, "flags": MSG_OOB})
+    assert (oob.ret, oob.data, oob.kernel_fn) == (1, b"x", "tcp_recv_urg")
+    assert a.call("recv", {"fd": afd, "length": 10, "flags": MSG_OOB}).errno == "EINVAL"
+    assert a.call("send", {"fd": cfd, "data": b"abcd", "flags": MSG_OOB}).ret == 4  # the old byte is dropped
+    assert a.call("recv", {"fd": afd, "length": 10, "flags": MSG_DONTWAIT}).data == b"abc"  # stops at the mark
+    assert a.call("send", {"fd": cfd, "data": b"ef"}).ok
+    assert a.call("recv", {"fd": afd, "length": 10, "flags": MSG_DONTWAIT}).data == b"ef"  # "d" stepped over
+    assert a.call("recv", {"fd": afd, "length": 10, "flags": MSG_OOB}).errno == "EINVAL"  # and lost to MSG_OOB
+    assert a.call("setsockopt", {"fd": afd, "level": 1, "optname": 10, "value": 1}).ok  # SO_OOBINLINE
+    assert a.call("send", {"fd": cfd, "data": b"ghij", "flags": MSG_OOB}).ok
+    assert a.call("recv", {"fd": afd, "length": 10, "flags": MSG_DONTWAIT}).data == b"ghi"
+    assert a.call("recv", {"fd": afd, "length": 10, "flags": MSG_OOB}).errno == "EINVAL"
+    assert a.call("recv", {"fd": afd, "length": 10, "flags": MSG_DONTWAIT}).data == b"j"  # inline data

@@ -1,6 +1,6 @@
 """UDP data path: delivery, EDESTADDRREQ, EMSGSIZE, NoPorts/ECONNREFUSED, rcvbuf drops."""
 
-from harness.model.constants import MSG_TRUNC
+from harness.model.constants import AF_INET6, AF_UNSPEC, MSG_OOB, MSG_TRUNC
 
 from model_helpers import udp
 
@@ -97,3 +97,42 @@ def test_zerocopy_enobufs_counts_sndbuf_errors():
     assert host.call("sendto", {"fd": fd, "length": 1, "flags": 0x4000000, "addr": ("127.0.0.1", 9)}).ok
     assert host.call("sendto", {"fd": fd, "length": 1, "flags": 0x4000000, "addr": ("127.0.0.1", 9)}).errno == "ENOBUFS"
     assert host.predict_counters()["Udp.SndbufErrors"] == 1
+
+
+def test_udpv6_native_path_takes_msg_oob(a):
+    """Rule: udpv6_sendmsg has no MSG_OOB test; only udp_sendmsg (the v4-mapped path) refuses it."""
+    fd = udp(a, family=AF_INET6)
+    assert a.call("connect", {"fd": fd, "addr": ("::", 21924)}).ok  # "::" is ::1
+    assert a.call("send", {"fd": fd, "length": 1, "flags": MSG_OOB}).ret == 1
+    mapped = udp(a, family=AF_INET6)
+    refused = a.call("sendto", {"fd": mapped, "length": 1, "flags": MSG_OOB, "addr": ("::ffff:127.0.0.1", 0)})
+    assert (refused.errno, refused.kernel_fn) == ("EOPNOTSUPP", "udp_sendmsg")  # before udp_sendmsg reads port 0
+
+
+def test_udpv6_ipv6_only_comes_before_the_mapped_port_check(a):
+    """Rule: udpv6_sendmsg: __ipv6_only_sock() -> ENETUNREACH before udp_sendmsg sees port 0 (EINVAL)."""
+    fd = udp(a, family=AF_INET6)
+    assert a.call("bind", {"fd": fd, "addr": ("::1", 0)}).ok  # a specific IPv6 address: IPv6-only
+    assert a.call("sendto", {"fd": fd, "length": 0, "addr": ("::ffff:198.51.100.2", 0)}).errno == "ENETUNREACH"
+    assert a.call("sendto", {"fd": fd, "length": 0, "addr": ("::1", 0)}).errno == "EINVAL"
+
+
+def test_udpv6_af_unspec_name_routes_a_mapped_peer_as_ipv6(a):
+    """Rule: udpv6_sendmsg: an AF_UNSPEC name skips the v4-mapped hand-off; ip6_dst_lookup_tail has no route."""
+    fd = udp(a, family=AF_INET6)
+    assert a.call("connect", {"fd": fd, "addr": ("::ffff:127.0.0.1", 24686)}).ok
+    assert a.call("send", {"fd": fd, "length": 1}).ok  # without a name: the IPv4 path
+    unspec = a.call("sendto", {"fd": fd, "length": 10, "addr": ("::", 24684), "family": AF_UNSPEC})
+    assert (unspec.errno, unspec.kernel_fn) == ("ENETUNREACH", "ip6_dst_lookup_tail")
+
+
+def test_udpv6_any_from_a_mapped_source_is_the_mapped_loopback(a):
+    """Rule: udpv6_sendmsg: "::" from a v4-mapped np->saddr becomes ::ffff:127.0.0.1, sent by udp_sendmsg."""
+    rfd = bound_udp(a, "127.0.0.1", 5001)
+    fd = udp(a, family=AF_INET6)
+    assert a.call("bind", {"fd": fd, "addr": ("::ffff:127.0.0.1", 0)}).ok
+    assert a.call("sendto", {"fd": fd, "data": b"hi", "addr": ("::", 5001)}).ret == 2
+    assert a.call("recv", {"fd": rfd, "length": 10}).data == b"hi"
+    # toward ::1 the IPv6 route exists, then ip6_dst_lookup_tail refuses the v4-mapped source
+    native = a.call("sendto", {"fd": fd, "data": b"hi", "addr": ("::1", 5001)})
+    assert (native.errno, native.kernel_fn) == ("EAFNOSUPPORT", "ip6_dst_lookup_tail")

@@ -139,3 +139,38 @@ def test_unix_sockopt_levels(a):
     assert a.call("setsockopt", {"fd": fd, "level": 0, "optname": 15, "value": 1}).errno == "EOPNOTSUPP"
     assert a.call("setsockopt", {"fd": fd, "level": 1, "optname": 15, "value": 1}).errno == "EOPNOTSUPP"
     assert a.call("setsockopt", {"fd": fd, "level": 1, "optname": 15, "value": 0}).ok
+
+
+def test_dgram_connect_to_a_socket_connected_elsewhere_is_eperm(a):
+    """Rule: unix_dgram_connect -> unix_may_send: the receiver's own peer must be unset or this socket."""
+    rfd = usock(a, SOCK_DGRAM)
+    a.call("bind", {"fd": rfd, "addr": "@r"})
+    assert a.call("connect", {"fd": rfd, "addr": "@r"}).ok  # connected to itself
+    other = usock(a, SOCK_DGRAM)
+    refused = a.call("connect", {"fd": other, "addr": "@r"})
+    assert (refused.errno, refused.kernel_fn) == ("EPERM", "unix_may_send")
+    # unix_our_peer(): a receiver connected to the connecting socket itself takes it
+    assert a.call("bind", {"fd": other, "addr": "@o"}).ok
+    back = usock(a, SOCK_DGRAM)
+    assert a.call("bind", {"fd": back, "addr": "@b"}).ok
+    assert a.call("connect", {"fd": back, "addr": "@o"}).ok
+    assert a.call("connect", {"fd": other, "addr": "@b"}).ok
+
+
+def test_unread_datagrams_stay_charged_to_their_sender(a):
+    """Rule: unix_writable/sock_alloc_send_pskb: a datagram's truesize counts against its sender's sk_sndbuf
+    until it is read (sock_wfree); poll drops EPOLLOUT at (sk_wmem_alloc << 2) > sk_sndbuf."""
+    fd = usock(a, SOCK_DGRAM)
+    assert a.call("setsockopt", {"fd": fd, "level": 1, "optname": 7, "value": 2048}).ok  # SO_SNDBUF -> 4608
+    assert a.call("bind", {"fd": fd, "addr": "/tmp/self"}).ok
+    assert a.call("connect", {"fd": fd, "addr": "/tmp/self"}).ok
+    out = 0x4  # POLLOUT
+    assert a.call("poll", {"fds": [[fd, out]]}).ret == {fd: out}
+    assert a.call("send", {"fd": fd, "length": 1500, "flags": 0x40}).ret == 1500  # truesize 2304
+    assert a.call("poll", {"fds": [[fd, out]]}).ret == {fd: 0}
+    assert a.call("send", {"fd": fd, "length": 1500, "flags": 0x40}).ret == 1500  # 2304 < 4608: still room
+    refused = a.call("send", {"fd": fd, "length": 1, "flags": 0x40})
+    assert (refused.errno, refused.kernel_fn) == ("EAGAIN", "sock_alloc_send_pskb")
+    assert a.call("recv", {"fd": fd, "length": 2000}).ret == 1500
+    assert a.call("recv", {"fd": fd, "length": 2000}).ret == 1500
+    assert a.call("poll", {"fds": [[fd, out]]}).ret == {fd: out}

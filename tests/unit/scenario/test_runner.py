@@ -132,3 +132,33 @@ def test_a_whole_run_trace_leaves_loops_and_agent_work_untraced():
     assert traced_options(loop, everything) is None
     assert traced_options(herd, everything) is None
     assert traced_options(one, None) is None
+
+
+def test_a_step_by_step_run_settles_eventually_steps_toward_the_model_s_answer(tmp_path):
+    """compare: eventually in a step-by-step run: the model first, then the kernel side is given its answer."""
+    path = tmp_path / "settle.yaml"
+    path.write_text(textwrap.dedent("""\
+        name: settle
+        hosts: [server]
+        ---
+        steps:
+          - {on: server, call: socket, args: {family: AF_INET, type: SOCK_DGRAM}, as: u}
+          - {on: server, call: sendto, args: {fd: $u, length: 1, addr: [127.0.0.1, 9]}, until: EAGAIN, max: 3, compare: eventually}
+          - {on: server, call: getsockname, args: {fd: $u}, compare: eventually}
+        """))
+    scenario = load(path)
+
+    class Settling(Replay):
+        settled: list = []
+
+        def call_settled(self, step, args, model):
+            self.settled.append((step.call, step.until, model.ret))
+            return self.outcomes.pop(0)
+
+    kernel = Settling([Outcome(ret=3), Outcome(ret={"calls": 3, "total": 3, "stopped": "max"}),
+                       Outcome(ret=["0.0.0.0", 40000])])
+    result = run(scenario, kernel, ModelBackend(scenario))
+    assert [op for op, _, _ in kernel.settled] == ["sendto", "getsockname"]
+    assert kernel.settled[0][1] == "EAGAIN" and kernel.settled[0][2]["stopped"] == "max"
+    assert [op for _, op, _ in kernel.calls] == ["socket"]  # plain steps still go through call()
+    assert result.records[1].verdict.ok
