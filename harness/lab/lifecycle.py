@@ -75,7 +75,7 @@ def wake_command(seed_hex: str, now: float, peers: list[str]) -> str:
         f'syswrite($f, pack("H*", "{seed_hex}")) or die "urandom: $!\\n"; '
         'ioctl($f, 0x5207, 0) or die "reseed: $!\\n"; '
         f'my $ts = pack("qq", {seconds}, {nanoseconds}); syscall(227, 0, $ts) == 0 or die "clock_settime: $!\\n"; '
-        f'for my $peer ({", ".join(f"{chr(34)}{p}{chr(34)}" for p in peers)}) {{ '
+        f'my @peers = ({", ".join(f"{chr(34)}{p}{chr(34)}" for p in peers)}); for my $peer (@peers) {{ '
         'socket(my $s, 2, 1, 0) or die "socket: $!\\n"; '
         'local $SIG{ALRM} = sub { die "$peer:22 did not answer in 5 s\\n" }; alarm 5; '
         'connect($s, pack("S n C4 x8", 2, 22, split(/[.]/, $peer))) or die "$peer:22: $!\\n"; '
