@@ -231,7 +231,12 @@ def peer_contenders(bench: Bench, workdir: Path, boot: Boot, accel: str, shape: 
         bench.host["peer"] = f"skipped: {found}"
         progress.say(f"  virtme-ng: {found}; the bench goes on without it")
         return []
-    kernel = peer.stage_kernel(boot.image, workdir)
+    try:
+        kernel = peer.stage_kernel(boot.image, workdir)
+    except peer.PeerError as exc:
+        bench.host["peer"] = f"skipped: {exc}"
+        progress.say(f"  virtme-ng: {exc}; the bench goes on without it")
+        return []
     bench.host["peer"] = ", ".join(part for part in (peer.version(found), found.note) if part)
     progress.say(f"  virtme-ng: {bench.host['peer']}")
     return [Contender(PEER, lambda: {PEER: peer.time_vng(found, peer.vng_argv(found, kernel, accel), workdir)},

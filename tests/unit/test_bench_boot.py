@@ -158,3 +158,14 @@ def test_ratios_go_into_the_json_with_the_load_at_both_ends(tmp_path):
     assert data["ratios"] == [{"name": "a / b", "numerator": "a", "denominator": "b", "value": 2.5}]
     assert bench.load_span(result) == "load 1.5 → 3.0"
     assert bench.ratios_table(result).row_count == 1
+
+
+def test_a_kernel_whose_modules_cannot_be_staged_leaves_virtme_ng_out_in_one_line(fake_peer, monkeypatch, capsys):
+    def cannot(img, workdir):
+        raise peer.PeerError("could not copy the modules of 6.1 out of /c/rootfs.ext4: Bad magic number")
+    monkeypatch.setattr(peer, "stage_kernel", cannot)
+    result = bench.Bench()
+    bench.bench_boot(result, FakeLab(SECONDS), 1)  # type: ignore[arg-type]
+    assert bench.PEER not in {figure.name for figure in result.figures} and fake_peer.vng_runs == []
+    assert result.host["peer"].startswith("skipped: could not copy the modules")
+    assert capsys.readouterr().err.count("the bench goes on without it") == 1
