@@ -885,6 +885,8 @@ def bench_(c, repeats="3", only=None, out=None):
     repeats = _number(repeats, "--repeats", "at least 1", kind=int)
     result = benching.run(Paths.default(), repeats, sections)
     progress.show(benching.table(result))
+    if result.ratios:
+        progress.show(benching.ratios_table(result))
     progress.say(f"JSON: {benching.save(result, root)}")
 
 

@@ -20,8 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from harness import progress
 from harness.image import build as image
+from harness.image.kernel import Boot
 from harness.lab.lifecycle import Lab
+from harness.lab.topology import topology
 from harness.paths import Paths
+from harness.perf import peer
+from harness.vm import qemu
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -62,17 +66,39 @@ class Figure:
         return data
 
 
+@dataclass(frozen=True)
+class Ratio:
+    """One figure's median over another's, both measured in this run."""
+
+    name: str
+    numerator: str
+    denominator: str
+    value: float
+
+
 @dataclass
 class Bench:
-    """A bench run: its figures in order, and where it ran."""
+    """A bench run: its figures in order, the ratios between them, and where it ran."""
 
     figures: list[Figure] = field(default_factory=list)
     host: dict[str, Any] = field(default_factory=dict)
+    ratios: list[Ratio] = field(default_factory=list)
 
     def add(self, figure: Figure) -> None:
         self.figures.append(figure)
         alt = f"; {figure.alternative} {figure.alternative_median:.4g} {figure.unit}" if figure.alternative else ""
         progress.say(f"  {figure.name}: {figure.median:.4g} {figure.unit}{alt}")
+
+    def figure(self, name: str) -> Figure | None:
+        return next((figure for figure in self.figures if figure.name == name), None)
+
+    def add_ratio(self, name: str, numerator: str, denominator: str) -> None:
+        """``numerator``'s median over ``denominator``'s; left out (silently) when either figure is missing."""
+        top, bottom = self.figure(numerator), self.figure(denominator)
+        if top is None or bottom is None or not bottom.median:
+            return
+        self.ratios.append(Ratio(name, numerator, denominator, top.median / bottom.median))
+        progress.say(f"  {name}: {top.median / bottom.median:.2f}×")
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -85,9 +111,16 @@ def host_facts() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "load_1min": os.getloadavg()[0], "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
+def load_1min() -> float:
+    return os.getloadavg()[0]
+
+
+BENCH_LAB = "bench"
+
+
 def own_lab(paths: Paths, home: Path) -> Lab:
-    """A lab of the bench's own: same image and snapshots, its own netns, taps and run dir."""
-    own = Lab(Paths(images=paths.images, home=home, cache_dir=paths.cache))
+    """A lab of the bench's own (named ``bench``): same image and snapshots, its own netns, taps and run dir."""
+    own = Lab(Paths(images=paths.images, home=home, cache_dir=paths.cache), BENCH_LAB)
     shutil.copytree(paths.keys, own.paths.keys, dirs_exist_ok=True)
     probe = paths.home / "accel-probe.json"
     if probe.exists():
@@ -112,22 +145,136 @@ def bench_build(bench: Bench, paths: Paths, repeats: int) -> None:
         bench.add(Figure(f"image build of {recipe.name} ({recipe.kernel}), cold", "s", tuple(cold)))
 
 
-def bench_boot(bench: Bench, lab: Lab, repeats: int) -> None:
-    """Both VMs to SSH-ready: a resumed snapshot against a cold boot, alternating."""
-    cold, warm = [], []
-    lab.up("default")  # makes sure a snapshot exists
-    lab.down()
-    for _ in range(repeats):
-        state, _ = lab.up("default", cold=True)
-        cold.append(state.boot_seconds)
+# The boot section's figures; the ratios below name them.
+WARM2 = "both VMs SSH-ready, restored from snapshot"
+COLD2 = "both VMs SSH-ready, cold boot"
+UP2 = "whole lab.up of both VMs, restored from snapshot"
+COLD1 = "one VM (topology single) SSH-ready, cold boot"
+WARM1 = "one VM (topology single) SSH-ready, restored from snapshot"
+FLOOR = "the floor: bare QEMU, same kernel, initrd and VM shape, start → first userspace line"
+PEER = "virtme-ng, its defaults: boot → `true` → exit"
+PEER_SHAPED = "virtme-ng in socklab's VM shape: boot → `true` → exit"
+BOOT_RATIOS = (
+    ("socklab cold (1 VM) / floor", COLD1, FLOOR),
+    ("socklab cold (2 VMs) / floor", COLD2, FLOOR),
+    ("socklab cold (1 VM) / virtme-ng in socklab's shape", COLD1, PEER_SHAPED),
+    ("socklab cold (1 VM) / virtme-ng defaults", COLD1, PEER),
+    ("socklab warm (1 VM, SSH-ready) / floor", WARM1, FLOOR),
+    ("socklab warm (whole lab.up, 2 VMs) / floor", UP2, FLOOR),
+)
+
+
+@dataclass
+class Contender:
+    """One thing the boot section times once per round: ``run`` returns its samples, by figure name.
+
+    An optional contender (virtme-ng) that fails is dropped from the remaining
+    rounds, with one line saying why; any other failure stops the bench.
+    """
+
+    name: str
+    run: Callable[[], dict[str, float]]
+    optional: bool = False
+    failed: str = ""
+
+
+def run_rounds(contenders: list[Contender], repeats: int, say: Callable[[str], None] = progress.say,
+               load: Callable[[], float] | None = None) -> tuple[dict[str, list[float]], list[float]]:
+    """Every contender once per round, each round starting one further along, so a change of load hits all alike.
+
+    Returns the samples by figure name, and the 1-minute load before each round and after the last.
+    """
+    load = load or load_1min
+    samples: dict[str, list[float]] = {}
+    loads: list[float] = []
+    active = list(contenders)
+    for index in range(repeats):
+        loads.append(load())
+        shift = index % len(active) if active else 0
+        for contender in active[shift:] + active[:shift]:
+            try:
+                measured = contender.run()
+            except peer.PeerError as exc:
+                if not contender.optional:
+                    raise
+                contender.failed = str(exc)
+                active.remove(contender)
+                say(f"  {contender.name}: cannot run here ({exc}); the bench goes on without it")
+                continue
+            for name, seconds in measured.items():
+                samples.setdefault(name, []).append(seconds)
+    loads.append(load())
+    return samples, loads
+
+
+def socklab_boots(lab: Lab, topology_name: str, cold_name: str, warm_name: str,
+                  up_name: str = "") -> Callable[[], dict[str, float]]:
+    """A cold boot of the topology, then a restore of its snapshot: first QEMU start to SSH-ready, and lab.up's wall clock."""
+    def run() -> dict[str, float]:
+        state, _ = lab.up(topology_name, cold=True)
+        cold = state.boot_seconds
         lab.down()
-        state, _ = lab.up("default")
+        started = time.perf_counter()
+        state, _ = lab.up(topology_name)
+        whole = time.perf_counter() - started
         if state.boot_mode != "restored from snapshot":
-            raise RuntimeError(f"expected a restore, got a {state.boot_mode}")
-        warm.append(state.boot_seconds)
+            raise RuntimeError(f"topology {topology_name}: expected a restore, got a {state.boot_mode}")
         lab.down()
-    bench.add(Figure("both VMs SSH-ready, restored from snapshot", "s", tuple(warm), "cold boot", tuple(cold),
-                     note="from the first QEMU start to SSH answering on both; TCG"))
+        return {cold_name: cold, warm_name: state.boot_seconds, **({up_name: whole} if up_name else {})}
+    return run
+
+
+def peer_contenders(bench: Bench, workdir: Path, boot: Boot, accel: str, shape: peer.Shape) -> list[Contender]:
+    """virtme-ng with its defaults and in socklab's shape, or none (and one line saying why)."""
+    found = peer.peer_problem(workdir)
+    if isinstance(found, str):
+        bench.host["peer"] = f"skipped: {found}"
+        progress.say(f"  virtme-ng: {found}; the bench goes on without it")
+        return []
+    try:
+        kernel = peer.stage_kernel(boot.image, workdir)
+    except peer.PeerError as exc:
+        bench.host["peer"] = f"skipped: {exc}"
+        progress.say(f"  virtme-ng: {exc}; the bench goes on without it")
+        return []
+    bench.host["peer"] = ", ".join(part for part in (peer.version(found), found.note) if part)
+    progress.say(f"  virtme-ng: {bench.host['peer']}")
+    return [Contender(PEER, lambda: {PEER: peer.time_vng(found, peer.vng_argv(found, kernel, accel), workdir)},
+                      optional=True),
+            Contender(PEER_SHAPED, lambda: {PEER_SHAPED: peer.time_vng(found, peer.vng_argv(found, kernel, accel, shape),
+                                                                       workdir)}, optional=True)]
+
+
+def bench_boot(bench: Bench, lab: Lab, repeats: int) -> None:
+    """socklab's boots (two VMs and one) beside the bare-QEMU floor and virtme-ng, interleaved round by round."""
+    for name in ("default", "single"):  # makes sure both topologies' snapshots exist
+        state, _ = lab.up(name)
+        lab.down()
+    single = topology("single")
+    guest = single.guests[0]
+    shape = peer.Shape(state.accel, guest.memory_mib, guest.cpus)
+    boot = lab.boots(single)[guest.name]
+    floor_argv = peer.floor_argv(boot.kernel, boot.initrd, shape)
+    with tempfile.TemporaryDirectory(prefix="socklab-bench-peer-") as workdir:
+        contenders = [
+            Contender("socklab, 2 VMs", socklab_boots(lab, "default", COLD2, WARM2, UP2)),
+            Contender("socklab, 1 VM", socklab_boots(lab, "single", COLD1, WARM1)),
+            Contender("floor", lambda: {FLOOR: peer.time_floor(floor_argv)}),
+            *peer_contenders(bench, Path(workdir), boot, state.accel, shape),
+        ]
+        samples, loads = run_rounds(contenders, repeats)
+    bench.host["boot_loads"] = loads
+    shaped = f"{shape.accel}, -cpu {qemu.cpu_model(shape.accel)}, {shape.memory_mib} MiB, {shape.cpus} vCPU"
+    notes = {UP2: "lab.up's wall clock: image digests, restore, SSH, reseed, clock and segment check",
+             FLOOR: f"{shaped}; rdinit prints one line; no disk, NIC or SSH",
+             PEER_SHAPED: shaped, PEER: "host root over virtio-fs, socklab's kernel; KVM off as for socklab"}
+    for name in (COLD2, WARM2, UP2, COLD1, WARM1, FLOOR, PEER, PEER_SHAPED):
+        if name in samples:
+            alternative = ("cold boot", tuple(samples[COLD2])) if name == WARM2 else ("", ())
+            bench.add(Figure(name, "s", tuple(samples[name]), *alternative, note=notes.get(name, "TCG" if shape.accel == "tcg" else "")))
+    for ratio in BOOT_RATIOS:
+        bench.add_ratio(*ratio)
+    progress.say(f"  1-minute load over the rounds: {' → '.join(f'{value:.1f}' for value in loads)}")
 
 
 def bench_kernels(bench: Bench, paths: Paths, lab: Lab, repeats: int) -> None:
@@ -308,6 +455,14 @@ def bench_memory(bench: Bench, lab: Lab) -> None:
 
 def run(paths: Paths, repeats: int = 3, only: tuple[str, ...] = SECTIONS) -> Bench:
     bench = Bench(host=host_facts())
+    try:
+        _run_sections(bench, paths, repeats, only)
+    finally:
+        bench.host["load_1min_end"] = load_1min()
+    return bench
+
+
+def _run_sections(bench: Bench, paths: Paths, repeats: int, only: tuple[str, ...]) -> None:
     if "build" in only:
         progress.say("image builds")
         bench_build(bench, paths, 1 if repeats < 3 else repeats)
@@ -319,18 +474,18 @@ def run(paths: Paths, repeats: int = 3, only: tuple[str, ...] = SECTIONS) -> Ben
         bench_fuzz(bench, None, repeats)
     lab_sections = [s for s in only if s in ("boot", "kernels", "latency", "stats", "check", "trace", "memory", "fuzz")]
     if not lab_sections:
-        return bench
+        return
     with tempfile.TemporaryDirectory(prefix="socklab-bench-") as home:
         lab = own_lab(paths, Path(home))
         try:
             if "boot" in lab_sections:
-                progress.say("boot vs restore")
+                progress.say("boot: socklab cold and restored, the bare-QEMU floor, virtme-ng; interleaved")
                 bench_boot(bench, lab, repeats)
             if "kernels" in lab_sections:
                 progress.say("cold boot vs restore per kernel")
                 bench_kernels(bench, paths, lab, repeats)
             if not set(lab_sections) & {"latency", "stats", "check", "trace", "memory", "fuzz"}:
-                return bench
+                return
             lab.up("default")
             for section in ("latency", "stats", "check", "trace", "memory", "fuzz"):
                 if section in lab_sections:
@@ -343,21 +498,20 @@ def run(paths: Paths, repeats: int = 3, only: tuple[str, ...] = SECTIONS) -> Ben
                      "fuzz": lambda: bench_fuzz(bench, lab, repeats)}[section]()
         finally:
             lab.down()
-    return bench
 
 
 def save(bench: Bench, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"host": bench.host, "figures": [f.as_dict() for f in bench.figures]}, indent=2) + "\n")
+    path.write_text(json.dumps({"host": bench.host, "figures": [f.as_dict() for f in bench.figures],
+                                "ratios": [asdict(ratio) for ratio in bench.ratios]}, indent=2) + "\n")
     return path
 
 
 def table(bench: Bench) -> Table:
     from rich.table import Table
 
-    out = Table(title=f"socklab bench ({bench.host.get('cpus')} CPUs, load {bench.host.get('load_1min', 0):.1f})",
-                title_justify="left")
+    out = Table(title=f"socklab bench ({bench.host.get('cpus')} CPUs, {load_span(bench)})", title_justify="left")
     for column in ("figure", "median", "min", "max", "n", "alternative (median)", "ratio"):
         out.add_column(column)
     for figure in bench.figures:
@@ -365,4 +519,24 @@ def table(bench: Bench) -> Table:
         out.add_row(figure.name, f"{figure.median:.4g} {figure.unit}", f"{min(figure.samples):.4g}",
                     f"{max(figure.samples):.4g}", str(len(figure.samples)), alt,
                     f"{figure.ratio:.2f}×" if figure.ratio else "")
+    return out
+
+
+def load_span(bench: Bench) -> str:
+    """The host's 1-minute load at the bench's start and end: ``load 5.1 → 6.3``."""
+    start, end = bench.host.get("load_1min", 0.0), bench.host.get("load_1min_end")
+    return f"load {start:.1f}" + (f" → {end:.1f}" if end is not None else "")
+
+
+def ratios_table(bench: Bench) -> Table:
+    """The ratios of medians, each named by its two figures."""
+    from rich.table import Table
+
+    out = Table(title=f"ratios of medians, same run ({load_span(bench)})", title_justify="left")
+    for column in ("ratio", "value", "medians"):
+        out.add_column(column)
+    for ratio in bench.ratios:
+        top, bottom = bench.figure(ratio.numerator), bench.figure(ratio.denominator)
+        medians = f"{top.median:.4g} {top.unit} / {bottom.median:.4g} {bottom.unit}" if top and bottom else ""
+        out.add_row(ratio.name, f"{ratio.value:.2f}×", medians)
     return out

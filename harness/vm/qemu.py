@@ -124,6 +124,17 @@ class VMSpec:
 SANDBOX = "on,obsolete=deny,resourcecontrol=deny"
 
 
+def cpu_model(accel: str) -> str:
+    # qemu64 has no RDRAND, so sshd sat ~2.5 s in getrandom() waiting for the
+    # crng; with RDRAND (emulated by TCG) the kernel seeds it at once.
+    return "host" if accel == "kvm" else "qemu64,+rdrand"
+
+
+def machine_args(accel: str, memory_mib: int, cpus: int) -> list[str]:
+    """A lab VM's shape: accelerator, CPU model, memory and vCPUs (the bench gives its floor and peer the same)."""
+    return ["-accel", accel, "-cpu", cpu_model(accel), "-m", str(memory_mib), "-smp", str(cpus)]
+
+
 def qemu_argv(spec: VMSpec, incoming_fd: int | None = None) -> list[str]:
     """The QEMU command line for ``spec``: no default devices, only what a lab VM uses.
 
@@ -135,12 +146,7 @@ def qemu_argv(spec: VMSpec, incoming_fd: int | None = None) -> list[str]:
         "-name", f"socklab-{spec.name},process=socklab-{spec.name}",
         *(["-uuid", spec.uuid] if spec.uuid else []),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-accel", spec.accel,
-        # qemu64 has no RDRAND, so sshd sat ~2.5 s in getrandom() waiting for the
-        # crng; with RDRAND (emulated by TCG) the kernel seeds it at once.
-        "-cpu", "host" if spec.accel == "kvm" else "qemu64,+rdrand",
-        "-m", str(spec.memory_mib),
-        "-smp", str(spec.cpus),
+        *machine_args(spec.accel, spec.memory_mib, spec.cpus),
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
         "-append", spec.kernel_append(),
