@@ -329,7 +329,11 @@ class Agent:
                     try:
                         sftp.stat(self.remote_dir)
                     except OSError:
-                        sftp.mkdir(self.remote_dir, 0o755)
+                        try:
+                            sftp.mkdir(self.remote_dir, 0o755)
+                        except OSError:
+                            # The VM's other agent, started at the same moment, made it first.
+                            sftp.stat(self.remote_dir)
                         # World-readable, whatever sshd's umask: an agent run as student reads it too.
                         sftp.chmod(self.remote_dir, 0o755)
                     staging = f"{remote}.{time.monotonic_ns()}.part"
