@@ -2126,10 +2126,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGPIPE])
 
     channel = LineChannel(read_fd, write_fd)
-    session = Session({read_fd, write_fd, diag_fd, *strays}, options.block_ms)
-
-
-    session = Session({read_fd, write_fd, diag_fd}, options.block_ms, options.tracefs, options.trace_state_dir)
+    session = Session({read_fd, write_fd, diag_fd, *strays}, options.block_ms, options.tracefs,
+                      options.trace_state_dir)
     try:
         hello = {"hello": {"agent": "socklab", "protocol": PROTOCOL, "kernel": os.uname().release,
                            "python": sys.version.split()[0], "t_ns": time.monotonic_ns(), **identity()}}
