@@ -418,6 +418,7 @@ class Session:
         self.open_fds: set[int] = set()
         self.unix_paths: set[str] = set()
         self.sysctl_originals: dict[str, str] = {}
+        self.exit_originals: dict[str, str] = {}  # sysctls put back when the agent ends, not at a reset
         self.zerocopy_buffers: list[ctypes.Array] = []
         self.zerocopy_bytes = 0
         self.herds: dict[int, Herd] = {}
@@ -988,15 +989,19 @@ class Session:
         else:
             raise BadRequest(f"sysctl value must be an int, text or a list of them, not {value!r}")
         keep = bool(args.get("keep"))
+        restore = args.get("restore", "reset")
+        if restore not in ("reset", "exit"):
+            raise BadRequest(f"restore must be 'reset' or 'exit', not {restore!r}")
+        originals = self.exit_originals if restore == "exit" else self.sysctl_originals
         original = None
-        if not keep and path not in self.sysctl_originals:
+        if not keep and path not in originals:
             try:
                 original = read_text(path)
             except OSError:
                 pass  # the write below reports why
         _, err = self._os_call(lambda: write_text(path, text))
         if not err and original is not None:
-            self.sysctl_originals[path] = original  # restored when the session ends
+            originals[path] = original  # restored at the next reset, or (restore: exit) when the agent ends
         return Outcome(-1 if err else 0, err)
 
     def op_whoami(self, args: dict) -> Outcome:
@@ -1029,8 +1034,11 @@ class Session:
 
     # -- the end -------------------------------------------------------------------------------
 
-    def cleanup(self) -> dict:
-        """Close every socket this session opened, remove its socket files, restore sysctls."""
+    def cleanup(self, final: bool = False) -> dict:
+        """Close every socket this session opened, remove its socket files, restore sysctls.
+
+        ``final`` (the agent is ending) also restores the sysctls set with ``restore: exit``.
+        """
         self.guard.ms = 0
         signal.setitimer(signal.ITIMER_REAL, 0, 0)
         closed = []
@@ -1051,13 +1059,14 @@ class Session:
                 pass
         self.unix_paths.clear()
         restored = []
-        for path, text in self.sysctl_originals.items():
-            try:
-                write_text(path, text)
-                restored.append(path[len("/proc/sys/"):].replace("/", "."))
-            except OSError:
-                pass
-        self.sysctl_originals.clear()
+        for originals in (self.sysctl_originals, self.exit_originals) if final else (self.sysctl_originals,):
+            for path, text in originals.items():
+                try:
+                    write_text(path, text)
+                    restored.append(path[len("/proc/sys/"):].replace("/", "."))
+                except OSError:
+                    pass
+            originals.clear()
         self.zerocopy_buffers.clear()
         self.zerocopy_bytes = 0
         for herd in self.herds.values():
@@ -2137,7 +2146,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0  # the host went away; cleanup below still runs
     finally:
-        summary = session.cleanup()
+        summary = session.cleanup(final=True)
         if summary["closed"] or summary["unlinked"] or summary["sysctls_restored"] or "tracing_restore_failed" in summary:
             print(f"socklab agent: cleanup {json.dumps(summary)}", file=sys.stderr)
     return 0
