@@ -1195,7 +1195,8 @@ class Batch:
         if not isinstance(args, dict):
             return self.error(op, "'args' must be an object")
         try:
-            args = {key: self.resolve(value) for key, value in args.items()}
+            # Only lists and objects can hold a {"$ref": ...}; JSON numbers and text pass as they are.
+            args = {key: self.resolve(value) if type(value) in (list, dict) else value for key, value in args.items()}
         except LookupError as exc:
             return {"op": op, "ret": None, "errno": "UNSET", "t_ns": time.monotonic_ns(), "dt_ns": 0,
                     "extra": {"unset": str(exc.args[0])}}
