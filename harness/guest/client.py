@@ -181,6 +181,8 @@ def encode_args(op: str, args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _to_json(value: Any) -> Any:
+    if type(value) in _JSON_SCALARS:
+        return value
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"$b64": base64.b64encode(bytes(value)).decode()}
     if isinstance(value, (list, tuple)):
@@ -188,6 +190,9 @@ def _to_json(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {key: _to_json(item) for key, item in value.items()}
     return value
+
+
+_JSON_SCALARS = frozenset({int, str, float, bool, type(None)})
 
 
 def _from_json(value: Any) -> Any:
@@ -224,6 +229,12 @@ def decode_reply(message: Mapping[str, Any], vm: str, user: str, rtt_ns: int, ho
 
 
 def describe_step(op: str, args: Mapping[str, Any], limit: int = 300) -> str:
+    steps = args.get("steps") if op == "batch" else None
+    if isinstance(steps, list):
+        # A batch by its ops, not the repr of every step (which the limit would cut anyway).
+        ops = ", ".join(str(step.get("op")) for step in steps[:limit // 4] if isinstance(step, Mapping))
+        text = f"batch({len(steps)} steps: {ops})"
+        return text if len(text) <= limit else text[:limit - 1] + "…"
     text = f"{op}({', '.join(f'{key}={value!r}' for key, value in args.items())})"
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
@@ -329,7 +340,11 @@ class Agent:
                     try:
                         sftp.stat(self.remote_dir)
                     except OSError:
-                        sftp.mkdir(self.remote_dir, 0o755)
+                        try:
+                            sftp.mkdir(self.remote_dir, 0o755)
+                        except OSError:
+                            # The VM's other agent, started at the same moment, made it first.
+                            sftp.stat(self.remote_dir)
                         # World-readable, whatever sshd's umask: an agent run as student reads it too.
                         sftp.chmod(self.remote_dir, 0o755)
                     staging = f"{remote}.{time.monotonic_ns()}.part"
@@ -422,6 +437,11 @@ class Agent:
                 check: bool = True) -> AgentReply:
         """Like ``call`` with the arguments as a mapping; ``check=False`` returns refusals as replies."""
         args = dict(args or {})
+        return self._exchange(op, args, encode_args(op, args), timeout, check)
+
+    def _exchange(self, op: str, args: Mapping[str, Any], wire: Mapping[str, Any], timeout: float | None,
+                  check: bool) -> AgentReply:
+        """Send ``op`` with ``wire`` (``args`` as encode_args made them) and wait for its reply."""
         step = describe_step(op, args)
         if self._channel is None or self._dead is not None:
             raise AgentDied(f"{self.vm}: the agent ({self.user}) is not running ({self._dead or 'never started'}); "
@@ -429,7 +449,7 @@ class Agent:
         self._next_id += 1
         request_id = self._next_id
         try:
-            line = json.dumps({"id": request_id, "op": op, "args": encode_args(op, args)}, separators=(",", ":"))
+            line = json.dumps({"id": request_id, "op": op, "args": wire}, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             raise AgentRequestError(f"{self.vm}: cannot send {step} to the agent: {exc}") from None
         limit = self.step_timeout(op, args) if timeout is None else timeout
@@ -475,7 +495,8 @@ class Agent:
             per_step = (block_ms if block_ms is not None else self.block_ms) / 1000 * 0.05 + 0.02
             timeout = self.timeout + per_step * len(steps)
         started = time.perf_counter_ns()
-        reply = self.request("batch", args, timeout=timeout)
+        # The steps are encoded already: encode_args would only walk all of them again.
+        reply = self._exchange("batch", args, args, timeout, True)
         rtt = time.perf_counter_ns() - started
         if not isinstance(reply.ret, list) or len(reply.ret) != len(steps):
             raise AgentError(f"{self.vm}: the agent ({self.user}) answered a batch of {len(steps)} steps with "

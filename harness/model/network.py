@@ -130,39 +130,48 @@ class Network:
         self.complete_zerocopy()
         target = self.now + max(0.0, float(seconds))
         while True:
-            when, action = self._next_event()
+            when, owner = self._next_event()
             if when > target:
                 break
             self.now = when
-            action()
+            self._fire(owner)
         self.now = target
 
     def advance_until(self, done: Any, limit: float = 3600.0) -> None:
         """Run timers until done() holds or nothing is pending (used by blocking calls)."""
         deadline = self.now + limit
         while not done():
-            when, action = self._next_event()
+            when, owner = self._next_event()
             if when > deadline:
                 return
             self.now = when
-            action()
+            self._fire(owner)
 
     def schedule(self, when: float, owner: Any) -> None:
         """Arm a timer for a SYN_SENT socket or a timewait minisock; re-arming just pushes again."""
         heapq.heappush(self._timers, (when, next(self._seq), owner))
 
     def _next_event(self) -> tuple[float, Any]:
-        """Earliest live timer: entries whose owner moved on (or re-armed) are dropped lazily."""
+        """Earliest live timer and its owner (left at the heap's top for _fire); entries whose owner
+        moved on (or re-armed) are dropped lazily."""
         timers = self._timers
         while timers:
             when, _, owner = timers[0]
             if isinstance(owner, TimeWaitSock):
                 if owner in self.timewaits and owner.expires == when:
-                    return when, lambda tw=owner: (heapq.heappop(timers), tcp.timewait_expire(tw))
+                    return when, owner
             elif owner in self.syn_sent and owner.syn_next == when:
-                return when, lambda sk=owner: (heapq.heappop(timers), tcp.syn_timer(sk))
+                return when, owner
             heapq.heappop(timers)
         return math.inf, None
+
+    def _fire(self, owner: Any) -> None:
+        """Run the timer _next_event found: TIME_WAIT expiry or a SYN retransmit."""
+        heapq.heappop(self._timers)
+        if isinstance(owner, TimeWaitSock):
+            tcp.timewait_expire(owner)
+        else:
+            tcp.syn_timer(owner)
 
     # -- zerocopy ----------------------------------------------------------------------------
 

@@ -118,7 +118,7 @@ def do_poll(op: str, host: "Host", proc: "Process", args: Mapping[str, Any]) -> 
             continue
         sk = entry.sock
         revents[fd] = sk.ops.poll(sk) & (events | POLLERR | POLLHUP)
-    ready = sum(1 for value in revents.values() if value)
+    ready = len(revents) - [*revents.values()].count(0)  # descriptors with any event (a repeated fd once)
     if not ready and isinstance(timeout, int) and timeout < 0:
         return Result(op, None, None, "nothing ready and no timeout: sleeps", "do_poll", blocked=True)
     return Result(op, revents, None, f"{ready} descriptor(s) ready", "do_poll")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Result:
     """What a syscall returned, and why.
 
@@ -19,6 +19,11 @@ class Result:
     only estimate; ``signal`` names a signal the kernel would raise (SIGPIPE); ``data`` carries received bytes.
     """
 
+    # The five fields every result has live in slots; the optional four default at class level and
+    # reach the instance's __dict__ (made only then) when they differ. Without a __getattr__ hook,
+    # reading any field is a plain (specialised) attribute load.
+    __slots__ = ("op", "ret", "errno", "rule", "kernel_fn", "__dict__")
+
     op: str
     ret: Any
     errno: str | None
@@ -29,9 +34,9 @@ class Result:
     signal: str | None = None
     data: Any = None  # received bytes, or other by-products that are not the return value
 
-    # A hand-written __init__ (dataclass keeps it) that fills the slots through their descriptors and
-    # leaves optional fields unset while they hold their default (__getattr__ supplies it): every
-    # modelled syscall builds one Result, and the generated frozen __init__ costs several times more.
+    # A hand-written __init__ (dataclass keeps it) that fills the slots through their descriptors
+    # (the frozen class's __setattr__ refuses) and leaves optional fields at their class default:
+    # every modelled syscall builds one Result, and the generated frozen __init__ costs several times more.
     def __init__(self, op: str, ret: Any, errno: str | None, rule: str, kernel_fn: str, blocked: bool = False,
                  approx: bool = False, signal: str | None = None, data: Any = None) -> None:
         _SET_OP(self, op)
@@ -39,21 +44,21 @@ class Result:
         _SET_ERRNO(self, errno)
         _SET_RULE(self, rule)
         _SET_FN(self, kernel_fn)
-        if blocked:
-            _SET_BLOCKED(self, blocked)
-        if approx:
-            _SET_APPROX(self, approx)
-        if signal is not None:
-            _SET_SIGNAL(self, signal)
-        if data is not None:
-            _SET_DATA(self, data)
+        if blocked or approx or signal is not None or data is not None:
+            optional = self.__dict__
+            if blocked:
+                optional["blocked"] = blocked
+            if approx:
+                optional["approx"] = approx
+            if signal is not None:
+                optional["signal"] = signal
+            if data is not None:
+                optional["data"] = data
 
-    def __getattr__(self, name: str) -> Any:
-        """Only reached for an optional field left unset: its default."""
-        try:
-            return _OPTIONAL_DEFAULTS[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickle and copy through __init__ (the default would set the frozen fields one by one)."""
+        return Result, (self.op, self.ret, self.errno, self.rule, self.kernel_fn, self.blocked, self.approx,
+                        self.signal, self.data)
 
     @property
     def ok(self) -> bool:
@@ -82,11 +87,6 @@ _SET_RET = _SLOTS["ret"].__set__
 _SET_ERRNO = _SLOTS["errno"].__set__
 _SET_RULE = _SLOTS["rule"].__set__
 _SET_FN = _SLOTS["kernel_fn"].__set__
-_SET_BLOCKED = _SLOTS["blocked"].__set__
-_SET_APPROX = _SLOTS["approx"].__set__
-_SET_SIGNAL = _SLOTS["signal"].__set__
-_SET_DATA = _SLOTS["data"].__set__
-_OPTIONAL_DEFAULTS = {"blocked": False, "approx": False, "signal": None, "data": None}
 
 
 def errno_name(number: int) -> str:

@@ -583,6 +583,10 @@ def test_decode_reply_restores_bytes_tuples_and_int_keys():
 def test_describe_step_is_bounded():
     assert describe_step("bind", {"fd": 3}) == "bind(fd=3)"
     assert len(describe_step("send", {"data": b"x" * 10_000})) == 300
+    # A batch is named by its ops, not by the repr of every step.
+    assert describe_step("batch", {"steps": [{"op": "socket", "args": {}}, {"op": "bind"}]}) == \
+        "batch(2 steps: socket, bind)"
+    assert len(describe_step("batch", {"steps": [{"op": "getsockopt"}] * 5000})) == 300
 
 
 def test_measure_latency_times_all_three_paths(remote_dir):

@@ -362,6 +362,29 @@ def test_the_op_list_covers_every_op_the_model_has(monkeypatch):
     assert set(SYSCALLS) | brief <= set(session.handlers)
 
 
+def test_a_sysctl_set_to_restore_at_exit_outlives_resets(monkeypatch, tmp_path):
+    spec = importlib.util.spec_from_file_location("socklab_guest_agent", GUEST_AGENT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    files = {name: tmp_path / name for name in ("modprobe", "somaxconn")}
+    files["modprobe"].write_text("/sbin/modprobe\n")
+    files["somaxconn"].write_text("4096\n")
+    # /proc/sys/kernel/modprobe -> tmp_path/modprobe: the host's own sysctls stay untouched
+    monkeypatch.setattr(module, "sysctl_path", lambda name: str(files[name.rsplit(".", 1)[-1]]))
+    session = module.Session(set())
+    set_ = session.handlers["sysctl_set"]
+    assert set_({"name": "kernel.modprobe", "value": "\n", "restore": "exit"}).errno == 0
+    assert set_({"name": "net.core.somaxconn", "value": 1}).errno == 0
+    with pytest.raises(module.BadRequest, match="restore"):
+        set_({"name": "net.core.somaxconn", "value": 2, "restore": "later"})
+    assert [name.rsplit(".", 1)[-1] for name in session.handlers["reset"]({}).extra["sysctls_restored"]] == \
+        ["somaxconn"]
+    assert files["somaxconn"].read_text() == "4096\n" and files["modprobe"].read_text() == "\n"
+    assert [name.rsplit(".", 1)[-1] for name in session.cleanup(final=True)["sysctls_restored"]] == ["modprobe"]
+    assert files["modprobe"].read_text() == "/sbin/modprobe\n"
+
+
 # -- the end of a session ---------------------------------------------------------------------------
 
 def test_reset_closes_every_socket_and_keeps_the_agent(agent):

@@ -289,6 +289,12 @@ def decode_sockaddr(raw: bytes) -> Any:
 
 # -- the session --------------------------------------------------------------------------------
 
+# block_ms for the calls that return without sleeping (socket, bind, listen, shutdown, the names,
+# socket options, epoll_create1/epoll_ctl): no interval timer to arm and disarm, two system calls
+# fewer per step, each costly under TCG.
+NEVER_SLEEPS = 0
+
+
 class BlockGuard:
     """Interrupts a system call that would block past ``ms`` with SIGALRM (no SA_RESTART: EINTR).
 
@@ -418,6 +424,7 @@ class Session:
         self.open_fds: set[int] = set()
         self.unix_paths: set[str] = set()
         self.sysctl_originals: dict[str, str] = {}
+        self.exit_originals: dict[str, str] = {}  # sysctls put back when the agent ends, not at a reset
         self.zerocopy_buffers: list[ctypes.Array] = []
         self.zerocopy_bytes = 0
         self.herds: dict[int, Herd] = {}
@@ -478,11 +485,11 @@ class Session:
     def op_socket(self, args: dict) -> Outcome:
         family, sock_type = int_arg(args, "family"), int_arg(args, "type")
         protocol = int_arg(args, "protocol", 0)
-        ret, err = self.syscall(self.libc.socket, family, sock_type, protocol)
+        ret, err = self.syscall(self.libc.socket, family, sock_type, protocol, block_ms=NEVER_SLEEPS)
         self.track(ret)
         return Outcome(ret, err)
 
-    def _address_call(self, func: Callable[..., int], args: dict) -> tuple[int, int, bytes]:
+    def _address_call(self, func: Callable[..., int], args: dict, block_ms: int | None = None) -> tuple[int, int, bytes]:
         fd = fd_arg(args)
         raw, default_len = encode_sockaddr(args.get("addr"), args.get("family"))
         addrlen = args.get("addrlen")
@@ -493,7 +500,9 @@ class Session:
         # Zero-padded sockaddr_storage: a long addrlen reads zeros, never agent memory; the kernel
         # rejects addrlen > 128 (and negative ones, as int) in move_addr_to_kernel() before copying.
         buffer = ctypes.create_string_buffer(raw, SOCKADDR_STORAGE)
-        ret, err = self.syscall(func, fd, buffer, addrlen & 0xFFFFFFFF, block_ms=self.block_arg(args))
+        if block_ms is None:
+            block_ms = self.block_arg(args)
+        ret, err = self.syscall(func, fd, buffer, addrlen & 0xFFFFFFFF, block_ms=block_ms)
         return ret, err, raw
 
     def op_bind(self, args: dict) -> Outcome:
@@ -502,7 +511,7 @@ class Session:
         refused = self.check_fd(fd_arg(args))
         if refused:
             return refused
-        ret, err, raw = self._address_call(self.libc.bind, args)
+        ret, err, raw = self._address_call(self.libc.bind, args, NEVER_SLEEPS)
         if ret == 0 and isinstance(args.get("addr"), str) and not args["addr"].startswith("@"):
             # The file the kernel made: a short addrlen binds a truncated name, which must go too.
             addrlen = args.get("addrlen")
@@ -526,7 +535,7 @@ class Session:
             return refused
         # Raw listen(2): __sys_listen() compares (unsigned)backlog > somaxconn, so a negative
         # backlog becomes somaxconn; Python's sock.listen() would have turned it into 0.
-        return Outcome(*self.syscall(self.libc.listen, fd, backlog))
+        return Outcome(*self.syscall(self.libc.listen, fd, backlog, block_ms=NEVER_SLEEPS))
 
     def _accept(self, args: dict, flags: int | None) -> Outcome:
         fd = fd_arg(args)
@@ -564,7 +573,7 @@ class Session:
 
     def op_shutdown(self, args: dict) -> Outcome:
         fd, how = fd_arg(args), int_arg(args, "how")
-        return self.check_fd(fd) or Outcome(*self.syscall(self.libc.shutdown, fd, how))
+        return self.check_fd(fd) or Outcome(*self.syscall(self.libc.shutdown, fd, how, block_ms=NEVER_SLEEPS))
 
     def _getname(self, func: Callable[..., int], args: dict) -> Outcome:
         fd = fd_arg(args)
@@ -573,7 +582,7 @@ class Session:
             return refused
         name = ctypes.create_string_buffer(SOCKADDR_STORAGE)
         namelen = ctypes.c_uint32(SOCKADDR_STORAGE)
-        ret, err = self.syscall(func, fd, name, ctypes.byref(namelen))
+        ret, err = self.syscall(func, fd, name, ctypes.byref(namelen), block_ms=NEVER_SLEEPS)
         if err:
             return Outcome(-1, err)
         return Outcome(decode_sockaddr(name.raw[:min(namelen.value, SOCKADDR_STORAGE)]), 0,
@@ -603,7 +612,8 @@ class Session:
         if refused:
             return refused
         buffer = ctypes.create_string_buffer(raw, max(len(raw), optlen, 1))
-        return Outcome(*self.syscall(self.libc.setsockopt, fd, level, optname, buffer, optlen & 0xFFFFFFFF))
+        return Outcome(*self.syscall(self.libc.setsockopt, fd, level, optname, buffer, optlen & 0xFFFFFFFF,
+                                     block_ms=NEVER_SLEEPS))
 
     def op_getsockopt(self, args: dict) -> Outcome:
         fd, level, optname = fd_arg(args), int_arg(args, "level"), int_arg(args, "optname")
@@ -615,7 +625,8 @@ class Session:
             return refused
         buffer = ctypes.create_string_buffer(max(optlen, 1))
         length = ctypes.c_uint32(optlen & 0xFFFFFFFF)
-        ret, err = self.syscall(self.libc.getsockopt, fd, level, optname, buffer, ctypes.byref(length))
+        ret, err = self.syscall(self.libc.getsockopt, fd, level, optname, buffer, ctypes.byref(length),
+                                block_ms=NEVER_SLEEPS)
         if err:
             return Outcome(-1, err)
         got = buffer.raw[:min(length.value, len(buffer))]
@@ -813,7 +824,7 @@ class Session:
         return Outcome(revents, 0, {"ready": ret})
 
     def op_epoll_create1(self, args: dict) -> Outcome:
-        ret, err = self.syscall(self.libc.epoll_create1, to_c_int(int_arg(args, "flags", 0)))
+        ret, err = self.syscall(self.libc.epoll_create1, to_c_int(int_arg(args, "flags", 0)), block_ms=NEVER_SLEEPS)
         if ret >= 0:
             self.track(ret)  # closed with the session's sockets
         return self.blocked_or(ret, err)
@@ -825,7 +836,8 @@ class Session:
             if refused:
                 return refused
         event = EpollEvent(int_arg(args, "events", 0) & 0xFFFFFFFF, fd & 0xFFFFFFFF)
-        ret, err = self.syscall(self.libc.epoll_ctl, epfd, to_c_int(int_arg(args, "op")), fd, ctypes.byref(event))
+        ret, err = self.syscall(self.libc.epoll_ctl, epfd, to_c_int(int_arg(args, "op")), fd, ctypes.byref(event),
+                                block_ms=NEVER_SLEEPS)
         return self.blocked_or(ret, err)
 
     def op_epoll_wait(self, args: dict) -> Outcome:
@@ -988,15 +1000,19 @@ class Session:
         else:
             raise BadRequest(f"sysctl value must be an int, text or a list of them, not {value!r}")
         keep = bool(args.get("keep"))
+        restore = args.get("restore", "reset")
+        if restore not in ("reset", "exit"):
+            raise BadRequest(f"restore must be 'reset' or 'exit', not {restore!r}")
+        originals = self.exit_originals if restore == "exit" else self.sysctl_originals
         original = None
-        if not keep and path not in self.sysctl_originals:
+        if not keep and path not in originals:
             try:
                 original = read_text(path)
             except OSError:
                 pass  # the write below reports why
         _, err = self._os_call(lambda: write_text(path, text))
         if not err and original is not None:
-            self.sysctl_originals[path] = original  # restored when the session ends
+            originals[path] = original  # restored at the next reset, or (restore: exit) when the agent ends
         return Outcome(-1 if err else 0, err)
 
     def op_whoami(self, args: dict) -> Outcome:
@@ -1029,8 +1045,11 @@ class Session:
 
     # -- the end -------------------------------------------------------------------------------
 
-    def cleanup(self) -> dict:
-        """Close every socket this session opened, remove its socket files, restore sysctls."""
+    def cleanup(self, final: bool = False) -> dict:
+        """Close every socket this session opened, remove its socket files, restore sysctls.
+
+        ``final`` (the agent is ending) also restores the sysctls set with ``restore: exit``.
+        """
         self.guard.ms = 0
         signal.setitimer(signal.ITIMER_REAL, 0, 0)
         closed = []
@@ -1051,13 +1070,14 @@ class Session:
                 pass
         self.unix_paths.clear()
         restored = []
-        for path, text in self.sysctl_originals.items():
-            try:
-                write_text(path, text)
-                restored.append(path[len("/proc/sys/"):].replace("/", "."))
-            except OSError:
-                pass
-        self.sysctl_originals.clear()
+        for originals in (self.sysctl_originals, self.exit_originals) if final else (self.sysctl_originals,):
+            for path, text in originals.items():
+                try:
+                    write_text(path, text)
+                    restored.append(path[len("/proc/sys/"):].replace("/", "."))
+                except OSError:
+                    pass
+            originals.clear()
         self.zerocopy_buffers.clear()
         self.zerocopy_bytes = 0
         for herd in self.herds.values():
@@ -1175,7 +1195,8 @@ class Batch:
         if not isinstance(args, dict):
             return self.error(op, "'args' must be an object")
         try:
-            args = {key: self.resolve(value) for key, value in args.items()}
+            # Only lists and objects can hold a {"$ref": ...}; JSON numbers and text pass as they are.
+            args = {key: self.resolve(value) if type(value) in (list, dict) else value for key, value in args.items()}
         except LookupError as exc:
             return {"op": op, "ret": None, "errno": "UNSET", "t_ns": time.monotonic_ns(), "dt_ns": 0,
                     "extra": {"unset": str(exc.args[0])}}
@@ -2126,10 +2147,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGPIPE])
 
     channel = LineChannel(read_fd, write_fd)
-    session = Session({read_fd, write_fd, diag_fd, *strays}, options.block_ms)
-
-
-    session = Session({read_fd, write_fd, diag_fd}, options.block_ms, options.tracefs, options.trace_state_dir)
+    session = Session({read_fd, write_fd, diag_fd, *strays}, options.block_ms, options.tracefs,
+                      options.trace_state_dir)
     try:
         hello = {"hello": {"agent": "socklab", "protocol": PROTOCOL, "kernel": os.uname().release,
                            "python": sys.version.split()[0], "t_ns": time.monotonic_ns(), **identity()}}
@@ -2139,7 +2158,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0  # the host went away; cleanup below still runs
     finally:
-        summary = session.cleanup()
+        summary = session.cleanup(final=True)
         if summary["closed"] or summary["unlinked"] or summary["sysctls_restored"] or "tracing_restore_failed" in summary:
             print(f"socklab agent: cleanup {json.dumps(summary)}", file=sys.stderr)
     return 0

@@ -241,6 +241,7 @@ def test_the_live_kernel_starts_agents_up_front_and_resets_a_host_whose_sysctls_
     from harness.fuzz import live
 
     batches = []
+    sent_no_modprobe: list[dict] = []
 
     class FakeAgent:
         def __init__(self, ssh, host, user, block_ms):
@@ -251,6 +252,7 @@ def test_the_live_kernel_starts_agents_up_front_and_resets_a_host_whose_sysctls_
 
         def batch(self, steps, block_ms=None):
             batches.append((self.key, [s["op"] for s in steps]))
+            sent_no_modprobe.extend(s["args"] for s in steps if s["args"].get("name") == "kernel.modprobe")
             return [guest_reply(s) for s in steps]
 
         def close(self):
@@ -275,6 +277,36 @@ def test_the_live_kernel_starts_agents_up_front_and_resets_a_host_whose_sysctls_
     kernel.begin(Program(1, 1, ("server", "client"), {}, []))  # runs nothing as root on the server
     assert batches[-1] == (("server", "root"), ["reset"])
     assert kernel.round_trips == 3 and kernel.steps == 1
+    # Each host's root agent turned module autoloading off as it started, before any program.
+    assert {key for key, _ in batches[:2]} == {("server", "root"), ("client", "root")}
+    assert sent_no_modprobe == [{"name": "kernel.modprobe", "value": "\n", "restore": "exit"}] * 2
+
+
+def test_an_agent_started_on_first_use_finds_module_autoloading_off(monkeypatch):
+    from harness.fuzz import live
+
+    started = []
+
+    class FakeAgent:
+        def __init__(self, ssh, host, user, block_ms):
+            self.key = (host, user)
+            started.append(self.key)
+
+        def start(self):
+            return self
+
+        def batch(self, steps, block_ms=None):
+            from harness.guest.client import AgentReply
+            return [AgentReply(id=0, op=s["op"], ret=0, errno=None, t_ns=0, dt_ns=0) for s in steps]
+
+    class FakeLab:
+        def ssh(self, host, timeout=None):
+            return host
+
+    monkeypatch.setattr(live, "Agent", FakeAgent)
+    kernel = live.LiveKernel(FakeLab())
+    kernel.run_segment("client", "student", [{"op": "socket", "args": {}}])
+    assert started == [("client", "root"), ("client", "student")]  # root first: it turns autoloading off
 
 
 def test_an_until_loop_is_settled_only_while_its_first_call_says_not_yet():
