@@ -34,6 +34,7 @@ import jinja2.sandbox
 
 from .. import load as textio
 from ..errors import SocklabError
+from ..model.versions import KERNELS
 
 # Each call the scenario language knows, with its arguments: name -> kind (a trailing ? = optional).
 #   const: an int or constant names ("SOCK_STREAM|SOCK_NONBLOCK");  fd: a $name of an earlier `as:`;
@@ -74,7 +75,7 @@ CALLS: dict[str, dict[str, str]] = {
     "sysctl_get": {"name": "str"},  # not a system call: a read of /proc/sys/<name>
 }
 COMPARE_MODES = ("exact", "ok", "errno", "none", "eventually")
-HEADER_KEYS = ("name", "description", "hosts", "params")
+HEADER_KEYS = ("name", "description", "hosts", "params", "kernels")
 BODY_KEYS = ("sysctls", "steps")
 STEP_KEYS = ("on", "call", "args", "as", "user", "expect", "compare", "label", "until", "max", "trace")
 VALUE_STEP_KEYS = ("value", "as", "expect", "compare", "label")
@@ -156,6 +157,11 @@ class Scenario:
     params: Mapping[str, Any]
     sysctls: Mapping[str, Mapping[str, Any]]
     steps: tuple[Step, ...]
+    kernels: tuple[str, ...] = ()  # the kernel series its answers hold on; () for every one
+
+    def holds_on(self, series: str) -> bool:
+        """Whether this scenario's answers are those of kernel ``series`` (a header without `kernels:`: all)."""
+        return not self.kernels or series in self.kernels
 
     @property
     def snapshots(self) -> list[str]:
@@ -223,12 +229,19 @@ def _header(header_text: str, where: str) -> textio.YamlMap:
     if not isinstance(header, textio.YamlMap):
         raise ScenarioError(f"{where}:1: the header must be a mapping (name, hosts, params)")
     textio.check_keys(header, HEADER_KEYS, where, "header key", error=ScenarioError)
-    for key, kind in (("name", (str, int)), ("description", str), ("hosts", list), ("params", dict)):
+    for key, kind in (("name", (str, int)), ("description", str), ("hosts", list), ("params", dict),
+                      ("kernels", list)):
         if header.get(key) is not None:
             textio.expect_type(header[key], kind, where, header.line_of(key), key, error=ScenarioError)
     hosts = header.get("hosts") or textio.YamlList()
     for index, host in enumerate(hosts):
         textio.expect_type(host, str, where, hosts.line_of(index), "hosts", error=ScenarioError)
+    kernels = header.get("kernels") or textio.YamlList()
+    for index, series in enumerate(kernels):
+        if not isinstance(series, str) or series not in KERNELS:
+            raise ScenarioError(f"{where}:{kernels.line_of(index)}: kernels: {_shown(series)} is not a kernel series "
+                                f"the model knows; write one of {', '.join(KERNELS)}, quoted (YAML reads 6.12 "
+                                "unquoted as a number)")
     params = header.get("params") or textio.YamlMap()
     for name in params:
         if not isinstance(name, str) or not _NAME.match(name):
@@ -278,7 +291,8 @@ def load(path: Path, overrides: Mapping[str, Any] | None = None, known_hosts: tu
                        hosts)
     steps = _apply_key(_steps(body["steps"], where, body_line, hosts), key_path(path), params)
     return Scenario(path=path, name=str(header.get("name", path.stem)), description=str(header.get("description", "")),
-                    hosts=hosts, params=params, sysctls=sysctls, steps=steps)
+                    hosts=hosts, params=params, sysctls=sysctls, steps=steps,
+                    kernels=tuple(header.get("kernels") or ()))
 
 
 def key_path(path: Path) -> Path:

@@ -103,6 +103,26 @@ def test_hosts_must_exist_in_the_lab(tmp_path):
         load(write(tmp_path, GOOD), known_hosts=("server",))
 
 
+def test_a_header_can_name_the_kernels_a_scenario_s_answers_hold_on(tmp_path):
+    everywhere = load(write(tmp_path, GOOD))
+    assert everywhere.kernels == () and everywhere.holds_on("6.1") and everywhere.holds_on("7.2")
+    newer = load(write(tmp_path, GOOD, header='name: t\nhosts: [server, client]\nparams: {port: 7000, n: 2}\n'
+                                             'kernels: ["6.12", "7.2"]\n---\n'))
+    assert newer.kernels == ("6.12", "7.2")
+    assert newer.holds_on("6.12") and newer.holds_on("7.2") and not newer.holds_on("6.1")
+
+
+@pytest.mark.parametrize("kernels, message", [
+    ("[6.12]", r"s.yaml:4: kernels: 6.12 is not a kernel series the model knows; write one of 6.1, 6.12, 7.2, quoted"),
+    ('["5.10"]', r"s.yaml:4: kernels: '5.10' is not a kernel series"),
+    ('"6.12"', r"s.yaml:4: `kernels:` must be a list"),
+])
+def test_a_kernels_line_the_model_cannot_use_is_one_clear_error(tmp_path, kernels, message):
+    header = f"name: t\nhosts: [server, client]\nparams: {{port: 7000, n: 2}}\nkernels: {kernels}\n---\n"
+    with pytest.raises(ScenarioError, match=message):
+        load(write(tmp_path, GOOD, header=header))
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ScenarioError, match="cannot read the scenario"):
         load(tmp_path / "absent.yaml")
