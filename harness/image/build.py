@@ -431,13 +431,24 @@ def build(paths: Paths, recipe_name: str = "bookworm", mirror: str | None = None
             return image, False
         remove_interrupted(paths)
         image = _build_locked(paths, recipe, key, final, client_pubkey, mirror)
-        for old in prune(paths, recipe.name, keep=final):
+        for old in prune(paths, recipe.name, keep=final, client_key=client_key_id(client_pubkey)):
             progress.say(f"pruned the old cache entry {old.name}")
         return image, True
 
 
-def prune(paths: Paths, recipe_name: str, keep: Path, in_use: set[Path] | None = None) -> list[Path]:
-    """Delete the cache entries of ``recipe_name`` other than ``keep``, except those a running lab boots from."""
+def client_key_id(client_pubkey: str) -> str:
+    """A short name of the SSH key an image lets in: which home's images an entry belongs to."""
+    return hashlib.sha256(client_pubkey.strip().encode()).hexdigest()[:16]
+
+
+def prune(paths: Paths, recipe_name: str, keep: Path, client_key: str, in_use: set[Path] | None = None) -> list[Path]:
+    """Delete this home's older cache entries of ``recipe_name`` (other than ``keep``), except those a lab boots.
+
+    Only entries built for the same client key (``client_key_id``) are this home's: a shared
+    ``SOCKLAB_CACHE`` also holds the images of other checkouts, each with its own key (so its own
+    recipe hash), which are no older version of this one and stay. An entry whose manifest names
+    no client key (built before the key was recorded) stays too: `invoke images.clean` removes it.
+    """
     if in_use is None:
         in_use = images_in_use(paths)
     removed = []
@@ -446,12 +457,22 @@ def prune(paths: Paths, recipe_name: str, keep: Path, in_use: set[Path] | None =
             continue
         if not entry.name.removeprefix(f"{recipe_name}-").isalnum():
             continue  # another recipe whose name starts with this one's and a dash
+        if _manifest_client_key(entry) != client_key:
+            continue
         for sub in entry.iterdir():
             if sub.is_file():
                 sub.chmod(0o644)
         remove_tree(entry)
         removed.append(entry)
     return removed
+
+
+def _manifest_client_key(entry: Path) -> str | None:
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest.get("client_key") if isinstance(manifest, dict) else None
 
 
 def images_in_use(paths: Paths, proc: Path = Path("/proc")) -> set[Path]:
@@ -588,7 +609,8 @@ def _build_into(paths: Paths, recipe: Recipe, key: str, work: Path, client_pubke
         # The base is never written: every VM boots from its own overlay.
         (work / name).chmod(0o444)
     manifest = {"recipe": recipe.name, "recipe_hash": key, "suite": recipe.suite, "kernel_series": recipe.kernel,
-                "kernel_release": release, "host_key": host_key, "sha256": sums, "packages": packages}
+                "kernel_release": release, "host_key": host_key, "sha256": sums, "packages": packages,
+                "client_key": client_key_id(client_pubkey)}
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Image.load(work)
 

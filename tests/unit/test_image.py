@@ -299,19 +299,38 @@ def test_a_release_belongs_to_its_series_only():
     assert not image.release_in_series("7.3.1+deb14-cloud-amd64", "7.2")
 
 
+def old_entry(directory: Path, pubkey: str | None) -> Path:
+    """A cache entry built earlier, for the home whose client key is ``pubkey`` (None: before keys were recorded)."""
+    directory.mkdir()
+    (directory / image.ROOTFS).write_bytes(b"x")
+    (directory / image.ROOTFS).chmod(0o444)
+    manifest = {"recipe": "bookworm", "recipe_hash": directory.name.rsplit("-", 1)[1]}
+    if pubkey is not None:
+        manifest["client_key"] = image.client_key_id(pubkey)
+    (directory / image.MANIFEST).write_text(json.dumps(manifest))
+    return directory
+
+
 def test_prune_removes_older_entries_of_the_recipe_but_not_what_a_lab_boots(paths, pubkey):
     keep = fake_entry(paths, pubkey)
-    old, booted, other = (paths.cache / name for name in ("bookworm-0000000000000001", "bookworm-0000000000000002",
-                                                          "bookwormish-0000000000000003"))
-    for directory in (old, booted, other):
-        directory.mkdir()
-        (directory / image.ROOTFS).write_bytes(b"x")
-        (directory / image.ROOTFS).chmod(0o444)
+    old, booted, other = (old_entry(paths.cache / name, pubkey) for name in (
+        "bookworm-0000000000000001", "bookworm-0000000000000002", "bookwormish-0000000000000003"))
     state = {"image": str(keep), "vms": [{"image": str(booted)}]}
     (paths.home / "labs/second/run").mkdir(parents=True)
     (paths.home / "labs/second/run/lab.json").write_text(json.dumps(state))
-    assert image.prune(paths, "bookworm", keep=keep, in_use=image.images_in_use(paths, proc=paths.home / "noproc")) == [old]
+    assert image.prune(paths, "bookworm", keep=keep, client_key=image.client_key_id(pubkey),
+                       in_use=image.images_in_use(paths, proc=paths.home / "noproc")) == [old]
     assert keep.exists() and booted.exists() and other.exists() and not old.exists()
+
+
+def test_prune_spares_the_entries_other_homes_built_in_a_shared_cache(paths, pubkey):
+    """Another checkout's image has another client key, so another hash: it is no older version of this one."""
+    keep = fake_entry(paths, pubkey)
+    mine = old_entry(paths.cache / "bookworm-0000000000000011", pubkey)
+    theirs = old_entry(paths.cache / "bookworm-0000000000000012", "ssh-ed25519 AAAAother socklab-client")
+    unrecorded = old_entry(paths.cache / "bookworm-0000000000000013", None)
+    assert image.prune(paths, "bookworm", keep=keep, client_key=image.client_key_id(pubkey), in_use=set()) == [mine]
+    assert theirs.exists() and unrecorded.exists()
 
 
 def test_prune_spares_an_entry_a_qemu_of_another_home_boots(paths, pubkey, tmp_path):
@@ -319,7 +338,7 @@ def test_prune_spares_an_entry_a_qemu_of_another_home_boots(paths, pubkey, tmp_p
     keep = fake_entry(paths, pubkey)
     theirs, stale = paths.cache / "bookworm-00000000000000aa", paths.cache / "bookworm-00000000000000bb"
     for directory in (theirs, stale):
-        directory.mkdir()
+        old_entry(directory, pubkey)
     proc = tmp_path / "proc"
     for pid, argv in (("4242", [b"/usr/bin/qemu-system-x86_64", b"-kernel", str(theirs / "vmlinuz").encode(),
                                 b"-drive", f"file={theirs}/rootfs.ext4,format=raw".encode()]),
@@ -328,7 +347,7 @@ def test_prune_spares_an_entry_a_qemu_of_another_home_boots(paths, pubkey, tmp_p
         (proc / pid / "cmdline").write_bytes(b"\0".join(argv) + b"\0")
     in_use = image.images_in_use(paths, proc=proc)
     assert in_use == {theirs.resolve()}
-    assert image.prune(paths, "bookworm", keep=keep, in_use=in_use) == [stale]
+    assert image.prune(paths, "bookworm", keep=keep, client_key=image.client_key_id(pubkey), in_use=in_use) == [stale]
     assert theirs.exists() and not stale.exists()
 
 
