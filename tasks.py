@@ -155,6 +155,14 @@ def _number(text, option: str, what: str, kind=float):
     return value
 
 
+def _seed(text) -> int:
+    """A fuzz seed: any integer, the same one running the same programs."""
+    try:
+        return int(text)
+    except ValueError:
+        raise SocklabError(f"--seed must be an integer, not {text!r}") from None
+
+
 def _lab(name=None) -> Lab:
     """The lab called ``name`` (``--name``, else $SOCKLAB_LAB, else ``default``) of this install."""
     name = name or os.environ.get("SOCKLAB_LAB") or DEFAULT_LAB
@@ -830,16 +838,22 @@ def _own_scenario_judge(lab):
     "lab": "run this lab only (repeatable); default: every lab in labs/",
     "timeout": "seconds to wait for SSH on every guest",
     "out": OUT_HELP,
+    "corpus": "after the labs, run the fuzz corpus (tests/corpus/, the files that hold on that kernel) on each kernel",
+    "fuzz_steps": "after the labs, a differential fuzz of this many steps on each kernel (0: none; CI runs 5000)",
+    "seed": "the seed of that fuzz (default 1)",
 })
 @_friendly
-def matrix_(c, kernel=None, lab=None, timeout="300", out=None):
+def matrix_(c, kernel=None, lab=None, timeout="300", out=None, corpus=False, fuzz_steps="0", seed="1"):
     """Every lab on every kernel, one kernel's lab at a time: a lab x kernel table (Markdown in results/)."""
+    from harness.fuzz import matrix as differential
     from harness.scenario import matrix
     from harness.scenario.check import LabSpec
 
     paths = Paths.default()
     root = _results_root(c, out)
     timeout = _number(timeout, "--timeout", "a positive number of seconds")
+    steps = 0 if str(fuzz_steps) == "0" else _number(fuzz_steps, "--fuzz-steps", "a number of steps (0: no fuzz)", int)
+    seed_value = _seed(seed)
     kernels = [image.resolve(paths.images, k).kernel for k in kernel] if kernel else \
         [r.kernel for r in sorted(image.recipes(paths.images), key=lambda r: tuple(map(int, r.kernel.split("."))))]
     labs = [LabSpec.load(name).name for name in lab] if lab else matrix.all_labs()
@@ -847,17 +861,24 @@ def matrix_(c, kernel=None, lab=None, timeout="300", out=None):
     if runner.load() is not None:
         raise SocklabError("a lab is running: the matrix boots one lab per kernel itself; `invoke lab.down` first")
 
+    directory = _results_dir(root, "matrix")
+    booted = []
+
     def boot(series):
         image.build(paths, series, _mirror(c, None))
         runner.up("default", c.config.lab.accel, c.config.lab.segment, boot_timeout=timeout, kernel=series)
+        booted.append(series)
         return runner
 
     def stop(running):
         running.close()
         running.down()
 
-    result = matrix.run(kernels, labs, boot, stop, say=progress.say)
-    directory = _results_dir(root, "matrix")
+    checks = [differential.corpus_check()] if corpus else []
+    if steps:
+        checks.append(differential.fuzz_check(steps, seed_value, lambda _lab: directory / f"fuzz-{booted[-1]}",
+                                              say=progress.say))
+    result = matrix.run(kernels, labs, boot, stop, say=progress.say, checks=checks)
     matrix.save(result, directory)
     sys.stdout.write(matrix.markdown(result))
     progress.say(f"{'[green]PASS[/]' if result.ok else '[red]FAIL[/]'}: {len(labs)} labs x {len(kernels)} kernels; "
@@ -925,10 +946,7 @@ def fuzz_(c, steps="5000", seed="1", model_only=False, no_shrink=False, out=None
     from harness.fuzz import cli
 
     count = _number(steps, "--steps", "a positive number of steps", int)
-    try:
-        seed_value = int(seed)
-    except ValueError:
-        raise SocklabError(f"--seed must be an integer, not {seed!r}") from None
+    seed_value = _seed(seed)
     if kernel and not model_only:
         raise SocklabError("--kernel goes with --model-only: a live fuzz models each VM's own kernel "
                            "(boot another with `invoke lab.up --kernel K`)")

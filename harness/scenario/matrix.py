@@ -6,14 +6,16 @@ the next kernel boots, so one lab runs at a time. A cell is ``pass`` or the
 steps and figures that differ. Each kernel's column names the model's version
 rules that make it differ from 6.1, and each guide's "On newer kernels" part
 is checked against those rules: every rule it names must exist, and a lab whose
-run depends on a rule must say so.
+run depends on a rule must say so. Checks that are no lab (``KernelCheck``: the fuzz
+corpus and a fixed-seed fuzz, from harness.fuzz.matrix) run after the labs on the
+same lab, as rows of their own with their figures under the table.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +33,24 @@ RULE_USE = re.compile(r"""kernel\.rule\(\s*["'](?P<name>[\w.]+)["']""")
 
 @dataclass
 class Cell:
-    """One lab on one kernel: passed, or what differed."""
+    """One lab (or kernel check) on one kernel: passed, or what differed; a check's figures too."""
 
     ok: bool
     differences: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    figures: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class KernelCheck:
+    """A check that is no lab, run on each kernel's lab after the labs: a row of the table of its own.
+
+    The fuzz corpus and a fixed-seed fuzz are such checks (harness.fuzz.matrix); ``run`` gets the
+    running lab and returns its cell, figures included.
+    """
+
+    name: str
+    run: Callable[[Any], Cell]
 
 
 @dataclass
@@ -45,6 +60,7 @@ class MatrixResult:
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
     guide_problems: dict[str, list[str]] = field(default_factory=dict)
     releases: dict[str, str] = field(default_factory=dict)
+    checks: list[str] = field(default_factory=list)  # the KernelCheck rows, after the labs
 
     @property
     def ok(self) -> bool:
@@ -97,15 +113,17 @@ def guide_problems(spec: LabSpec) -> list[str]:
 
 
 def run(kernels: list[str], labs: list[str], boot: Callable[[str], Any], stop: Callable[[Any], None],
-        say: Callable[[str], None] = print, check_one: Callable[..., Any] = check) -> MatrixResult:
-    """Every lab in ``labs`` on every kernel in ``kernels``; ``boot(kernel)`` returns a running lab.
+        say: Callable[[str], None] = print, check_one: Callable[..., Any] = check,
+        checks: Sequence[KernelCheck] = ()) -> MatrixResult:
+    """Every lab in ``labs``, then every check in ``checks``, on every kernel in ``kernels``.
 
-    The lab of one kernel is stopped (``stop``) before the next boots, whatever happened.
+    ``boot(kernel)`` returns a running lab. The lab of one kernel is stopped (``stop``) before the
+    next boots, whatever happened.
     """
     specs = [LabSpec.load(name) for name in labs]
     for spec in specs:
         prepare(spec)  # every lab checked before the first boot
-    result = MatrixResult(kernels, [s.name for s in specs])
+    result = MatrixResult(kernels, [s.name for s in specs], checks=[c.name for c in checks])
     for spec in specs:
         result.guide_problems[spec.name] = guide_problems(spec)
     for kernel in kernels:
@@ -123,6 +141,15 @@ def run(kernels: list[str], labs: list[str], boot: Callable[[str], Any], stop: C
                     cell = Cell(False, [f"cannot run: {exc}"], time.monotonic() - started)
                 result.cells[(spec.name, kernel)] = cell
                 say(f"kernel {kernel}: {spec.name}: {'pass' if cell.ok else 'FAIL'} ({cell.seconds:.0f} s)")
+            for extra in checks:
+                started = time.monotonic()
+                try:
+                    cell = extra.run(lab)
+                except LabError as exc:
+                    cell = Cell(False, [f"cannot run: {exc}"])
+                cell.seconds = time.monotonic() - started
+                result.cells[(extra.name, kernel)] = cell
+                say(f"kernel {kernel}: {extra.name}: {'pass' if cell.ok else 'FAIL'} ({cell.seconds:.0f} s)")
         finally:
             stop(lab)
     return result
@@ -139,7 +166,19 @@ def markdown(result: MatrixResult) -> str:
             cells.append("-" if cell is None else "pass" if cell.ok else f"FAIL ({len(cell.differences)})")
         guide = "ok" if not result.guide_problems.get(lab) else "FAIL"
         lines.append(f"| {lab} | " + " | ".join(cells) + f" | {guide} |")
+    for name in result.checks:
+        cells = []
+        for kernel in result.kernels:
+            cell = result.cells.get((name, kernel))
+            cells.append("-" if cell is None else "pass" if cell.ok else f"FAIL ({len(cell.differences)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " | - |")
     lines.append("")
+    for name in result.checks:
+        for kernel in result.kernels:
+            cell = result.cells.get((name, kernel))
+            if cell is not None and cell.figures:
+                lines.append(f"**{name}** on {kernel} ({cell.seconds:.0f} s):")
+                lines += [f"- {figure}" for figure in cell.figures] + [""]
     for kernel in result.kernels:
         release = result.releases.get(kernel, "")
         rules = versions.differences(kernel) if kernel in versions.KERNELS else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from harness.errors import LabError
 from harness.scenario import matrix
 from harness.scenario.check import LabSpec
 
@@ -100,3 +101,40 @@ def test_a_guide_that_leaves_out_a_rule_its_lab_uses_is_reported(tmp_path):
     problems = matrix.guide_problems(LabSpec.load(str(lab)))
     assert any("no_such_rule, which is no version rule" in p for p in problems)
     assert any("depends on zerocopy_notification_truesize" in p for p in problems)
+
+
+def test_kernel_checks_run_on_each_kernels_lab_after_the_labs_and_before_it_stops():
+    events = []
+
+    def boot(kernel):
+        events.append(("up", kernel))
+        return FakeLab(f"{kernel}.0-test")
+
+    def check_one(spec, lab):
+        events.append(("lab", spec.name, lab.kernel))
+        return FakeReport(True, [])
+
+    def corpus(lab):
+        events.append(("corpus", lab.kernel))
+        return matrix.Cell(True, figures=["corpus on 6.12: 60 of 60 files agree"])
+
+    def fuzz(lab):
+        events.append(("fuzz", lab.kernel))
+        if lab.kernel.startswith("7.2"):
+            return matrix.Cell(False, ["bind: kernel EINVAL, model ok int [fuzz-1-9.yaml]"], figures=["steps run: 5003"])
+        raise LabError("server: cannot start the agent as student")
+
+    checks = [matrix.KernelCheck("corpus", corpus), matrix.KernelCheck("fuzz (seed 1, 5000 steps)", fuzz)]
+    result = matrix.run(["6.12", "7.2"], ["03-listen"], boot, lambda lab: events.append(("down", lab.kernel)),
+                        say=lambda line: None, check_one=check_one, checks=checks)
+    assert events == [("up", "6.12"), ("lab", "03-listen", "6.12.0-test"), ("corpus", "6.12.0-test"),
+                      ("fuzz", "6.12.0-test"), ("down", "6.12.0-test"),
+                      ("up", "7.2"), ("lab", "03-listen", "7.2.0-test"), ("corpus", "7.2.0-test"),
+                      ("fuzz", "7.2.0-test"), ("down", "7.2.0-test")]
+    assert not result.ok
+    table = matrix.markdown(result)
+    assert "| corpus | pass | pass | - |" in table
+    assert "| fuzz (seed 1, 5000 steps) | FAIL (1) | FAIL (1) | - |" in table
+    assert "- corpus on 6.12: 60 of 60 files agree" in table and "- steps run: 5003" in table
+    assert "- cannot run: server: cannot start the agent as student" in table
+    assert "- bind: kernel EINVAL, model ok int [fuzz-1-9.yaml]" in table
