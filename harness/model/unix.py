@@ -13,6 +13,7 @@ from .constants import (
 from .kmem import SKB_SHINFO_ALIGNED, alloc_skb_truesize
 from .result import Result, fail
 from .sock import RCV_SHUTDOWN, SEND_SHUTDOWN, SHUTDOWN_MASK, OpenFile, Sock
+from .versions import RULES
 
 if TYPE_CHECKING:
     from .host import Host, Process
@@ -267,7 +268,8 @@ def unix_dgram_sendmsg(op, host, creds, f: OpenFile, payload: bytes, flags: int,
     if flags & MSG_OOB:
         raise fail("EOPNOTSUPP", "datagram sockets have no out-of-band data", "unix_dgram_sendmsg")
     name = _validate(dest, "unix_dgram_sendmsg") if dest is not None else None
-    if name is None and sk.peer is None:
+    peer_late = RULES["unix_dgram_peer_checked_after_alloc"].value(host.kernel)
+    if name is None and sk.peer is None and not peer_late:
         raise fail("ENOTCONN", "no destination and not connected", "unix_dgram_sendmsg")
     if len(payload) > sk.sndbuf - 32:
         raise fail("EMSGSIZE", f"{len(payload)} > sk_sndbuf - 32", "unix_dgram_sendmsg")
@@ -281,6 +283,9 @@ def unix_dgram_sendmsg(op, host, creds, f: OpenFile, payload: bytes, flags: int,
                        "sock_alloc_send_pskb")
         return Result(op, None, None, "send buffer full of unread datagrams: sleeps", "sock_alloc_send_pskb",
                       blocked=True)
+    if name is None and sk.peer is None:
+        raise fail("ENOTCONN", "no destination and not connected (peer looked up after the skb allocation)",
+                   "unix_dgram_sendmsg")
     if name is not None:
         other = _find_other(host, sk, name, "unix_dgram_sendmsg")
     else:

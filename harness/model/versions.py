@@ -143,6 +143,18 @@ RULES: dict[str, VersionRule] = {rule.name: rule for rule in (
          Change("6.12", False, "sk_setsockopt() sets SO_BUSY_POLL without the capability check (first measured on "
                                "6.12; the commit is not identified here)"))),
     VersionRule(
+        "unix_dgram_peer_checked_after_alloc", "whether unix_dgram_sendmsg() (net/unix/af_unix.c) of a datagram "
+        "socket with no destination looks for its peer only after the size check and the skb allocation, so "
+        "that EMSGSIZE and a SHUT_WR's EPIPE (sock_alloc_send_pskb()) come before ENOTCONN",
+        # Measured (tests/corpus/fuzz-1-13, -161, -403 and a probe): an unconnected AF_UNIX SOCK_DGRAM socket
+        # after shutdown(SHUT_WR) sends ENOTCONN on 6.1.0-57 and 6.12.118, EPIPE on 7.2.12; with 300000
+        # bytes and no shutdown, ENOTCONN on 6.1/6.12 (unix_peer_get() first) and EMSGSIZE on 7.2.12.
+        (Change("6.1", False, "unix_dgram_sendmsg(): unix_peer_get() right after the address checks, "
+                              "ENOTCONN before len > sk_sndbuf - 32 and sock_alloc_send_pskb()"),
+         Change("7.2", True, "unix_dgram_sendmsg() takes the peer after sock_alloc_send_pskb(), where a missing "
+                             "one is ENOTCONN (measured on 7.2.12; the commit is not identified here, so 7.2 is "
+                             "the first version known to have it)"))),
+    VersionRule(
         "boot_reserved_pages", "pages of a VM's RAM not free when tcp_init()/udp_init() count them "
         "(kernel image, early allocations), beyond the memmap's 1/64",
         # Measured at 512 MiB: nr_free_buffer_pages() at tcp_init() is tcp_rmem[2] >> 5.

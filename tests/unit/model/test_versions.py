@@ -50,6 +50,7 @@ def test_every_rule_names_its_cause_and_differences_are_listed_per_kernel():
     assert [line.split(" =")[0] for line in versions.differences("6.12")] == [
         "net.core.optmem_max", "zerocopy_notification_truesize", "ss_lists_bound_only_tcp",
         "virtio_net_ethtool_queue_packets", "so_busy_poll_raise_needs_cap_net_admin"]
+    assert "unix_dgram_peer_checked_after_alloc" in {line.split(" =")[0] for line in versions.differences("7.2")}
     assert "net: increase optmem_max default value" in versions.differences("7.2")[0]
     assert {line.split(" =")[0] for line in versions.differences("7.2")} >= {"net.core.rmem_max", "net.core.wmem_max"}
 
@@ -75,3 +76,16 @@ def test_bound_only_tcp_sockets_show_in_ss_from_6_8_on():
         assert host.call("bind", {"fd": fd, "addr": ("0.0.0.0", 7777)}).ret == 0
         rows = [row for row in ss_rows(host) if "7777" in str(row)]
         assert bool(rows) == listed, kernel
+
+
+def test_an_unconnected_unix_datagram_send_finds_no_peer_only_after_the_skb_allocation_from_7_2_on():
+    # fuzz-1-13/-161/-403: SHUT_WR then a send without destination; and a send past sk_sndbuf - 32.
+    for kernel, shut_wr, too_big in (("6.1", "ENOTCONN", "ENOTCONN"), ("6.12", "ENOTCONN", "ENOTCONN"),
+                                     ("7.2", "EPIPE", "EMSGSIZE")):
+        host = Network(kernel=kernel).add_host("h")
+        shut = host.call("socket", {"family": "AF_UNIX", "type": "SOCK_DGRAM"}).ret
+        assert host.call("shutdown", {"fd": shut, "how": "SHUT_WR"}).ret == 0
+        assert host.call("send", {"fd": shut, "length": 1, "flags": "MSG_DONTWAIT"}).errno == shut_wr, kernel
+        plain = host.call("socket", {"family": "AF_UNIX", "type": "SOCK_DGRAM"}).ret
+        assert host.call("send", {"fd": plain, "length": 300000, "flags": "MSG_DONTWAIT"}).errno == too_big, kernel
+        assert host.call("send", {"fd": plain, "length": 1, "flags": "MSG_DONTWAIT"}).errno == "ENOTCONN", kernel
