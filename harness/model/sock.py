@@ -91,6 +91,7 @@ class Sock:
     unix_path: "str | None" = None
     mapped_ops = False  # icsk_af_ops is ipv6_mapped: a v4-mapped connect got as far as sending its SYN
     syn_lost = False  # the pending SYN can never be answered (sent down the stale IPv4 path)
+    rst_lost = False  # a child that inherited stale ipv6_mapped ops: its RST leaves on the IPv4 path, unseen
 
     def __init__(self, host: "Host", inode: int, family: int, sock_type: int, protocol: int,
                  ops: "ProtoOps", uid: int):

@@ -245,7 +245,14 @@ def _establish(client: Sock, listener: Sock) -> None:
     child.ll_usec, child.prefer_busy_poll = listener.ll_usec, listener.prefer_busy_poll
     child.sndbuf, child.rcvbuf = listener.sndbuf, listener.rcvbuf
     child.sndbuf_locked, child.rcvbuf_locked = listener.sndbuf_locked, listener.rcvbuf_locked
-    dst, _ = _dst_v4(client)
+    dst, v4_path = _dst_v4(client)
+    # tcp_v6_syn_recv_sock() sets ipv6_mapped on a v4-mapped child only; a native IPv6 child keeps
+    # what sk_clone_lock() copied, so a listener whose refused v4-mapped connect left it ipv6_mapped
+    # (see connect) has children that transmit through ip_queue_xmit() with the IPv4 addresses
+    # LOOPBACK4_IPV6: the RST inet_child_forget() -> tcp_disconnect() sends when that listener
+    # closes never reaches the peer (measured: fuzz-1-953). Their data and FIN would go the same
+    # way; only the RST is modelled.
+    child.rst_lost = listener.mapped_ops and child.family == AF_INET6 and not v4_path
     src = client.rcv_addr if client.family == AF_INET else (v4_of_v6(client.rcv_addr) or client.rcv_addr)
     if child.family == AF_INET6 and ":" not in dst:
         dst, src = f"::ffff:{dst}", f"::ffff:{src}"
@@ -379,11 +386,13 @@ def receive_reset(sk: Sock) -> None:
 def _send_reset(sk: Sock) -> None:
     peer = sk.peer
     sk.peer = None
+    sk.host.bump("Tcp.OutRsts")
+    if sk.rst_lost:
+        return  # left on the stale IPv4 path (_establish): the peer stays ESTABLISHED, its next segment meets no socket
     if isinstance(peer, Sock):
         receive_reset(peer)
     elif isinstance(peer, TimeWaitSock):
         timewait_expire(peer)  # RST kills a TIME_WAIT minisock (tcp_rfc1337 = 0)
-    sk.host.bump("Tcp.OutRsts")
 
 
 def _to_timewait(sk: Sock, substate: int, timeout: float) -> None:

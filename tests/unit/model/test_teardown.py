@@ -141,3 +141,23 @@ def test_fin_waits_behind_unsent_data(a, b):
     assert [r.state for r in b.ss()] == ["FIN-WAIT-2"]
     a.call("close", {"fd": sfd})
     assert [r.state for r in b.ss()] == ["TIME-WAIT"]
+
+
+def test_a_listener_left_ipv6_mapped_by_a_refused_connect_loses_the_reset_of_its_queued_ipv6_child(a):
+    """Rule: tcp_v6_syn_recv_sock keeps a native child's cloned ipv6_mapped ops; its RST goes down IPv4 (fuzz-1-953)."""
+    stale = tcp(a, family=10)
+    assert a.call("connect", {"fd": stale, "addr": ("::ffff:127.0.0.1", 0)}).errno == "ECONNREFUSED"
+    assert a.call("listen", {"fd": stale, "backlog": 8}).ok
+    port = a.call("getsockname", {"fd": stale}).ret[1]
+    client = tcp(a, family=10)
+    assert a.call("connect", {"fd": client, "addr": ("::1", port)}).ret == 0
+    assert a.call("close", {"fd": stale}).ok
+    assert a.call("poll", {"fds": [client], "events": 1, "timeout": 0}).ret == {client: 0}  # no RST arrived
+    # The same without the refused connect first: the queued child's RST resets the client.
+    clean = tcp(a, family=10)
+    assert a.call("listen", {"fd": clean, "backlog": 8}).ok
+    port = a.call("getsockname", {"fd": clean}).ret[1]
+    other = tcp(a, family=10)
+    assert a.call("connect", {"fd": other, "addr": ("::1", port)}).ret == 0
+    assert a.call("close", {"fd": clean}).ok
+    assert a.call("poll", {"fds": [other], "events": 1, "timeout": 0}).ret == {other: 25}  # POLLIN|POLLERR|POLLHUP
