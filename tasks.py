@@ -397,16 +397,28 @@ def _results_dir(root, name: str):
 OUT_HELP = "directory for the reports (default: results/; also SOCKLAB_RESULTS or results.dir in invoke.yaml)"
 
 
-def _running_lab(lab: Lab, topology: str) -> Lab:
-    """``lab``, booted here if it does not run (it is left running for the next check)."""
+def _running_lab(lab: Lab, topology: str, kernel: str | None = None) -> Lab:
+    """``lab``, booted here if it does not run (it is left running for the next check).
+
+    With ``kernel`` (a series) the lab must run that kernel: it boots on it, and a running lab of
+    another kernel is refused rather than rebooted under someone's feet.
+    """
     state = lab.load()
     if state is None or not state.ready or not all(lab.alive(state).values()):
-        progress.say(f"no lab is running; booting one ({topology}) and leaving it up for the next check")
-        image.build(lab.paths, "bookworm")
-        lab.up(topology)
+        progress.say(f"no lab is running; booting one ({topology}{', ' + kernel if kernel else ''}) "
+                     "and leaving it up for the next check")
+        image.build(lab.paths, kernel or "bookworm")
+        lab.up(topology, kernel=kernel or "bookworm")
     elif tuple(vm.name for vm in state.vms) != topology_of(topology).vms:
         # Another topology with the same VMs (`mixed`: other kernels) runs the lab as well.
         raise SocklabError(f"the running lab is {state.topology!r} but this needs {topology!r}: `{_down_hint(lab)}` first")
+    elif kernel:
+        from harness.model.versions import nearest_series
+
+        running = sorted({nearest_series(vm.kernel) for vm in state.vms if vm.kernel})
+        if running != [kernel]:
+            raise SocklabError(f"the running lab runs {', '.join(running) or 'an unknown kernel'}, not {kernel}: "
+                               f"`{_down_hint(lab)}` first, or leave out --kernel")
     return lab
 
 
@@ -938,7 +950,8 @@ def soak_(c, cycles="30", lab_name="03-listen", name=None):
     "no_shrink": "report disagreements without shrinking them",
     "out": OUT_HELP + "; the shrunk disagreements go to a fuzz-SEED directory there",
     "name": NAME_HELP,
-    "kernel": "with --model-only: the kernel to model (6.1, 6.12, 7.2); live runs model each VM's own kernel",
+    "kernel": "the kernel (6.1, 6.12, 7.2): a live run boots the lab on it if none runs (and refuses a running lab "
+              "of another); with --model-only, the kernel to model. Live runs model each VM's own kernel",
 })
 @_friendly
 def fuzz_(c, steps="5000", seed="1", model_only=False, no_shrink=False, out=None, name=None, kernel=None):
@@ -947,9 +960,6 @@ def fuzz_(c, steps="5000", seed="1", model_only=False, no_shrink=False, out=None
 
     count = _number(steps, "--steps", "a positive number of steps", int)
     seed_value = _seed(seed)
-    if kernel and not model_only:
-        raise SocklabError("--kernel goes with --model-only: a live fuzz models each VM's own kernel "
-                           "(boot another with `invoke lab.up --kernel K`)")
     series = _model_kernel(kernel)
     root = _results_root(c, out)
     if model_only:
@@ -958,7 +968,7 @@ def fuzz_(c, steps="5000", seed="1", model_only=False, no_shrink=False, out=None
     else:
         lab = _lab(name)
         with lab.using():  # programs bind fixed ports: one fuzz, check or run at a time on this lab
-            running = _running_lab(lab, "default")
+            running = _running_lab(lab, "default", kernel=series if kernel else None)
             try:
                 outcome = cli.run(running, count, seed_value, _results_dir(root, f"fuzz-{seed_value}"),
                                   progress=progress.say, shrink=not no_shrink)

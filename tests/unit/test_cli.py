@@ -196,3 +196,45 @@ def test_invoke_test_runs_pytest_in_workers_unless_told_not_to(kwargs, wanted, u
     tasks.test_.body(Context(), **kwargs)
     assert len(ran) == 1 and ran[0].startswith(f"{sys.executable} -m pytest ")
     assert all(text in ran[0] for text in wanted) and not any(text in ran[0] for text in unwanted), ran[0]
+
+
+class _FakeLab:
+    """What _running_lab asks of a lab: its state, which VMs live, up(); records the boots."""
+
+    name = "default"
+
+    def __init__(self, kernels):
+        from harness.lab.state import LabState, VMState
+
+        self.paths = None
+        self.boots = []
+        self.state = None if kernels is None else LabState(lab_id="x", topology="default", ready=True, vms=[
+            VMState(name=name, index=i, ssh_port=1, lab_ip="198.51.100.1/24", mgmt_mac="m", lab_mac="l", pid=1,
+                    kernel=kernel) for i, (name, kernel) in enumerate(zip(("client", "server"), kernels))])
+
+    def load(self):
+        return self.state
+
+    def alive(self, state):
+        return {vm.name: True for vm in state.vms}
+
+    def up(self, topology, kernel="bookworm"):
+        self.boots.append((topology, kernel))
+
+
+def test_a_live_fuzz_with_kernel_boots_the_lab_on_it_and_refuses_a_running_lab_of_another(monkeypatch, tmp_path):
+    from harness.errors import SocklabError
+
+    tasks = _tasks_module(monkeypatch, tmp_path)
+    built = []
+    monkeypatch.setattr(tasks.image, "build", lambda paths, recipe: built.append(recipe))
+    idle = _FakeLab(None)
+    assert tasks._running_lab(idle, "default", kernel="6.12") is idle
+    assert built == ["6.12"] and idle.boots == [("default", "6.12")]
+
+    newer = _FakeLab(["6.12.118+deb13-cloud-amd64", "6.12.118+deb13-cloud-amd64"])
+    assert tasks._running_lab(newer, "default", kernel="6.12") is newer and newer.boots == []
+    older = _FakeLab(["6.1.0-57-cloud-amd64", "6.1.0-57-cloud-amd64"])
+    with pytest.raises(SocklabError, match=r"the running lab runs 6\.1, not 7\.2: `invoke lab.down` first"):
+        tasks._running_lab(older, "default", kernel="7.2")
+    assert tasks._running_lab(older, "default") is older and older.boots == []  # no --kernel: any kernel will do
