@@ -30,6 +30,8 @@ class FuzzRun:
                "filed in tests/corpus/open" if report.known_met else ""),
             f"shrunk: {report.shrunk}",
         ]
+        for signature, count in sorted(report.known_met.items()):
+            lines.append(f"  open: {signature}  [{count}x]")
         if report.invalid:
             lines.append(f"programs skipped: {report.invalid} (a sysctl value the guest refused)")
         for disagreement, path in zip(report.disagreements, self.written):

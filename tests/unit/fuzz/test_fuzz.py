@@ -179,6 +179,8 @@ def test_a_disagreement_filed_as_open_is_counted_but_not_reported_again(tmp_path
     assert list(known) == ["listen: kernel EINVAL, model ok int"]
     again = fuzz(3000, seed=5, kernel=ModelKernel(listen_zero_is_einval), known=known, do_shrink=False)
     assert again.disagreements == [] and again.known_met["listen: kernel EINVAL, model ok int"] >= 1
+    text = cli.FuzzRun(again, (), 1, None).text()
+    assert f"  open: listen: kernel EINVAL, model ok int  [{again.known_met['listen: kernel EINVAL, model ok int']}x]" in text
 
 
 def test_a_relocated_program_uses_another_program_s_ports_and_names_only():
