@@ -11,7 +11,8 @@ from harness.guest.client import Agent, AgentDied, AgentHost, measure_latency
 from harness.model import Network, Step
 from harness.model import run_steps as run_on_model
 
-pytestmark = pytest.mark.vm
+# One worker runs the module (pytest-xdist, --dist loadgroup): the module's agents start once, not once per worker.
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("agent")]
 
 SO_ZEROCOPY = 60
 SO_EE_ORIGIN_ZEROCOPY = 5

@@ -6,7 +6,8 @@ import pytest
 
 from harness.perf.zerocopy import MODES, PATHS, measure, plot
 
-pytestmark = pytest.mark.vm
+# One worker runs the module (--dist loadgroup): the measurement all its tests read is made once, not once per worker.
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("zerocopy-bench")]
 
 SIZES = (16384, 65536)
 

@@ -23,7 +23,8 @@ import pytest
 from harness.image import build as image
 from harness.paths import PACKAGE_RECIPES, REPO_ROOT, Paths
 
-pytestmark = pytest.mark.slow
+# One worker runs the module (--dist loadgroup): the wheel is built and installed once, not once per worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("wheel-install")]
 
 # What a checkout holds that is not source: never copied into the build.
 NOT_SOURCE = shutil.ignore_patterns(".git", ".socklab", "cache", "results", "work", "build", "*.egg-info",

@@ -26,7 +26,8 @@ from harness.scenario.check import LabSpec
 
 from .conftest import DETECTION_LIMIT, LABS, CheckInThread, assert_recovers, leftovers, make_home
 
-pytestmark = pytest.mark.vm
+# One worker runs the module (--dist loadgroup): its fault lab boots once, not once per worker.
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("lifecycle-faults")]
 
 HOLD = LabSpec.load(str(LABS / "hold"))
 
