@@ -5,29 +5,27 @@ and an empty SOCKLAB_IMAGES: with no image recipe at all, a CLI that tried to bu
 validating fails (and the case with it) instead of booting anything.
 
 A hundred `python -m invoke` starts cost a second of imports each on a loaded two-core machine, so
-the cases run in forks of a few pre-imported servers (this file run as a script with --serve): each
-case is still a process of its own with its own environment, stdio and exit status, running invoke's
-`program.run()` exactly as `python -m invoke` does. test_forked_runs_match_python_m_invoke checks
-that the two agree.
+the cases run in forks of a few pre-imported servers (tests/forkinvoke.py): each case is still a
+process of its own with its own environment, stdio and exit status, running invoke's `program.run()`
+exactly as `python -m invoke` does. test_forked_runs_match_python_m_invoke checks that the two agree.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.forkinvoke import Forker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CORPUS = REPO_ROOT / "tests" / "badinput"
@@ -41,7 +39,8 @@ NOBODY = 65534  # the uid and gid a `nobody: true` case runs as
 def _params():
     for case in CASES:
         marks = [pytest.mark.xfail(strict=True, reason=" ".join(case["bug"].split()))] if case.get("bug") else []
-        yield pytest.param(case, id=case["id"], marks=marks)
+        # One worker runs every case (--dist loadgroup): ``outcomes`` runs the cases once, not once per worker.
+        yield pytest.param(case, id=case["id"], marks=[*marks, pytest.mark.xdist_group("bad-input")])
 
 
 @dataclass
@@ -90,92 +89,6 @@ def _subprocess(argv: list[str], env: dict[str, str], uid: int | None = None) ->
     except subprocess.TimeoutExpired:
         return -1, "", f"timed out after {TIMEOUT:.0f} s"
     return result.returncode, result.stdout, result.stderr
-
-
-class Forker:
-    """A server process that has imported invoke and the harness once and forks one child per command."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve"], cwd=REPO_ROOT, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-
-    def __call__(self, argv: list[str], env: dict[str, str], uid: int | None = None) -> tuple[int, str, str]:
-        with tempfile.TemporaryDirectory(prefix="socklab-badinput-io-") as io:
-            out, err = Path(io, "stdout"), Path(io, "stderr")
-            self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "out": str(out), "err": str(err),
-                                              "uid": uid}) + "\n")
-            self.proc.stdin.flush()
-            reply = self.proc.stdout.readline()
-            if not reply:
-                raise RuntimeError("the fork server died")
-            return json.loads(reply)["rc"], out.read_text(errors="replace"), err.read_text(errors="replace")
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
-
-
-def _serve() -> None:
-    """--serve: read one JSON command a line, run it in a fork, answer its exit status."""
-    sys.path.insert(0, str(REPO_ROOT))
-    import invoke.main  # noqa: F401 - everything tasks.py imports, imported once here
-    import harness.lab.lifecycle, harness.image.build, harness.scenario.check, harness.scenario.format  # noqa: E401,F401
-    # rich imports its emoji table on first use; a `nobody: true` child may not be able to read this
-    # interpreter's site-packages (here under root's 0700 home), so it is imported before the fork.
-    import rich._emoji_codes  # noqa: F401
-
-    for line in sys.stdin:
-        request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            _child(request)
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                continue
-            time.sleep(0.005)
-        rc = os.waitstatus_to_exitcode(status)
-        sys.stdout.write(json.dumps({"rc": rc}) + "\n")
-        sys.stdout.flush()
-
-
-def _child(request: dict) -> None:
-    code = 1
-    try:
-        os.environ.clear()
-        os.environ.update(request["env"])
-        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["out"], os.O_WRONLY | os.O_CREAT),
-                                (2, request["err"], os.O_WRONLY | os.O_CREAT)):
-            os.dup2(os.open(path, flags, 0o600), fd)
-        if request.get("uid") is not None:  # a `nobody: true` case: an unprivileged user, as students are
-            os.setgroups([])
-            os.setgid(request["uid"])
-            os.setuid(request["uid"])
-        sys.argv = ["invoke", *request["argv"]]
-        from invoke.main import program
-
-        try:
-            program.run()
-            code = 0
-        except SystemExit as exc:  # what the interpreter would do with it
-            if exc.code is None or isinstance(exc.code, int):
-                code = exc.code or 0
-            else:
-                print(exc.code, file=sys.stderr)
-        except BaseException:  # noqa: BLE001 - an uncaught exception: traceback and exit 1, as python does
-            import traceback
-
-            traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
 
 
 def _fill(text: str, case: dict, tmp: Path) -> str:
@@ -361,6 +274,3 @@ def test_forked_runs_match_python_m_invoke(case_id):
     assert first(forked.stderr) == first(real.stderr)
     assert forked.leftovers == real.leftovers == []
 
-
-if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
-    _serve()

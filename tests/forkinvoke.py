@@ -1,0 +1,141 @@
+"""`python -m invoke ARGV` for the tests, from a server that imported invoke and the harness once.
+
+A `python -m invoke` start costs about a second of imports on a loaded two-core machine, and the unit
+tests start a few hundred. ``Forker`` keeps one server process (this file run with --serve) that has
+imported invoke and the harness, and forks one child per command: each command is still a process of
+its own, with its own environment, working directory, stdio and exit status, running invoke's
+``program.run()`` as `python -m invoke` does. tests/unit/test_bad_input.py's
+test_forked_runs_match_python_m_invoke checks that the two agree; a few CLI tests keep the real
+`python -m invoke` start.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 120.0
+
+
+class Forker:
+    """A server process that has imported invoke and the harness once and forks one child per command."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve"], cwd=REPO_ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def __call__(self, argv: list[str], env: dict[str, str], uid: int | None = None, cwd: Path | None = None,
+                 timeout: float = TIMEOUT) -> tuple[int, str, str]:
+        """Run ``invoke ARGV``; (exit status, stdout, stderr). A command past ``timeout`` is killed (status -9)."""
+        with tempfile.TemporaryDirectory(prefix="socklab-forkinvoke-io-") as io:
+            out, err = Path(io, "stdout"), Path(io, "stderr")
+            self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "out": str(out), "err": str(err), "uid": uid,
+                                              "cwd": str(cwd or REPO_ROOT), "timeout": timeout}) + "\n")
+            self.proc.stdin.flush()
+            reply = self.proc.stdout.readline()
+            if not reply:
+                raise RuntimeError("the fork server died")
+            return json.loads(reply)["rc"], out.read_text(errors="replace"), err.read_text(errors="replace")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+_shared: Forker | None = None
+
+
+def invoke(argv: list[str], env: dict[str, str], cwd: Path | None = None,
+           timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """``invoke ARGV`` as subprocess.run(..., capture_output=True, text=True, stdin=DEVNULL) gives it, forked.
+
+    One fork server per test process, started on first use and stopped at exit.
+    """
+    global _shared
+    if _shared is None:
+        _shared = Forker()
+        atexit.register(_shared.close)
+    returncode, stdout, stderr = _shared(list(argv), dict(env), cwd=cwd, timeout=timeout)
+    return subprocess.CompletedProcess(["invoke", *argv], returncode, stdout, stderr)
+
+
+def _serve() -> None:
+    """--serve: read one JSON command a line, run it in a fork, answer its exit status."""
+    sys.path.insert(0, str(REPO_ROOT))
+    import invoke.main  # noqa: F401 - everything tasks.py imports, imported once here
+    import harness.lab.lifecycle, harness.image.build, harness.scenario.check, harness.scenario.format  # noqa: E401,F401
+    # rich imports its emoji table on first use; a `nobody: true` child may not be able to read this
+    # interpreter's site-packages (here under root's 0700 home), so it is imported before the fork.
+    import rich._emoji_codes  # noqa: F401
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            _child(request)
+        deadline = time.monotonic() + request.get("timeout", TIMEOUT)
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                continue
+            time.sleep(0.005)
+        rc = os.waitstatus_to_exitcode(status)
+        sys.stdout.write(json.dumps({"rc": rc}) + "\n")
+        sys.stdout.flush()
+
+
+def _child(request: dict) -> None:
+    code = 1
+    try:
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request.get("cwd", REPO_ROOT))
+        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["out"], os.O_WRONLY | os.O_CREAT),
+                                (2, request["err"], os.O_WRONLY | os.O_CREAT)):
+            os.dup2(os.open(path, flags, 0o600), fd)
+        if request.get("uid") is not None:  # a `nobody: true` case: an unprivileged user, as students are
+            os.setgroups([])
+            os.setgid(request["uid"])
+            os.setuid(request["uid"])
+        # harness.progress sizes its consoles from COLUMNS and the streams at import: made again here,
+        # with this command's environment and stdio, as a fresh `python -m invoke` makes them.
+        import harness.progress
+
+        importlib.reload(harness.progress)
+        sys.argv = ["invoke", *request["argv"]]
+        from invoke.main import program
+
+        try:
+            program.run()
+            code = 0
+        except SystemExit as exc:  # what the interpreter would do with it
+            if exc.code is None or isinstance(exc.code, int):
+                code = exc.code or 0
+            else:
+                print(exc.code, file=sys.stderr)
+        except BaseException:  # noqa: BLE001 - an uncaught exception: traceback and exit 1, as python does
+            import traceback
+
+            traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
+    _serve()
