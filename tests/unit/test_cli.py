@@ -9,15 +9,19 @@ import sys
 import pytest
 
 from harness.paths import REPO_ROOT
+from tests import forkinvoke
 
 TASKS = ["images.build", "images.clean", "lab.up", "lab.down", "lab.status", "lab.ssh", "lab.console",
          "lab.exec", "test"]
 
 
 def invoke(*args: str, home) -> subprocess.CompletedProcess:
-    env = dict(os.environ, SOCKLAB_HOME=str(home))
-    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    """`invoke ARGS` from the checkout, forked from a pre-imported server (tests/forkinvoke.py).
+
+    The tests below that run `python -m invoke` itself (another working directory, SOCKLAB_LAB) keep
+    the real start.
+    """
+    return forkinvoke.invoke(list(args), dict(os.environ, SOCKLAB_HOME=str(home)))
 
 
 @pytest.mark.parametrize("name", TASKS)

@@ -6,8 +6,6 @@ import io
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import pytest
 from harness import log as debug_log
 from harness.guest.ssh import GuestSSH
 from harness.vm import qemu
+from tests import forkinvoke
 
 from .fakes import FakePopen, FakeSSHServer
 from .test_agent_client import LocalGuestSSH, local_agent, remote_dir  # noqa: F401 - remote_dir is a fixture
@@ -121,8 +120,8 @@ def test_agent_requests_and_replies_are_logged_truncated(remote_dir, shown):  # 
 def _invoke(*args, env_extra=None, home):
     env = {**os.environ, "PYTHONPATH": str(REPO), "SOCKLAB_HOME": str(home), **(env_extra or {})}
     env.pop("SOCKLAB_DEBUG", None) if not env_extra or "SOCKLAB_DEBUG" not in env_extra else None
-    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    # Forked from a pre-imported server (tests/forkinvoke.py): a process of its own, with real stdio.
+    return forkinvoke.invoke(list(args), env, timeout=120)
 
 
 def test_cli_debug_goes_to_stderr_only_and_is_off_by_default(tmp_path):

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 import yaml
 
-from harness.paths import REPO_ROOT
+from tests import forkinvoke
 
 
 def invoke(*args: str, home, workspace) -> subprocess.CompletedProcess:
+    """`invoke ARGS` from the checkout, forked from a pre-imported server (tests/forkinvoke.py)."""
     env = dict(os.environ, SOCKLAB_HOME=str(home), SOCKLAB_WORKSPACE=str(workspace), COLUMNS="250")
-    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    return forkinvoke.invoke(list(args), env)
 
 
 def test_predict_writes_a_sheet_and_an_answers_file(tmp_path):
