@@ -1,25 +1,28 @@
-"""Leak-free cycles: up → check → down, three times (the CI budget; `invoke lab.soak` runs 30),
-and every count of the lab's QEMUs, taps, netns, run files and of this process's fds and threads
-back where it started after each cycle."""
+"""Leak-free cycles: up → check → down, twice (`invoke lab.soak` runs 30), and every count of the lab's
+QEMUs, taps, netns, run files and of this process's fds and threads back where it started after each
+cycle.
+
+Two cycles, not three: every count is compared with the baseline taken before the first cycle, so a
+per-cycle leak (the 4 descriptors a cycle of docs/faults.md) shows after the first; the second starts
+from what a ``down`` left, which the first does not. A third cycle tests nothing the second did not.
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from harness.lab.lifecycle import Lab
 from harness.perf.soak import soak
 
-from .conftest import CLEAN, LABS, leftovers, make_home
+from .conftest import LABS, make_home
 
 pytestmark = pytest.mark.vm
 
 
-def test_three_cycles_leave_nothing_behind(tmp_path):
+def test_two_cycles_leave_nothing_behind(tmp_path):
     paths = make_home(tmp_path / "home")
-    report = soak(paths, cycles=3, lab_name=str(LABS / "handshake"))
+    report = soak(paths, cycles=2, lab_name=str(LABS / "handshake"))
     print("\n" + report.table())
-    assert [cycle.error for cycle in report.cycles] == [None, None, None]
+    assert [cycle.error for cycle in report.cycles] == [None, None]
     assert all(cycle.check.startswith("pass") for cycle in report.cycles), report.table()
     assert report.leaks == []
     report.assert_clean()
-    assert leftovers(Lab(paths)) == CLEAN
