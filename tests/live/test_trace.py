@@ -8,7 +8,7 @@ import pytest
 
 from harness.guest.client import Agent
 from harness.lab.status import markdown
-from harness.scenario.check import LabSpec, check, known_labs, run_scenario
+from harness.scenario.check import LabSpec, check, known_labs
 from harness.scenario.format import load
 from harness.scenario.live import LabBackend
 from harness.paths import REPO_ROOT
@@ -30,9 +30,35 @@ def tracefs_state(lab, vm: str = "server") -> str:
     return lab.ssh(vm).run(command, timeout=30, check=True).stdout
 
 
-def test_backlog_trace_shows_inet_csk_listen_start_for_tcp_and_sock_no_listen_for_udp(lab):
-    scenario = load(REPO_ROOT / "labs/03-listen/backlog.yaml")
-    result = run_scenario(scenario, lab, trace=TraceOptions())
+@pytest.fixture(scope="module")
+def traced_check(lab):
+    """``traced_check(name)``: the lab's check, traced at CITATION_DEPTH, run once per lab and worker.
+
+    Returns (tracefs before, the report, tracefs after). The citation test of 03-listen and the
+    backlog test read the same run: that check runs backlog.yaml traced, as the backlog test did on its own.
+    """
+    reports: dict[str, tuple[str, object, str]] = {}
+
+    def run(name: str):
+        if name not in reports:
+            before = tracefs_state(lab)
+            report = check(LabSpec.load(name), lab, trace=TraceOptions(depth=CITATION_DEPTH))
+            reports[name] = (before, report, tracefs_state(lab))
+        return reports[name]
+
+    return run
+
+
+# One xdist group: the backlog test and 03-listen's citation test share one traced check of the lab.
+@pytest.mark.xdist_group("trace-03-listen")
+def test_backlog_trace_shows_inet_csk_listen_start_for_tcp_and_sock_no_listen_for_udp(traced_check):
+    """The kernel's graphs of backlog.yaml's listen() steps, from 03-listen's traced check.
+
+    The same scenario at the default depth is the guide's `invoke lab.run labs/03-listen/backlog.yaml
+    --trace` block (tests/live/test_guides.py), which must show both functions.
+    """
+    _, report, _ = traced_check("03-listen")
+    result = next(run for run in report.runs if run.scenario.path.name == "backlog.yaml")
     assert result.ok, result.error
     tcp_listen = next(r for r in result.records if r.step.call == "listen" and r.step.args["fd"] == "$listener")
     udp_listen = result.record("udp-listen")
@@ -41,17 +67,22 @@ def test_backlog_trace_shows_inet_csk_listen_start_for_tcp_and_sock_no_listen_fo
     assert tcp_listen.citation.status == "on the path" and udp_listen.citation.status == "on the path"
 
 
-@pytest.mark.parametrize("name", known_labs())
-def test_every_citation_of_a_traced_lab_is_on_the_path_or_untraceable(lab, name):
-    before = tracefs_state(lab)
-    report = check(LabSpec.load(name), lab, trace=TraceOptions(depth=CITATION_DEPTH))
+def _labs():
+    for name in known_labs():
+        shared = name == "03-listen"  # its traced check is the backlog test's too: same worker
+        yield pytest.param(name, marks=[pytest.mark.xdist_group("trace-03-listen")] if shared else [])
+
+
+@pytest.mark.parametrize("name", list(_labs()))
+def test_every_citation_of_a_traced_lab_is_on_the_path_or_untraceable(traced_check, name):
+    before, report, after = traced_check(name)
     assert report.ok, markdown(report)
     traced = [record for run in report.runs for record in run.records if record.trace is not None]
     assert traced, f"{name}: no step was traced"
     wrong = [f"{run.scenario.name} step {record.step.index} {record.step.describe()}: {record.citation.describe()}"
              for run in report.runs for record in run.records if record.citation and record.citation.model_bug]
     assert not wrong, "\n".join(wrong)
-    assert tracefs_state(lab) == before
+    assert after == before
 
 
 def test_a_killed_tracing_agent_leaves_tracefs_as_it_found_it(lab):
