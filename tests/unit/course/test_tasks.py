@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,8 +13,12 @@ from tests import forkinvoke
 
 
 def invoke(*args: str, home, workspace) -> subprocess.CompletedProcess:
-    """`invoke ARGS` from the checkout, forked from a pre-imported server (tests/forkinvoke.py)."""
-    env = dict(os.environ, SOCKLAB_HOME=str(home), SOCKLAB_WORKSPACE=str(workspace), COLUMNS="250")
+    """`invoke ARGS` from the checkout, forked from a pre-imported server (tests/forkinvoke.py).
+
+    Reports go beside the home, not into the checkout's results/ (lab.model writes one per run).
+    """
+    env = dict(os.environ, SOCKLAB_HOME=str(home), SOCKLAB_WORKSPACE=str(workspace), COLUMNS="250",
+               SOCKLAB_RESULTS=str(Path(home).parent / "results"))
     return forkinvoke.invoke(list(args), env)
 
 
