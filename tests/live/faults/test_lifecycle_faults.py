@@ -34,7 +34,9 @@ HOLD = LabSpec.load(str(LABS / "hold"))
 
 def _invoke(home: Path, *args: str, cwd: Path = REPO_ROOT, env: dict | None = None) -> subprocess.Popen:
     # The lab named 'default' of ``home``: the session's SOCKLAB_LAB names a lab of another home.
-    environ = {**os.environ, "SOCKLAB_HOME": str(home), "SOCKLAB_LAB": "default", "COLUMNS": "200", **(env or {})}
+    # Its reports go beside that home, not into the checkout's results/ (lab.check writes one per run).
+    environ = {**os.environ, "SOCKLAB_HOME": str(home), "SOCKLAB_LAB": "default", "COLUMNS": "200",
+               "SOCKLAB_RESULTS": str(Path(cwd, home).parent / "results"), **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(REPO_ROOT), *args], cwd=cwd,
                             env=environ, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
