@@ -58,7 +58,9 @@ def _case_path(case: dict) -> str:
     return str((CORPUS / case["case"]).relative_to(REPO_ROOT)) if case.get("case") else ""
 
 
-def _qemu_using(marker: str) -> list[int]:
+def _qemu_using(*markers: str) -> list[int]:
+    """QEMUs whose command line names any of ``markers`` (our own case dirs)."""
+    wanted = [marker.encode() for marker in markers]
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -66,7 +68,7 @@ def _qemu_using(marker: str) -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"qemu-system" in cmdline and marker.encode() in cmdline:
+            if b"qemu-system" in cmdline and any(marker in cmdline for marker in wanted):
                 pids.append(int(entry.name))
     return pids
 
@@ -189,12 +191,13 @@ def outcomes(request) -> dict[str, Outcome]:
         done = {case["id"]: outcome for chunk, outcomes in zip(chunks, pool.map(run_chunk, chunks))
                 for case, outcome in zip(chunk, outcomes)}
     yield done
+    # One look at /proc for all cases (a scan per case made this teardown take seconds), then the dirs.
+    for pid in _qemu_using(*(str(outcome.tmp) for outcome in done.values())):  # only ever ours: they name our dirs
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
     for outcome in done.values():
-        for pid in _qemu_using(str(outcome.tmp)):  # only ever ours: their command lines name our tmp dir
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
         shutil.rmtree(outcome.tmp, ignore_errors=True)
 
 
