@@ -69,7 +69,7 @@ def floor_argv(kernel: Path, initrd: Path, shape: Shape) -> list[str]:
     spec = qemu.VMSpec(name="floor", run_dir=Path("/nonexistent"), kernel=kernel, initrd=initrd,
                        overlay=Path("/nonexistent"), ssh_port=0, mgmt_mac="", lab_ip="", lab_nic=None,
                        accel=shape.accel, memory_mib=shape.memory_mib, cpus=shape.cpus, extra_append=FLOOR_INIT)
-    return [qemu.QEMU, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+    return [qemu.QEMU, *qemu.BASE_ARGS,
             *qemu.machine_args(shape.accel, shape.memory_mib, shape.cpus),
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", spec.kernel_append(),
             "-serial", "stdio"]

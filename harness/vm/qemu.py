@@ -124,6 +124,10 @@ class VMSpec:
 SANDBOX = "on,obsolete=deny,resourcecontrol=deny"
 
 
+# No default devices, no config files, no display, and QEMU ends when the guest would reboot (a panic).
+BASE_ARGS = ("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot")
+
+
 def cpu_model(accel: str) -> str:
     # qemu64 has no RDRAND, so sshd sat ~2.5 s in getrandom() waiting for the
     # crng; with RDRAND (emulated by TCG) the kernel seeds it at once.
@@ -145,7 +149,7 @@ def qemu_argv(spec: VMSpec, incoming_fd: int | None = None) -> list[str]:
         QEMU,
         "-name", f"socklab-{spec.name},process=socklab-{spec.name}",
         *(["-uuid", spec.uuid] if spec.uuid else []),
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        *BASE_ARGS,
         *machine_args(spec.accel, spec.memory_mib, spec.cpus),
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),

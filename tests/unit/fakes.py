@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -251,3 +252,11 @@ class QuietBackend:
 
     def close(self):
         pass
+
+
+@dataclass
+class FakeVM:
+    """A lab state's VM as the matrix reads it: a name and the kernel release it runs."""
+
+    name: str
+    kernel: str

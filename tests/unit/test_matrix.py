@@ -8,11 +8,7 @@ from harness.errors import LabError
 from harness.scenario import matrix
 from harness.scenario.check import LabSpec
 
-
-@dataclass
-class FakeVM:
-    name: str
-    kernel: str
+from .fakes import FakeVM
 
 
 @dataclass

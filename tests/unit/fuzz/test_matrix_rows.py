@@ -10,6 +10,7 @@ from harness.fuzz.engine import fuzz, write_corpus
 from harness.fuzz.matrix import CI_SEED, CI_STEPS, corpus_check, fuzz_check
 from harness.scenario.runner import ModelBackend, run
 
+from ..fakes import FakeVM
 from .test_fuzz import ModelKernel, listen_zero_is_einval
 
 FILE = """\
@@ -21,12 +22,6 @@ steps:
   - {{on: server, call: socket, args: {{family: AF_INET, type: SOCK_STREAM}}, as: s}}
   - {{on: server, call: listen, args: {{fd: $s, backlog: 0}}, label: disagreement, expect: 0}}
 """
-
-
-@dataclass
-class FakeVM:
-    name: str
-    kernel: str
 
 
 @dataclass
