@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -275,23 +276,43 @@ def test_start_pushes_once_per_connection_and_again_when_the_content_changes(ssh
     changed.write_bytes(GUEST_AGENT.read_bytes() + b"\n# changed\n")
     third = local_agent(ssh, remote_dir, source=changed).start()
     assert len(ssh.transport.uploads) == 2
-    # Only the newest version stays; the agents started from the old file keep running.
-    assert [p.name for p in (Path(remote_dir) / "run").iterdir()] == [
-        f"agent-{agent_mod.agent_digest(changed.read_bytes())}.py"]
+    # Only the newest version stays, with its compiled code; the agents started from the old file keep running.
+    run = Path(remote_dir) / "run"
+    newest = agent_mod.agent_module(changed.read_bytes())
+    assert sorted(p.name for p in run.iterdir()) == ["__pycache__", f"{newest}.py"]
+    assert [p.name.split(".")[0] for p in (run / "__pycache__").iterdir()] == [newest]
     assert first.call("socket", family=2, type=1).ret == 3
-    assert oct((Path(remote_dir) / "run").stat().st_mode & 0o777) == "0o755"
+    assert oct(run.stat().st_mode & 0o777) == "0o755"
+    assert oct((run / "__pycache__").stat().st_mode & 0o777) == "0o755"
     for agent in (first, second, third):
         agent.close()
 
 
 def test_command_lines_for_root_and_other_users(ssh):
-    root = Agent(ssh, "server").command("/run/socklab/agent-x.py")
-    assert root == "exec /usr/bin/python3 -I /run/socklab/agent-x.py --block-ms 2000"
+    root = Agent(ssh, "server").command("/run/socklab/agent/agent_x.py")
+    words = shlex.split(root)
+    assert words[:5] == ["exec", "/usr/bin/python3", "-I", "-S", "-c"]
+    assert words[5] == agent_mod.LOADER
+    assert words[6:] == ["/run/socklab/agent", "agent_x", "--block-ms", "2000"]
     assert agent_mod.REMOTE_DIR == "/run/socklab/agent"
-    student = Agent(ssh, "server", "student", block_ms=500).command("/run/socklab/agent-x.py")
+    student = Agent(ssh, "server", "student", block_ms=500).command("/run/socklab/agent/agent_x.py")
     assert "id -u student" in student and "id -g student" in student
-    assert 'exec setpriv --reuid="$uid" --regid="$gid" --init-groups --reset-env /usr/bin/python3 -I' in student
-    assert student.endswith("--block-ms 500")
+    assert 'exec setpriv --reuid="$uid" --regid="$gid" --init-groups --reset-env /usr/bin/python3 -I -S -c' in student
+    assert student.endswith("agent_x --block-ms 500")
+
+
+def test_the_agent_runs_as_a_module_and_keeps_its_compiled_code(ssh, remote_dir):
+    """The second start reads the compiled agent from __pycache__ instead of compiling 2,000 lines again."""
+    first = local_agent(ssh, remote_dir).start()
+    first.close()
+    cache = Path(remote_dir) / "run" / "__pycache__"
+    compiled = list(cache.iterdir())
+    assert [p.name.split(".")[0] for p in compiled] == [agent_mod.agent_module(GUEST_AGENT.read_bytes())]
+    written = compiled[0].stat().st_mtime_ns
+    second = local_agent(ssh, remote_dir).start()
+    assert second.call("socket", family=2, type=1).ret == 3
+    second.close()
+    assert compiled[0].stat().st_mtime_ns == written  # read, not written again
 
 
 # -- steps ------------------------------------------------------------------------------------------

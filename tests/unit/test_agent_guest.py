@@ -541,3 +541,40 @@ def test_sendfile_on_a_socket_that_is_not_connected_is_epipe(agent):
     reply = agent.call("sendfile", fd=fd, length=10)
     assert (reply["ret"], reply["errno"]) == (-1, "EPIPE")
     assert agent.call("sendfile", fd=fd, length=-1)["errno"] == "EINVAL"
+
+
+# -- start-up -----------------------------------------------------------------------------------------
+
+def _agent_run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-I", "-S", "-B", str(GUEST_AGENT), *argv], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_options_are_parsed_as_argparse_would_and_bad_ones_exit_2():
+    shown = _agent_run("--help")
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: agent.py [--block-ms MS]")
+    assert "--block-ms MS" in shown.stdout
+    for bad, said in ((["--bogus"], "unrecognized argument: --bogus"), (["--block-ms"], "--block-ms expects a value"),
+                      (["--block-ms", "soon"], "--block-ms: not a whole number of milliseconds: 'soon'")):
+        refused = _agent_run(*bad)
+        assert refused.returncode == 2, bad
+        assert refused.stderr.splitlines() == ["usage: agent.py [--block-ms MS]", f"agent.py: error: {said}"]
+    spec = importlib.util.spec_from_file_location("socklab_agent_options", GUEST_AGENT)
+    agent = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agent)
+    options = agent.parse_options(["--block-ms=250", "--tracefs", "/tmp/fake-tracefs"])
+    assert (options.block_ms, options.tracefs, options.trace_state_dir) == (250, "/tmp/fake-tracefs",
+                                                                            agent.TRACE_STATE_DIR)
+    assert agent.parse_options([]).block_ms == agent.DEFAULT_BLOCK_MS
+
+
+def test_start_up_imports_none_of_the_slow_modules():
+    """argparse, dataclasses, typing and traceback cost a TCG guest tens of milliseconds at every start."""
+    # -X importtime lists every module the start imports; the agent answers one step, then EOF ends it.
+    run = subprocess.run([sys.executable, "-I", "-S", "-B", "-X", "importtime", str(GUEST_AGENT)],
+                         input=b'{"id": 1, "op": "socket", "args": {"family": 2, "type": 1}}\n',
+                         capture_output=True, timeout=30)
+    assert b'"ret":3' in run.stdout.replace(b" ", b"")
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.decode().splitlines() if "|" in line}
+    assert "socket" in imported and "ctypes" in imported
+    assert imported & {"argparse", "dataclasses", "typing", "traceback", "inspect"} == set()

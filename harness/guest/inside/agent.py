@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import base64
 import ctypes
 import errno as errno_mod
@@ -16,9 +15,13 @@ import struct
 import sys
 import threading
 import time
-import traceback
-from dataclasses import dataclass, field
-from typing import Any, Callable
+
+# The agent starts for every scenario under TCG, where each module imported costs
+# milliseconds: typing's names are for the checker only, and argparse, dataclasses and
+# traceback (with what they import) stay out of the start-up path.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, NoReturn
 
 PROTOCOL = 1
 
@@ -112,14 +115,24 @@ class BadRequest(Exception):
     """The request cannot be turned into a system call; the message names the problem."""
 
 
-@dataclass(frozen=True, slots=True)
 class Outcome:
     """What one op produced: the return value, the errno (0 for none), extra fields, and whether it blocked."""
 
-    ret: Any
-    errno: int = 0
-    extra: dict = field(default_factory=dict)
-    blocked: bool = False
+    __slots__ = ("ret", "errno", "extra", "blocked")
+
+    def __init__(self, ret: Any, errno: int = 0, extra: dict | None = None, blocked: bool = False) -> None:
+        self.ret = ret
+        self.errno = errno
+        self.extra = {} if extra is None else extra
+        self.blocked = blocked
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Outcome):
+            return NotImplemented
+        return (self.ret, self.errno, self.extra, self.blocked) == (other.ret, other.errno, other.extra, other.blocked)
+
+    def __repr__(self) -> str:
+        return f"Outcome(ret={self.ret!r}, errno={self.errno!r}, extra={self.extra!r}, blocked={self.blocked!r})"
 
 
 # -- argument decoding --------------------------------------------------------------------------
@@ -1118,6 +1131,8 @@ class Session:
             text = str(exc)
             return self.error_response(request_id, op, "EINVAL", f"{op}: {text}" if op else text, received)
         except Exception as exc:  # an agent bug must cost one step, not the session
+            import traceback  # only on this path: it is not imported at start-up
+
             traceback.print_exc(file=sys.stderr)
             return self.error_response(request_id, op, "EINVAL", f"{op}: agent failed: {type(exc).__name__}: {exc}",
                                        received)
@@ -1249,6 +1264,8 @@ class Batch:
         except BadRequest as exc:
             return self.error(op, str(exc))
         except Exception as exc:  # an agent bug costs one step, not the program
+            import traceback
+
             traceback.print_exc(file=sys.stderr)
             return self.error(op, f"agent failed: {type(exc).__name__}: {exc}")
         response = {"op": op, "ret": outcome.ret, "errno": errno_name(outcome.errno) if outcome.errno else None,
@@ -2124,13 +2141,60 @@ class TracingOps:
         return self.tracer.restore() if self.tracer.plan is not None else []
 
 
+USAGE = """usage: agent.py [--block-ms MS]
+
+socklab guest agent: runs socket system calls one JSON line at a time on stdin/stdout.
+
+  --block-ms MS  interrupt a call that blocks longer than MS and report it as blocked (0: never);
+                 default 2000"""
+
+
+class Options:
+    __slots__ = ("block_ms", "tracefs", "trace_state_dir")
+
+    def __init__(self) -> None:
+        self.block_ms = DEFAULT_BLOCK_MS
+        self.tracefs = TRACEFS  # --tracefs and --trace-state-dir are for tests (a fake tracefs)
+        self.trace_state_dir = TRACE_STATE_DIR
+
+
+def parse_options(argv: list[str]) -> Options:
+    """The agent's few options, parsed by hand: argparse costs more to import than the agent to start.
+
+    Raises SystemExit(2) with the usage on stderr for anything else, as argparse would.
+    """
+    options = Options()
+    names = {"--block-ms": "block_ms", "--tracefs": "tracefs", "--trace-state-dir": "trace_state_dir"}
+    rest = list(argv)
+    while rest:
+        word = rest.pop(0)
+        if word in ("-h", "--help"):
+            print(USAGE)
+            raise SystemExit(0)
+        name, has_value, value = word.partition("=")
+        if name not in names:
+            return _usage_error(f"unrecognized argument: {word}")
+        if not has_value:
+            if not rest:
+                return _usage_error(f"{name} expects a value")
+            value = rest.pop(0)
+        if name == "--block-ms":
+            try:
+                options.block_ms = int(value)
+            except ValueError:
+                return _usage_error(f"--block-ms: not a whole number of milliseconds: {value!r}")
+        else:
+            setattr(options, names[name], value)
+    return options
+
+
+def _usage_error(message: str) -> NoReturn:
+    print(f"{USAGE.splitlines()[0]}\nagent.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--block-ms", type=int, default=DEFAULT_BLOCK_MS,
-                        help="interrupt a call that blocks longer than this and report it as blocked (0: never)")
-    parser.add_argument("--tracefs", default=TRACEFS, help=argparse.SUPPRESS)  # tests point it at a fake
-    parser.add_argument("--trace-state-dir", default=TRACE_STATE_DIR, help=argparse.SUPPRESS)
-    options = parser.parse_args(argv)
+    options = parse_options(sys.argv[1:] if argv is None else argv)
 
     read_fd, write_fd, diag_fd = claim_stdio()
     strays = move_stray_fds((read_fd, write_fd, diag_fd))

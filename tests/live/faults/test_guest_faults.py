@@ -110,7 +110,7 @@ def test_agent_killed_mid_step_names_the_step_and_quotes_its_stderr(faulty):
     """9. The guest agent is SIGKILLed while it sits in poll()."""
     guest = side_channel(faulty, "server")
     try:
-        error, seconds, _ = _run_until_fault(faulty, lambda: fire(guest, "pkill -KILL -f '[a]gent-[0-9a-f]*[.]py'"))
+        error, seconds, _ = _run_until_fault(faulty, lambda: fire(guest, "pkill -KILL -f '[a]gent_[0-9a-f]{16}'"))
         # The VM and SSH are fine: only the agent went.
         assert guest.run("hostname", check=True).stdout.strip() == "server"
     finally:
