@@ -181,13 +181,19 @@ def run_scenario(scenario: Scenario, lab: Any | None, on_step: Callable[[StepRec
     result: RunResult | None = None
     closing = None
     try:
-        if kernel is not None:
+        traced_hosts = sorted({step.host for step in scenario.steps if traced_options(step, trace) is not None})
+        start = getattr(kernel, "start_agents", None)
+        if start is not None:
+            try:
+                start(traced_hosts)
+            except LabError as exc:
+                # Nothing ran yet; the run is reported as aborted like any other.
+                result = RunResult(scenario, error=f"starting the guest agents: {exc}")
+        if kernel is not None and result is None:
             try:
                 kernel.apply_sysctls()
             except LabError as exc:
-                # Nothing ran yet; the run is reported as aborted like any other.
                 result = RunResult(scenario, error=f"setting the scenario's sysctls: {exc}")
-        traced_hosts = sorted({step.host for step in scenario.steps if traced_options(step, trace) is not None})
         if result is None and kernel is not None and traced_hosts:
             kernel.arm_tracing(traced_hosts)  # a refusal (TraceError) stops the check: nothing ran yet
         if result is None:
