@@ -457,18 +457,23 @@ def test_student_steps_cannot_change_what_root_runs(lab):
     from harness.guest.client import Agent
 
     server = lab.ssh("server")
+    Agent(server, "server").start().close()  # root's agent writes the compiled code the student's reads
     agent = Agent(server, "server", "student").start()
     try:
         assert agent.request("socket", {"family": "AF_INET", "type": "SOCK_RAW", "protocol": 6}).errno == "EPERM"
     finally:
         agent.close()
-    listing = server.run("stat -c '%U %a %n' /run/socklab/agent /run/socklab/agent/*.py", check=True).stdout
+    files = "/run/socklab/agent /run/socklab/agent/*.py /run/socklab/agent/__pycache__ /run/socklab/agent/__pycache__/*"
+    listing = server.run(f"stat -c '%U %a %n' {files}", check=True).stdout
+    assert "/run/socklab/agent/__pycache__/agent_" in listing  # the compiled agent is there, and root's
     for line in listing.splitlines():
         owner, mode, name = line.split(" ", 2)
         assert owner == "root" and mode in ("755", "644"), line
     as_student = ("setpriv --reuid=1000 --regid=1000 --init-groups --reset-env sh -c "
-                  "'for f in /run/socklab/agent /run/socklab/agent/*.py; do touch \"$f\" 2>/dev/null && echo \"$f\"; done; "
-                  "echo x > /run/socklab/agent/new 2>/dev/null && echo created; id -u; grep CapEff /proc/self/status'")
+                  f"'for f in {files}; do touch \"$f\" 2>/dev/null && echo \"$f\"; done; "
+                  "echo x > /run/socklab/agent/new 2>/dev/null && echo created; "
+                  "echo x > /run/socklab/agent/__pycache__/new 2>/dev/null && echo created; "
+                  "id -u; grep CapEff /proc/self/status'")
     result = server.run(as_student, check=True).stdout.split()
     assert result == ["1000", "CapEff:", "0000000000000000"], result
 
