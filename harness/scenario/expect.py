@@ -36,6 +36,7 @@ from typing import Any
 import jinja2
 
 from .. import load as textio
+from .. import template
 from .format import ScenarioError, _shown, _strip_lines, render, sandbox
 from .predict import NotPredicted
 from .runner import RunResult, StepRecord
@@ -226,7 +227,7 @@ def evaluate(assertions: list[Assertion], names: Mapping[str, Any]) -> list[Asse
     outcomes = []
     for assertion in assertions:
         try:
-            with textio.template_budget():
+            with template.template_budget():
                 value = env.compile_expression(assertion.value, undefined_to_none=False)(**names)
             if isinstance(value, jinja2.Undefined):
                 value._fail_with_undefined_error()

@@ -33,6 +33,7 @@ import jinja2
 import jinja2.sandbox
 
 from .. import load as textio
+from .. import template
 from ..errors import SocklabError
 from ..model.versions import KERNELS
 
@@ -169,8 +170,8 @@ class Scenario:
 
 
 def sandbox() -> jinja2.sandbox.SandboxedEnvironment:
-    """The one template environment (harness.load's budgeted sandbox)."""
-    return textio.sandbox()
+    """The one template environment (harness.template's budgeted sandbox)."""
+    return template.sandbox()
 
 
 def _split(text: str) -> tuple[str, str, int]:
@@ -372,14 +373,14 @@ def render(text: str, params: Mapping[str, Any], where: str, line_offset: int = 
     """Render a template in the budgeted sandbox; undefined names, unsafe access and budget overruns become ScenarioErrors."""
     env = sandbox()
     try:
-        return textio.render_budgeted(env.from_string(text), params)
+        return template.render_budgeted(env.from_string(text), params)
     except jinja2.TemplateSyntaxError as exc:
         raise ScenarioError(f"{where}:{(exc.lineno or 1) + line_offset - 1}: template syntax: {exc.message}") from None
     except RecursionError:
         raise ScenarioError(f"{where}: template: recursion too deep (a macro that calls itself without end?)") from None
     except MemoryError:
         raise ScenarioError(f"{where}: template: ran out of memory (a loop too big?)") from None
-    except (jinja2.UndefinedError, jinja2.exceptions.SecurityError, textio.TemplateLimit, TypeError, ValueError,
+    except (jinja2.UndefinedError, jinja2.exceptions.SecurityError, template.TemplateLimit, TypeError, ValueError,
             ArithmeticError, LookupError, AttributeError) as exc:
         line = _template_line(exc)
         at = f"{where}:{line + line_offset - 1}" if line else where

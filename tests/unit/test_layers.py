@@ -20,7 +20,7 @@ HARNESS = Path(__file__).resolve().parents[2] / "harness"
 # Lowest first. A module belongs to the first entry that is its name or a package above it.
 LAYERS: list[tuple[str, ...]] = [
     ("harness", "harness.errors", "harness.deadline", "harness.progress", "harness.log", "harness.paths", "harness.load",
-     "harness.results"),
+     "harness.template", "harness.results"),
     ("harness.host", "harness.model"),
     ("harness.image",),
     ("harness.vm",),
