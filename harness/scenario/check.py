@@ -158,12 +158,15 @@ def lab_kernels(lab: Any) -> dict[str, str]:
 
 
 def run_scenario(scenario: Scenario, lab: Any | None, on_step: Callable[[StepRecord], None] | None = None,
-                 scatter_gather: bool | None = None, model_kernel: str = "6.1", trace: Any = None) -> RunResult:
+                 scatter_gather: bool | None = None, model_kernel: str = "6.1", trace: Any = None,
+                 agents: dict | None = None) -> RunResult:
     """One scenario on the model, and on the lab's kernels too when ``lab`` is given.
 
     With a lab, each host is modelled on its VM's kernel; without one, on ``model_kernel``.
     ``trace`` (TraceOptions) traces every call step on the kernel side; steps with
-    ``trace:`` are traced either way.
+    ``trace:`` are traced either way. ``agents`` (a dict the caller keeps and finally
+    gives to ``live.close_agents``) lets consecutive scenarios share their guest agents:
+    each is reset after a scenario instead of ended, and a traced check arms once.
     """
     kernel = None
     kernels: dict[str, str] = {}
@@ -173,7 +176,7 @@ def run_scenario(scenario: Scenario, lab: Any | None, on_step: Callable[[StepRec
         kernels = lab_kernels(lab)
         # A lab may bring its own kernel side (the unit tests' stand-in for the guests).
         factory = getattr(lab, "scenario_backend", None)
-        kernel = factory(scenario) if factory is not None else LabBackend(lab, scenario)
+        kernel = factory(scenario) if factory is not None else LabBackend(lab, scenario, agents)
         if scatter_gather is None:
             scatter_gather = lab.require().segment == "tap"
     model = ModelBackend(scenario, scatter_gather=True if scatter_gather is None else scatter_gather,
@@ -201,6 +204,10 @@ def run_scenario(scenario: Scenario, lab: Any | None, on_step: Callable[[StepRec
                 result = run(scenario, kernel, model, on_step, trace)
             except RunAborted as exc:
                 result = exc.result
+    except BaseException:
+        if kernel is not None and hasattr(kernel, "faulted"):
+            kernel.faulted = True  # whatever stopped the run (a refused trace, Ctrl-C): no agent is reused
+        raise
     finally:
         if kernel is not None:
             closing = _close(kernel)
@@ -240,16 +247,28 @@ def check(spec: LabSpec, lab: Any | None, overrides: Mapping[str, Any] | None = 
     scenarios = prepare(spec, overrides)
     kernels = lab_kernels(lab) if lab is not None else {host: model_kernel for host in _hosts(spec)}
     report.kernels = kernels
-    for index, scenario in enumerate(scenarios):
-        result = run_scenario(scenario, lab, on_step, model_kernel=model_kernel, trace=trace)
-        report.runs.append(result)
-        report.notes += [f"{scenario.name}: {finding}" for finding in result.diagnosis]
-        gone = _gone_vms(lab) if result.error else []
-        if gone and index + 1 < len(scenarios):
-            # Every further scenario would fail the same way; say so once.
-            report.notes.append(f"not run: {', '.join(s.name for s in scenarios[index + 1:])} "
-                                f"({', '.join(gone)} no longer running; `invoke lab.down` then `invoke lab.up`)")
-            break
+    # The scenarios share their guest agents (reset between them, ended after the last): a
+    # check pays each agent's start, and a traced check the tracer's arming, once.
+    agents: dict = {}
+    try:
+        for index, scenario in enumerate(scenarios):
+            result = run_scenario(scenario, lab, on_step, model_kernel=model_kernel, trace=trace, agents=agents)
+            report.runs.append(result)
+            report.notes += [f"{scenario.name}: {finding}" for finding in result.diagnosis]
+            gone = _gone_vms(lab) if result.error else []
+            if gone and index + 1 < len(scenarios):
+                # Every further scenario would fail the same way; say so once.
+                report.notes.append(f"not run: {', '.join(s.name for s in scenarios[index + 1:])} "
+                                    f"({', '.join(gone)} no longer running; `invoke lab.down` then `invoke lab.up`)")
+                break
+    finally:
+        if agents:
+            from .live import close_agents
+
+            try:
+                close_agents(agents)
+            except LabError as exc:
+                report.notes.append(f"{exc} (sockets and sysctls of the last scenario may be left on the guest)")
     if spec.expected is None:
         return report
     for scenario, result in zip(scenarios, report.runs):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -44,18 +44,25 @@ class LabBackend:
     from the console), its sshd is gone, or only the agent process ended.
     """
 
-    def __init__(self, lab: Any, scenario: Scenario) -> None:
+    def __init__(self, lab: Any, scenario: Scenario, agents: dict[tuple[str, str], Agent] | None = None) -> None:
         self.lab = lab
         self.scenario = scenario
-        self.agents: dict[tuple[str, str], Agent] = {}
+        # ``agents`` shared with the scenarios before and after this one (a lab check's): they
+        # are reset at the end instead of closed, and the caller closes them (close_agents).
+        self.shared = agents is not None
+        self.agents: dict[tuple[str, str], Agent] = agents if agents is not None else {}
         self.block_ms: int | None = None  # for batches: the agent's own default unless set
+        self.faulted = False  # an agent or its SSH failed: shared agents are ended, not reset
         missing = [host for host in scenario.hosts if host not in {vm.name for vm in lab.require().vms}]
         if missing:
             raise LabError(f"{scenario.path}: the running lab has no VM {', '.join(missing)}")
 
     def agent(self, host: str, user: str) -> Agent:
         key = (host, user)
-        if key not in self.agents:
+        known = self.agents.get(key)
+        if known is None or not known.running:  # a shared agent may have died in an earlier scenario
+            if known is not None:
+                known.close()  # its channel, if anything is left of it
             try:
                 paused = getattr(self.lab, "guest_paused", None)
                 watch = (lambda: paused(host)) if paused is not None else None
@@ -109,6 +116,7 @@ class LabBackend:
 
     def explain(self, host: str, exc: Exception) -> GuestFault:
         """``exc`` (an agent or SSH failure on ``host``) with what happened to the VM."""
+        self.faulted = True
         vm_fault = getattr(self.lab, "vm_fault", None)
         fault = vm_fault(host) if vm_fault is not None else None
         if fault is not None:
@@ -254,19 +262,57 @@ class LabBackend:
             return [f"the lab segment could not be checked: {exc}"]
 
     def close(self) -> None:
-        """Close every agent, all at once: a tracing agent puts its VM's tracer back as it ends (a second)."""
-        from concurrent.futures import ThreadPoolExecutor
+        """Close every agent, all at once (a tracing agent puts its VM's tracer back as it ends, a second);
+        shared agents are reset instead, for the next scenario, their tracers kept armed."""
+        if self.shared and not self.faulted:
+            reset_agents(self.agents)
+        else:
+            # After a fault an agent may still owe a late reply, or sit in a system call: the
+            # next scenario starts from new ones.
+            close_agents(self.agents)
 
-        def close_one(agent: Agent) -> str | None:
+
+def _each_agent(agents: dict[tuple[str, str], Agent], work: Callable[[Agent], object], what: str) -> None:
+    """``work`` on every agent at once; the agents it failed on leave ``agents``, and a LabError names them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(agent: Agent) -> str | None:
+        try:
+            work(agent)
+        except (LabError, OSError, EOFError, paramiko.SSHException) as exc:
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, len(agents))) as pool:
+        outcomes = dict(zip(list(agents), pool.map(one, list(agents.values()))))
+    errors = [f"{host}/{user}: {error}" for (host, user), error in outcomes.items() if error]
+    for key, error in outcomes.items():
+        if error:
             try:
-                agent.close()
-            except (LabError, OSError, EOFError, paramiko.SSHException) as exc:
-                return str(exc)
-            return None
+                agents.pop(key).close()
+            except (LabError, OSError, EOFError, paramiko.SSHException):
+                pass  # it failed once already; what it said is in ``errors``
+    if errors:
+        raise LabError(f"{what} failed: " + "; ".join(errors))
 
-        with ThreadPoolExecutor(max_workers=max(1, len(self.agents))) as pool:
-            outcomes = list(pool.map(close_one, self.agents.values()))
-        errors = [f"{host}/{user}: {error}" for (host, user), error in zip(self.agents, outcomes) if error]
-        self.agents.clear()
-        if errors:
-            raise LabError("closing agents failed: " + "; ".join(errors))
+
+def close_agents(agents: dict[tuple[str, str], Agent]) -> None:
+    """End every agent: each closes its sockets, restores its sysctls and its VM's tracer, and exits."""
+    try:
+        _each_agent(agents, lambda agent: agent.close(), "closing agents")
+    finally:
+        agents.clear()
+
+
+def reset_agents(agents: dict[tuple[str, str], Agent]) -> None:
+    """Back to a fresh agent's state, in one round trip each: sockets closed, sysctls restored, tracer
+    armed but stopped. A dead agent is dropped (the next scenario starts a new one)."""
+
+    def reset(agent: Agent) -> None:
+        if not agent.running:
+            raise AgentError(f"{agent.vm}: the agent ({agent.user}) is not running")
+        reply = agent.request("reset", {"tracing": "keep"}, check=False)
+        if reply.error or reply.errno:
+            raise AgentError(f"{agent.vm}: the agent ({agent.user}) could not reset: {reply.error or reply.errno}")
+
+    _each_agent(agents, reset, "resetting agents")

@@ -140,3 +140,29 @@ def test_a_traced_program_starts_only_once_it_is_the_traced_process(tmp_path):
     assert reply["extra"]["status"] == 0 and reply["extra"]["output"].strip() == "True"
     assert (root / "options/function-fork").read_text().strip() == "0"
     agent.finish()
+
+
+def test_a_reset_that_keeps_tracing_leaves_the_tracer_armed_and_stopped_and_a_plain_reset_restores(tmp_path):
+    """A lab check's scenarios share their agents: between two, the tracer stays armed, tracing off."""
+    root = tracefs(tmp_path)
+    before = contents(root)
+    agent = start(tmp_path, root)
+    assert agent.call("trace_begin", depth=6)["errno"] is None  # armed; tracing_on 1 until trace_end
+    assert (root / "tracing_on").read_text().strip() == "1"
+    fd = agent.ok("socket", family=2, type=1)
+    kept = agent.call("reset", tracing="keep")  # as if the scenario stopped between begin and end
+    assert kept["errno"] is None and kept["extra"]["closed"] == [fd]
+    assert "tracing_restore_failed" not in kept["extra"]
+    assert (root / "current_tracer").read_text().strip() == "function_graph"
+    assert (root / "tracing_on").read_text().strip() == "0"
+    assert (tmp_path / "state" / "state.json").exists()  # the watchdog would still put it back
+    armed = agent.call("trace_arm")["extra"]["arm_s"]
+    assert agent.call("trace_begin", depth=6)["extra"]["arm_s"] == armed  # not armed again
+    assert agent.ok("socket", family=2, type=1) == fd  # the next scenario's numbers are a fresh agent's
+    assert agent.call("trace_end")["errno"] is None
+    assert agent.call("reset", tracing="sometimes")["errno"] == "EINVAL"
+    restored = agent.call("reset")
+    assert restored["extra"]["tracing_restore_failed"] == []
+    assert contents(root) == before and not (tmp_path / "state" / "state.json").exists()
+    status, stderr = agent.finish()
+    assert status == 0, stderr

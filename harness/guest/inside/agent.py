@@ -1033,8 +1033,12 @@ class Session:
         return Outcome(identity())
 
     def op_reset(self, args: dict) -> Outcome:
+        """Back to a fresh agent's state for the next program; ``{"tracing": "keep"}`` keeps the tracer armed."""
         start = time.monotonic_ns()
-        closed = self.cleanup()
+        tracing = args.get("tracing", "restore")
+        if tracing not in ("restore", "keep"):
+            raise BadRequest(f"tracing must be 'restore' or 'keep', not {tracing!r}")
+        closed = self.cleanup(keep_tracing=tracing == "keep")
         for fd in (0, 1, 2):
             # A step may have set FD_CLOEXEC or O_NONBLOCK on /dev/null at 0-2: the next program
             # starts from a fresh C program's descriptors again (inheritable, blocking).
@@ -1058,10 +1062,12 @@ class Session:
 
     # -- the end -------------------------------------------------------------------------------
 
-    def cleanup(self, final: bool = False) -> dict:
+    def cleanup(self, final: bool = False, keep_tracing: bool = False) -> dict:
         """Close every socket this session opened, remove its socket files, restore sysctls.
 
         ``final`` (the agent is ending) also restores the sysctls set with ``restore: exit``.
+        ``keep_tracing`` leaves an armed tracer armed, stopped (tracing_on 0): the next
+        scenario of a traced check traces at once instead of arming again (a second or more).
         """
         self.guard.ms = 0
         signal.setitimer(signal.ITIMER_REAL, 0, 0)
@@ -1097,8 +1103,12 @@ class Session:
             herd.finish()
         self.herds.clear()
         summary = {"closed": closed, "unlinked": removed, "sysctls_restored": restored}
+        self.tracing.begin_error = None
         if self.tracing.tracer.plan is not None:
-            summary["tracing_restore_failed"] = self.tracing.cleanup()
+            if keep_tracing and not final:
+                self.tracing.tracer.stop()
+            else:
+                summary["tracing_restore_failed"] = self.tracing.cleanup()
         return summary
 
     # -- one request ---------------------------------------------------------------------------
@@ -1895,6 +1905,11 @@ class KernelTracer:
         write_text(cache + ".part", "\n".join(chosen))
         os.rename(cache + ".part", cache)
         return chosen
+
+    def stop(self) -> None:
+        """tracing_on 0, armed still: what a step that was cut off between trace_begin and trace_end left on."""
+        if self.on_fd is not None:
+            os.pwrite(self.on_fd, b"0", 0)
 
     def include(self, names: list[str]) -> None:
         """Add functions to the traced set while armed (only they are patched, in place)."""

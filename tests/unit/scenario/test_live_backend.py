@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness.guest.client import AgentPushError
+from harness.guest.client import AgentPushError, AgentReply
 from harness.scenario import live
 from harness.scenario.check import run_scenario
 from harness.scenario.format import load
@@ -50,10 +50,15 @@ class FakeAgent:
     fail: tuple[str, str] | None = None
     both_vms = threading.Barrier(2, timeout=5)
 
+    made: list["FakeAgent"] = []
+    refuse_reset = False
+
     def __init__(self, ssh, host, user, **options) -> None:
-        self.host, self.user = host, user
+        self.host, self.user = self.vm, _ = host, user
         self.hello = {"pid": 100}
         self.running = True
+        self.requests: list[str] = []
+        FakeAgent.made.append(self)
 
     def start(self):
         if (self.host, self.user) == FakeAgent.fail:
@@ -64,7 +69,17 @@ class FakeAgent:
         FakeAgent.starts.append((self.host, self.user, threading.get_ident(), time.monotonic()))
         return self
 
+    def request(self, op, args=None, *, timeout=None, check=True):
+        self.requests.append(op)
+        if op == "reset":
+            assert args == {"tracing": "keep"}
+            if FakeAgent.refuse_reset:
+                return AgentReply(id=1, op=op, ret=-1, errno=None, t_ns=0, dt_ns=0, error="reset: busy")
+            return AgentReply(id=1, op=op, ret=0, errno=None, t_ns=0, dt_ns=0, extra={"closed": [3]})
+        return AgentReply(id=1, op=op, ret=3, errno=None, t_ns=0, dt_ns=0)
+
     def close(self):
+        self.requests.append("close")
         self.running = False
 
 
@@ -77,7 +92,7 @@ def scenario(tmp_path):
 
 @pytest.fixture(autouse=True)
 def fake_agents(monkeypatch):
-    FakeAgent.starts, FakeAgent.fail = [], None
+    FakeAgent.starts, FakeAgent.fail, FakeAgent.made, FakeAgent.refuse_reset = [], None, [], False
     FakeAgent.both_vms = threading.Barrier(2, timeout=5)
     monkeypatch.setattr(live, "Agent", FakeAgent)
 
@@ -118,3 +133,53 @@ def test_an_agent_that_cannot_start_aborts_the_run_before_any_step(scenario):
     assert result.error.startswith("starting the guest agents: client: cannot copy the agent")
     assert "no space" in result.error
     assert result.records == []
+
+
+def test_scenarios_that_share_agents_start_each_once_reset_between_and_close_at_the_end(scenario):
+    """A lab check's scenarios: one start per (VM, user), a reset after each scenario, one close after the last."""
+    FakeAgent.both_vms = threading.Barrier(1)
+    lab, agents = FakeLab(), {}
+    first = run_scenario(scenario, lab, agents=agents)
+    second = run_scenario(scenario, lab, agents=agents)
+    assert first.error is None and second.error is None
+    assert len(FakeAgent.made) == 4 and set(agents) == {("server", "root"), ("server", "student"),
+                                                        ("client", "root"), ("client", "student")}
+    for agent in FakeAgent.made:
+        assert agent.requests.count("reset") == 2 and "close" not in agent.requests
+    live.close_agents(agents)
+    assert agents == {} and all(agent.requests[-1] == "close" for agent in FakeAgent.made)
+    assert len(FakeAgent.made) == 4
+
+
+def test_a_shared_agent_that_died_is_started_again_and_one_that_cannot_reset_is_dropped(scenario):
+    FakeAgent.both_vms = threading.Barrier(1)
+    lab, agents = FakeLab(), {}
+    run_scenario(scenario, lab, agents=agents)
+    agents[("server", "student")].running = False  # killed between two scenarios
+    FakeAgent.refuse_reset = True
+    result = run_scenario(scenario, lab, agents=agents)
+    assert len(FakeAgent.made) == 5  # only the dead one again
+    assert any("resetting agents failed" in note and "reset: busy" in note for note in result.diagnosis)
+    assert agents == {}  # none could reset: all ended, the next scenario starts afresh
+    assert all(agent.requests[-1] == "close" for agent in FakeAgent.made)
+
+
+def test_after_a_fault_the_shared_agents_are_ended_not_reset(scenario, monkeypatch):
+    """An agent that timed out may still owe a reply: the next scenario must not read it as its own."""
+    from harness.guest.client import AgentTimeout
+
+    FakeAgent.both_vms = threading.Barrier(1)
+    lab, agents = FakeLab(), {}
+    lab.ssh = lambda host, timeout=None: SimpleNamespace(vm=host, run=lambda *a, **k: SimpleNamespace(stdout=""))
+    original = FakeAgent.request
+
+    def slow(self, op, args=None, **options):
+        if self.host == "client" and op == "socket":
+            raise AgentTimeout("client: the agent (student) did not answer socket(...) within 10 s")
+        return original(self, op, args, **options)
+
+    monkeypatch.setattr(FakeAgent, "request", slow)
+    result = run_scenario(scenario, lab, agents=agents)
+    assert "did not answer" in result.error
+    assert agents == {} and all(agent.requests[-1] == "close" for agent in FakeAgent.made)
+    assert not any("reset" in agent.requests for agent in FakeAgent.made)
