@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -162,3 +163,22 @@ def test_leftovers_of_a_killed_save_are_removed_but_a_live_save_is_not(tmp_path)
     removed = store.remove_interrupted()
     assert sorted(removed) == sorted([killed, recycled, old_layout])
     assert live.exists()
+
+
+def test_a_verified_state_is_not_hashed_again_until_it_changes(tmp_path, monkeypatch):
+    """The digest is checked once; later restores trust size, mtime and inode, as image files do."""
+    snap = write_snapshot(tmp_path / "k")
+    hashed = []
+    real = snapshot.file_sha256
+    monkeypatch.setattr(snapshot, "file_sha256", lambda path: hashed.append(path) or real(path))
+    assert snap.problem() is None and len(hashed) == 1
+    assert snap.problem() is None and len(hashed) == 1  # trusted: nothing moved
+    data = snap.state.read_bytes()
+    snap.state.write_bytes(b"X" * len(data))
+    os.utime(snap.state, ns=(time.time_ns(), time.time_ns() + 10_000_000))  # a write moves the mtime
+    assert "does not match its recorded digest" in snap.problem() and len(hashed) == 2
+    snap.state.write_bytes(data)
+    os.utime(snap.state, ns=(time.time_ns(), time.time_ns() + 20_000_000))
+    assert snap.problem() is None and len(hashed) == 3
+    (snap.directory / snapshot.VERIFIED).write_text("not json")
+    assert snap.problem() is None and len(hashed) == 4
