@@ -56,15 +56,17 @@ SUN_PATH_MAX = 108
 
 
 def wake_command(seed_hex: str, now: float, peers: list[str]) -> str:
-    """What a restored guest runs first, in one round trip and two execs: no stale neighbours, new
-    randomness, the clock, and every peer reached on the lab segment.
+    """What a restored guest runs first, in one round trip and one exec: new randomness, the
+    clock, every peer reached on the lab segment, and the lab NIC's offloads for the status.
 
     Two restores of one snapshot start with the same crng state: mixing in host
     randomness and forcing a reseed (RNDRESEEDCRNG, ``_IO('R', 7)``) makes them
     independent. The clock is set with clock_settime (x86_64 syscall 227), and each
-    peer's sshd port must accept a TCP connection, which needs ARP across the
-    segment anew. Everything is perl builtins, no modules: perl-base is in every
-    Debian, and under TCG each exec and each library loaded costs translation time.
+    peer's sshd port must accept a TCP connection across the segment. Everything is
+    perl builtins, no modules: perl-base is in every Debian, and under TCG each exec and
+    each library loaded costs translation time. The neighbour cache is left as saved:
+    the peers' addresses and MACs are fixed per role (``net.mac_address``), so its
+    entries still hold, and jiffies, which its timers count, do not jump on a restore.
     """
     if not re.fullmatch(r"[0-9a-f]{2,}", seed_hex) or not all(re.fullmatch(r"[0-9.]+", p) for p in peers):
         raise ValueError("wake_command takes a hex seed and dotted IPv4 peers")
@@ -79,9 +81,34 @@ def wake_command(seed_hex: str, now: float, peers: list[str]) -> str:
         'socket(my $s, 2, 1, 0) or die "socket: $!\\n"; '
         'local $SIG{ALRM} = sub { die "$peer:22 did not answer in 5 s\\n" }; alarm 5; '
         'connect($s, pack("S n C4 x8", 2, 22, split(/[.]/, $peer))) or die "$peer:22: $!\\n"; '
-        'alarm 0; close $s; }'
+        'alarm 0; close $s; } '
+        + offloads_perl("lab0")
     )
-    return f"busybox ip neigh flush dev lab0 >/dev/null && perl -e '{script}'"
+    return f"perl -e '{script}'"  # one simple command: the login shell execs perl without a fork
+
+
+# SIOCETHTOOL (include/uapi/linux/sockios.h) with ETHTOOL_GSG and ETHTOOL_GTXCSUM
+# (include/uapi/linux/ethtool.h): the two features `ethtool -k` shows as scatter-gather and
+# tx-checksumming, which decide whether MSG_ZEROCOPY completes without copying.
+SIOCETHTOOL, ETHTOOL_GSG, ETHTOOL_GTXCSUM = 0x8946, 0x18, 0x16
+
+
+def offloads_perl(nic: str) -> str:
+    """Perl that prints ``offloads <sg> <csum>`` (1 or 0) for ``nic``: what the status table shows.
+
+    Part of the wake, so a restored lab's status needs no ``ethtool -k`` of its own. A
+    struct ifreq is the name in 16 bytes and a pointer to the struct ethtool_value
+    ({u32 cmd; u32 data}) the kernel fills in, padded to 40 bytes.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", nic):
+        raise ValueError(f"not an interface name: {nic!r}")
+    return (
+        f'my @on; for my $cmd ({ETHTOOL_GSG}, {ETHTOOL_GTXCSUM}) {{ '
+        'socket(my $e, 2, 2, 0) or die "socket: $!\n"; my $value = pack("LL", $cmd, 0); '
+        f'my $ifr = pack("a16 P8 x16", "{nic}", $value); '
+        f'ioctl($e, {SIOCETHTOOL:#x}, $ifr) or die "ethtool {nic}: $!\n"; '
+        'push @on, (unpack("LL", $value))[1] ? 1 : 0; close $e; } print "offloads @on\n";'
+    )
 
 
 def check_up_args(topology_name: str | Path, accel: str, segment: str, boot_timeout: float) -> Topology:
@@ -110,6 +137,7 @@ class Lab:
         self.logs = self.dir / "logs"
         self._ssh: dict[str, GuestSSH] = {}
         self._boots: dict[str, kernel_mod.Boot] = {}
+        self._woken_offloads: dict[str, tuple[str, ...]] = {}
 
     # -- state ---------------------------------------------------------------
 
@@ -476,12 +504,21 @@ class Lab:
         return max(answered)
 
     def _wake(self, state: LabState, vm: VMState) -> None:
-        """A resumed guest wakes with the clock, crng and neighbours of the moment it was saved: fix and check."""
+        """A resumed guest wakes with the clock and crng of the moment it was saved: fix them, and check the segment."""
         peers = [peer.address for peer in state.vms if peer.name != vm.name]
         try:
-            self._ssh[vm.name].run(wake_command(secrets.token_hex(32), time.time(), peers), timeout=15, check=True)
+            woke = self._ssh[vm.name].run(wake_command(secrets.token_hex(32), time.time(), peers), timeout=15,
+                                          check=True)
         except SSHError as exc:
             raise LabError(f"restored guests cannot reach each other: {exc}") from exc
+        for line in woke.stdout.splitlines():
+            words = line.split()
+            if words[:1] == ["offloads"] and len(words) == 3:
+                self._woken_offloads[vm.name] = tuple("on" if word == "1" else "off" for word in words[1:])
+
+    def woken_offloads(self, name: str) -> tuple[str, ...] | None:
+        """(scatter-gather, tx-checksumming) of VM ``name``'s lab NIC as its wake read them, once; else None."""
+        return self._woken_offloads.pop(name, None)
 
     @staticmethod
     def _in_parallel(work, vms: list[VMState], abandon: threading.Event) -> None:

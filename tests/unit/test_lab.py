@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -493,19 +494,70 @@ def test_the_wake_command_is_one_perl_program_with_the_seed_clock_and_peers():
 
     line = wake_command("ab" * 32, 1764650000.25, ["198.51.100.2", "198.51.100.3"])
     words = shlex.split(line)
-    assert words[:6] == ["busybox", "ip", "neigh", "flush", "dev", "lab0"] and words[8:10] == ["perl", "-e"]
-    script = words[10]
+    assert words[:2] == ["perl", "-e"] and len(words) == 3  # one exec, the shell's own
+    script = words[2]
     assert '"ab' + "ab" * 31 + '"' in script and 'pack("qq", 1764650000, 250000000)' in script
     assert '("198.51.100.2", "198.51.100.3")' in script and "0x5207" in script
     if shutil.which("perl"):  # compiles, without running it (it would set the host's clock)
         for peers in (["198.51.100.2"], []):  # a one-VM topology has no peer to reach
-            alone = shlex.split(wake_command("ab" * 32, 1764650000.25, peers))[10]
+            alone = shlex.split(wake_command("ab" * 32, 1764650000.25, peers))[2]
             checked = subprocess.run(["perl", "-c", "-e", alone], capture_output=True, text=True)
             assert checked.returncode == 0, checked.stderr
     with pytest.raises(ValueError):
         wake_command("ab'; rm -rf /", 0.0, [])
     with pytest.raises(ValueError):
         wake_command("ab", 0.0, ["198.51.100.2'"])
+
+
+def test_the_wake_reads_the_offloads_as_ethtool_would():
+    """The perl part of the wake asks SIOCETHTOOL what Python's own ioctl gets for the same NIC (lo here)."""
+    import fcntl
+    import shutil
+    import socket
+    import struct
+    import subprocess
+
+    from harness.lab.lifecycle import ETHTOOL_GSG, ETHTOOL_GTXCSUM, SIOCETHTOOL, offloads_perl, wake_command
+
+    assert offloads_perl("lab0") in wake_command("ab" * 32, 1.0, ["198.51.100.2"])
+    if not shutil.which("perl"):
+        pytest.skip("perl is not installed on this host")
+
+    def python_ioctl(cmd: int) -> str:
+        value = bytearray(struct.pack("II", cmd, 0))
+        import ctypes
+
+        buffer = (ctypes.c_char * len(value)).from_buffer(value)
+        ifr = struct.pack("16sP16x", b"lo", ctypes.addressof(buffer))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifr)
+        return "1" if struct.unpack("II", bytes(value))[1] else "0"
+
+    ran = subprocess.run(["perl", "-e", offloads_perl("lo")], capture_output=True, text=True, timeout=30)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == f"offloads {python_ioctl(ETHTOOL_GSG)} {python_ioctl(ETHTOOL_GTXCSUM)}\n"
+    missing = subprocess.run(["perl", "-e", offloads_perl("nosuchnic0")], capture_output=True, text=True, timeout=30)
+    assert missing.returncode != 0 and missing.stderr.startswith("ethtool nosuchnic0: No such device")
+    with pytest.raises(ValueError):
+        offloads_perl("lab0; reboot")
+
+
+def test_the_status_table_uses_the_offloads_the_wake_read_once(monkeypatch):
+    """After a restore the status asks no `ethtool -k`; later statuses ask the guest again."""
+    from harness.lab import status as status_mod
+
+    lab = Lab(Paths(images=Path("/nonexistent"), home=Path("/nonexistent")))
+    asked = []
+
+    class Guest:
+        def run(self, command, timeout=None, check=False):
+            asked.append(command)
+            return SimpleNamespace(stdout="Features for lab0:\nscatter-gather: off\ntx-checksumming: on\n")
+
+    monkeypatch.setattr(lab, "ssh", lambda name, timeout=None: Guest())
+    lab._woken_offloads["server"] = ("on", "off")
+    assert status_mod.offloads(lab, "server") == ("on", "off") and asked == []
+    assert status_mod.offloads(lab, "server") == ("off", "on") and asked == ["ethtool -k lab0"]
 
 
 def test_a_home_too_deep_for_qemu_s_sockets_is_named_before_anything_starts(tmp_path, monkeypatch):
