@@ -149,10 +149,11 @@ class SavedVMStore:
             qemu.migrate_to_file(qmp_socket, work / STATE)
             # The guest is paused and its disks flushed: the overlay is consistent.
             shutil.copyfile(overlay, work / DISK)
+            digest = file_sha256(work / STATE)
             meta = {"format": SNAPSHOT_FORMAT, "state_size": (work / STATE).stat().st_size,
-                    "disk_size": (work / DISK).stat().st_size, "state_sha256": file_sha256(work / STATE)}
+                    "disk_size": (work / DISK).stat().st_size, "state_sha256": digest}
             (work / META).write_text(json.dumps(meta, indent=2) + "\n")
-            SavedVM(work).mark_verified(meta["state_sha256"])  # just hashed: the first restore need not again
+            SavedVM(work).mark_verified(digest)  # just hashed: the first restore need not hash it again
             if SavedVM(final).problem() is not None:
                 shutil.rmtree(final, ignore_errors=True)
                 work.rename(final)
