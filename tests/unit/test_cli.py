@@ -181,10 +181,10 @@ def test_a_report_file_that_cannot_be_written_says_the_check_s_verdict_and_where
 
 
 @pytest.mark.parametrize("kwargs,wanted,unwanted", [
-    ({}, ["-n 2 --dist loadgroup"], ["-m vm", "-m 'not vm'"]),
+    ({}, ["-n 3 --dist loadgroup"], ["-m vm", "-m 'not vm'"]),
     ({"workers": 0}, [], ["-n ", "--dist"]),
-    ({"workers": "3", "live": True}, ["-n 3 --dist loadgroup", "-m vm"], []),
-    ({"unit": True, "pytest_args": "-k ssh"}, ["-n 2", "-m 'not vm'", "-k ssh"], []),
+    ({"workers": "2", "live": True}, ["-n 2 --dist loadgroup", "-m vm"], []),
+    ({"unit": True, "pytest_args": "-k ssh"}, ["-n 3", "-m 'not vm'", "-k ssh"], []),
 ])
 def test_invoke_test_runs_pytest_in_workers_unless_told_not_to(kwargs, wanted, unwanted, monkeypatch, tmp_path):
     tasks = _tasks_module(monkeypatch, tmp_path)
