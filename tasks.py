@@ -989,7 +989,7 @@ def test_(c, unit=False, live=False, pytest_args="", workers=3):
     marker = "-m 'not vm'" if unit else "-m vm" if live else ""
     # loadgroup: a guide's blocks stay in order on one worker (tests/live/test_guides.py). Three
     # workers on two cores: a live test waits on its guests' round trips and scenario sleeps, and a
-    # third worker keeps both cores busy (idle 0-1 % in 10 s samples; 7 min 8 s against 8 min 17 s).
+    # third worker fills that time (0-1 % idle in 10 s samples; 7 min 8 s against 8 min 17 s with two).
     parallel = f"-n {int(workers)} --dist loadgroup" if int(workers) > 0 else ""
     result = c.run(f"{sys.executable} -m pytest {parallel} {marker} {pytest_args}", pty=sys.stdout.isatty(), warn=True)
     if result.exited:

@@ -560,9 +560,10 @@ class Agent:
         except (OSError, EOFError, paramiko.SSHException) as exc:
             self._died(step, f"writing the request failed ({exc})")
 
-    def reset(self) -> AgentReply:
-        """Close every socket the session opened (and undo its sysctls) without ending the agent."""
-        return self.call("reset")
+    def reset(self, keep_tracing: bool = False) -> AgentReply:
+        """Close every socket the session opened (and undo its sysctls) without ending the agent;
+        ``keep_tracing`` leaves its VM's tracer armed (stopped) for the next program."""
+        return self.call("reset", tracing="keep") if keep_tracing else self.call("reset")
 
     def step_timeout(self, op: str, args: Mapping[str, Any]) -> float:
         """The default timeout, stretched by whatever the step itself asks to wait for."""

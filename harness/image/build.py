@@ -213,7 +213,7 @@ class Image:
             except OSError:
                 bad.append(name)
                 continue
-            stamp = [info.st_size, info.st_mtime_ns, info.st_ino]
+            stamp = file_stamp(info)
             if not full and stamps.get(name) == stamp:
                 checked[name] = stamp
             elif file_sha256(path) == digest:
@@ -226,6 +226,12 @@ class Image:
             except OSError:
                 pass  # a read-only cache still works; it just hashes every time
         return bad
+
+
+def file_stamp(info: os.stat_result) -> list[int]:
+    """What a write to a file changes (size, mtime, inode): a file whose stamp is the one recorded
+    after its last full hash is taken as unchanged, and is not hashed again."""
+    return [info.st_size, info.st_mtime_ns, info.st_ino]
 
 
 def file_sha256(path: Path) -> str:

@@ -137,7 +137,7 @@ class Lab:
         self.logs = self.dir / "logs"
         self._ssh: dict[str, GuestSSH] = {}
         self._boots: dict[str, kernel_mod.Boot] = {}
-        self._woken_offloads: dict[str, tuple[str, ...]] = {}
+        self._woken_offloads: dict[str, tuple[str, str]] = {}
 
     # -- state ---------------------------------------------------------------
 
@@ -514,9 +514,10 @@ class Lab:
         for line in woke.stdout.splitlines():
             words = line.split()
             if words[:1] == ["offloads"] and len(words) == 3:
-                self._woken_offloads[vm.name] = tuple("on" if word == "1" else "off" for word in words[1:])
+                sg, csum = ("on" if word == "1" else "off" for word in words[1:])
+                self._woken_offloads[vm.name] = (sg, csum)
 
-    def woken_offloads(self, name: str) -> tuple[str, ...] | None:
+    def woken_offloads(self, name: str) -> tuple[str, str] | None:
         """(scatter-gather, tx-checksumming) of VM ``name``'s lab NIC as its wake read them, once; else None."""
         return self._woken_offloads.pop(name, None)
 

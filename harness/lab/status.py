@@ -17,8 +17,8 @@ def offloads(lab, name: str) -> tuple[str, str]:
     from the guest's own ethtool -k (the stats parser)."""
     woken = getattr(lab, "woken_offloads", None)
     known = woken(name) if woken is not None else None
-    if known is not None and len(known) == 2:
-        return known[0], known[1]
+    if known is not None:
+        return known
     from harness.stats.ethtool import parse_ethtool_features
     from harness.stats.snapshot import Feature
 

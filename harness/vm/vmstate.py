@@ -27,7 +27,7 @@ from pathlib import Path
 
 from harness.vm import owner
 from harness.vm import qemu
-from harness.image.build import file_sha256
+from harness.image.build import file_sha256, file_stamp
 
 SNAPSHOT_FORMAT = 1
 STATE = "state.migration"
@@ -111,8 +111,7 @@ class SavedVM:
         return None
 
     def _stamp(self, digest: object) -> list:
-        info = self.state.stat()
-        return [info.st_size, info.st_mtime_ns, info.st_ino, digest]
+        return [*file_stamp(self.state.stat()), digest]
 
     def mark_verified(self, digest: str) -> None:
         """Record that the state file, as it is now, has ``digest`` (a cache: failing to write it costs speed only)."""

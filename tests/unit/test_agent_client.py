@@ -530,6 +530,8 @@ def test_reset_keeps_the_agent_and_frees_the_numbers(ssh, remote_dir):
         agent.call("socket", family=2, type=1)
         assert agent.reset().extra["closed"] == [3]
         assert agent.call("socket", family=2, type=1).ret == 3
+        assert agent.reset(keep_tracing=True).extra["closed"] == [3]  # the agent takes {"tracing": "keep"}
+        assert agent.call("socket", family=2, type=1).ret == 3
 
 
 # -- another user -----------------------------------------------------------------------------------

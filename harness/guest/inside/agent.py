@@ -126,14 +126,6 @@ class Outcome:
         self.extra = {} if extra is None else extra
         self.blocked = blocked
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Outcome):
-            return NotImplemented
-        return (self.ret, self.errno, self.extra, self.blocked) == (other.ret, other.errno, other.extra, other.blocked)
-
-    def __repr__(self) -> str:
-        return f"Outcome(ret={self.ret!r}, errno={self.errno!r}, extra={self.extra!r}, blocked={self.blocked!r})"
-
 
 # -- argument decoding --------------------------------------------------------------------------
 

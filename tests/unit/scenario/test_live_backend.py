@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness.guest.client import AgentPushError, AgentReply
+from harness.guest.client import AgentPushError, AgentReply, AgentRequestError
 from harness.scenario import live
 from harness.scenario.check import run_scenario
 from harness.scenario.format import load
@@ -71,12 +71,15 @@ class FakeAgent:
 
     def request(self, op, args=None, *, timeout=None, check=True):
         self.requests.append(op)
-        if op == "reset":
-            assert args == {"tracing": "keep"}
-            if FakeAgent.refuse_reset:
-                return AgentReply(id=1, op=op, ret=-1, errno=None, t_ns=0, dt_ns=0, error="reset: busy")
-            return AgentReply(id=1, op=op, ret=0, errno=None, t_ns=0, dt_ns=0, extra={"closed": [3]})
         return AgentReply(id=1, op=op, ret=3, errno=None, t_ns=0, dt_ns=0)
+
+    def reset(self, keep_tracing=False):
+        """As Agent.reset: one request; a refusal raises (Agent.call checks the reply)."""
+        self.requests.append("reset")
+        assert keep_tracing  # between a check's scenarios the tracer stays armed
+        if FakeAgent.refuse_reset:
+            raise AgentRequestError(f"{self.host}: the agent refused reset: reset: busy")
+        return AgentReply(id=1, op="reset", ret=0, errno=None, t_ns=0, dt_ns=0, extra={"closed": [3]})
 
     def close(self):
         self.requests.append("close")
