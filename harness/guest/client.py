@@ -47,6 +47,8 @@ PROTOCOL = 1
 LOADER = ("import sys; sys.path.insert(0, sys.argv[1]); agent = __import__(sys.argv[2]); "
           "sys.argv = [agent.__file__, *sys.argv[3:]]; sys.exit(agent.main())")
 PYCACHE = "__pycache__"
+SERVE_SUFFIX = ".serve"  # agent.py's serve_dir(): the agent server's directory beside its module
+SERVE_ACK_TIMEOUT = 10  # s for the server to fork (ms when well); past it the shell runs the agent directly
 
 # Arguments that carry C integer constants; names such as "SOCK_STREAM|SOCK_NONBLOCK" are
 # resolved here, on the host, so the guest only ever sees numbers.
@@ -330,7 +332,33 @@ class Agent:
         return self
 
     def command(self, remote: str) -> str:
-        """The exec line: python as root, or through setpriv for another user (capabilities go with uid 0)."""
+        """The exec line, for root's shell (bash) in the guest: an agent from the agent server, else a fresh one.
+
+        The server (``--serve`` in agent.py, which explains the exchange) forks the agent from a
+        Python that has started already. When the shell finds no live server it starts one in the
+        background for the next agent, and runs this one directly (``direct_command``).
+        """
+        directory, _, name = remote.rpartition("/")
+        module = name.removesuffix(".py")
+        serve = shlex.quote(f"{remote.removesuffix('.py')}{SERVE_SUFFIX}")
+        server = (f"{shlex.quote(self.python)} -I -S -c {shlex.quote(LOADER)} {shlex.quote(directory or '/')} "
+                  f"{shlex.quote(module)} --serve")
+        return (
+            f"z={serve}; f=\"$z/done.$$\"; "
+            f"if [ -p \"$z/requests\" ] && read -r zp < \"$z/pid\" && read -r _ _ zs _ < \"/proc/$zp/stat\" "
+            f"&& [ \"$zs\" != Z ] "
+            f"&& mkfifo -m 600 \"$f\" 2>/dev/null; then "
+            # 7-9: the session's stdio for the server's child to open, whatever bash does to 0-2 meanwhile.
+            f"exec 7<&0 8>&1 9>&2 3<>\"$f\"; echo \"$$ {shlex.quote(self.user)} {int(self.block_ms)} $f\" 1<>\"$z/requests\"; "
+            f"if read -t {SERVE_ACK_TIMEOUT:g} -r -u 3 ack && [ \"$ack\" = started ]; then "
+            f"exec 4<\"$f\" 3<&-; rm -f \"$f\"; read -r -u 4 st; exit \"${{st:-255}}\"; fi; "
+            f"rm -f \"$f\"; exec 3<&- 7<&- 8>&- 9>&-; fi; "
+            f"if [ \"${{EUID:-1}}\" = 0 ]; then ({server} </dev/null >/dev/null 2>&1 &); fi; "
+            f"{self.direct_command(remote)}"
+        )
+
+    def direct_command(self, remote: str) -> str:
+        """A fresh agent, without the server: python as root, or through setpriv for another user."""
         directory, _, name = remote.rpartition("/")
         module = name.removesuffix(".py")
         run = (f"{shlex.quote(self.python)} -I -S -c {shlex.quote(LOADER)} {shlex.quote(directory or '/')} "
@@ -412,6 +440,9 @@ class Agent:
         for name in names:
             if name.startswith(("agent-", "agent_")) and name.endswith(".py") and name.removesuffix(".py") != keep:
                 self._remove(sftp, f"{self.remote_dir}/{name}")
+            elif name.startswith("agent_") and name.endswith(SERVE_SUFFIX) and name.removesuffix(SERVE_SUFFIX) != keep:
+                # An older server: without its pid file it stops within SERVE_CHECK_S; its agents keep running.
+                self._remove(sftp, f"{self.remote_dir}/{name}/pid")
         try:
             compiled = sftp.listdir(f"{self.remote_dir}/{PYCACHE}")
         except OSError:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pwd
 import shlex
+import signal
 import shutil
 import subprocess
 import sys
@@ -48,7 +50,7 @@ class LocalChannel:
         self.waiter: threading.Thread | None = None
 
     def exec_command(self, command: str) -> None:
-        self.proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(["/bin/bash", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True)
         self.readers = [threading.Thread(target=self._read, args=(self.proc.stdout, self.out, True), daemon=True),
                         threading.Thread(target=self._read, args=(self.proc.stderr, self.err, False), daemon=True)]
@@ -232,7 +234,32 @@ def remote_dir():
     directory = tempfile.mkdtemp(prefix="socklab-agent-test-")
     os.chmod(directory, 0o755)
     yield directory
+    stop_agent_servers(Path(directory))
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def stop_agent_servers(directory: Path) -> list[int]:
+    """SIGTERM the agent servers (agent.py --serve) the shells started for ``directory``; their pids.
+
+    Found by command line, not pid file: a server whose pid file a newer version removed is
+    still running until its next look, and one started by a fallback may not have written it yet.
+    """
+    stopped = []
+    deadline = time.monotonic() + 0.3  # a server a shell started a moment ago shows up late
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                words = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--serve" in words and any(word.startswith(str(directory).encode()) for word in words):
+                try:
+                    os.kill(int(proc.name), signal.SIGTERM)
+                    stopped.append(int(proc.name))
+                except (OSError, ValueError):
+                    pass
+        time.sleep(0.1)
+    return stopped
 
 
 @pytest.fixture
@@ -279,7 +306,9 @@ def test_start_pushes_once_per_connection_and_again_when_the_content_changes(ssh
     # Only the newest version stays, with its compiled code; the agents started from the old file keep running.
     run = Path(remote_dir) / "run"
     newest = agent_mod.agent_module(changed.read_bytes())
-    assert sorted(p.name for p in run.iterdir()) == ["__pycache__", f"{newest}.py"]
+    assert sorted(p.name for p in run.iterdir() if not p.name.endswith(".serve")) == ["__pycache__", f"{newest}.py"]
+    # The old version's server lost its pid file, so it stops at its next look (SERVE_CHECK_S).
+    assert not any(run.glob(f"{agent_mod.agent_module(GUEST_AGENT.read_bytes())}.serve/pid"))
     assert [p.name.split(".")[0] for p in (run / "__pycache__").iterdir()] == [newest]
     assert first.call("socket", family=2, type=1).ret == 3
     assert oct(run.stat().st_mode & 0o777) == "0o755"
@@ -289,16 +318,104 @@ def test_start_pushes_once_per_connection_and_again_when_the_content_changes(ssh
 
 
 def test_command_lines_for_root_and_other_users(ssh):
-    root = Agent(ssh, "server").command("/run/socklab/agent/agent_x.py")
+    root = Agent(ssh, "server").direct_command("/run/socklab/agent/agent_x.py")
     words = shlex.split(root)
     assert words[:5] == ["exec", "/usr/bin/python3", "-I", "-S", "-c"]
     assert words[5] == agent_mod.LOADER
     assert words[6:] == ["/run/socklab/agent", "agent_x", "--block-ms", "2000"]
     assert agent_mod.REMOTE_DIR == "/run/socklab/agent"
-    student = Agent(ssh, "server", "student", block_ms=500).command("/run/socklab/agent/agent_x.py")
+    student = Agent(ssh, "server", "student", block_ms=500).direct_command("/run/socklab/agent/agent_x.py")
     assert "id -u student" in student and "id -g student" in student
     assert 'exec setpriv --reuid="$uid" --regid="$gid" --init-groups --reset-env /usr/bin/python3 -I -S -c' in student
     assert student.endswith("agent_x --block-ms 500")
+
+
+def test_the_exec_line_asks_the_server_and_falls_back_to_the_direct_line(ssh):
+    line = Agent(ssh, "server", "student", block_ms=500).command("/run/socklab/agent/agent_x.py")
+    assert line.startswith("z=/run/socklab/agent/agent_x.serve; ")
+    assert 'echo "$$ student 500 $f" 1<>"$z/requests"' in line
+    assert "/run/socklab/agent agent_x --serve </dev/null >/dev/null 2>&1 &" in line
+    assert line.endswith(Agent(ssh, "server", "student", block_ms=500).direct_command("/run/socklab/agent/agent_x.py"))
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the agent server runs as root, as in the guest")
+
+
+def wait_for_server(remote_dir: str, timeout: float = 20.0) -> int:
+    pid_files = Path(remote_dir, "run").glob
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid_file in pid_files("agent_*.serve/pid"):
+            try:
+                pid = int(pid_file.read_text())
+            except (OSError, ValueError):
+                continue
+            return pid
+        time.sleep(0.05)
+    raise AssertionError("no agent server started")
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@needs_root
+def test_the_first_agent_starts_the_server_and_the_next_are_its_children(ssh, remote_dir):
+    first = local_agent(ssh, remote_dir).start()
+    server = wait_for_server(remote_dir)
+    assert parent_of(first.hello["pid"]) != server  # the first ran directly, and started the server
+    serve = next(Path(remote_dir, "run").glob("agent_*.serve"))
+    assert oct(serve.stat().st_mode & 0o777) == "0o700" and oct((serve / "requests").stat().st_mode & 0o777) == "0o600"
+    second = local_agent(ssh, remote_dir, block_ms=700).start()
+    assert parent_of(second.hello["pid"]) == server
+    # A fresh agent's descriptors: the scenario's first socket is fd 3 and the session's pipes are its stdio.
+    assert second.call("socket", family="AF_INET", type="SOCK_STREAM").ret == 3
+    assert Path(f"/proc/{second.hello['pid']}/cwd").resolve() == Path.cwd().resolve()
+    assert second.close() == 0 and first.close() == 0
+    assert not list(serve.glob("done.*"))  # each shell removed its FIFO
+
+
+@needs_root
+def test_a_served_agent_that_is_killed_is_named_with_the_signal(ssh, remote_dir):
+    local_agent(ssh, remote_dir).start().close()
+    wait_for_server(remote_dir)
+    agent = local_agent(ssh, remote_dir).start()
+    os.kill(agent.hello["pid"], signal.SIGKILL)
+    with pytest.raises(AgentDied, match=r"died during socket\(.*\(exit status 137\)"):
+        agent.call("socket", family="AF_INET", type="SOCK_STREAM")
+
+
+@needs_root
+def test_a_served_agent_as_another_user_is_that_user_with_no_capabilities(ssh, remote_dir):
+    # The system's Python, as in the guest: nobody cannot read an interpreter under /root.
+    local_agent(ssh, remote_dir, python="/usr/bin/python3").start().close()
+    server = wait_for_server(remote_dir)
+    with local_agent(ssh, remote_dir, user="nobody", python="/usr/bin/python3") as agent:
+        assert parent_of(agent.hello["pid"]) == server
+        nobody = pwd.getpwnam("nobody")
+        assert (agent.hello["uid"], agent.hello["euid"], agent.hello["gid"]) == (nobody.pw_uid,) * 2 + (nobody.pw_gid,)
+        assert int(agent.hello["cap_eff"], 16) == 0 and int(agent.hello["cap_prm"], 16) == 0
+        assert agent.hello["groups"] == os.getgrouplist("nobody", nobody.pw_gid)
+        # Dumpable again after the uid change: its /proc files are the user's, as for a program it exec'd.
+        assert Path(f"/proc/{agent.hello['pid']}/status").stat().st_uid == nobody.pw_uid
+
+
+@needs_root
+def test_a_killed_server_is_replaced_and_the_agent_meanwhile_runs_directly(ssh, remote_dir):
+    local_agent(ssh, remote_dir).start().close()
+    server = wait_for_server(remote_dir)
+    os.kill(server, signal.SIGKILL)  # no clean-up: its directory and pid file stay
+    while Path(f"/proc/{server}").exists() and Path(f"/proc/{server}/stat").read_text().split()[2] != "Z":
+        time.sleep(0.05)
+    meanwhile = local_agent(ssh, remote_dir).start()
+    assert meanwhile.call("socket", family="AF_INET", type="SOCK_STREAM").ret == 3
+    deadline = time.monotonic() + 20
+    while (replacement := wait_for_server(remote_dir)) == server and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert replacement != server
+    later = local_agent(ssh, remote_dir).start()
+    assert parent_of(later.hello["pid"]) == replacement
+    assert later.close() == 0 and meanwhile.close() == 0
 
 
 def test_the_agent_runs_as_a_module_and_keeps_its_compiled_code(ssh, remote_dir):

@@ -552,13 +552,14 @@ def _agent_run(*argv: str) -> subprocess.CompletedProcess:
 
 def test_options_are_parsed_as_argparse_would_and_bad_ones_exit_2():
     shown = _agent_run("--help")
-    assert shown.returncode == 0 and shown.stdout.startswith("usage: agent.py [--block-ms MS]")
-    assert "--block-ms MS" in shown.stdout
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: agent.py [--block-ms MS] | agent.py --serve")
+    assert "--block-ms MS" in shown.stdout and "--serve" in shown.stdout
     for bad, said in ((["--bogus"], "unrecognized argument: --bogus"), (["--block-ms"], "--block-ms expects a value"),
                       (["--block-ms", "soon"], "--block-ms: not a whole number of milliseconds: 'soon'")):
         refused = _agent_run(*bad)
         assert refused.returncode == 2, bad
-        assert refused.stderr.splitlines() == ["usage: agent.py [--block-ms MS]", f"agent.py: error: {said}"]
+        assert refused.stderr.splitlines() == ["usage: agent.py [--block-ms MS] | agent.py --serve",
+                                               f"agent.py: error: {said}"]
     spec = importlib.util.spec_from_file_location("socklab_agent_options", GUEST_AGENT)
     agent = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(agent)
@@ -566,6 +567,7 @@ def test_options_are_parsed_as_argparse_would_and_bad_ones_exit_2():
     assert (options.block_ms, options.tracefs, options.trace_state_dir) == (250, "/tmp/fake-tracefs",
                                                                             agent.TRACE_STATE_DIR)
     assert agent.parse_options([]).block_ms == agent.DEFAULT_BLOCK_MS
+    assert agent.parse_options(["--serve"]).serve and not agent.parse_options([]).serve
 
 
 def test_start_up_imports_none_of_the_slow_modules():

@@ -2148,21 +2148,272 @@ class TracingOps:
         return self.tracer.restore() if self.tracer.plan is not None else []
 
 
-USAGE = """usage: agent.py [--block-ms MS]
+# -- the agent server: one Python start per guest instead of one per agent -----------------------
+#
+# Under TCG a guest spends about 0.4 s starting Python and importing this module, at every agent
+# start, which is every scenario and every host. The server is this module, started once as root
+# and kept running; for each session it forks a child that becomes an ordinary agent on that
+# session's pipes. The session's shell (Agent.command on the host) asks for it:
+#
+#   1. it makes a FIFO DIR/done.PID and writes "PID USER BLOCK_MS DIR/done.PID" to DIR/requests;
+#   2. the server opens the FIFO, forks, answers "started", and the child opens /proc/PID/fd/7-9
+#      (the shell's copies of its pipes to sshd) as its own stdio, drops to USER if that is not root, and runs
+#      main() as a freshly started agent would;
+#   3. the shell waits on the FIFO and exits with the status the server writes when the child ends
+#      (128 + N for signal N); if the server itself is gone, the FIFO's last writer is the child,
+#      and the shell exits 255 when it ends.
+#
+# DIR is root's and 0700: only root's sessions can ask. A shell that finds no live server starts
+# one in the background and runs this agent directly, as before the server existed.
+
+SERVE_SUFFIX = ".serve"
+SESSION_FDS = (7, 8, 9)  # where the asking shell holds its stdin, stdout and stderr (Agent.command)
+SERVE_CHECK_S = 10.0  # how often an idle server checks that it is still the one its directory names
+PR_SET_DUMPABLE = 4
+
+
+def serve_dir(module_file: str) -> str:
+    """The server's directory beside its module file: /run/socklab/agent/agent_<hash>.serve."""
+    return module_file[:-3] + SERVE_SUFFIX if module_file.endswith(".py") else module_file + SERVE_SUFFIX
+
+
+class AgentServer:
+    """Forks an agent per request; see the comment above. Runs as root, in a session of its own."""
+
+    def __init__(self, module_file: str) -> None:
+        self.module_file = module_file
+        self.directory = serve_dir(module_file)
+        self.requests_fd = -1
+        self.children: dict[int, int] = {}  # child pid -> write end of its session's done FIFO
+
+    def claim(self) -> bool:
+        """Make DIR (FIFO and pid inside, then one rename) or take a dead server's; False if a live one has it."""
+        staging = f"{self.directory}.{os.getpid()}"
+        os.mkdir(staging, 0o700)
+        os.mkfifo(f"{staging}/requests", 0o600)
+        write_text(f"{staging}/pid", f"{os.getpid()}\n")
+        for _ in range(2):
+            try:
+                os.rename(staging, self.directory)
+                return True
+            except OSError:
+                owner = self.owner()
+                if owner is not None and _running(owner):
+                    break
+                # A dead server's directory (SIGKILL leaves it): move it away and try once more.
+                dead = f"{self.directory}.dead.{os.getpid()}"
+                try:
+                    os.rename(self.directory, dead)
+                except OSError:
+                    pass
+                _remove_tree(dead)
+        _remove_tree(staging)
+        return False
+
+    def owner(self) -> int | None:
+        try:
+            return int(read_text(f"{self.directory}/pid"))
+        except (OSError, ValueError):
+            return None
+
+    def still_mine(self) -> bool:
+        return self.owner() == os.getpid() and os.path.exists(self.module_file)
+
+    def run(self) -> int:
+        import select
+
+        try:
+            os.setsid()
+        except OSError:
+            pass  # already a session leader
+        if not self.claim():
+            return 0
+        self.requests_fd = os.open(f"{self.directory}/requests", os.O_RDWR | os.O_CLOEXEC)  # RDWR: never EOF
+        signal.signal(signal.SIGCHLD, self.reap)
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        pending = b""
+        try:
+            while True:
+                ready, _, _ = select.select([self.requests_fd], [], [], SERVE_CHECK_S)
+                if not ready:
+                    if not self.still_mine():
+                        return 0
+                    continue
+                pending += os.read(self.requests_fd, 4096)
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    self.spawn(line)
+        finally:
+            if self.owner() in (os.getpid(), None):  # None: a newer agent took our pid file away
+                _remove_tree(self.directory)
+
+    def spawn(self, line: bytes) -> None:
+        try:
+            pid_text, user, block_text, done_path = line.decode().split()
+            pid, block_ms = int(pid_text), int(block_text)
+        except ValueError:
+            return
+        if os.path.dirname(done_path) != self.directory:
+            return
+        try:
+            # The shell holds it open (read-write) until it has the answer; a FIFO it gave up on is gone.
+            done = os.open(done_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])  # the child is recorded before it is reaped
+        try:
+            child = os.fork()
+            if child == 0:
+                self.child(pid, user, block_ms)  # never returns
+            self.children[child] = done
+            try:
+                os.write(done, b"started\n")
+            except OSError:
+                pass
+        except OSError:
+            os.close(done)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
+
+    def reap(self, signum: int = 0, frame: object = None) -> None:
+        while True:
+            try:
+                child, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if child == 0:
+                return
+            done = self.children.pop(child, None)
+            if done is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            try:
+                os.write(done, f"{128 - code if code < 0 else code}\n".encode())
+            except OSError:
+                pass
+            os.close(done)
+
+    def child(self, pid: int, user: str, block_ms: int) -> NoReturn:
+        """In the forked child: take the session's stdio, cwd, umask and environment, become ``user``, run main()."""
+        code = 1
+        try:
+            os.close(self.requests_fd)
+            for done in self.children.values():
+                os.close(done)
+            self.children.clear()
+            for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])  # spawn() blocked SIGCHLD around the fork
+            os.setsid()
+            # Opening a pipe through /proc opens the pipe itself: the agent reads and writes sshd's
+            # pipes as if it had been exec'd on them. The shell keeps copies of its stdio on
+            # SESSION_FDS, which no redirection of its own moves while it waits.
+            for fd, flags in ((0, os.O_RDONLY), (1, os.O_WRONLY), (2, os.O_WRONLY)):
+                opened = os.open(f"/proc/{pid}/fd/{SESSION_FDS[fd]}", flags)
+                if opened != fd:
+                    os.dup2(opened, fd)
+                    os.close(opened)
+            session_env = read_environ(pid)
+            os.chdir(f"/proc/{pid}/cwd")
+            os.umask(session_umask(pid))
+            if user != "root":
+                session_env = become(user, session_env)
+            os.environ.clear()
+            os.environ.update(session_env)
+            code = main(["--block-ms", str(block_ms)])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException as exc:  # noqa: BLE001 - the child must end here, never return into the server
+            try:
+                # sys.stderr: the session's stderr once main() has moved it off fd 2, else fd 2 itself.
+                print(f"socklab agent: the agent server's child failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+        finally:
+            os._exit(code)
+
+
+def read_environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as source:
+        pairs = [item.partition(b"=") for item in source.read().split(b"\0") if b"=" in item]
+    return {key.decode(errors="surrogateescape"): value.decode(errors="surrogateescape") for key, _, value in pairs}
+
+
+def session_umask(pid: int) -> int:
+    for line in read_text(f"/proc/{pid}/status").splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
+    return 0o022
+
+
+def become(user: str, session_env: dict[str, str]) -> dict[str, str]:
+    """What `setpriv --reuid --regid --init-groups --reset-env` does; returns the environment to use.
+
+    All three uids become the user's, so the kernel clears the permitted and effective
+    capabilities; the process is made dumpable again, so its /proc files are the user's, as
+    they are for a program the user exec'd.
+    """
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    os.setgroups(os.getgrouplist(user, entry.pw_gid))
+    os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
+    os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+    env = {"HOME": entry.pw_dir, "SHELL": entry.pw_shell or "/bin/sh", "USER": user, "LOGNAME": user,
+           "PATH": "/usr/local/bin:/bin:/usr/bin"}
+    if "TERM" in session_env:
+        env["TERM"] = session_env["TERM"]
+    return env
+
+
+def _remove_tree(path: str) -> None:
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(f"{path}/{name}")
+        except OSError:
+            pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a SIGKILLed server its reaper has not collected yet still answers kill 0)."""
+    try:
+        return read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+USAGE = """usage: agent.py [--block-ms MS] | agent.py --serve
 
 socklab guest agent: runs socket system calls one JSON line at a time on stdin/stdout.
 
   --block-ms MS  interrupt a call that blocks longer than MS and report it as blocked (0: never);
-                 default 2000"""
+                 default 2000
+  --serve        run as the agent server: fork an agent for each session that asks (root only)"""
 
 
 class Options:
-    __slots__ = ("block_ms", "tracefs", "trace_state_dir")
+    __slots__ = ("block_ms", "tracefs", "trace_state_dir", "serve")
 
     def __init__(self) -> None:
         self.block_ms = DEFAULT_BLOCK_MS
         self.tracefs = TRACEFS  # --tracefs and --trace-state-dir are for tests (a fake tracefs)
         self.trace_state_dir = TRACE_STATE_DIR
+        self.serve = False
 
 
 def parse_options(argv: list[str]) -> Options:
@@ -2178,6 +2429,9 @@ def parse_options(argv: list[str]) -> Options:
         if word in ("-h", "--help"):
             print(USAGE)
             raise SystemExit(0)
+        if word == "--serve":
+            options.serve = True
+            continue
         name, has_value, value = word.partition("=")
         if name not in names:
             return _usage_error(f"unrecognized argument: {word}")
@@ -2202,6 +2456,8 @@ def _usage_error(message: str) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_options(sys.argv[1:] if argv is None else argv)
+    if options.serve:
+        return AgentServer(os.path.abspath(__file__)).run()
 
     read_fd, write_fd, diag_fd = claim_stdio()
     strays = move_stray_fds((read_fd, write_fd, diag_fd))
