@@ -453,7 +453,10 @@ def test_scenario_strings_reach_the_kernel_as_data(lab, tmp_path):
 
 @vm
 def test_student_steps_cannot_change_what_root_runs(lab):
-    """`user: student` steps run as uid 1000 without capabilities; the agent root runs is root's, 0644, in a 0755 dir."""
+    """`user: student` steps run as uid 1000 without capabilities; the agent root runs is root's, 0644, in a 0755 dir.
+
+    The agent server that forks the agents is root's too, and the student cannot ask it for anything.
+    """
     from harness.guest.client import Agent
 
     server = lab.ssh("server")
@@ -476,6 +479,16 @@ def test_student_steps_cannot_change_what_root_runs(lab):
                   "id -u; grep CapEff /proc/self/status'")
     result = server.run(as_student, check=True).stdout.split()
     assert result == ["1000", "CapEff:", "0000000000000000"], result
+    # The agent server forks root's agents: only root may ask it, through a FIFO in a 0700 directory.
+    serve = server.run("stat -c '%U %a %F %n' /run/socklab/agent/*.serve /run/socklab/agent/*.serve/requests",
+                       check=True).stdout.splitlines()
+    assert [line.split(" ", 2)[:2] for line in serve] == [["root", "700"], ["root", "600"]], serve
+    assert "fifo" in serve[1]
+    requests = serve[1].split(" ", 3)[3]
+    ask = ("setpriv --reuid=1000 --regid=1000 --init-groups --reset-env sh -c "
+           f"'echo \"$$ root 0 x\" > {requests} 2>/dev/null && echo asked; "
+           f"ls {requests.rsplit('/', 1)[0]} 2>/dev/null && echo listed; echo done'")
+    assert server.run(ask, check=True).stdout.split() == ["done"]
 
 
 # -------------------------------------------------------------------------------------------- QEMU's confinement
