@@ -48,6 +48,7 @@ LOADER = ("import sys; sys.path.insert(0, sys.argv[1]); agent = __import__(sys.a
           "sys.argv = [agent.__file__, *sys.argv[3:]]; sys.exit(agent.main())")
 PYCACHE = "__pycache__"
 SERVE_SUFFIX = ".serve"  # agent.py's serve_dir(): the agent server's directory beside its module
+MISSING_STATUS = 97  # the exec line's exit status when the guest lacks this agent version
 SERVE_ACK_TIMEOUT = 10  # s for the server to fork (ms when well); past it the shell runs the agent directly
 
 # Arguments that carry C integer constants; names such as "SOCK_STREAM|SOCK_NONBLOCK" are
@@ -307,29 +308,51 @@ class Agent:
         source = self.source.read_bytes()
         remote = f"{self.remote_dir}/{agent_module(source)}.py"
         client = self.ssh.client
-        self._push(client, source, remote)
-        self._pending.clear()
-        self._stderr.clear()
-        self._dead = None
-        self.exit_status = None
-        try:
-            channel = transport_of(client).open_session(timeout=SSH_CHANNEL_OPEN)
-            channel.exec_command(self.command(remote))
-        except (OSError, EOFError, paramiko.SSHException) as exc:
-            raise AgentDied(f"{self.vm}: cannot start the agent as {self.user}: SSH failed "
-                            f"({type(exc).__name__}: {exc})") from exc
-        self._channel = channel
-        try:
-            message = self._read_message(time.monotonic() + self.start_timeout, "start-up")
-        except AgentError:
-            self._discard()
-            raise
+        transport = client.get_transport()
+        # Not pushed on this connection yet: the exec line itself looks for the file, and an SFTP
+        # session (a process in the guest) is opened only when it is missing.
+        unsure = transport is None or remote not in _pushed.get(transport, ())
+        while True:
+            message = self._exec(client, remote, guard=unsure)
+            if message is not None:
+                break
+            self._push(client, source, remote)
+            unsure = False
+        if transport is not None:
+            _pushed.setdefault(transport, set()).add(remote)
         hello = message.get("hello")
         if not isinstance(hello, dict) or hello.get("protocol") != PROTOCOL:
             self.close()
             raise AgentDied(f"{self.vm}: the agent greeted with {message!r}, not a protocol {PROTOCOL} hello")
         self.hello = hello
         return self
+
+    def _exec(self, client: Any, remote: str, guard: bool) -> dict[str, Any] | None:
+        """Run the exec line and read the hello; None when ``guard`` found the agent file missing."""
+        self._pending.clear()
+        self._stderr.clear()
+        self._dead = None
+        self.exit_status = None
+        line = self.command(remote)
+        if guard:
+            line = f"[ -s {shlex.quote(remote)} ] || exit {MISSING_STATUS}; {line}"
+        try:
+            channel = transport_of(client).open_session(timeout=SSH_CHANNEL_OPEN)
+            channel.exec_command(line)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise AgentDied(f"{self.vm}: cannot start the agent as {self.user}: SSH failed "
+                            f"({type(exc).__name__}: {exc})") from exc
+        self._channel = channel
+        try:
+            return self._read_message(time.monotonic() + self.start_timeout, "start-up")
+        except AgentDied:
+            if guard and self.exit_status == MISSING_STATUS and not self._stderr.strip():
+                return None
+            self._discard()
+            raise
+        except AgentError:
+            self._discard()
+            raise
 
     def command(self, remote: str) -> str:
         """The exec line, for root's shell (bash) in the guest: an agent from the agent server, else a fresh one.

@@ -295,7 +295,8 @@ def test_start_pushes_once_per_connection_and_again_when_the_content_changes(ssh
     other = LocalGuestSSH("another-connection")
     try:
         local_agent(other, remote_dir).start().close()
-        assert other.transport.uploads == []  # the guest already holds this version (stat)
+        # The guest already holds this version: the exec line found it, and no SFTP session was opened.
+        assert other.transport.uploads == [] and other.transport.sftp_sessions == 0
     finally:
         other.kill_all()
 
@@ -534,7 +535,8 @@ def test_a_stopped_vm_is_reported_while_the_agent_waits_not_after_the_step_timeo
 def test_every_channel_the_agent_opens_has_a_bound(ssh, remote_dir):
     with local_agent(ssh, remote_dir) as agent:
         agent.call("socket", family=2, type=2)
-    assert ssh.client.get_transport().open_timeouts == [agent_mod.SSH_CHANNEL_OPEN]
+    # Two execs: the first found no agent file, the push followed, then the agent ran.
+    assert ssh.client.get_transport().open_timeouts == [agent_mod.SSH_CHANNEL_OPEN] * 2
 
 
 def test_a_full_guest_file_system_is_named_when_the_agent_cannot_be_copied(ssh, remote_dir, monkeypatch):
