@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,11 @@ import pytest
 from tests.guideblocks import REPO_ROOT
 
 BLOCK_TIMEOUT = 900.0  # a whole lab check under TCG on a loaded host, with room to spare
+
+# The live tests start a few hundred `invoke` processes. With PYTHONDONTWRITEBYTECODE in the
+# environment (some sandboxes set it), each one compiled every harness module from source again:
+# about 0.2 s of CPU per command. A student's shell does not set it, and __pycache__ is ignored by git.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,9 @@ def guide_shell(lab, tmp_path_factory):
                 # As in a student's shell: pytest's COLUMNS=80 would make every table fold at 80 columns.
                 env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
                 env["SOCKLAB_RESULTS"] = str(results)
+                # `invoke` and `python3` are those of the Python running the tests, as in an activated
+                # virtualenv: not whatever a version manager's shim would pick (and start) first.
+                env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
                 done = subprocess.run(["bash", "-e", "-c", script], cwd=REPO_ROOT, stdin=subprocess.DEVNULL, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       timeout=BLOCK_TIMEOUT)
