@@ -48,6 +48,7 @@ LOADER = ("import sys; sys.path.insert(0, sys.argv[1]); agent = __import__(sys.a
           "sys.argv = [agent.__file__, *sys.argv[3:]]; sys.exit(agent.main())")
 PYCACHE = "__pycache__"
 SERVE_SUFFIX = ".serve"  # agent.py's serve_dir(): the agent server's directory beside its module
+SERVED_STATUS_UNKNOWN = 255  # the exec line's exit status when the server that forked the agent is gone too
 MISSING_STATUS = 97  # the exec line's exit status when the guest lacks this agent version
 SERVE_ACK_TIMEOUT = 10  # s for the server to fork (ms when well); past it the shell runs the agent directly
 
@@ -374,7 +375,7 @@ class Agent:
             # 7-9: the session's stdio for the server's child to open, whatever bash does to 0-2 meanwhile.
             f"exec 7<&0 8>&1 9>&2 3<>\"$f\"; echo \"$$ {shlex.quote(self.user)} {int(self.block_ms)} $f\" 1<>\"$z/requests\"; "
             f"if read -t {SERVE_ACK_TIMEOUT:g} -r -u 3 ack && [ \"$ack\" = started ]; then "
-            f"exec 4<\"$f\" 3<&-; rm -f \"$f\"; read -r -u 4 st; exit \"${{st:-255}}\"; fi; "
+            f"exec 4<\"$f\" 3<&-; rm -f \"$f\"; read -r -u 4 st; exit \"${{st:-{SERVED_STATUS_UNKNOWN}}}\"; fi; "
             f"rm -f \"$f\"; exec 3<&- 7<&- 8>&- 9>&-; fi; "
             f"if [ \"${{EUID:-1}}\" = 0 ]; then ({server} </dev/null >/dev/null 2>&1 &); fi; "
             f"{self.direct_command(remote)}"
@@ -731,7 +732,8 @@ class Agent:
         self.exit_status = status
         self._dead = f"died during {step}"
         self._discard()
-        status_text = "" if status is None or status < 0 else f" (exit status {status})"
+        # -1: killed by a signal (sshd's exit-signal); SERVED_STATUS_UNKNOWN: the agent server went with it.
+        status_text = "" if status is None or status < 0 or status == SERVED_STATUS_UNKNOWN else f" (exit status {status})"
         raise AgentDied(f"{self.vm}: the agent ({self.user}) died during {step}: {how}{status_text}; "
                         f"agent stderr: {self.stderr_tail.strip()[-1500:] or '(empty)'}")
 

@@ -387,6 +387,19 @@ def test_a_served_agent_that_is_killed_is_named_with_the_signal(ssh, remote_dir)
 
 
 @needs_root
+def test_an_agent_killed_with_its_server_is_named_without_a_made_up_status(ssh, remote_dir):
+    local_agent(ssh, remote_dir).start().close()
+    server = wait_for_server(remote_dir)
+    agent = local_agent(ssh, remote_dir).start()
+    assert parent_of(agent.hello["pid"]) == server
+    os.kill(server, signal.SIGKILL)  # as `pkill -KILL -f agent_<hash>` kills both
+    os.kill(agent.hello["pid"], signal.SIGKILL)
+    with pytest.raises(AgentDied, match=r"died during socket\(.*it exited before answering; agent stderr") as died:
+        agent.call("socket", family="AF_INET", type="SOCK_STREAM")
+    assert "exit status" not in str(died.value)
+
+
+@needs_root
 def test_a_served_agent_as_another_user_is_that_user_with_no_capabilities(ssh, remote_dir):
     # The system's Python, as in the guest: nobody cannot read an interpreter under /root.
     local_agent(ssh, remote_dir, python="/usr/bin/python3").start().close()
