@@ -48,6 +48,7 @@ LOADER = ("import sys; sys.path.insert(0, sys.argv[1]); agent = __import__(sys.a
           "sys.argv = [agent.__file__, *sys.argv[3:]]; sys.exit(agent.main())")
 PYCACHE = "__pycache__"
 SERVE_SUFFIX = ".serve"  # agent.py's serve_dir(): the agent server's directory beside its module
+SESSION_FDS = (7, 8, 9)  # agent.py's SESSION_FDS: where the exec line keeps stdin, stdout, stderr for the server
 SERVED_STATUS_UNKNOWN = 255  # the exec line's exit status when the server that forked the agent is gone too
 MISSING_STATUS = 97  # the exec line's exit status when the guest lacks this agent version
 SERVE_ACK_TIMEOUT = 10  # s for the server to fork (ms when well); past it the shell runs the agent directly
@@ -346,13 +347,10 @@ class Agent:
         self._channel = channel
         try:
             return self._read_message(time.monotonic() + self.start_timeout, "start-up")
-        except AgentDied:
-            if guard and self.exit_status == MISSING_STATUS and not self._stderr.strip():
-                return None
-            self._discard()
-            raise
         except AgentError:
             self._discard()
+            if guard and self.exit_status == MISSING_STATUS and not self._stderr.strip():
+                return None
             raise
 
     def command(self, remote: str) -> str:
@@ -362,31 +360,35 @@ class Agent:
         Python that has started already. When the shell finds no live server it starts one in the
         background for the next agent, and runs this one directly (``direct_command``).
         """
-        directory, _, name = remote.rpartition("/")
-        module = name.removesuffix(".py")
         serve = shlex.quote(f"{remote.removesuffix('.py')}{SERVE_SUFFIX}")
-        server = (f"{shlex.quote(self.python)} -I -S -c {shlex.quote(LOADER)} {shlex.quote(directory or '/')} "
-                  f"{shlex.quote(module)} --serve")
+        stdin, stdout, stderr = SESSION_FDS
         return (
             f"z={serve}; f=\"$z/done.$$\"; "
             f"if [ -p \"$z/requests\" ] && read -r zp < \"$z/pid\" && read -r _ _ zs _ < \"/proc/$zp/stat\" "
             f"&& [ \"$zs\" != Z ] "
             f"&& mkfifo -m 600 \"$f\" 2>/dev/null; then "
-            # 7-9: the session's stdio for the server's child to open, whatever bash does to 0-2 meanwhile.
-            f"exec 7<&0 8>&1 9>&2 3<>\"$f\"; echo \"$$ {shlex.quote(self.user)} {int(self.block_ms)} $f\" 1<>\"$z/requests\"; "
+            # The session's stdio for the server's child to open, whatever bash does to 0-2 meanwhile.
+            f"exec {stdin}<&0 {stdout}>&1 {stderr}>&2 3<>\"$f\"; "
+            f"echo \"$$ {shlex.quote(self.user)} {int(self.block_ms)} $f\" 1<>\"$z/requests\"; "
             f"if read -t {SERVE_ACK_TIMEOUT:g} -r -u 3 ack && [ \"$ack\" = started ]; then "
             f"exec 4<\"$f\" 3<&-; rm -f \"$f\"; read -r -u 4 st; exit \"${{st:-{SERVED_STATUS_UNKNOWN}}}\"; fi; "
-            f"rm -f \"$f\"; exec 3<&- 7<&- 8>&- 9>&-; fi; "
-            f"if [ \"${{EUID:-1}}\" = 0 ]; then ({server} </dev/null >/dev/null 2>&1 &); fi; "
+            f"rm -f \"$f\"; exec 3<&- {stdin}<&- {stdout}>&- {stderr}>&-; fi; "
+            # -B: the server starts beside this direct agent, and only the agent writes the compiled module.
+            f"if [ \"${{EUID:-1}}\" = 0 ]; then ({self._python(remote, '--serve', write_bytecode=False)} "
+            f"</dev/null >/dev/null 2>&1 &); fi; "
             f"{self.direct_command(remote)}"
         )
 
+    def _python(self, remote: str, *options: str, write_bytecode: bool = True) -> str:
+        """The guest's Python running the agent module ``remote`` (LOADER) with ``options``."""
+        directory, _, name = remote.rpartition("/")
+        flags = ["-I", "-S"] if write_bytecode else ["-I", "-S", "-B"]
+        words = [self.python, *flags, "-c", LOADER, directory or "/", name.removesuffix(".py"), *options]
+        return " ".join(shlex.quote(word) for word in words)
+
     def direct_command(self, remote: str) -> str:
         """A fresh agent, without the server: python as root, or through setpriv for another user."""
-        directory, _, name = remote.rpartition("/")
-        module = name.removesuffix(".py")
-        run = (f"{shlex.quote(self.python)} -I -S -c {shlex.quote(LOADER)} {shlex.quote(directory or '/')} "
-               f"{shlex.quote(module)} --block-ms {int(self.block_ms)}")
+        run = self._python(remote, "--block-ms", str(int(self.block_ms)))
         if self.user == "root":
             return f"exec {run}"
         user = shlex.quote(self.user)

@@ -335,8 +335,24 @@ def test_the_exec_line_asks_the_server_and_falls_back_to_the_direct_line(ssh):
     line = Agent(ssh, "server", "student", block_ms=500).command("/run/socklab/agent/agent_x.py")
     assert line.startswith("z=/run/socklab/agent/agent_x.serve; ")
     assert 'echo "$$ student 500 $f" 1<>"$z/requests"' in line
+    assert "/usr/bin/python3 -I -S -B -c" in line  # the server never writes the compiled agent
     assert "/run/socklab/agent agent_x --serve </dev/null >/dev/null 2>&1 &" in line
     assert line.endswith(Agent(ssh, "server", "student", block_ms=500).direct_command("/run/socklab/agent/agent_x.py"))
+
+
+def test_the_host_and_the_guest_agree_on_the_servers_names_and_descriptors():
+    guest = agent_module_loaded()
+    assert (guest.SERVE_SUFFIX, guest.SESSION_FDS) == (agent_mod.SERVE_SUFFIX, agent_mod.SESSION_FDS)
+    assert guest.serve_dir("/run/socklab/agent/agent_x.py") == "/run/socklab/agent/agent_x.serve"
+
+
+def agent_module_loaded():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("socklab_agent_constants", GUEST_AGENT)
+    guest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(guest)
+    return guest
 
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the agent server runs as root, as in the guest")

@@ -2018,13 +2018,11 @@ def _digest(text: str) -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Running and not a zombie: a process killed a moment ago still answers kill(pid, 0) until reaped."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def trace_depth_arg(args: dict) -> int:
@@ -2157,8 +2155,8 @@ class TracingOps:
 #
 #   1. it makes a FIFO DIR/done.PID and writes "PID USER BLOCK_MS DIR/done.PID" to DIR/requests;
 #   2. the server opens the FIFO, forks, answers "started", and the child opens /proc/PID/fd/7-9
-#      (the shell's copies of its pipes to sshd) as its own stdio, drops to USER if that is not root, and runs
-#      main() as a freshly started agent would;
+#      (the shell's copies of its pipes to sshd) as its own stdio, drops to USER if that is not
+#      root, and runs main() as a freshly started agent would;
 #   3. the shell waits on the FIFO and exits with the status the server writes when the child ends
 #      (128 + N for signal N); if the server itself is gone, the FIFO's last writer is the child,
 #      and the shell exits 255 when it ends.
@@ -2174,7 +2172,7 @@ PR_SET_DUMPABLE = 4
 
 def serve_dir(module_file: str) -> str:
     """The server's directory beside its module file: /run/socklab/agent/agent_<hash>.serve."""
-    return module_file[:-3] + SERVE_SUFFIX if module_file.endswith(".py") else module_file + SERVE_SUFFIX
+    return module_file.removesuffix(".py") + SERVE_SUFFIX
 
 
 class AgentServer:
@@ -2198,7 +2196,7 @@ class AgentServer:
                 return True
             except OSError:
                 owner = self.owner()
-                if owner is not None and _running(owner):
+                if owner is not None and _alive(owner):
                     break
                 # A dead server's directory (SIGKILL leaves it): move it away and try once more.
                 dead = f"{self.directory}.dead.{os.getpid()}"
@@ -2370,27 +2368,9 @@ def become(user: str, session_env: dict[str, str]) -> dict[str, str]:
 
 
 def _remove_tree(path: str) -> None:
-    try:
-        names = os.listdir(path)
-    except OSError:
-        return
-    for name in names:
-        try:
-            os.unlink(f"{path}/{name}")
-        except OSError:
-            pass
-    try:
-        os.rmdir(path)
-    except OSError:
-        pass
+    import shutil  # the server's only, never on an agent's start-up path
 
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (a SIGKILLed server its reaper has not collected yet still answers kill 0)."""
-    try:
-        return read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
@@ -2464,11 +2444,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stderr = open(diag_fd, "w", buffering=1, closefd=False)
     sys.stdout = sys.stderr  # a stray print must never corrupt the reply stream
 
-    def stop(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGHUP, stop)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGHUP, _exit_on_signal)
     # Blocked rather than ignored: the kernel drops an ignored SIGPIPE at generation, but a
     # blocked one stays pending, so a send can report that it raised one.
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGPIPE])
