@@ -379,6 +379,24 @@ class Agent:
             f"{self.direct_command(remote)}"
         )
 
+    def serve_directory(self) -> str:
+        """The agent server's directory for this agent version (agent.py's serve_dir)."""
+        return f"{self.remote_dir}/{agent_module(self.source.read_bytes())}{SERVE_SUFFIX}"
+
+    def start_server(self, timeout: float = 30.0) -> None:
+        """Leave this version's agent server running on the guest: one agent start, then wait for its pid file.
+
+        The first agent start on a guest without a server starts one in the background (``command``);
+        ``lab.up`` does this before it saves a snapshot, so a restored guest's first agent is a fork.
+        """
+        self.start()
+        self.close()
+        serve = shlex.quote(self.serve_directory())
+        ticks = max(1, int(timeout * 10))
+        self.ssh.run(f"i=0; until [ -p {serve}/requests ] && read -r p < {serve}/pid && [ -d /proc/\"$p\" ]; do "
+                     f"i=$((i+1)); [ $i -ge {ticks} ] && echo 'no agent server after {timeout:g} s' >&2 && exit 1; "
+                     "sleep 0.1; done", timeout=timeout + 10, check=True)
+
     def _python(self, remote: str, *options: str, write_bytecode: bool = True) -> str:
         """The guest's Python running the agent module ``remote`` (LOADER) with ``options``."""
         directory, _, name = remote.rpartition("/")

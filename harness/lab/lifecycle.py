@@ -432,6 +432,8 @@ class Lab:
                         keys: dict[str, str]) -> None:
         """Save every VM's ready state for the next ``lab.up``; a failure only costs the next boot its speed."""
         with progress.step("save ready snapshots for the next lab.up") as step:
+            step.update("starting the agent servers")
+            self._start_agent_servers(state)
             self.close()  # no half-open SSH connections inside the saved state
             try:
                 for vm in state.vms:
@@ -445,6 +447,24 @@ class Lab:
                     except Exception:  # noqa: BLE001 - resuming what we paused is best effort here
                         pass
                 progress.say(f"[yellow]warning:[/] could not save snapshots ({exc}); the next lab.up boots cold")
+
+    def _start_agent_servers(self, state: LabState) -> None:
+        """Each guest's agent server, started before its state is saved (docs/performance.md).
+
+        A restored guest's first agent is then a fork of a Python that has imported the agent
+        already, not a Python start, an import and a server start of its own: 2.8 s of TCG CPU less
+        for a restored lab's first check. A guest that cannot start one is saved without (a warning).
+        """
+        from harness.guest.client import Agent
+
+        def start(vm: VMState) -> None:
+            Agent(self.ssh(vm.name), vm.name, timeout=60).start_server()
+
+        try:
+            self._in_parallel(start, state.vms, threading.Event())
+        except LabError as exc:  # an agent that would not start, SSH lost
+            progress.say(f"[yellow]warning:[/] no agent server in the snapshots ({exc}); "
+                         "a restored lab starts its own on first use")
 
     def _wait_ssh(self, state: LabState, deadline: float, step: progress.Stage, restored: bool = False) -> float:
         """Connect to every guest at once; return when the last one answered SSH (a monotonic time).

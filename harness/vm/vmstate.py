@@ -29,7 +29,7 @@ from harness.vm import owner
 from harness.vm import qemu
 from harness.image.build import file_sha256, file_stamp
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 2: the saved guests run their agent servers (Lab._start_agent_servers)
 STATE = "state.migration"
 DISK = "disk.qcow2"
 META = "meta.json"
@@ -158,7 +158,21 @@ class SavedVMStore:
                 work.rename(final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        self.remove_older_formats()
         return SavedVM(final)
+
+    def remove_older_formats(self) -> list[Path]:
+        """Delete the snapshots of an older SNAPSHOT_FORMAT: no key of this socklab names them again."""
+        removed = []
+        for path in self.root.iterdir() if self.root.is_dir() else ():
+            try:
+                meta = json.loads((path / META).read_text())
+            except (OSError, ValueError):
+                continue  # a save in progress, or not ours to judge
+            if isinstance(meta, dict) and isinstance(meta.get("format"), int) and meta["format"] < SNAPSHOT_FORMAT:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
 
     def remove_interrupted(self, proc: Path = owner.PROC) -> list[Path]:
         """Delete the temporary directories of saves whose process is gone (socklab was killed mid-save)."""

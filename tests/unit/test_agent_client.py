@@ -393,6 +393,16 @@ def test_the_first_agent_starts_the_server_and_the_next_are_its_children(ssh, re
 
 
 @needs_root
+def test_start_server_returns_once_the_server_answers_and_the_next_agent_is_its_child(ssh, remote_dir):
+    agent = local_agent(ssh, remote_dir)
+    agent.start_server(timeout=20)
+    assert not agent.running  # its own agent is closed: only the server stays, as lab.up saves it
+    served = local_agent(ssh, remote_dir).start()  # no waiting: start_server saw the pid file and the FIFO
+    assert parent_of(served.hello["pid"]) == wait_for_server(remote_dir, timeout=0.1)
+    assert served.close() == 0
+
+
+@needs_root
 def test_a_served_agent_that_is_killed_is_named_with_the_signal(ssh, remote_dir):
     local_agent(ssh, remote_dir).start().close()
     wait_for_server(remote_dir)

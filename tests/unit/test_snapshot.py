@@ -55,11 +55,12 @@ def test_image_or_qemu_changes_the_key(spec):
     assert key(spec, version="QEMU emulator version 8.2.0") != key(spec)
 
 
-def write_snapshot(directory: Path, state=b"S" * 1000, disk=b"D" * 300) -> snapshot.SavedVM:
+def write_snapshot(directory: Path, state=b"S" * 1000, disk=b"D" * 300,
+                   fmt: int = snapshot.SNAPSHOT_FORMAT) -> snapshot.SavedVM:
     directory.mkdir(parents=True)
     (directory / snapshot.STATE).write_bytes(state)
     (directory / snapshot.DISK).write_bytes(disk)
-    meta = {"format": 1, "state_size": len(state), "disk_size": len(disk),
+    meta = {"format": fmt, "state_size": len(state), "disk_size": len(disk),
             "state_sha256": snapshot.file_sha256(directory / snapshot.STATE)}
     (directory / snapshot.META).write_text(json.dumps(meta))
     return snapshot.SavedVM(directory)
@@ -130,6 +131,19 @@ def test_a_failed_save_leaves_neither_a_snapshot_nor_its_temporary_files(tmp_pat
     with pytest.raises(qemu.LabError):
         store.save("abc", tmp_path / "qmp", tmp_path / "server.qcow2")
     assert list(store.root.iterdir()) == []
+
+
+def test_a_save_removes_the_snapshots_of_older_formats_only(tmp_path, monkeypatch):
+    store = snapshot.SavedVMStore(tmp_path)
+    older = write_snapshot(store.root / "old", fmt=snapshot.SNAPSHOT_FORMAT - 1)
+    current = write_snapshot(store.root / "other")
+    saving = store.root / ".tmp-xyz-1-2-abc"  # another lab's save in progress: no meta yet
+    saving.mkdir()
+    (tmp_path / "server.qcow2").write_bytes(b"E" * 300)
+    monkeypatch.setattr(qemu, "migrate_to_file", _fake_migrate(b"T" * 1000))
+    store.save("new", tmp_path / "qmp", tmp_path / "server.qcow2")
+    assert not older.directory.exists()
+    assert current.problem() is None and saving.is_dir() and store.get("new").problem() is None
 
 
 def test_a_snapshot_another_lab_saved_meanwhile_is_kept(tmp_path, monkeypatch):
