@@ -37,7 +37,7 @@ import jinja2
 
 from .. import load as textio
 from .. import template
-from .format import ScenarioError, _shown, _strip_lines, render, sandbox
+from .format import ScenarioError, _shown, _strip_lines, render
 from .predict import NotPredicted
 from .runner import RunResult, StepRecord
 
@@ -157,7 +157,7 @@ def load(path: Path, variables: Mapping[str, Any]) -> list[Assertion]:
         if comparison == "one_of" and not isinstance(operand, list):
             raise ScenarioError(f"{at}: `one_of:` takes a list")
         try:
-            sandbox().compile_expression(item["value"])
+            template.expression(item["value"])
         except jinja2.TemplateSyntaxError as exc:
             raise ScenarioError(f"{at}: value {item['value']!r}: {exc.message}") from None
         assertions.append(Assertion(str(item.get("name", item["value"])), item["value"], comparison, operand, line,
@@ -223,12 +223,11 @@ def context(result: RunResult, params: Mapping[str, Any], sysctls: Mapping[str, 
 
 
 def evaluate(assertions: list[Assertion], names: Mapping[str, Any]) -> list[AssertionOutcome]:
-    env = sandbox()
     outcomes = []
     for assertion in assertions:
         try:
             with template.template_budget():
-                value = env.compile_expression(assertion.value, undefined_to_none=False)(**names)
+                value = template.expression(assertion.value, False)(**names)
             if isinstance(value, jinja2.Undefined):
                 value._fail_with_undefined_error()
         except NotPredicted as exc:

@@ -371,9 +371,8 @@ def _template_line(exc: BaseException) -> int | None:
 
 def render(text: str, params: Mapping[str, Any], where: str, line_offset: int = 1) -> str:
     """Render a template in the budgeted sandbox; undefined names, unsafe access and budget overruns become ScenarioErrors."""
-    env = sandbox()
     try:
-        return template.render_budgeted(env.from_string(text), params)
+        return template.render_budgeted(template.compiled(text), params)
     except jinja2.TemplateSyntaxError as exc:
         raise ScenarioError(f"{where}:{(exc.lineno or 1) + line_offset - 1}: template syntax: {exc.message}") from None
     except RecursionError:
@@ -491,7 +490,7 @@ def _value_step(item: dict, index: int, line: int, at: str, names: dict[str, str
     if not isinstance(expression, str) or not expression.strip():
         raise ScenarioError(f"{at}: `value:` takes an expression over the snapshots, like before.server.sysctls.somaxconn")
     try:
-        sandbox().compile_expression(expression)
+        template.expression(expression)
     except jinja2.TemplateSyntaxError as exc:
         raise ScenarioError(f"{at}: `value: {expression}`: {exc.message}") from None
     save_as = item.get("as")

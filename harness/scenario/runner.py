@@ -11,7 +11,8 @@ from ..errors import LabError
 from ..model import Network
 from ..model.constants import resolve
 from .compare import Outcome, Verdict, judge
-from .format import CALLS, REFERENCE, Scenario, Step, sandbox
+from .. import template
+from .format import CALLS, REFERENCE, Scenario, Step
 
 LAB_ADDRESSES = {"client": "198.51.100.1", "server": "198.51.100.2"}
 
@@ -477,7 +478,7 @@ def evaluate_value(step: Step, snapshots: Mapping[str, Any], names: SocketNames)
     scope = dict(names.values)
     scope.update(snapshots)
     try:
-        value = sandbox().compile_expression(step.expression, undefined_to_none=False)(**scope)
+        value = template.expression(step.expression, False)(**scope)
     except Exception as exc:  # noqa: BLE001 - a template error is this step's outcome, not the run's end
         return Outcome(ret=None, errno=UNSET, rule=f"cannot evaluate {step.expression}: {exc}")
     if value is not None and hasattr(value, "_asdict"):
