@@ -19,7 +19,9 @@ import os
 import re
 import secrets
 import shutil
+import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -55,36 +57,89 @@ CONSOLE_POLL = 0.02
 SUN_PATH_MAX = 108
 
 
-def wake_command(seed_hex: str, now: float, peers: list[str]) -> str:
-    """What a restored guest runs first, in one round trip and one exec: new randomness, the
-    clock, every peer reached on the lab segment, and the lab NIC's offloads for the status.
+def _wake_perl() -> str:
+    """Perl over ``$seed``, ``$sec``, ``$nsec`` and ``@peers``: what waking a restored guest does.
 
     Two restores of one snapshot start with the same crng state: mixing in host
     randomness and forcing a reseed (RNDRESEEDCRNG, ``_IO('R', 7)``) makes them
     independent. The clock is set with clock_settime (x86_64 syscall 227), and each
-    peer's sshd port must accept a TCP connection across the segment. Everything is
-    perl builtins, no modules: perl-base is in every Debian, and under TCG each exec and
-    each library loaded costs translation time. The neighbour cache is left as saved:
-    the peers' addresses and MACs are fixed per role (``net.mac_address``), so its
-    entries still hold, and jiffies, which its timers count, do not jump on a restore.
+    peer's sshd port must accept a TCP connection across the segment. It prints the
+    lab NIC's offloads for the status (``offloads_perl``). Everything is perl builtins,
+    no modules: perl-base is in every Debian, and under TCG each exec and each library
+    loaded costs translation time. The neighbour cache is left as saved: the peers'
+    addresses and MACs are fixed per role (``net.mac_address``), so its entries still
+    hold, and jiffies, which its timers count, do not jump on a restore.
     """
-    if not re.fullmatch(r"[0-9a-f]{2,}", seed_hex) or not all(re.fullmatch(r"[0-9.]+", p) for p in peers):
-        raise ValueError("wake_command takes a hex seed and dotted IPv4 peers")
-    seconds = int(now)
-    nanoseconds = min(int((now - seconds) * 1e9), 999_999_999)
-    script = (
+    return (
         'open(my $f, ">", "/dev/urandom") or die "urandom: $!\\n"; '
-        f'syswrite($f, pack("H*", "{seed_hex}")) or die "urandom: $!\\n"; '
-        'ioctl($f, 0x5207, 0) or die "reseed: $!\\n"; '
-        f'my $ts = pack("qq", {seconds}, {nanoseconds}); syscall(227, 0, $ts) == 0 or die "clock_settime: $!\\n"; '
-        f'my @peers = ({", ".join(f"{chr(34)}{p}{chr(34)}" for p in peers)}); for my $peer (@peers) {{ '
+        'syswrite($f, pack("H*", $seed)) or die "urandom: $!\\n"; '
+        'ioctl($f, 0x5207, 0) or die "reseed: $!\\n"; close $f; '
+        'my $ts = pack("qq", $sec, $nsec); syscall(227, 0, $ts) == 0 or die "clock_settime: $!\\n"; '
+        'for my $peer (@peers) { '
         'socket(my $s, 2, 1, 0) or die "socket: $!\\n"; '
         'local $SIG{ALRM} = sub { die "$peer:22 did not answer in 5 s\\n" }; alarm 5; '
         'connect($s, pack("S n C4 x8", 2, 22, split(/[.]/, $peer))) or die "$peer:22: $!\\n"; '
         'alarm 0; close $s; } '
         + offloads_perl("lab0")
     )
+
+
+def _wake_words(seed_hex: str, now: float, peers: list[str]) -> tuple[int, int]:
+    if not re.fullmatch(r"[0-9a-f]{2,}", seed_hex) or not all(re.fullmatch(r"[0-9.]+", p) for p in peers):
+        raise ValueError("a wake takes a hex seed and dotted IPv4 peers")
+    seconds = int(now)
+    return seconds, min(int((now - seconds) * 1e9), 999_999_999)
+
+
+def wake_command(seed_hex: str, now: float, peers: list[str]) -> str:
+    """The wake (``_wake_perl``) as one shell command, in one round trip and one exec on SSH.
+
+    Used when a restored guest's serial wake (``wake_listener_command``) did not answer.
+    """
+    seconds, nanoseconds = _wake_words(seed_hex, now, peers)
+    quoted = ", ".join(f'"{p}"' for p in peers)
+    script = (f'my ($seed, $sec, $nsec) = ("{seed_hex}", {seconds}, {nanoseconds}); my @peers = ({quoted}); '
+              + _wake_perl())
     return f"perl -e '{script}'"  # one simple command: the login shell execs perl without a fork
+
+
+log = logging.getLogger(__name__)
+
+# A restored guest's listener answers in a fraction of a second; past this the wake goes over SSH.
+# It includes the peers' TCP connects, which the listener gives 5 s each before it says it failed.
+SERIAL_WAKE_TIMEOUT = 8.0
+WAKE_TTY = "/dev/ttyS1"  # the guest's second serial port: QEMU's ``wake`` chardev (qemu.VMSpec.wake_socket)
+WAKE_NAME = "socklab-wake"  # the listener's process title
+# What a saved guest keeps running for its restores (vmstate.SavedVM.running).
+AGENT_SERVER, WAKE_LISTENER = "agent-server", "wake-listener"
+
+
+def wake_line(seed_hex: str, now: float, peers: list[str]) -> bytes:
+    """What the host writes to a restored guest's wake port: ``wake SEED SEC NSEC PEER...``."""
+    seconds, nanoseconds = _wake_words(seed_hex, now, peers)
+    return " ".join(["wake", seed_hex, str(seconds), str(nanoseconds), *peers]).encode() + b"\n"
+
+
+def wake_listener_command(tty: str = WAKE_TTY) -> str:
+    """A root process, started before a snapshot is saved, that wakes the restored guest from its serial port.
+
+    It waits on ``tty`` (root's alone, 0600) for a ``wake_line``, does the wake and answers
+    ``offloads SG CSUM`` and ``woken``, then exits; a line it cannot use gets ``wake failed: ...``
+    and it waits on. So a restored guest needs no exec to wake: the host writes the line as soon
+    as every guest runs, while its SSH login goes on beside it.
+    """
+    if not re.fullmatch(r"/dev/[A-Za-z0-9/]+", tty):
+        raise ValueError(f"not a tty path: {tty!r}")
+    script = (
+        f'$0 = "{WAKE_NAME}"; open(my $t, "+<", "{tty}") or die "{tty}: $!\\n"; select($t); $| = 1; '
+        'while (my $line = <$t>) { $line =~ s/[\\r\\n]+$//; '
+        'my ($word, $seed, $sec, $nsec, @peers) = split / /, $line; '
+        'unless (defined $nsec && $word eq "wake" && $seed =~ /^[0-9a-f]{2,}$/ && $sec =~ /^[0-9]+$/ '
+        '&& $nsec =~ /^[0-9]+$/ && !grep { !/^[0-9.]+$/ } @peers) { print "wake failed: not a wake line\\n"; next; } '
+        f'if (eval {{ {_wake_perl()} 1 }}) {{ print "woken\\n"; last; }} print "wake failed: $@"; }}'
+    )
+    # raw: no echo, no line editing, no CR/LF translation; setsid -f: out of the SSH session that starts it.
+    return f"stty -F {tty} raw -echo && setsid -f perl -e '{script}' </dev/null >/dev/null 2>&1"
 
 
 # SIOCETHTOOL (include/uapi/linux/sockios.h) with ETHTOOL_GSG and ETHTOOL_GTXCSUM
@@ -138,6 +193,7 @@ class Lab:
         self._ssh: dict[str, GuestSSH] = {}
         self._boots: dict[str, kernel_mod.Boot] = {}
         self._woken_offloads: dict[str, tuple[str, str]] = {}
+        self.woken_by: dict[str, str] = {}  # how lab.up woke each restored VM: "serial", or "ssh" when that failed
 
     # -- state ---------------------------------------------------------------
 
@@ -346,7 +402,7 @@ class Lab:
                 modules_disk=boot.modules_disk,
             ))
         for spec in specs:
-            for sock in (spec.qmp_socket, spec.console_socket):
+            for sock in (spec.qmp_socket, spec.console_socket, spec.wake_socket):
                 if len(os.fsencode(sock)) >= SUN_PATH_MAX:
                     raise LabError(f"{sock} is {len(os.fsencode(sock))} bytes, and a UNIX socket path must be under "
                                    f"{SUN_PATH_MAX}: point SOCKLAB_HOME at a shorter directory (or clone nearer /)")
@@ -406,7 +462,8 @@ class Lab:
                     segment.attach(vm.tap)
         what = "resume, wait for SSH, reseed, set clocks, check the segment on" if snapshots else "wait for SSH on"
         with progress.step(f"{what} {', '.join(topo.vms)}") as step:
-            ssh_ready = self._wait_ssh(state, deadline, step, restored=bool(snapshots))
+            listening = {name for name, snap in snapshots.items() if WAKE_LISTENER in snap.running}
+            ssh_ready = self._wait_ssh(state, deadline, step, restored=bool(snapshots), listening=listening)
         state.boot_seconds = round(ssh_ready - started, 2)
 
     def _start_vm(self, state: LabState, vm: VMState, spec: qemu.VMSpec) -> None:
@@ -432,13 +489,13 @@ class Lab:
                         keys: dict[str, str]) -> None:
         """Save every VM's ready state for the next ``lab.up``; a failure only costs the next boot its speed."""
         with progress.step("save ready snapshots for the next lab.up") as step:
-            step.update("starting the agent servers")
-            self._start_agent_servers(state)
+            step.update("starting the agent servers and wake listeners")
+            running = self._prepare_snapshot(state)
             self.close()  # no half-open SSH connections inside the saved state
             try:
                 for vm in state.vms:
                     step.update(f"saving {vm.name}")
-                    stores[vm.name].save(keys[vm.name], Path(vm.qmp), Path(vm.overlay))
+                    stores[vm.name].save(keys[vm.name], Path(vm.qmp), Path(vm.overlay), running[vm.name])
                     qemu.qmp_command(Path(vm.qmp), "cont")
             except (LabError, OSError) as exc:
                 for vm in state.vms:
@@ -448,25 +505,38 @@ class Lab:
                         pass
                 progress.say(f"[yellow]warning:[/] could not save snapshots ({exc}); the next lab.up boots cold")
 
-    def _start_agent_servers(self, state: LabState) -> None:
-        """Each guest's agent server, started before its state is saved (docs/performance.md).
+    def _prepare_snapshot(self, state: LabState) -> dict[str, set[str]]:
+        """What each guest keeps running in its saved state (docs/performance.md): its agent server and its wake listener.
 
         A restored guest's first agent is then a fork of a Python that has imported the agent
-        already, not a Python start, an import and a server start of its own: 2.8 s of TCG CPU less
-        for a restored lab's first check. A guest that cannot start one is saved without (a warning).
+        already, not a Python start, an import and a server start of its own: about 2 s of TCG CPU
+        less for a restored lab's first check. And the restored guest is woken over its serial
+        port (``wake_listener_command``) instead of by an exec on SSH. A guest that cannot start
+        either is saved without it (a warning): the restored lab starts its server on first use,
+        and is woken over SSH.
         """
         from harness.guest.client import Agent
 
-        def start(vm: VMState) -> None:
-            Agent(self.ssh(vm.name), vm.name, timeout=60).start_server()
+        running: dict[str, set[str]] = {vm.name: set() for vm in state.vms}
 
-        try:
-            self._in_parallel(start, state.vms, threading.Event())
-        except LabError as exc:  # an agent that would not start, SSH lost
-            progress.say(f"[yellow]warning:[/] no agent server in the snapshots ({exc}); "
-                         "a restored lab starts its own on first use")
+        def prepare(vm: VMState) -> None:
+            try:
+                Agent(self.ssh(vm.name), vm.name, timeout=60).start_server()
+                running[vm.name].add(AGENT_SERVER)
+                self.ssh(vm.name).run(
+                    f"{wake_listener_command()} && i=0; until pgrep -f '^{WAKE_NAME}$' >/dev/null; do i=$((i+1)); "
+                    "[ $i -ge 100 ] && echo 'the wake listener did not start' >&2 && exit 1; sleep 0.1; done",
+                    timeout=30, check=True)
+                running[vm.name].add(WAKE_LISTENER)
+            except LabError as exc:  # an agent that would not start, SSH lost
+                progress.say(f"[yellow]warning:[/] {vm.name}'s snapshot lacks its agent server or wake listener "
+                             f"({exc}); a lab restored from it is slower to wake and to start its first agent")
 
-    def _wait_ssh(self, state: LabState, deadline: float, step: progress.Stage, restored: bool = False) -> float:
+        self._in_parallel(prepare, state.vms, threading.Event())
+        return running
+
+    def _wait_ssh(self, state: LabState, deadline: float, step: progress.Stage, restored: bool = False,
+                  listening: frozenset[str] | set[str] = frozenset()) -> float:
         """Connect to every guest at once; return when the last one answered SSH (a monotonic time).
 
         A cold guest is first waited for on its console. Probing a guest whose
@@ -477,23 +547,35 @@ class Lab:
         at once.
 
         A restored guest is past that line. Each one is resumed as soon as its
-        own state is loaded, connected to at once, and woken (``wake_command``)
-        as soon as every guest runs, so one guest's wake overlaps the other's
-        login: each has a vCPU of its own.
+        own state is loaded and connected to at once. As soon as every guest
+        runs, the host writes each one's wake line to its serial port, where
+        the listener its snapshot kept (``listening``, ``wake_listener_command``)
+        wakes it while its SSH login goes on. A guest that does not answer
+        there is woken over SSH once logged in (``wake_command``).
         """
+        self.woken_by.clear()
         abandon = threading.Event()
         resumed: list[str] = []
         all_running = threading.Event()
         lock = threading.Lock()
         answered: list[float] = []
 
+        def serial_wake(vm: VMState) -> None:
+            if all_running.wait(max(0.0, deadline - time.monotonic())) and not abandon.is_set():
+                self._serial_wake(state, vm, min(SERIAL_WAKE_TIMEOUT, max(0.0, deadline - time.monotonic())))
+
         def connect(vm: VMState) -> None:
+            waker = None
             if restored:
                 qemu.resume_incoming(Path(vm.qmp))
                 with lock:
                     resumed.append(vm.name)
                     if len(resumed) == len(state.vms):
                         all_running.set()
+                if vm.name in listening:  # its snapshot kept a wake listener on ttyS1
+                    waker = threading.Thread(target=serial_wake, args=(vm,), name=f"socklab-wake-{vm.name}",
+                                             daemon=True)
+                    waker.start()
             guest_up = restored or self._console_ready(vm, deadline, abandon, step)
             remaining = deadline - time.monotonic()
             guest = GuestSSH(vm.name, vm.ssh_port, self.paths.client_key, vm.host_key or state.host_key)
@@ -511,8 +593,12 @@ class Lab:
                     del self._ssh[vm.name]
                 guest.close()
                 return
-            if restored:  # its peers must run too: the wake connects to each of them
-                while not all_running.wait(0.02):
+            if restored:  # woken over its serial port meanwhile, or now over SSH
+                if waker is not None:
+                    waker.join(max(0.0, deadline - time.monotonic()))
+                    if self.woken_by.get(vm.name) == "serial":
+                        return
+                while not all_running.wait(0.02):  # its peers must run too: the wake connects to each of them
                     if abandon.is_set():
                         return
                     if time.monotonic() > deadline:
@@ -523,6 +609,34 @@ class Lab:
         step.update("all guests answer")
         return max(answered)
 
+    def _serial_wake(self, state: LabState, vm: VMState, timeout: float) -> None:
+        """Wake a resumed guest through its wake listener (``wake_listener_command``) on ttyS1; on success
+        ``woken_by[vm]`` is "serial". Anything else is logged and left to ``_wake`` over SSH."""
+        peers = [peer.address for peer in state.vms if peer.name != vm.name]
+        path = Path(vm.qmp).with_suffix(".wake")  # qemu.VMSpec.wake_socket
+        deadline = time.monotonic() + timeout
+        answer = b""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(str(path))
+                sock.sendall(wake_line(secrets.token_hex(32), time.time(), peers))
+                while not answer.endswith((b"woken\n",)) and b"wake failed" not in answer:
+                    sock.settimeout(max(0.01, deadline - time.monotonic()))
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    answer += chunk
+        except OSError as exc:
+            log.debug("%s: no serial wake (%s: %s); waking over SSH", vm.name, type(exc).__name__, exc)
+            return
+        if not answer.endswith(b"woken\n"):
+            log.debug("%s: the serial wake answered %r; waking over SSH", vm.name, answer[-300:])
+            return
+        self._note_offloads(vm, answer.decode(errors="replace"))
+        self.woken_by[vm.name] = "serial"
+        log.debug("%s: woken over ttyS1 in %.3f s", vm.name, timeout - (deadline - time.monotonic()))
+
     def _wake(self, state: LabState, vm: VMState) -> None:
         """A resumed guest wakes with the clock and crng of the moment it was saved: fix them, and check the segment."""
         peers = [peer.address for peer in state.vms if peer.name != vm.name]
@@ -531,7 +645,11 @@ class Lab:
                                           check=True)
         except SSHError as exc:
             raise LabError(f"restored guests cannot reach each other: {exc}") from exc
-        for line in woke.stdout.splitlines():
+        self._note_offloads(vm, woke.stdout)
+        self.woken_by[vm.name] = "ssh"
+
+    def _note_offloads(self, vm: VMState, output: str) -> None:
+        for line in output.splitlines():
             words = line.split()
             if words[:1] == ["offloads"] and len(words) == 3:
                 sg, csum = ("on" if word == "1" else "off" for word in words[1:])

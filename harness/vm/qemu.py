@@ -89,6 +89,11 @@ class VMSpec:
         return self.run_dir / f"{self.name}.console.log"
 
     @property
+    def wake_socket(self) -> Path:
+        """The guest's second serial port (ttyS1), where lab.up wakes a restored guest (lifecycle.wake_line)."""
+        return self.run_dir / f"{self.name}.wake"
+
+    @property
     def pidfile(self) -> Path:
         return self.run_dir / f"{self.name}.pid"
 
@@ -166,6 +171,8 @@ def qemu_argv(spec: VMSpec, incoming_fd: int | None = None) -> list[str]:
     argv += [
         "-chardev", f"socket,id=console,path={spec.console_socket},server=on,wait=off,logfile={spec.console_log}",
         "-serial", "chardev:console",
+        "-chardev", f"socket,id=wake,path={spec.wake_socket},server=on,wait=off",
+        "-serial", "chardev:wake",
         "-chardev", f"socket,id=qmp,path={spec.qmp_socket},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
         "-pidfile", str(spec.pidfile),
@@ -196,7 +203,7 @@ def start(spec: VMSpec, popen: Callable[..., Any] = subprocess.Popen) -> int:
     QEMU forks into the background only once its devices are set up, so a bad
     argument, a busy port or a tap it cannot open is reported here, by name.
     """
-    for stale in (spec.pidfile, spec.qmp_socket, spec.console_socket):
+    for stale in (spec.pidfile, spec.qmp_socket, spec.console_socket, spec.wake_socket):
         stale.unlink(missing_ok=True)
     incoming_fd = os.open(spec.incoming, os.O_RDONLY | os.O_CLOEXEC) if spec.incoming is not None else None
     argv = qemu_argv(spec, incoming_fd)

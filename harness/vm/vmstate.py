@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -29,7 +30,9 @@ from harness.vm import owner
 from harness.vm import qemu
 from harness.image.build import file_sha256, file_stamp
 
-SNAPSHOT_FORMAT = 2  # 2: the saved guests run their agent servers (Lab._start_agent_servers)
+# 2: the saved guests run their agent servers; 3: and a wake listener on their second serial port
+# (Lab._prepare_snapshot), which meta.json's "running" names.
+SNAPSHOT_FORMAT = 3
 STATE = "state.migration"
 DISK = "disk.qcow2"
 META = "meta.json"
@@ -83,6 +86,16 @@ class SavedVM:
     def disk(self) -> Path:
         return self.directory / DISK
 
+    @property
+    def running(self) -> frozenset[str]:
+        """What the saved guest keeps running, as its save recorded (e.g. "wake-listener"); empty if unreadable."""
+        try:
+            meta = json.loads((self.directory / META).read_text())
+        except (OSError, ValueError):
+            return frozenset()
+        names = meta.get("running") if isinstance(meta, dict) else None
+        return frozenset(name for name in names if isinstance(name, str)) if isinstance(names, list) else frozenset()
+
     def problem(self) -> str | None:
         """Why this snapshot cannot be used, or None. A missing one is not a problem worth a warning."""
         try:
@@ -130,7 +143,7 @@ class SavedVMStore:
     def get(self, key: str) -> SavedVM:
         return SavedVM(self.root / key)
 
-    def save(self, key: str, qmp_socket: Path, overlay: Path) -> SavedVM:
+    def save(self, key: str, qmp_socket: Path, overlay: Path, running: Collection[str] = ()) -> SavedVM:
         """Save a running guest (paused meanwhile, resumed by the caller) under ``key``.
 
         Files are written into a temporary directory of this process's own
@@ -139,6 +152,7 @@ class SavedVMStore:
         two labs saving at once never write into one directory, and the next
         ``remove_interrupted`` knows a leftover by its dead owner. A snapshot
         another lab saved meanwhile is kept (a running lab may be using it).
+        ``running`` names what the saved guest keeps running for its restores (``SavedVM.running``).
         """
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         final = self.root / key
@@ -150,7 +164,7 @@ class SavedVMStore:
             shutil.copyfile(overlay, work / DISK)
             digest = file_sha256(work / STATE)
             meta = {"format": SNAPSHOT_FORMAT, "state_size": (work / STATE).stat().st_size,
-                    "disk_size": (work / DISK).stat().st_size, "state_sha256": digest}
+                    "disk_size": (work / DISK).stat().st_size, "state_sha256": digest, "running": sorted(running)}
             (work / META).write_text(json.dumps(meta, indent=2) + "\n")
             SavedVM(work).mark_verified(digest)  # just hashed: the first restore need not hash it again
             if SavedVM(final).problem() is not None:

@@ -489,6 +489,11 @@ def test_student_steps_cannot_change_what_root_runs(lab):
            f"'echo \"$$ root 0 x\" > {requests} 2>/dev/null && echo asked; "
            f"ls {requests.rsplit('/', 1)[0]} 2>/dev/null && echo listed; echo done'")
     assert server.run(ask, check=True).stdout.split() == ["done"]
+    # A restored guest is woken from ttyS1 (a new crng seed and the clock): the student may not write to it or read it.
+    tty = ("setpriv --reuid=1000 --regid=1000 --init-groups --reset-env sh -c "
+           "'echo wake > /dev/ttyS1 2>/dev/null && echo wrote; head -c1 /dev/ttyS1 2>/dev/null && echo read; echo done'")
+    assert server.run(tty, check=True, timeout=30).stdout.split() == ["done"]
+    assert server.run("stat -c '%U %a' /dev/ttyS1", check=True).stdout.split() == ["root", "600"]
 
 
 # -------------------------------------------------------------------------------------------- QEMU's confinement
@@ -520,6 +525,7 @@ def test_keys_state_and_run_dir_are_private(lab):
         assert _mode(Path(vm_.overlay)) == 0o600  # the guest's disk: its host key and whatever ran there
     for vm_ in state.vms:  # QMP can make QEMU run host commands (migrate to exec:); only the owner may reach it
         assert Path(vm_.qmp).parent == lab.run_dir and Path(vm_.console).parent == lab.run_dir
+        assert Path(vm_.qmp).with_suffix(".wake").is_socket()  # the wake port: in the private run dir too
     # The image entry holds the guest's private host key (in rootfs.ext4) and RAM snapshots.
     assert _mode(Path(state.image)) == 0o700
     assert _mode(Path(state.image) / "snapshots") == 0o700

@@ -22,6 +22,8 @@ def own_lab(lab, tmp_path):
 
 def check_like_a_cold_lab(lab: Lab) -> None:
     state = lab.require()
+    # Its snapshot kept a wake listener on ttyS1: no guest had to be woken by an exec over SSH.
+    assert lab.woken_by == {vm.name: "serial" for vm in state.vms}, lab.woken_by
     for vm in state.vms:
         guest = lab.ssh(vm.name)
         for peer in (p for p in state.vms if p.name != vm.name):

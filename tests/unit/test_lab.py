@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -496,8 +498,8 @@ def test_the_wake_command_is_one_perl_program_with_the_seed_clock_and_peers():
     words = shlex.split(line)
     assert words[:2] == ["perl", "-e"] and len(words) == 3  # one exec, the shell's own
     script = words[2]
-    assert '"ab' + "ab" * 31 + '"' in script and 'pack("qq", 1764650000, 250000000)' in script
-    assert '("198.51.100.2", "198.51.100.3")' in script and "0x5207" in script
+    assert 'my ($seed, $sec, $nsec) = ("' + "ab" * 32 + '", 1764650000, 250000000)' in script
+    assert 'my @peers = ("198.51.100.2", "198.51.100.3")' in script and "0x5207" in script
     if shutil.which("perl"):  # compiles, without running it (it would set the host's clock)
         for peers in (["198.51.100.2"], []):  # a one-VM topology has no peer to reach
             alone = shlex.split(wake_command("ab" * 32, 1764650000.25, peers))[2]
@@ -507,6 +509,124 @@ def test_the_wake_command_is_one_perl_program_with_the_seed_clock_and_peers():
         wake_command("ab'; rm -rf /", 0.0, [])
     with pytest.raises(ValueError):
         wake_command("ab", 0.0, ["198.51.100.2'"])
+
+
+def test_the_wake_line_carries_the_seed_clock_and_peers_and_takes_nothing_else():
+    from harness.lab.lifecycle import wake_line
+
+    assert wake_line("ab" * 4, 1764650000.25, ["198.51.100.2"]) == b"wake abababab 1764650000 250000000 198.51.100.2\n"
+    assert wake_line("ab", 7.0, []) == b"wake ab 7 0\n"  # a one-VM lab has no peer
+    for seed, peers in (("ab zz", []), ("ab\nwake", []), ("ab", ["198.51.100.2 x"])):
+        with pytest.raises(ValueError):
+            wake_line(seed, 0.0, peers)
+
+
+def _read_line(fd: int, timeout: float = 10.0) -> bytes:
+    import select
+
+    got = b""
+    deadline = time.monotonic() + timeout
+    while not got.endswith(b"\n") and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.1)[0]:
+            got += os.read(fd, 4096)
+    return got
+
+
+@pytest.mark.skipif(not shutil.which("perl") or not shutil.which("setsid"), reason="the listener is perl, under setsid")
+def test_the_wake_listener_refuses_a_line_that_is_not_a_wake_waits_on_and_ends_with_its_tty():
+    """The listener on a pty instead of ttyS1. Only refusals are tried: a real wake would set the host's clock."""
+    import pty
+    import subprocess
+
+    from harness.lab.lifecycle import WAKE_NAME, wake_listener_command
+
+    master, slave = pty.openpty()
+    try:
+        # The slave stays open here too: closed before the listener opens it, the pty would hang up.
+        subprocess.run(["bash", "-c", wake_listener_command(os.ttyname(slave))], check=True, timeout=30)
+        for line in (b"hello\n", b"wake zz 1 2\n", b"wake ab 1 2 198.51.100.2;reboot\n", b"wake ab x 2\n"):
+            os.write(master, line)
+            assert _read_line(master) == b"wake failed: not a wake line\n", line  # raw: no echo of what was sent
+        listening = subprocess.run(["pgrep", "-f", f"^{WAKE_NAME}$"], capture_output=True, text=True).stdout.split()
+        assert listening, "the listener ended after a refusal"
+    finally:
+        os.close(master)  # the listener's next read fails: its tty hung up
+        os.close(slave)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_running(int(pid)) for pid in listening):
+        time.sleep(0.05)
+    assert not any(_running(int(pid)) for pid in listening), "the listener outlived its tty"
+
+
+def _fake_wake_port(path: Path, answer: bytes) -> tuple[list[bytes], "object"]:
+    """A UNIX socket where QEMU's wake chardev would be: records the line it gets and answers ``answer``."""
+    import socket
+    import threading
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    got: list[bytes] = []
+
+    def serve():
+        connection, _ = server.accept()
+        with connection:
+            got.append(_read_socket_line(connection))
+            connection.sendall(answer)
+        server.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return got, thread
+
+
+def _read_socket_line(connection) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = connection.recv(4096)
+        if not chunk:
+            break
+        line += chunk
+    return line
+
+
+@pytest.mark.parametrize("answer, woken", [
+    (b"offloads 1 0\nwoken\n", "serial"),
+    (b"wake failed: 198.51.100.2:22 did not answer in 5 s\n", None),
+    (b"", None),  # the listener is gone: QEMU's chardev closes without a word
+])
+def test_the_serial_wake_sends_one_wake_line_and_only_a_woken_answer_counts(tmp_path, answer, woken):
+    lab = Lab(Paths(images=tmp_path, home=tmp_path))
+    state = LabState(lab_id="x", topology="default", name="default", image="", host_key="")
+    client = VMState(name="client", index=0, ssh_port=1, lab_ip="198.51.100.1/24", mgmt_mac="", lab_mac="", qmp=str(tmp_path / "client.qmp"))
+    server = VMState(name="server", index=1, ssh_port=2, lab_ip="198.51.100.2/24", mgmt_mac="", lab_mac="", qmp=str(tmp_path / "server.qmp"))
+    state.vms += [client, server]
+    got, thread = _fake_wake_port(tmp_path / "client.wake", answer)
+    started = time.time()
+    lab._serial_wake(state, client, timeout=10)
+    thread.join(10)
+    words = got[0].split()
+    assert words[0] == b"wake" and len(words[1]) == 64 and words[4:] == [b"198.51.100.2"]
+    assert abs(int(words[2]) + int(words[3]) / 1e9 - started) < 5
+    assert lab.woken_by.get("client") == woken
+    assert lab.woken_offloads("client") == (("on", "off") if woken else None)
+
+
+def test_no_wake_port_leaves_the_wake_to_ssh(tmp_path):
+    lab = Lab(Paths(images=tmp_path, home=tmp_path))
+    state = LabState(lab_id="x", topology="default", name="default", image="", host_key="")
+    vm = VMState(name="client", index=0, ssh_port=1, lab_ip="198.51.100.1/24", mgmt_mac="", lab_mac="", qmp=str(tmp_path / "client.qmp"))
+    state.vms.append(vm)
+    started = time.monotonic()
+    lab._serial_wake(state, vm, timeout=10)
+    assert "client" not in lab.woken_by and time.monotonic() - started < 1  # refused at once: no waiting
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_the_wake_reads_the_offloads_as_ethtool_would():

@@ -60,11 +60,14 @@ def test_only_virtio_devices_and_no_defaults(tmp_path):
     assert option_values(argv, "-drive") == [f"file={tmp_path / 'server.qcow2'},if=virtio,format=qcow2,discard=unmap"]
 
 
-def test_console_is_a_logged_socket_and_qmp_a_monitor(tmp_path):
+def test_console_is_a_logged_socket_the_wake_port_a_second_serial_and_qmp_a_monitor(tmp_path):
     argv = qemu.qemu_argv(make_spec(tmp_path))
     chardevs = option_values(argv, "-chardev")
     assert f"path={tmp_path / 'server.console'},server=on,wait=off,logfile={tmp_path / 'server.console.log'}" in chardevs[0]
-    assert chardevs[1] == f"socket,id=qmp,path={tmp_path / 'server.qmp'},server=on,wait=off"
+    # ttyS0 is the console, ttyS1 the wake port (lifecycle.WAKE_TTY): -serial order is ttyS order.
+    assert chardevs[1] == f"socket,id=wake,path={tmp_path / 'server.wake'},server=on,wait=off"
+    assert option_values(argv, "-serial") == ["chardev:console", "chardev:wake"]
+    assert chardevs[2] == f"socket,id=qmp,path={tmp_path / 'server.qmp'},server=on,wait=off"
     assert option_values(argv, "-mon") == ["chardev=qmp,mode=control"]
     assert "-daemonize" in argv and option_values(argv, "-pidfile") == [str(tmp_path / "server.pid")]
 

@@ -146,6 +146,16 @@ def test_a_save_removes_the_snapshots_of_older_formats_only(tmp_path, monkeypatc
     assert current.problem() is None and saving.is_dir() and store.get("new").problem() is None
 
 
+def test_a_save_records_what_the_guest_keeps_running(tmp_path, monkeypatch):
+    store = snapshot.SavedVMStore(tmp_path)
+    (tmp_path / "server.qcow2").write_bytes(b"E" * 300)
+    monkeypatch.setattr(qemu, "migrate_to_file", _fake_migrate(b"T" * 1000))
+    saved = store.save("k", tmp_path / "qmp", tmp_path / "server.qcow2", {"wake-listener", "agent-server"})
+    assert saved.running == {"agent-server", "wake-listener"} and saved.problem() is None
+    assert store.save("j", tmp_path / "qmp", tmp_path / "server.qcow2").running == frozenset()
+    assert write_snapshot(tmp_path / "written-without").running == frozenset()  # no "running": nothing assumed
+
+
 def test_a_snapshot_another_lab_saved_meanwhile_is_kept(tmp_path, monkeypatch):
     store = snapshot.SavedVMStore(tmp_path)
     existing = write_snapshot(store.root / "abc")
