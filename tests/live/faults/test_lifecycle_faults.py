@@ -118,11 +118,21 @@ def test_socklab_killed_while_saving_snapshots_leaves_no_ready_lab_and_no_half_s
 
 
 def test_two_checks_at_once_take_turns_and_both_pass(faulty):
+    """Both bind port 7400 on the server: had they run at once, one would see EADDRINUSE.
+
+    The second starts once the first holds the lab (its pid in use.lock), and the first holds it for
+    at least the 3 s poll() of the hold lab: a check that ends before the second starts proves nothing.
+    """
     home = faulty.paths.home
     env = {"SOCKLAB_IMAGES": str(faulty.paths.images)}
-    first = _invoke(home, "lab.check", str(LABS / "handshake"), env=env)
-    time.sleep(0.5)
-    second = _invoke(home, "lab.check", str(LABS / "handshake"), env=env)
+    hold = ("lab.check", str(LABS / "hold"), "--param", "wait_ms=3000")
+    first = _invoke(home, *hold, env=env)
+    use_lock = faulty.dir / "use.lock"
+    deadline = time.monotonic() + 60
+    while (use_lock.read_text() if use_lock.exists() else "").split("\n")[0] != f"pid {first.pid}":
+        assert first.poll() is None and time.monotonic() < deadline, "the first check never took the lab"
+        time.sleep(0.05)
+    second = _invoke(home, *hold, env=env)
     outputs = [proc.communicate(timeout=180)[0] for proc in (first, second)]
     assert [first.returncode, second.returncode] == [0, 0], outputs
     waited = [out for out in outputs if "waiting for another socklab command (pid" in out]
