@@ -6,7 +6,8 @@ imported invoke and the harness, and forks one child per command: each command i
 its own, with its own environment, working directory, stdio and exit status, running invoke's
 ``program.run()`` as `python -m invoke` does. tests/unit/test_bad_input.py's
 test_forked_runs_match_python_m_invoke checks that the two agree; a few CLI tests keep the real
-`python -m invoke` start.
+`python -m invoke` start. ``ShellServer`` does the same for shell scripts (the guides' blocks): an
+`invoke` on their PATH forks the command with the script's own stdio (tests/unit/test_forkinvoke.py).
 """
 
 from __future__ import annotations
@@ -68,8 +69,7 @@ def invoke(argv: list[str], env: dict[str, str], cwd: Path | None = None,
     return subprocess.CompletedProcess(["invoke", *argv], returncode, stdout, stderr)
 
 
-def _serve() -> None:
-    """--serve: read one JSON command a line, run it in a fork, answer its exit status."""
+def _preload() -> None:
     sys.path.insert(0, str(REPO_ROOT))
     import invoke.main  # noqa: F401 - everything tasks.py imports, imported once here
     import harness.lab.lifecycle, harness.image.build, harness.scenario.check, harness.scenario.format  # noqa: E401,F401
@@ -77,6 +77,10 @@ def _serve() -> None:
     # interpreter's site-packages (here under root's 0700 home), so it is imported before the fork.
     import rich._emoji_codes  # noqa: F401
 
+
+def _serve() -> None:
+    """--serve: read one JSON command a line, run it in a fork, answer its exit status."""
+    _preload()
     for line in sys.stdin:
         request = json.loads(line)
         pid = os.fork()
@@ -96,15 +100,24 @@ def _serve() -> None:
         sys.stdout.flush()
 
 
-def _child(request: dict) -> None:
+def _child(request: dict, stdio: list[int] | None = None) -> None:
+    """Run the request's command in this fork and exit with its status; never returns.
+
+    The command's stdio is ``stdio`` (three descriptors a shim passed) or the request's files.
+    """
     code = 1
     try:
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request.get("cwd", REPO_ROOT))
-        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["out"], os.O_WRONLY | os.O_CREAT),
-                                (2, request["err"], os.O_WRONLY | os.O_CREAT)):
-            os.dup2(os.open(path, flags, 0o600), fd)
+        if stdio is not None:
+            for fd, passed in enumerate(stdio):
+                os.dup2(passed, fd)
+                os.close(passed)
+        else:
+            for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["out"], os.O_WRONLY | os.O_CREAT),
+                                    (2, request["err"], os.O_WRONLY | os.O_CREAT)):
+                os.dup2(os.open(path, flags, 0o600), fd)
         if request.get("uid") is not None:  # a `nobody: true` case: an unprivileged user, as students are
             os.setgroups([])
             os.setgid(request["uid"])
@@ -137,5 +150,104 @@ def _child(request: dict) -> None:
             os._exit(code)
 
 
+# --- an `invoke` on PATH, for shell scripts (the guides' blocks, tests/live/conftest.py) -----------
+#
+# ``shell_server(directory)`` starts a server on a UNIX socket and writes ``directory/invoke``, a
+# Python script (no site, so it starts in a few ms) that hands the server its argv, environment,
+# working directory and its own stdin, stdout and stderr (SCM_RIGHTS), and exits with the forked
+# command's status. The command writes to the very descriptors the shell gave the shim, so its
+# output lands in the script's output in order, and a signal to the shim reaches the command.
+
+SHIM = """#!{python} -IS
+# `invoke` for the tests: the command runs in a fork of {server} (tests/forkinvoke.py).
+import json, os, signal, socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect({socket!r})
+request = json.dumps({{"argv": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd()}}).encode()
+socket.send_fds(sock, [len(request).to_bytes(8, "big")], [0, 1, 2])
+sock.sendall(request)
+answers = sock.makefile("r")
+pid = json.loads(answers.readline())["pid"]
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, lambda number, frame: os.kill(pid, number))
+line = answers.readline()
+rc = json.loads(line)["rc"] if line else 1
+if rc < 0:
+    signal.signal(-rc, signal.SIG_DFL)
+    os.kill(os.getpid(), -rc)
+sys.exit(rc)
+"""
+
+
+class ShellServer:
+    """The fork server behind a shim ``invoke``; ``close()`` stops it and every command still running."""
+
+    def __init__(self, directory: Path, env: dict[str, str]) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.socket = directory / "fork.sock"
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-socket", str(self.socket)], cwd=REPO_ROOT,
+                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "listening":
+            raise RuntimeError("the fork server did not start")
+        self.shim = directory / "invoke"
+        self.shim.write_text(SHIM.format(python=sys.executable, server=self.proc.pid, socket=str(self.socket)))
+        self.shim.chmod(0o755)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def _serve_socket(path: str) -> None:
+    """--serve-socket PATH: fork one command per shim connection; stop (and kill what runs) when stdin closes."""
+    import select
+    import socket
+
+    _preload()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    print("listening", flush=True)
+    running: dict[int, socket.socket] = {}  # pid -> the shim's connection
+    while True:
+        readable, _, _ = select.select([sys.stdin, listener, *running.values()], [], [], 0.01)
+        if sys.stdin in readable and not sys.stdin.readline():
+            break
+        if listener in readable:
+            conn, _ = listener.accept()
+            header, fds, _, _ = socket.recv_fds(conn, 8, 3)
+            size, request = int.from_bytes(header, "big"), b""
+            while len(request) < size:
+                request += conn.recv(size - len(request))
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                for other in running.values():
+                    other.close()
+                conn.close()
+                _child(json.loads(request), stdio=fds)
+            for fd in fds:
+                os.close(fd)
+            conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+            running[pid] = conn
+        for pid, conn in list(running.items()):
+            if conn in readable:  # the shim went away (killed): so does its command
+                os.kill(pid, signal.SIGKILL)
+        while running:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if not pid:
+                break
+            conn = running.pop(pid)
+            try:
+                conn.sendall(json.dumps({"rc": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
+            except OSError:
+                pass
+            conn.close()
+    for pid in running:
+        os.kill(pid, signal.SIGKILL)
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
     _serve()
+elif __name__ == "__main__" and sys.argv[1:2] == ["--serve-socket"]:
+    _serve_socket(sys.argv[2])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.forkinvoke import ShellServer
 from tests.guideblocks import REPO_ROOT
 
 BLOCK_TIMEOUT = 900.0  # a whole lab check under TCG on a loaded host, with room to spare
@@ -46,24 +47,35 @@ def guide_shell(lab, tmp_path_factory):
 
     The reports of each run go to a directory of their own (SOCKLAB_RESULTS), so a test can read the
     reports of the run it was handed, and a test run leaves no reports in the checkout's results/.
+
+    The scripts' `invoke` is a shim that forks the command from a server that imported invoke and
+    the harness once (``ShellServer`` in tests/forkinvoke.py), with the shell's own stdio: the guides
+    start about a hundred `invoke`s, and each real start costs 0.35–0.5 core-s of imports on a host
+    whose two cores the suite keeps busy. The real start is what every other CLI test of the live
+    suite runs, and test_forked_runs_match_python_m_invoke checks that a fork and a start agree.
     """
     runs: dict[str, ShellRun] = {}
     guard = threading.Lock()
+    # As in a student's shell: pytest's COLUMNS=80 would make every table fold at 80 columns.
+    base = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    server = ShellServer(tmp_path_factory.mktemp("guide-bin"), base)
 
     def run(script: str) -> ShellRun:
         with guard:
             if script not in runs:
                 results = tmp_path_factory.mktemp("guide-results")
-                # As in a student's shell: pytest's COLUMNS=80 would make every table fold at 80 columns.
-                env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-                env["SOCKLAB_RESULTS"] = str(results)
-                # `invoke` and `python3` are those of the Python running the tests, as in an activated
+                env = dict(base, SOCKLAB_RESULTS=str(results))
+                # `invoke` is the shim; `python3` is the Python running the tests, as in an activated
                 # virtualenv: not whatever a version manager's shim would pick (and start) first.
-                env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+                env["PATH"] = os.pathsep.join([str(server.shim.parent), str(Path(sys.executable).parent),
+                                               env.get("PATH", "")])
                 done = subprocess.run(["bash", "-e", "-c", script], cwd=REPO_ROOT, stdin=subprocess.DEVNULL, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       timeout=BLOCK_TIMEOUT)
                 runs[script] = ShellRun(script, done.returncode, done.stdout, results)
             return runs[script]
 
-    return run
+    try:
+        yield run
+    finally:
+        server.close()
