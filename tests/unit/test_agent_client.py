@@ -300,6 +300,13 @@ def test_start_pushes_once_per_connection_and_again_when_the_content_changes(ssh
     finally:
         other.kill_all()
 
+    # The first start left the old version's server starting in the background: wait for its pid
+    # file, or the push below could come before the server wrote it, and there would be nothing to remove.
+    old_pid = Path(remote_dir) / "run" / f"{agent_mod.agent_module(GUEST_AGENT.read_bytes())}.serve" / "pid"
+    deadline = time.monotonic() + 30
+    while not old_pid.exists():
+        assert time.monotonic() < deadline, "the old version's agent server never wrote its pid file"
+        time.sleep(0.02)
     changed = tmp_path / "agent.py"
     changed.write_bytes(GUEST_AGENT.read_bytes() + b"\n# changed\n")
     third = local_agent(ssh, remote_dir, source=changed).start()
