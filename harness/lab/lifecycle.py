@@ -353,6 +353,8 @@ class Lab:
                 # Before the lab is marked ready: a socklab killed mid-save leaves a lab the next
                 # `lab.up` cleans away, never a "ready" one with a guest paused in postmigrate.
                 self._save_snapshots(state, stores, keys)
+        for vm in state.vms:
+            vm.snapshot = keys[vm.name]
         self._configure_nics(state, topo)
         state.ready = True
         self.save(state)

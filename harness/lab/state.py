@@ -48,6 +48,9 @@ class VMState:
     # Who the QEMU is: its -uuid (set before it starts) and its start time in /proc (set right after).
     uuid: str = ""
     start_ticks: int = 0
+    # The snapshot store key of this VM's setup (harness/vm/vmstate.py snapshot_key): what it was
+    # restored from or saved as, and what the next lab.up of the same setup restores.
+    snapshot: str = ""
 
     @property
     def console_path(self) -> Path:

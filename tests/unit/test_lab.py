@@ -411,6 +411,27 @@ def test_the_lab_is_marked_ready_only_after_its_snapshots_are_saved(lab, tmp_pat
     assert seen == [False] and state.ready and lab.load().ready
 
 
+def test_the_state_names_each_vms_snapshot_key_restored_or_saved(lab, tmp_path, monkeypatch):
+    """A test (or a person) that must remove one lab's snapshots finds their keys in the state, not by hashing."""
+    monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
+    fake_boots(monkeypatch, tmp_path)
+    monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
+    monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "test"))
+    monkeypatch.setattr(Lab, "_usable_snapshots", lambda self, store, keys: {})
+
+    def boot(self, state, topo, plan, snapshots, deadline):
+        state.vms = [VMState(name=spec.name, index=i, ssh_port=1 + i, lab_ip="198.51.100.1/24", mgmt_mac="m",
+                             lab_mac="l") for i, spec in enumerate(plan)]
+        self.save(state)
+
+    monkeypatch.setattr(Lab, "_boot", boot)
+    saved = {}
+    monkeypatch.setattr(Lab, "_save_snapshots", lambda self, state, store, keys: saved.update(keys))
+    state, _ = lab.up("default", "auto", "socket")
+    assert set(saved) == {"client", "server"} and saved["client"] != saved["server"]
+    assert {vm.name: vm.snapshot for vm in lab.load().vms} == saved
+
+
 def test_status_shows_a_paused_vm_and_does_not_ask_it_over_ssh():
     from rich.console import Console
 
