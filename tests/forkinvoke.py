@@ -114,6 +114,13 @@ def _child(request: dict, stdio: list[int] | None = None) -> None:
             for fd, passed in enumerate(stdio):
                 os.dup2(passed, fd)
                 os.close(passed)
+            # The shim's signal dispositions, not the server's (an xdist worker ignores SIGINT), as
+            # the interpreter sets them up at its start: SIGINT raises KeyboardInterrupt unless ignored.
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+                if int(sig) in request.get("ignored", ()):
+                    signal.signal(sig, signal.SIG_IGN)
+                else:
+                    signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
         else:
             for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["out"], os.O_WRONLY | os.O_CREAT),
                                     (2, request["err"], os.O_WRONLY | os.O_CREAT)):
@@ -163,13 +170,18 @@ SHIM = """#!{python} -IS
 import json, os, signal, socket, sys
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 sock.connect({socket!r})
-request = json.dumps({{"argv": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd()}}).encode()
+# Signals this process was started with ignored stay ignored in the command, as in a real start.
+ignored = [int(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+           if signal.getsignal(sig) == signal.SIG_IGN]
+request = json.dumps({{"argv": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd(),
+                      "ignored": ignored}}).encode()
 socket.send_fds(sock, [len(request).to_bytes(8, "big")], [0, 1, 2])
 sock.sendall(request)
 answers = sock.makefile("r")
 pid = json.loads(answers.readline())["pid"]
 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-    signal.signal(sig, lambda number, frame: os.kill(pid, number))
+    if int(sig) not in ignored:
+        signal.signal(sig, lambda number, frame: os.kill(pid, number))
 line = answers.readline()
 rc = json.loads(line)["rc"] if line else 1
 if rc < 0:

@@ -41,8 +41,10 @@ def shell(tmp_path_factory):
 
     def run(script: str, shim: bool = True) -> subprocess.Popen:
         path = server.shim.parent if shim else real_bin
+        # As a terminal's shell has it: an xdist worker, and so its children, ignore SIGINT.
         return subprocess.Popen(["bash", "-c", script], cwd=REPO_ROOT, env=dict(env, PATH=f"{path}:{env['PATH']}"),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     yield SimpleNamespace(run=run, server=server)
     server.close()
@@ -95,18 +97,37 @@ def _blocked_command(shell, tmp_path) -> subprocess.Popen:
     return proc
 
 
-def test_a_signal_to_the_shim_reaches_the_command_and_the_status_is_the_commands(shell, tmp_path):
+@pytest.fixture
+def blocked(shell, tmp_path):
+    """A blocked command (``_blocked_command``); whatever the test leaves of it is killed afterwards."""
     proc = _blocked_command(shell, tmp_path)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130 and err.startswith("socklab: interrupted;"), (proc.returncode, out, err)
+    yield proc
+    proc.kill()
+    proc.wait()
+    for pid in _commands_of(shell.server):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_a_signal_to_the_shim_reaches_the_command_and_the_status_is_the_commands(shell, blocked):
+    blocked.send_signal(signal.SIGINT)
+    out, err = blocked.communicate(timeout=30)
+    assert blocked.returncode == 130 and err.startswith("socklab: interrupted;"), (blocked.returncode, out, err)
     assert not _commands_of(shell.server)
 
 
-def test_a_killed_shim_takes_its_command_along(shell, tmp_path):
-    proc = _blocked_command(shell, tmp_path)
-    proc.kill()
-    proc.wait()
+def test_a_signal_the_shell_ignores_is_ignored_by_the_command(shell, tmp_path):
+    # bash starts a background command with SIGINT ignored, as it does a real one.
+    fifo = tmp_path / "never.yaml"
+    os.mkfifo(fifo)
+    proc = shell.run(f"invoke lab.model {fifo} & pid=$!; sleep 2; kill -INT $pid; sleep 2; "
+                     "kill -0 $pid && echo still running; kill -TERM $pid; wait $pid; echo status $?")
+    out, err = proc.communicate(timeout=60)
+    assert "still running" in out and "status 130" in out and "Traceback" not in err, (out, err)
+
+
+def test_a_killed_shim_takes_its_command_along(shell, blocked):
+    blocked.kill()
+    blocked.wait()
     deadline = time.monotonic() + 10
     while _commands_of(shell.server) and time.monotonic() < deadline:
         time.sleep(0.05)
