@@ -397,22 +397,12 @@ def test_a_monitor_that_never_answers_does_not_hang_the_pause_check(lab, tmp_pat
     qmp.close()
 
 
-def test_the_lab_is_marked_ready_only_after_its_snapshots_are_saved(lab, tmp_path, monkeypatch):
-    """A socklab killed while saving leaves ready=False, so the next up cleans the lab instead of trusting it."""
-    monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
-    fake_boots(monkeypatch, tmp_path)
-    monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
-    monkeypatch.setattr(lab_mod.net, "can_use_taps", lambda: (False, "test"))
-    monkeypatch.setattr(Lab, "_usable_snapshots", lambda self, store, keys: {})
-    monkeypatch.setattr(Lab, "_boot", lambda self, state, topo, plan, snapshots, deadline: self.save(state))
-    seen = []
-    monkeypatch.setattr(Lab, "_save_snapshots", lambda self, state, store, keys: seen.append(self.load().ready))
-    state, _ = lab.up("default", "auto", "socket")
-    assert seen == [False] and state.ready and lab.load().ready
+def test_the_lab_is_marked_ready_only_after_its_snapshots_are_saved_and_names_their_keys(lab, tmp_path, monkeypatch):
+    """A socklab killed while saving leaves ready=False, so the next up cleans the lab instead of trusting it.
 
-
-def test_the_state_names_each_vms_snapshot_key_restored_or_saved(lab, tmp_path, monkeypatch):
-    """A test (or a person) that must remove one lab's snapshots finds their keys in the state, not by hashing."""
+    The state then names each VM's snapshot key: a test (or a person) that must remove one lab's
+    snapshots finds them there, not by hashing the VM's setup again.
+    """
     monkeypatch.setattr(lab_mod.hostdeps, "ensure", lambda *a, **k: None)
     fake_boots(monkeypatch, tmp_path)
     monkeypatch.setattr(lab_mod.accel_mod, "choose", lambda *a: Choice("tcg", "test"))
@@ -425,9 +415,15 @@ def test_the_state_names_each_vms_snapshot_key_restored_or_saved(lab, tmp_path, 
         self.save(state)
 
     monkeypatch.setattr(Lab, "_boot", boot)
-    saved = {}
-    monkeypatch.setattr(Lab, "_save_snapshots", lambda self, state, store, keys: saved.update(keys))
+    seen, saved = [], {}
+
+    def save_snapshots(self, state, store, keys):
+        seen.append(self.load().ready)
+        saved.update(keys)
+
+    monkeypatch.setattr(Lab, "_save_snapshots", save_snapshots)
     state, _ = lab.up("default", "auto", "socket")
+    assert seen == [False] and state.ready and lab.load().ready
     assert set(saved) == {"client", "server"} and saved["client"] != saved["server"]
     assert {vm.name: vm.snapshot for vm in lab.load().vms} == saved
 
