@@ -9,6 +9,7 @@ first's run: its exit status, its output and the reports it wrote.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -46,7 +47,10 @@ def guide_shell(lab, tmp_path_factory):
     """``run(script)``: ``bash -e -c script`` from the repository root, as a student's shell runs it; once per script.
 
     The reports of each run go to a directory of their own (SOCKLAB_RESULTS), so a test can read the
-    reports of the run it was handed, and a test run leaves no reports in the checkout's results/.
+    reports of the run it was handed, and a test run leaves no reports in the checkout's results/;
+    the predictions sheets go to a workspace of the session's own (SOCKLAB_WORKSPACE), not into a
+    student's work/, and what a block writes into results/ by name (lab 07's zerocopy plot) is
+    removed after it ran (results/ itself stays: another worker's block may be writing into it).
 
     The scripts' `invoke` is a shim that forks the command from a server that imported invoke and
     the harness once (``ShellServer`` in tests/forkinvoke.py), with the shell's own stdio: the guides
@@ -58,7 +62,9 @@ def guide_shell(lab, tmp_path_factory):
     guard = threading.Lock()
     # As in a student's shell: pytest's COLUMNS=80 would make every table fold at 80 columns.
     base = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    base["SOCKLAB_WORKSPACE"] = str(tmp_path_factory.mktemp("guide-work"))
     server = ShellServer(tmp_path_factory.mktemp("guide-bin"), base)
+    checkout_results = REPO_ROOT / "results"
 
     def run(script: str) -> ShellRun:
         with guard:
@@ -69,9 +75,14 @@ def guide_shell(lab, tmp_path_factory):
                 # virtualenv: not whatever a version manager's shim would pick (and start) first.
                 env["PATH"] = os.pathsep.join([str(server.shim.parent), str(Path(sys.executable).parent),
                                                env.get("PATH", "")])
-                done = subprocess.run(["bash", "-e", "-c", script], cwd=REPO_ROOT, stdin=subprocess.DEVNULL, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      timeout=BLOCK_TIMEOUT)
+                before = set(checkout_results.iterdir()) if checkout_results.is_dir() else set()
+                try:
+                    done = subprocess.run(["bash", "-e", "-c", script], cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                          timeout=BLOCK_TIMEOUT)
+                finally:
+                    for added in (set(checkout_results.iterdir()) if checkout_results.is_dir() else set()) - before:
+                        shutil.rmtree(added) if added.is_dir() else added.unlink()
                 runs[script] = ShellRun(script, done.returncode, done.stdout, results)
             return runs[script]
 
