@@ -159,7 +159,7 @@ def _child(request: dict, stdio: list[int] | None = None) -> None:
 
 # --- an `invoke` on PATH, for shell scripts (the guides' blocks, tests/live/conftest.py) -----------
 #
-# ``shell_server(directory)`` starts a server on a UNIX socket and writes ``directory/invoke``, a
+# ``ShellServer(directory, env)`` starts a server on a UNIX socket and writes ``directory/invoke``, a
 # Python script (no site, so it starts in a few ms) that hands the server its argv, environment,
 # working directory and its own stdin, stdout and stderr (SCM_RIGHTS), and exits with the forked
 # command's status. The command writes to the very descriptors the shell gave the shim, so its
@@ -230,7 +230,15 @@ def _serve_socket(path: str) -> None:
             header, fds, _, _ = socket.recv_fds(conn, 8, 3)
             size, request = int.from_bytes(header, "big"), b""
             while len(request) < size:
-                request += conn.recv(size - len(request))
+                chunk = conn.recv(size - len(request))
+                if not chunk:  # the shim died before its request was whole
+                    break
+                request += chunk
+            if len(request) < size:
+                for fd in fds:
+                    os.close(fd)
+                conn.close()
+                continue
             pid = os.fork()
             if pid == 0:
                 listener.close()

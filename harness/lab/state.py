@@ -48,8 +48,8 @@ class VMState:
     # Who the QEMU is: its -uuid (set before it starts) and its start time in /proc (set right after).
     uuid: str = ""
     start_ticks: int = 0
-    # The snapshot store key of this VM's setup (harness/vm/vmstate.py snapshot_key): what it was
-    # restored from or saved as, and what the next lab.up of the same setup restores.
+    # The snapshot store key of this VM's setup (harness/vm/vmstate.py snapshot_key): what a restore
+    # of this setup reads and a save writes, whether or not this up did either (`--cold` does neither).
     snapshot: str = ""
 
     @property

@@ -50,13 +50,14 @@ def guide_shell(lab, tmp_path_factory):
     reports of the run it was handed, and a test run leaves no reports in the checkout's results/;
     the predictions sheets go to a workspace of the session's own (SOCKLAB_WORKSPACE), not into a
     student's work/, and what a block writes into results/ by name (lab 07's zerocopy plot) is
-    removed after it ran (results/ itself stays: another worker's block may be writing into it).
+    removed after it ran. Only names the block's own script mentions go: blocks of other workers
+    run meanwhile, and results/ itself stays.
 
     The scripts' `invoke` is a shim that forks the command from a server that imported invoke and
     the harness once (``ShellServer`` in tests/forkinvoke.py), with the shell's own stdio: the guides
     start about a hundred `invoke`s, and each real start costs 0.35–0.5 core-s of imports on a host
     whose two cores the suite keeps busy. The real start is what every other CLI test of the live
-    suite runs, and test_forked_runs_match_python_m_invoke checks that a fork and a start agree.
+    suite runs; tests/unit/test_forkinvoke.py checks that the shim and a real start agree.
     """
     runs: dict[str, ShellRun] = {}
     guard = threading.Lock()
@@ -82,7 +83,8 @@ def guide_shell(lab, tmp_path_factory):
                                           timeout=BLOCK_TIMEOUT)
                 finally:
                     for added in (set(checkout_results.iterdir()) if checkout_results.is_dir() else set()) - before:
-                        shutil.rmtree(added) if added.is_dir() else added.unlink()
+                        if added.stem in script:  # results/zerocopy.png names results/zerocopy.json too
+                            shutil.rmtree(added) if added.is_dir() else added.unlink()
                 runs[script] = ShellRun(script, done.returncode, done.stdout, results)
             return runs[script]
 

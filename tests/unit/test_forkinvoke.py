@@ -63,7 +63,7 @@ def test_the_shim_gives_what_a_real_start_gives(shell, script):
 
 
 def test_stdout_and_stderr_keep_their_order_in_one_pipe(shell):
-    # A bad name prints the task list on stdout after the error on stderr: one pipe shows both in order.
+    # One pipe for both streams: a stderr line, then a stdout line, in the order they were written.
     forked = shell.run("invoke lab.model /nonexistent/lab.yaml 2>&1; invoke --version 2>&1")
     out, _ = forked.communicate(timeout=120)
     lines = out.splitlines()
@@ -84,16 +84,26 @@ def _commands_of(server: ShellServer) -> list[int]:
     return found
 
 
+OPENAT = {"x86_64": 257, "aarch64": 56}.get(os.uname().machine)
+
+
+def _opening(pid: int) -> bool:
+    """Whether ``pid`` sits in openat(2) (/proc/PID/syscall names the call it is blocked in)."""
+    try:
+        return Path(f"/proc/{pid}/syscall").read_text().split()[0] == str(OPENAT)
+    except (OSError, IndexError):
+        return False
+
+
 def _blocked_command(shell, tmp_path) -> subprocess.Popen:
-    """`invoke lab.model FIFO`: the model reads a scenario from a FIFO nobody writes, so it waits."""
+    """`invoke lab.model FIFO`, returned once the command is blocked opening a FIFO nobody writes."""
     fifo = tmp_path / "never.yaml"
     os.mkfifo(fifo)
     proc = shell.run(f"exec invoke lab.model {fifo}")
     deadline = time.monotonic() + 30
-    while not _commands_of(shell.server):
+    while not any(_opening(pid) for pid in _commands_of(shell.server)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
-    time.sleep(0.5)  # into the open() of the FIFO
     return proc
 
 
