@@ -22,7 +22,7 @@ INITIAL = {
     "available_tracers": "blk function_graph function nop\n", "current_tracer": "nop\n", "set_event": "",
     "available_filter_functions": "".join(f"{name}\n" for name in FUNCTIONS), "set_ftrace_filter": "",
     "set_ftrace_pid": "no pid\n", "set_graph_function": "", "max_graph_depth": "0\n", "tracing_on": "1\n",
-    "trace": "", "options/funcgraph-irqs": "1\n", "options/funcgraph-cpu": "1\n", "options/function-fork": "0\n",
+    "trace": "", "trace_pipe": "", "options/funcgraph-irqs": "1\n", "options/funcgraph-cpu": "1\n", "options/function-fork": "0\n",
 }
 EMPTY_MARKS = {"no pid", "#### all functions enabled ####"}
 
@@ -39,7 +39,7 @@ def contents(root: Path) -> dict[str, str]:
     """Every file but the ring buffer, with tracefs's words for "empty" read as empty."""
     out = {}
     for path in sorted(root.rglob("*")):
-        if path.is_file() and path.name != "trace":
+        if path.is_file() and path.name not in ("trace", "trace_pipe"):
             text = path.read_text().strip()
             out[str(path.relative_to(root))] = "" if text in EMPTY_MARKS else text
     return out
@@ -63,7 +63,7 @@ def test_a_traced_step_returns_its_graph_and_every_setting_comes_back(tmp_path):
     traced = set((root / "set_ftrace_filter").read_text().split())
     assert {str(FUNCTIONS.index(name) + 1) for name in ("inet_listen", "__x64_sys_listen")} <= traced  # by index
     assert str(FUNCTIONS.index("schedule") + 1) not in traced and str(FUNCTIONS.index("__x64_sys_read") + 1) not in traced
-    (root / "trace").write_text((FIXTURES / "listen-tcp-udp.txt").read_text())  # what the kernel would record
+    (root / "trace_pipe").write_text((FIXTURES / "listen-tcp-udp.txt").read_text())  # what the kernel would record
     ended = agent.call("trace_end")
     calls = ended["extra"]["calls"]
     assert calls[0][:2] == [0, "__x64_sys_listen"] and [3, "inet_csk_listen_start", 552.994] in calls
