@@ -1883,6 +1883,9 @@ class KernelTracer:
             # A step's events are read from trace_pipe, which consumes them: the buffer is empty again
             # for the next step without truncating `trace`. Opened after current_tracer is set, as
             # tracefs refuses to change the tracer while trace_pipe is open (restore closes it first).
+            # If the agent dies instead, its descriptors are released after close_files() in LIFO
+            # order (task_work), so this one, numbered above the watchdog's pipe, goes before the
+            # watchdog sees EOF and writes current_tracer.
             self.pipe_fd = out_of_the_way(os.open(self.path("trace_pipe"), os.O_RDONLY | os.O_NONBLOCK))
         except BaseException:
             self.restore()
