@@ -7,6 +7,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -360,6 +361,22 @@ def test_the_op_list_covers_every_op_the_model_has(monkeypatch):
              "readlink_fd", "fcntl_getfl", "fcntl_getfd", "sleep", "sysctl_set", "sysctl_get", "wait_readable",
              "reset"}
     assert set(SYSCALLS) | brief <= set(session.handlers)
+
+
+def test_a_session_uses_what_the_server_built_before_forking(monkeypatch):
+    """The server builds libc's prototypes and the trace noise regex once; a forked session must not build its own."""
+    spec = importlib.util.spec_from_file_location("socklab_guest_agent", GUEST_AGENT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    assert not module._LIBC and not module._GLOB_REGEXES  # importing the module builds neither
+    module.AgentServer.prepare()
+    [libc], [noise] = module._LIBC, module._GLOB_REGEXES.values()
+    monkeypatch.setattr(re, "compile", lambda *args, **kwargs: pytest.fail("a session compiled a regex"))
+    monkeypatch.setattr(module.ctypes, "CDLL", lambda *args, **kwargs: pytest.fail("a session loaded libc again"))
+    session = module.Session(set())
+    assert session.libc is libc and session.tracing.tracer.noise is noise
+    assert noise.fullmatch("_raw_spin_lock_bh") and not noise.fullmatch("inet_listen")
 
 
 def test_a_sysctl_set_to_restore_at_exit_outlives_resets(monkeypatch, tmp_path):
