@@ -178,6 +178,24 @@ class GuestSSH:
         log.debug("%s: SSH connected in %.3f s", self.vm, time.monotonic() - started)
         return self
 
+    def wait_answering(self, timeout: float = SSH_CONNECT) -> "GuestSSH":
+        """Return once sshd sends its banner on the forward, without logging in (retried as ``connect`` is).
+
+        For a guest restored from a snapshot, whose sshd was running when it was saved
+        (``Lab._wait_ssh``): a login there would be thrown away when the command ends.
+        """
+        self._probe_timeout = max(self._probe_timeout, UP_BANNER_PATIENCE)
+        retry(self._banner_once, time.monotonic() + timeout, f"{self.vm} (127.0.0.1:{self.port})",
+              first_delay=0.05, max_delay=0.2)
+        return self
+
+    def _banner_once(self) -> None:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            self._peek_banner(sock)
+            head = sock.recv(255)  # RFC 4253: the version line is at most 255 bytes
+            if not head.startswith(b"SSH-2.0-"):
+                raise paramiko.SSHException(f"the forward answered {head[:40]!r}, not an SSH-2.0 banner")
+
     def _connect_once(self) -> paramiko.SSHClient:
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

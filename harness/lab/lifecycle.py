@@ -552,8 +552,10 @@ class Lab:
         own state is loaded and connected to at once. As soon as every guest
         runs, the host writes each one's wake line to its serial port, where
         the listener its snapshot kept (``listening``, ``wake_listener_command``)
-        wakes it while its SSH login goes on. A guest that does not answer
-        there is woken over SSH once logged in (``wake_command``).
+        wakes it. Such a guest is not logged in to: its sshd ran when it was
+        saved, so its banner on the forward is the answer, and the first
+        command logs in (``ssh()``). A guest that does not answer on its serial
+        port is logged in to and woken over SSH (``wake_command``).
         """
         self.woken_by.clear()
         abandon = threading.Event()
@@ -565,6 +567,13 @@ class Lab:
         def serial_wake(vm: VMState) -> None:
             if all_running.wait(max(0.0, deadline - time.monotonic())) and not abandon.is_set():
                 self._serial_wake(state, vm, min(SERIAL_WAKE_TIMEOUT, max(0.0, deadline - time.monotonic())))
+
+        def reach(guest: GuestSSH, vm: VMState, guest_up: bool, login: bool) -> None:
+            try:
+                self._connect_watching(guest, vm, deadline - time.monotonic(), abandon, guest_up=guest_up, login=login)
+            except SSHError as exc:
+                raise GuestUnreachable(f"{vm.name} never became reachable over SSH ({exc}); "
+                                       f"console's last lines:\n{log_tail(Path(vm.console_log))}") from exc
 
         def connect(vm: VMState) -> None:
             waker = None
@@ -579,13 +588,18 @@ class Lab:
                                              daemon=True)
                     waker.start()
             guest_up = restored or self._console_ready(vm, deadline, abandon, step)
-            remaining = deadline - time.monotonic()
             guest = GuestSSH(vm.name, vm.ssh_port, self.paths.client_key, vm.host_key or state.host_key)
-            try:
-                self._connect_watching(guest, vm, remaining, abandon, guest_up=guest_up)
-            except SSHError as exc:
-                raise GuestUnreachable(f"{vm.name} never became reachable over SSH ({exc}); "
-                                       f"console's last lines:\n{log_tail(Path(vm.console_log))}") from exc
+            if waker is not None:
+                # Its sshd ran when it was saved, and the serial port wakes it: the banner says sshd
+                # answers. A login here would be thrown away when `lab.up` ends; each command logs in.
+                reach(guest, vm, guest_up, login=False)
+                waker.join(max(0.0, deadline - time.monotonic()))
+                if abandon.is_set():
+                    return
+                if self.woken_by.get(vm.name) == "serial":
+                    answered.append(time.monotonic())  # answering and woken
+                    return
+            reach(guest, vm, guest_up, login=True)
             answered.append(time.monotonic())
             # The lab may be being stopped meanwhile (Ctrl-C, another VM failed): no connection may outlive it.
             if not abandon.is_set():
@@ -595,11 +609,7 @@ class Lab:
                     del self._ssh[vm.name]
                 guest.close()
                 return
-            if restored:  # woken over its serial port meanwhile, or now over SSH
-                if waker is not None:
-                    waker.join(max(0.0, deadline - time.monotonic()))
-                    if self.woken_by.get(vm.name) == "serial":
-                        return
+            if restored:  # not woken over its serial port: over SSH, now
                 while not all_running.wait(0.02):  # its peers must run too: the wake connects to each of them
                     if abandon.is_set():
                         return
@@ -694,8 +704,9 @@ class Lab:
         return False
 
     def _connect_watching(self, guest: GuestSSH, vm: VMState, timeout: float,
-                          abandon: threading.Event | None = None, guest_up: bool = False) -> None:
-        """Connect while checking QEMU is still alive, so a crashed guest fails fast, not at the deadline."""
+                          abandon: threading.Event | None = None, guest_up: bool = False, login: bool = True) -> None:
+        """Connect (or, without ``login``, wait for sshd's banner) while checking QEMU is still alive,
+        so a crashed guest fails fast, not at the deadline."""
         deadline = time.monotonic() + timeout
         abandon = abandon or threading.Event()
         while True:
@@ -703,8 +714,12 @@ class Lab:
                 raise SSHError(f"{vm.name}: gave up waiting for SSH (lab.up was interrupted or failed)")
             if not self.owned(vm):
                 raise SSHError(f"QEMU of {vm.name} (pid {vm.pid}) exited")
+            attempt = min(2.0, max(0.5, deadline - time.monotonic()))
             try:
-                guest.connect(timeout=min(2.0, max(0.5, deadline - time.monotonic())), guest_up=guest_up)
+                if login:
+                    guest.connect(timeout=attempt, guest_up=guest_up)
+                else:
+                    guest.wait_answering(timeout=attempt)
             except SSHError:
                 if time.monotonic() >= deadline:
                     raise

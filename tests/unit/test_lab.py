@@ -737,3 +737,40 @@ def test_a_restored_guest_logs_in_at_once_and_is_woken_once_every_guest_runs(lab
     assert events.index(("logged in", "client")) < events.index(("running", "server"))  # not held back
     assert events.index(("woken", "client")) > events.index(("running", "server"))  # its peer runs first
     assert {what for what, name in events if name == "server"} == {"running", "logged in", "woken"}
+
+
+def test_a_restored_guest_woken_on_its_serial_port_is_not_logged_in_and_one_not_woken_there_is(lab, tmp_path,
+                                                                                                monkeypatch):
+    import threading
+    import time
+
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def record(what: str, name: str) -> None:
+        with lock:
+            events.append((what, name))
+
+    vms = [VMState(name=name, index=i, ssh_port=1 + i, lab_ip=f"198.51.100.{i + 1}/24", mgmt_mac="m", lab_mac="l",
+                   qmp=str(tmp_path / f"{name}.qmp")) for i, name in enumerate(("client", "server"))]
+    state = LabState(lab_id="abc123", topology="default", accel="tcg", segment="tap", vms=vms)
+
+    def serial_wake(self, state, vm, timeout):
+        record("serial wake", vm.name)
+        if vm.name == "client":  # the server's listener does not answer: it is woken over SSH
+            self.woken_by[vm.name] = "serial"
+
+    def connect_watching(self, guest, vm, timeout, abandon=None, guest_up=False, login=True):
+        assert guest_up
+        record("logged in" if login else "answers", vm.name)
+
+    monkeypatch.setattr(lab_mod.qemu, "resume_incoming", lambda qmp: record("running", qmp.stem))
+    monkeypatch.setattr(Lab, "_serial_wake", serial_wake)
+    monkeypatch.setattr(Lab, "_connect_watching", connect_watching)
+    monkeypatch.setattr(Lab, "_wake", lambda self, state, vm: record("woken over SSH", vm.name))
+    lab._wait_ssh(state, time.monotonic() + 5, _Stage(), restored=True, listening={"client", "server"})
+    client = [what for what, name in events if name == "client"]
+    server = [what for what, name in events if name == "server"]
+    assert client[0] == "running" and sorted(client[1:]) == ["answers", "serial wake"]  # no login
+    assert server[-2:] == ["logged in", "woken over SSH"] and sorted(server[1:-2]) == ["answers", "serial wake"]
+    assert lab.woken_by == {"client": "serial"} and "client" not in lab._ssh and "server" in lab._ssh

@@ -342,3 +342,39 @@ def test_a_guest_known_to_be_up_is_tried_again_at_once_while_sshd_starts(keys, s
         forward.close()
     gaps = [b - a for a, b in zip(forward.accepted, forward.accepted[1:])]
     assert len(forward.accepted) == 5 and max(gaps) < 0.5, gaps  # 0.05 s growing to 0.2 s, not 0.2 s to 1 s
+
+
+def test_waiting_for_the_banner_tries_again_while_sshd_starts_and_keeps_no_connection(keys, sshd):
+    forward = Forward(sshd.port, refuse=3, delay=0.3)
+    try:
+        guest = GuestSSH("server", forward.port, keys["client"], keys["host_pub"]).wait_answering(timeout=5)
+        assert len(forward.accepted) == 4  # three refused, then one that waited 0.3 s for its banner
+        with pytest.raises(SSHError, match="not connected"):
+            guest.client  # noqa: B018 - no connection was kept
+    finally:
+        forward.close()
+
+
+def test_a_forward_that_answers_no_ssh_banner_is_not_an_answering_sshd(keys):
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def answer_http():
+        while True:
+            try:
+                conn = listener.accept()[0]
+            except OSError:
+                return
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=answer_http, daemon=True).start()
+    try:
+        with pytest.raises(SSHError, match="not an SSH-2.0 banner"):
+            GuestSSH("server", listener.getsockname()[1], keys["client"], keys["host_pub"]).wait_answering(timeout=1)
+    finally:
+        listener.close()
