@@ -265,7 +265,8 @@ def bench_boot(bench: Bench, lab: Lab, repeats: int) -> None:
         samples, loads = run_rounds(contenders, repeats)
     bench.host["boot_loads"] = loads
     shaped = f"{shape.accel}, -cpu {qemu.cpu_model(shape.accel)}, {shape.memory_mib} MiB, {shape.cpus} vCPU"
-    notes = {UP2: "lab.up's wall clock: image digests, restore, SSH, reseed, clock and segment check",
+    restored = "sshd's banner on the forward and the wake on ttyS1 (reseed, clock, segment); the first command logs in"
+    notes = {UP2: f"lab.up's wall clock: image digests, restore, {restored}", WARM2: restored, WARM1: restored,
              FLOOR: f"{shaped}; rdinit prints one line; no disk, NIC or SSH",
              PEER_SHAPED: shaped, PEER: "host root over virtio-fs, socklab's kernel; KVM off as for socklab"}
     for name in (COLD2, WARM2, UP2, COLD1, WARM1, FLOOR, PEER, PEER_SHAPED):
