@@ -710,20 +710,34 @@ def test_a_home_too_deep_for_qemu_s_sockets_is_named_before_anything_starts(tmp_
     assert lab.load() is None
 
 
-def test_a_restored_guest_logs_in_at_once_and_is_woken_once_every_guest_runs(lab, tmp_path, monkeypatch):
-    import threading
-    import time
+class _Events:
+    """What the threads of a restore did, in order: ``record("running", "client")`` from any of them."""
 
-    events: list[tuple[str, str]] = []
-    lock = threading.Lock()
+    def __init__(self) -> None:
+        import threading
 
-    def record(what: str, name: str) -> None:
-        with lock:
-            events.append((what, name))
+        self.events: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
 
+    def record(self, what: str, name: str) -> None:
+        with self._lock:
+            self.events.append((what, name))
+
+    def of(self, name: str) -> list[str]:
+        return [what for what, who in self.events if who == name]
+
+
+def _restored_pair(tmp_path) -> LabState:
     vms = [VMState(name=name, index=i, ssh_port=1 + i, lab_ip=f"198.51.100.{i + 1}/24", mgmt_mac="m", lab_mac="l",
                    qmp=str(tmp_path / f"{name}.qmp")) for i, name in enumerate(("client", "server"))]
-    state = LabState(lab_id="abc123", topology="default", accel="tcg", segment="tap", vms=vms)
+    return LabState(lab_id="abc123", topology="default", accel="tcg", segment="tap", vms=vms)
+
+
+def test_a_restored_guest_logs_in_at_once_and_is_woken_once_every_guest_runs(lab, tmp_path, monkeypatch):
+    import time
+
+    log, state = _Events(), _restored_pair(tmp_path)
+    events, record = log.events, log.record
 
     def resume(qmp: Path) -> None:
         if qmp.stem == "server":
@@ -741,19 +755,10 @@ def test_a_restored_guest_logs_in_at_once_and_is_woken_once_every_guest_runs(lab
 
 def test_a_restored_guest_woken_on_its_serial_port_is_not_logged_in_and_one_not_woken_there_is(lab, tmp_path,
                                                                                                 monkeypatch):
-    import threading
     import time
 
-    events: list[tuple[str, str]] = []
-    lock = threading.Lock()
-
-    def record(what: str, name: str) -> None:
-        with lock:
-            events.append((what, name))
-
-    vms = [VMState(name=name, index=i, ssh_port=1 + i, lab_ip=f"198.51.100.{i + 1}/24", mgmt_mac="m", lab_mac="l",
-                   qmp=str(tmp_path / f"{name}.qmp")) for i, name in enumerate(("client", "server"))]
-    state = LabState(lab_id="abc123", topology="default", accel="tcg", segment="tap", vms=vms)
+    log, state = _Events(), _restored_pair(tmp_path)
+    record = log.record
 
     def serial_wake(self, state, vm, timeout):
         record("serial wake", vm.name)
@@ -769,8 +774,7 @@ def test_a_restored_guest_woken_on_its_serial_port_is_not_logged_in_and_one_not_
     monkeypatch.setattr(Lab, "_connect_watching", connect_watching)
     monkeypatch.setattr(Lab, "_wake", lambda self, state, vm: record("woken over SSH", vm.name))
     lab._wait_ssh(state, time.monotonic() + 5, _Stage(), restored=True, listening={"client", "server"})
-    client = [what for what, name in events if name == "client"]
-    server = [what for what, name in events if name == "server"]
+    client, server = log.of("client"), log.of("server")
     assert client[0] == "running" and sorted(client[1:]) == ["answers", "serial wake"]  # no login
     assert server[-2:] == ["logged in", "woken over SSH"] and sorted(server[1:-2]) == ["answers", "serial wake"]
     assert lab.woken_by == {"client": "serial"} and "client" not in lab._ssh and "server" in lab._ssh
