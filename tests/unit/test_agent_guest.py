@@ -379,6 +379,26 @@ def test_a_session_uses_what_the_server_built_before_forking(monkeypatch):
     assert noise.fullmatch("_raw_spin_lock_bh") and not noise.fullmatch("inet_listen")
 
 
+def test_the_server_prepares_before_it_serves_and_leaves_nothing_when_that_fails(monkeypatch, tmp_path):
+    spec = importlib.util.spec_from_file_location("socklab_guest_agent", GUEST_AGENT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    module_file = tmp_path / "agent_x.py"
+    module_file.write_text("")
+    server = module.AgentServer(str(module_file))
+    monkeypatch.setattr(module.os, "setsid", lambda: None)  # the pytest worker stays in its session
+
+    def prepare():
+        assert Path(server.directory, "pid").read_text() == f"{os.getpid()}\n"  # claimed first
+        raise MemoryError("no room for the regex")
+
+    monkeypatch.setattr(module.AgentServer, "prepare", staticmethod(prepare))
+    with pytest.raises(MemoryError, match="no room"):
+        server.run()
+    assert not os.path.exists(server.directory) and list(tmp_path.iterdir()) == [module_file]
+
+
 def test_a_sysctl_set_to_restore_at_exit_outlives_resets(monkeypatch, tmp_path):
     spec = importlib.util.spec_from_file_location("socklab_guest_agent", GUEST_AGENT)
     module = importlib.util.module_from_spec(spec)
