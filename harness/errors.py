@@ -27,5 +27,9 @@ class SSHError(LabError):
     """SSH to a guest failed: connection, host key or a command."""
 
 
+class SSHRefused(SSHError):
+    """sshd answered, but the login is final: the host key is not the pinned one, or the key was refused."""
+
+
 class ConsoleError(LabError):
     """The serial console did not show what we waited for."""

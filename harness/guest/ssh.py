@@ -20,7 +20,7 @@ from pathlib import Path
 import paramiko
 
 from harness.deadline import SSH_CHANNEL_OPEN, SSH_COMMAND, SSH_CONNECT, SSH_EXIT_STATUS
-from harness.errors import SSHError
+from harness.errors import SSHError, SSHRefused
 from harness.log import truncate
 
 RETRYABLE = (OSError, EOFError, paramiko.SSHException)
@@ -169,12 +169,12 @@ class GuestSSH:
             self._client = retry(self._connect_once, deadline, f"{self.vm} (127.0.0.1:{self.port})",
                                  first_delay=first_delay, max_delay=max_delay)
         except paramiko.BadHostKeyException as exc:
-            raise SSHError(
+            raise SSHRefused(
                 f"{self.vm}: the guest's host key changed (got {exc.key.get_fingerprint().hex()[:16]}…): "
                 "it is not the image socklab built; rebuild the image or `invoke lab.down` and up again"
             ) from exc
         except paramiko.AuthenticationException as exc:
-            raise SSHError(f"{self.vm}: the guest refused the socklab key {self.key_file}") from exc
+            raise SSHRefused(f"{self.vm}: the guest refused the socklab key {self.key_file}") from exc
         log.debug("%s: SSH connected in %.3f s", self.vm, time.monotonic() - started)
         return self
 

@@ -25,14 +25,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from harness import progress
 from harness.deadline import SNAPSHOT_RESTORE, SSH_CONNECT
-from harness.errors import GuestUnreachable, LabError, SSHError
+from harness.errors import GuestUnreachable, LabError, SSHError, SSHRefused
 from harness.guest.ssh import GuestSSH
 from harness.host import accel as accel_mod
 from harness.host import deps as hostdeps
@@ -53,6 +53,8 @@ RESTORE_TIMEOUT = SNAPSHOT_RESTORE
 # (harness/image/recipes/rootfs/etc/socklab/rc), and how often the console log is read for it.
 READY_LINE = "ready for sshd"
 CONSOLE_POLL = 0.02
+# How long lab.up's threads wait at a time for a peer or a wake before they look at ``abandon`` again.
+WAIT_SLICE = 0.02
 # sizeof(sockaddr_un.sun_path), NUL included: QEMU's QMP and console sockets live in the run dir.
 SUN_PATH_MAX = 108
 
@@ -191,6 +193,7 @@ class Lab:
         self.state_file = self.run_dir / "lab.json"
         self.logs = self.dir / "logs"
         self._ssh: dict[str, GuestSSH] = {}
+        self._lost: set[str] = set()  # VMs whose kept connection broke and could not be made again
         self._boots: dict[str, kernel_mod.Boot] = {}
         self._woken_offloads: dict[str, tuple[str, str]] = {}
         self.woken_by: dict[str, str] = {}  # how lab.up woke each restored VM: "serial", or "ssh" when that failed
@@ -268,6 +271,10 @@ class Lab:
     def kept_connection(self, name: str) -> GuestSSH | None:
         """The SSH connection to ``name`` this object keeps, if any (not checked, not made)."""
         return self._ssh.get(name)
+
+    def lost_connection(self, name: str) -> bool:
+        """Whether ``ssh()`` found its kept connection to ``name`` broken and has not connected again since."""
+        return name in self._lost
 
     # -- up ------------------------------------------------------------------
 
@@ -565,7 +572,10 @@ class Lab:
         answered: list[float] = []
 
         def serial_wake(vm: VMState) -> None:
-            if all_running.wait(max(0.0, deadline - time.monotonic())) and not abandon.is_set():
+            while not all_running.wait(WAIT_SLICE):  # its peers must run too: the wake connects to each of them
+                if abandon.is_set() or time.monotonic() > deadline:
+                    return
+            if not abandon.is_set():
                 self._serial_wake(state, vm, min(SERIAL_WAKE_TIMEOUT, max(0.0, deadline - time.monotonic())))
 
         def reach(guest: GuestSSH, vm: VMState, guest_up: bool, login: bool) -> None:
@@ -591,16 +601,17 @@ class Lab:
             guest = GuestSSH(vm.name, vm.ssh_port, self.paths.client_key, vm.host_key or state.host_key)
             if waker is not None:
                 # Its sshd ran when it was saved, and the serial port wakes it: the banner says sshd
-                # answers. A login here would be thrown away when `lab.up` ends; each command logs in.
+                # answers. The first command logs in (`ssh()`): in the `invoke lab.up` command, a login
+                # here would be thrown away when it ends; in process, it would only come earlier.
                 reach(guest, vm, guest_up, login=False)
-                waker.join(max(0.0, deadline - time.monotonic()))
+                while waker.is_alive() and time.monotonic() < deadline and not abandon.is_set():
+                    waker.join(WAIT_SLICE)  # in slices: a Ctrl-C or a failed peer must not wait out the wake
                 if abandon.is_set():
                     return
                 if self.woken_by.get(vm.name) == "serial":
                     answered.append(time.monotonic())  # answering and woken
                     return
             reach(guest, vm, guest_up, login=True)
-            answered.append(time.monotonic())
             # The lab may be being stopped meanwhile (Ctrl-C, another VM failed): no connection may outlive it.
             if not abandon.is_set():
                 self._ssh[vm.name] = guest
@@ -610,12 +621,13 @@ class Lab:
                 guest.close()
                 return
             if restored:  # not woken over its serial port: over SSH, now
-                while not all_running.wait(0.02):  # its peers must run too: the wake connects to each of them
+                while not all_running.wait(WAIT_SLICE):  # its peers must run too: the wake connects to each of them
                     if abandon.is_set():
                         return
                     if time.monotonic() > deadline:
                         raise LabError(f"{vm.name}: the other restored guests did not start running in time")
                 self._wake(state, vm)
+            answered.append(time.monotonic())  # a restored guest is ready once woken, by either way
 
         self._in_parallel(connect, state.vms, abandon)
         step.update("all guests answer")
@@ -681,7 +693,13 @@ class Lab:
         """
         pool = ThreadPoolExecutor(max_workers=len(vms), thread_name_prefix="socklab-up")
         try:
-            for future in [pool.submit(work, vm) for vm in vms]:
+            futures = [pool.submit(work, vm) for vm in vms]
+            # The first to fail, whichever VM it is: a later VM's error must not wait for an earlier VM's work.
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for future in futures:
+                if future.done() and future.exception() is not None:
+                    future.result()
+            for future in futures:
                 future.result()
         except BaseException:
             abandon.set()
@@ -746,7 +764,7 @@ class Lab:
                 self._ssh[name] = guest
                 return guest
             except SSHError:
-                pass
+                self._lost.add(name)
         if guest is not None:  # broken, or to a VM of an earlier lab
             guest.close()  # also closes the stats shell kept on the connection
         if not self.owned(vm):
@@ -756,12 +774,30 @@ class Lab:
             raise GuestUnreachable(paused)
         guest = GuestSSH(vm.name, vm.ssh_port, self.paths.client_key, vm.host_key or state.host_key)
         try:
-            self._connect_watching(guest, vm, timeout)
+            # A ready lab's guests are up (lab.up saw each answer): a silent forward is sshd busy, not a boot.
+            self._connect_watching(guest, vm, timeout, guest_up=state.ready)
+        except SSHRefused as exc:
+            raise GuestUnreachable(f"{exc}{self._discard_restored(state, vm)}") from exc
         except SSHError as exc:
             fault = self.vm_fault(name)
             raise GuestUnreachable(f"{exc}" + (f"\n{fault}" if fault else "")) from exc
         self._ssh[name] = guest
+        self._lost.discard(name)
         return guest
+
+    def _discard_restored(self, state: LabState, vm: VMState) -> str:
+        """After a refused login to ``vm``: if it was restored, discard its snapshot and say so ("" otherwise).
+
+        A restored guest is not logged in to by ``lab.up`` (``_wait_ssh``), so the
+        first command is where a snapshot that no longer takes the pinned keys
+        shows. The next ``lab.up`` must boot cold rather than restore it again.
+        """
+        if state.boot_mode != "restored from snapshot" or not vm.snapshot or not vm.image:
+            return ""
+        vmstate.SavedVMStore(Path(vm.image)).discard(vm.snapshot)
+        log.warning("%s: login refused after a restore; discarded snapshot %s", vm.name, vm.snapshot)
+        return (f"\n{vm.name} was restored from a snapshot, which is now discarded: "
+                f"`invoke lab.down{self.name_flag()}` and `invoke lab.up{self.name_flag()}` boot it cold")
 
     def ssh_argv(self, name: str) -> list[str]:
         """An OpenSSH command line for an interactive session, with the host key pinned."""

@@ -77,6 +77,8 @@ class LabState:
     image: str = ""
     host_key: str = ""
     started_at: float = 0.0
+    # First QEMU start to the last guest ready: sshd logged in to (cold), or answering and woken (restored:
+    # its banner and the serial wake, or the login and the SSH wake when the serial wake failed).
     boot_seconds: float = 0.0
     boot_mode: str = ""
     ready: bool = False

@@ -778,3 +778,80 @@ def test_a_restored_guest_woken_on_its_serial_port_is_not_logged_in_and_one_not_
     assert client[0] == "running" and sorted(client[1:]) == ["answers", "serial wake"]  # no login
     assert server[-2:] == ["logged in", "woken over SSH"] and sorted(server[1:-2]) == ["answers", "serial wake"]
     assert lab.woken_by == {"client": "serial"} and "client" not in lab._ssh and "server" in lab._ssh
+
+
+@pytest.mark.parametrize("failing", ["resume", "login"])
+def test_a_failed_restore_leaves_no_thread_waiting_for_a_wake(lab, tmp_path, monkeypatch, failing):
+    """The server fails (its state does not load, or its login): the client's threads give up at once,
+    not when the wake or the deadline would have ended them (a Ctrl-C must end `lab.up` promptly)."""
+    import threading
+
+    from harness.errors import SSHError
+
+    state, stuck = _restored_pair(tmp_path), threading.Event()
+
+    def resume(qmp: Path) -> None:
+        if failing == "resume" and qmp.stem == "server":
+            raise LabError("server: the state does not load")
+
+    def connect_watching(self, guest, vm, timeout, abandon=None, guest_up=False, login=True):
+        if vm.name == "server":
+            time.sleep(0.1)  # the client is waiting for its wake by now
+            raise SSHError("server: no SSH")
+
+    monkeypatch.setattr(lab_mod.qemu, "resume_incoming", resume)
+    monkeypatch.setattr(Lab, "_serial_wake", lambda self, state, vm, timeout: stuck.wait(30))  # never answers
+    monkeypatch.setattr(Lab, "_connect_watching", connect_watching)
+    monkeypatch.setattr(Lab, "_wake", lambda self, state, vm: pytest.fail("nothing is woken over SSH"))
+    try:
+        with pytest.raises(LabError, match="server"):
+            lab._wait_ssh(state, time.monotonic() + 20, _Stage(), restored=True, listening={"client"})
+        ended = time.monotonic() + 1
+        threads = [t for t in threading.enumerate() if t.name.startswith(("socklab-up", "socklab-wake"))]
+        waiting = [t for t in threads if t.name.startswith("socklab-up") or failing == "resume"]
+        for thread in waiting:  # the wake itself is stuck in the fake when the login fails: only its waiter ends
+            thread.join(max(0.0, ended - time.monotonic()))
+        assert not [t.name for t in waiting if t.is_alive()]
+    finally:
+        stuck.set()
+
+
+def test_a_guest_woken_over_ssh_counts_as_ready_once_woken(lab, tmp_path, monkeypatch):
+    state, woken = _restored_pair(tmp_path), {}
+
+    def wake(self, state, vm):
+        time.sleep(0.2)
+        woken[vm.name] = time.monotonic()
+
+    monkeypatch.setattr(lab_mod.qemu, "resume_incoming", lambda qmp: None)
+    monkeypatch.setattr(Lab, "_connect_watching", lambda self, guest, vm, *a, **k: None)
+    monkeypatch.setattr(Lab, "_wake", wake)
+    ready = lab._wait_ssh(state, time.monotonic() + 5, _Stage(), restored=True)
+    assert ready >= max(woken.values())
+
+
+@pytest.mark.parametrize("boot_mode, discarded", [("restored from snapshot", True), ("cold boot", False)])
+def test_a_refused_login_discards_the_snapshot_the_guest_was_restored_from(lab, tmp_path, monkeypatch,
+                                                                            boot_mode, discarded):
+    from harness.errors import GuestUnreachable, SSHRefused
+
+    image = tmp_path / "image"
+    (image / "snapshots" / "k1").mkdir(parents=True)
+    vm = VMState(name="server", index=0, ssh_port=1, lab_ip="198.51.100.2/24", mgmt_mac="m", lab_mac="l", pid=1,
+                 image=str(image), snapshot="k1")
+    lab.save(LabState(lab_id=lab.id, topology="single", ready=True, boot_mode=boot_mode, vms=[vm]))
+    seen = {}
+
+    def connect_watching(self, guest, vm, timeout, abandon=None, guest_up=False, login=True):
+        seen["guest_up"] = guest_up
+        raise SSHRefused("server: the guest refused the socklab key")
+
+    monkeypatch.setattr(Lab, "owned", staticmethod(lambda vm: True))
+    monkeypatch.setattr(Lab, "paused", lambda self, vm: None)
+    monkeypatch.setattr(Lab, "_connect_watching", connect_watching)
+    monkeypatch.setattr(Lab, "vm_fault", lambda self, name, settle=3.0: pytest.fail("a refusal is its own answer"))
+    with pytest.raises(GuestUnreachable, match="refused the socklab key") as caught:
+        lab.ssh("server")
+    assert seen["guest_up"]  # a ready lab's guest is up: the banner is waited for, not probed for
+    assert (image / "snapshots" / "k1").exists() is not discarded
+    assert ("now discarded" in str(caught.value)) is discarded
