@@ -86,6 +86,8 @@ def vm_fault(lab: Lab, name: str, settle: float = 3.0) -> str | None:
         except SSHError:
             pass
     banner = ssh_banner(vm.ssh_port)
+    if banner and guest is None and not lab.lost_connection(name):
+        return None  # no connection of ours broke (a restored lab is not logged in to), and sshd answers
     if banner:
         return (f"the SSH connection to {name} is gone, but its QEMU (pid {vm.pid}) runs and sshd answers again "
                 f"on 127.0.0.1:{vm.ssh_port} ({banner}): sshd was restarted, or the connection was cut")

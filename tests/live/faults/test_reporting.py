@@ -17,6 +17,7 @@ import pytest
 from harness.vm import qemu
 from harness.vm.console import panic_lines
 from harness.errors import LabError
+from harness.guest.ssh import GuestSSH
 from harness.lab.lifecycle import Lab
 from harness.lab.state import LabState, VMState
 from harness.lab.state import keep_log as _keep_log
@@ -113,12 +114,16 @@ def test_a_running_vm_without_sshd_is_told_from_one_whose_sshd_came_back(lab, fa
     port = listener.getsockname()[1]
 
     def serve():
-        conn, _ = listener.accept()
-        conn.sendall(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")
-        conn.close()
+        for _ in range(2):
+            conn, _ = listener.accept()
+            conn.sendall(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")
+            conn.close()
 
     threading.Thread(target=serve, daemon=True).start()
     _state(lab, fake_qemu, ssh_port=port)
+    # No connection of this Lab broke (a restored lab is not logged in to): an answering sshd is no fault.
+    assert lab.vm_fault("server", settle=0) is None
+    lab._ssh["server"] = GuestSSH("server", port, lab.paths.client_key, "")  # kept, and not connected: broken
     fault = lab.vm_fault("server", settle=0)
     listener.close()
     assert "sshd answers again" in fault and "SSH-2.0-OpenSSH_9.2p1" in fault
