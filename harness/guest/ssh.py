@@ -182,7 +182,8 @@ class GuestSSH:
         """Return once sshd sends its banner on the forward, without logging in (retried as ``connect`` is).
 
         For a guest restored from a snapshot, whose sshd was running when it was saved
-        (``Lab._wait_ssh``): a login there would be thrown away when the command ends.
+        (``Lab._wait_ssh``): the first command logs in instead (in the ``invoke lab.up`` command,
+        a login would be thrown away when it ends).
         """
         self._probe_timeout = max(self._probe_timeout, UP_BANNER_PATIENCE)
         retry(self._banner_once, time.monotonic() + timeout, f"{self.vm} (127.0.0.1:{self.port})",
