@@ -188,7 +188,7 @@ class Socket:
     shutdown: str | None        # ``<->`` open, ``-->`` receive side shut, ``<--`` send side shut, ``---`` both
     timer: str | None           # ``timer:(name,expires,retrans)`` as printed, e.g. ``(on,5.7ms,3)``
     cgroup: str | None
-    skmem: SkMem | None         # None only for TIME-WAIT and SYN-RECV mini sockets (no struct sock)
+    skmem: SkMem | None         # None only for mini sockets: TIME-WAIT, SYN-RECV, an orphan's FIN-WAIT-2
     tcp: TcpInfo | None         # TCP sockets with a full struct tcp_sock
     vfs_inode: int | None = None     # AF_UNIX bound to a path: the inode of the socket file
     vfs_dev: str | None = None       # and its device, as major/minor

@@ -36,6 +36,10 @@ STATES = frozenset({"UNKNOWN", "ESTAB", "SYN-SENT", "SYN-RECV", "FIN-WAIT-1", "F
 # TIME-WAIT and SYN-RECV entries are inet_timewait_sock / request_sock mini sockets:
 # inet_diag has no struct sock to take skmem or tcp_info from.
 MINI_SOCKET_STATES = frozenset({"TIME-WAIT", "SYN-RECV"})
+# An orphaned socket in FIN-WAIT-2 becomes a timewait mini socket too (tcp_time_wait(sk, TCP_FIN_WAIT2, …)
+# in net/ipv4/tcp_input.c and tcp.c); inet_twsk_diag_fill() reports its tw_substate as the state and
+# the timewait timer (3): ss prints FIN-WAIT-2 with timer:(timewait,…).
+TIMEWAIT_TIMER = "(timewait,"
 # Bare words tcp_stats_print() prints before the congestion control name (TCPI_OPT_* bits).
 TCP_OPTION_WORDS = frozenset({"ts", "sack", "ecn", "ecnseen", "fastopen"})
 # "name value" pairs in the TCP info: the value is a separate token.
@@ -128,7 +132,7 @@ def _parse_inet(line: _Line, netid: str, state: str, recv_q: int, send_q: int, r
     details = _Details(line, tokens[2:], unix=False)
     if details.inode is None or details.cookie is None:
         raise line.cut("no ino: and sk: fields (ss -e prints them for every inet socket)")
-    mini = state in MINI_SOCKET_STATES
+    mini = state in MINI_SOCKET_STATES or (state == "FIN-WAIT-2" and (details.timer or "").startswith(TIMEWAIT_TIMER))
     if details.skmem is None and not mini:
         raise line.cut(f"no skmem:(…) for a {state} socket (ss -m prints it for every full socket)")
     tcp = None

@@ -94,6 +94,17 @@ def test_time_wait_mini_sockets_have_no_skmem(mixed):
         assert sock.timer.startswith("(timewait,")
 
 
+def test_an_orphans_fin_wait_2_is_a_timewait_mini_socket_and_a_full_one_still_needs_skmem():
+    text = fixture("ss-finwait2-client.txt")
+    [orphan] = [s for s in parse_ss(text, ORIGIN) if s.peer.port == 7999]
+    assert orphan.state == "FIN-WAIT-2" and orphan.timer.startswith("(timewait,")
+    assert orphan.skmem is None and orphan.tcp is None and orphan.inode == 0
+    # The same line with another timer is a full socket whose skmem was cut off.
+    full = line_of(text, ":7999").replace("timer:(timewait,", "timer:(on,")
+    with pytest.raises(StatsTruncatedError, match="no skmem"):
+        parse_ss(full + "\n", ORIGIN)
+
+
 def test_udp_sockets(mixed):
     bound = by_local(mixed, "127.0.0.1:6001")
     assert bound.state == "UNCONN" and bound.recv_q == 1280  # udp_rqueue_get(): truesize of one 500-byte datagram
