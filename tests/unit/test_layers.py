@@ -11,6 +11,7 @@ functions alike; ``if TYPE_CHECKING:`` blocks excepted, they never run), then:
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -110,13 +111,20 @@ def within(name: str) -> tuple[str, int] | None:
     return None
 
 
-GRAPH = {name: imports(name, path, set(modules())) for name, path in modules().items()}
+MODULES = modules()
 
 
-@pytest.mark.parametrize("name", sorted(GRAPH))
+@functools.cache
+def graph() -> dict[str, set[str]]:
+    """Each harness module's harness imports; parsed on first use, not while every worker collects."""
+    known = set(MODULES)
+    return {name: imports(name, path, known) for name, path in MODULES.items()}
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
 def test_a_module_imports_only_its_own_layer_or_lower(name):
     upward = []
-    for target in sorted(GRAPH[name]):
+    for target in sorted(graph()[name]):
         if layer_of(target) > layer_of(name):
             upward.append(target)
         here, there = within(name), within(target)
@@ -138,8 +146,8 @@ def test_no_import_cycle_outside_the_model():
         counter[0] += 1
         stack.append(node)
         on_stack.add(node)
-        for target in GRAPH.get(node, ()):
-            if target not in GRAPH:
+        for target in graph().get(node, ()):
+            if target not in MODULES:
                 continue
             if target not in index:
                 connect(target)
@@ -157,7 +165,7 @@ def test_no_import_cycle_outside_the_model():
             if len(component) > 1:
                 cycles.append(sorted(component))
 
-    for node in sorted(GRAPH):
+    for node in sorted(MODULES):
         if node not in index:
             connect(node)
     outside = [cycle for cycle in cycles if not all(m.startswith("harness.model") for m in cycle)]
@@ -169,4 +177,4 @@ def test_the_checker_sees_function_level_imports(tmp_path):
     source = tmp_path / "probe.py"
     source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from harness.lab import state\n"
                       "def f():\n    from harness.lab.lifecycle import Lab\n")
-    assert imports("harness.vm.probe", source, set(GRAPH)) == {"harness.lab.lifecycle"}
+    assert imports("harness.vm.probe", source, set(MODULES)) == {"harness.lab.lifecycle"}
