@@ -101,24 +101,50 @@ def do_poll(op: str, host: "Host", proc: "Process", args: Mapping[str, Any]) -> 
         raise fail("EFAULT", "fds must be a list of descriptors or (fd, events) pairs", "do_sys_poll")
     default_events = args.get("events", POLLIN | POLLOUT)
     timeout = args.get("timeout", 0)
-    revents: dict[int, int] = {}
+    pairs = []
     for item in entries:
         fd, events = (item if isinstance(item, (tuple, list)) else (item, default_events))
         if type(fd) is not int or type(events) is not int:
             raise fail("EINVAL", f"poll entry {item!r} is not (int, int)", "do_sys_poll")
-        if fd < 0:
-            revents[fd] = 0
-            continue
-        entry = proc.fds.get(fd)
-        if entry is None:
-            revents[fd] = POLLNVAL
-            continue
-        if not isinstance(entry, OpenFile):
-            revents[fd] = (POLLIN | POLLOUT) & events  # a terminal: readable and writable as far as we care
-            continue
-        sk = entry.sock
-        revents[fd] = sk.ops.poll(sk) & (events | POLLERR | POLLHUP)
-    ready = len(revents) - [*revents.values()].count(0)  # descriptors with any event (a repeated fd once)
+        pairs.append((fd, events))
+
+    def scan() -> dict[int, int]:
+        revents: dict[int, int] = {}
+        for fd, events in pairs:
+            if fd < 0:
+                revents[fd] = 0
+                continue
+            entry = proc.fds.get(fd)
+            if entry is None:
+                revents[fd] = POLLNVAL
+                continue
+            if not isinstance(entry, OpenFile):
+                revents[fd] = (POLLIN | POLLOUT) & events  # a terminal: readable and writable as far as we care
+                continue
+            sk = entry.sock
+            revents[fd] = sk.ops.poll(sk) & (events | POLLERR | POLLHUP)
+        return revents
+
+    def count(revents: dict[int, int]) -> int:
+        return len(revents) - [*revents.values()].count(0)  # descriptors with any event (a repeated fd once)
+
+    revents = scan()
+    ready = count(revents)
     if not ready and isinstance(timeout, int) and timeout < 0:
         return Result(op, None, None, "nothing ready and no timeout: sleeps", "do_poll", blocked=True)
+    if not ready and isinstance(timeout, int) and timeout > 0:
+        # do_poll() sleeps until an event or the timeout: model time runs its timers meanwhile
+        # (a SYN retransmitted into an accept queue that now has room), up to the timeout.
+        net = host.net
+        until = net.now + timeout / 1000
+        net.advance_until(lambda: count(scan()) > 0, limit=timeout / 1000)
+        revents = scan()
+        ready = count(revents)
+        if not ready:
+            net.advance(max(0.0, until - net.now))
+            revents = scan()
+            ready = count(revents)
+        else:
+            return Result(op, revents, None, f"{ready} descriptor(s) ready after "
+                          f"{timeout / 1000 - (until - net.now):.1f} s of the {timeout} ms timeout", "do_poll")
     return Result(op, revents, None, f"{ready} descriptor(s) ready", "do_poll")

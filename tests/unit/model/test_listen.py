@@ -140,3 +140,23 @@ def test_listen_on_unix_needs_bind(a):
     """Rule: unix_listen: no listens on an unbound AF_UNIX socket -> EINVAL."""
     fd = a.call("socket", {"family": AF_UNIX, "type": SOCK_STREAM}).ret
     assert listen(a, fd, 5).errno == "EINVAL"
+
+
+def test_a_poll_with_a_timeout_sleeps_until_the_retransmitted_syn_gets_in(a, b, net):
+    """do_poll() sleeps until an event: model time runs to the SYN retransmit (1 s), not to the timeout."""
+    lfd = listener(a, 7000, backlog=0)
+    connect_nb(b, "198.51.100.1", 7000)
+    fd, _ = connect_nb(b, "198.51.100.1", 7000)
+    assert a.call("accept", {"fd": lfd}).ok
+    started = net.now
+    polled = b.call("poll", {"fds": [fd], "events": 4, "timeout": 8000})  # POLLOUT
+    assert polled.ret == {fd: 4} and b.socket(fd).sk_state == "ESTABLISHED"
+    assert abs(net.now - started - 1.0) < 0.01
+
+
+def test_a_poll_with_a_timeout_and_nothing_coming_sleeps_the_whole_timeout(a, net):
+    lfd = listener(a, 7000)
+    started = net.now
+    assert a.call("poll", {"fds": [lfd], "events": 1, "timeout": 1500}).ret == {lfd: 0}  # POLLIN: no connection
+    assert abs(net.now - started - 1.5) < 0.01
+    assert a.call("poll", {"fds": [lfd], "events": 1, "timeout": 0}).ret == {lfd: 0} and net.now == started + 1.5
