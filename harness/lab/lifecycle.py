@@ -695,11 +695,8 @@ class Lab:
         try:
             futures = [pool.submit(work, vm) for vm in vms]
             # The first to fail, whichever VM it is: a later VM's error must not wait for an earlier VM's work.
-            wait(futures, return_when=FIRST_EXCEPTION)
-            for future in futures:
-                if future.done() and future.exception() is not None:
-                    future.result()
-            for future in futures:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in [*done, *futures]:
                 future.result()
         except BaseException:
             abandon.set()
