@@ -138,7 +138,11 @@ class Network:
         self.now = target
 
     def advance_until(self, done: Any, limit: float = 3600.0) -> None:
-        """Run timers until done() holds or nothing is pending (used by blocking calls)."""
+        """Run timers until done() holds, or none is due within ``limit`` s (``poll`` with a timeout).
+
+        Held zerocopy completions are delivered first, as ``advance`` does: time passes for them too.
+        """
+        self.complete_zerocopy()
         deadline = self.now + limit
         while not done():
             when, owner = self._next_event()

@@ -135,16 +135,12 @@ def do_poll(op: str, host: "Host", proc: "Process", args: Mapping[str, Any]) -> 
     if not ready and isinstance(timeout, int) and timeout > 0:
         # do_poll() sleeps until an event or the timeout: model time runs its timers meanwhile
         # (a SYN retransmitted into an accept queue that now has room), up to the timeout.
-        net = host.net
-        until = net.now + timeout / 1000
+        net, started = host.net, host.net.now
         net.advance_until(lambda: count(scan()) > 0, limit=timeout / 1000)
         revents = scan()
         ready = count(revents)
         if not ready:
-            net.advance(max(0.0, until - net.now))
-            revents = scan()
-            ready = count(revents)
-        else:
-            return Result(op, revents, None, f"{ready} descriptor(s) ready after "
-                          f"{timeout / 1000 - (until - net.now):.1f} s of the {timeout} ms timeout", "do_poll")
+            net.advance(started + timeout / 1000 - net.now)
+        return Result(op, revents, None, f"{ready} descriptor(s) ready after {net.now - started:.1f} s of the "
+                      f"{timeout} ms timeout", "do_poll")
     return Result(op, revents, None, f"{ready} descriptor(s) ready", "do_poll")

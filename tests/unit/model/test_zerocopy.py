@@ -332,3 +332,13 @@ def test_sendfile_queues_its_bytes_and_no_completion_even_with_so_zerocopy(a, b)
     assert b.call("recv", {"fd": b.call("accept", {"fd": lfd}).ret, "length": 65536}).ret == 4096
     assert a.call("sendfile", {"fd": tcp(a), "length": 1}).errno == "EPIPE"
     assert a.call("sendfile", {"fd": fd, "length": -1}).errno == "EINVAL"
+
+
+def test_a_poll_with_a_timeout_wakes_for_a_deferred_completion_at_once():
+    """do_poll() sleeps until POLLERR: a completion the model held back is delivered as time starts to pass."""
+    net, host, fd = deferred_lab()
+    zc_send(host, fd, addr=("198.51.100.2", 5000))
+    assert not host.call("poll", {"fds": [fd], "events": 0}).ret[fd] & POLLERR  # held: nothing yet
+    started = net.now
+    assert host.call("poll", {"fds": [fd], "events": 0, "timeout": 5000}).ret[fd] & POLLERR
+    assert net.now == started  # woken by the completion, not at the end of the timeout
