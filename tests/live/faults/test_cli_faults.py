@@ -108,8 +108,8 @@ def test_two_lab_ups_at_once_never_make_two_labs(cli_lab):
     holder = _invoke(cli_lab, "lab.up")
     lock = cli_lab.paths.home / "lab.lock"
     _wait_for(lambda: lock.exists() and lock.read_text().startswith(f"pid {holder.pid}"), 60, "the first lab.up's lock")
-    # A restore takes about a second, less than a second invoke needs to start on a busy host: the
-    # holder is stopped while it holds the lock, so that the late one finds it held, not the lab up.
+    # A restore takes about a second: in one run with four workers the holder had finished before the
+    # late one looked. The holder is stopped while it holds the lock, so the late one finds it held.
     os.kill(holder.pid, signal.SIGSTOP)
     try:
         late = _invoke(cli_lab, "lab.up")

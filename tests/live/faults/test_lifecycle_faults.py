@@ -93,7 +93,7 @@ def test_socklab_killed_while_saving_snapshots_leaves_no_ready_lab_and_no_half_s
 
     def put_back() -> None:
         for kept in list(aside.iterdir()):
-            shutil.rmtree(store.root / kept.name, ignore_errors=True)  # a guest whose save the kill missed
+            shutil.rmtree(store.root / kept.name, ignore_errors=True)  # saved before the kill came
             kept.rename(store.root / kept.name)
         aside.rmdir()
 
