@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from . import zerocopy
 from .addr import ANY4, ANY6, SIN6_LEN_RFC2133, SOCKADDR_IN_LEN, SockAddr, v4_of_v6
 from .constants import (
-    AF_INET, AF_INET6, MSG_DONTWAIT, MSG_ERRQUEUE, MSG_NOSIGNAL, MSG_OOB, MSG_PEEK, MSG_ZEROCOPY, SOCK_STREAM, TCP_CLOSE,
+    AF_INET, AF_INET6, MSG_DONTWAIT, MSG_ERRQUEUE, MSG_NOSIGNAL, MSG_OOB, MSG_PEEK, MSG_WAITALL, MSG_ZEROCOPY, SOCK_STREAM, TCP_CLOSE,
     TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_LAST_ACK, TCP_LISTEN, TCP_SYN_RECV,
     TCP_STATE_NAMES, TCP_SYN_SENT, TCP_TIME_WAIT,
 )
@@ -740,6 +740,26 @@ def _recv_urgent(op: str, sk: Sock, length: int, flags: int) -> Result:
                   data=byte[:count])
 
 
+def _recv_waitall(op: str, sk: Sock, length: int, data: bytes) -> Result:
+    """A blocking MSG_WAITALL read goes on after the first copy: each read opens the window, the peer's
+    queued bytes arrive, and tcp_recvmsg_locked() copies them, until ``length`` bytes, the urgent mark,
+    or an empty queue; then it returns at FIN, an error or a shutdown, and otherwise sleeps for the rest."""
+    while len(data) < length and sk.urg_mark != 0:
+        start, end = _readable_span(sk)
+        if end <= start:
+            break
+        count = min(length - len(data), end - start)
+        data += bytes(sk.rx[start:start + count])
+        _consume(sk, start + count)
+    copied = len(data)
+    if copied == length or sk.urg_mark == 0 or sk.fin_received or sk.err or sk.shutdown & RCV_SHUTDOWN \
+            or sk.sk_state == TCP_CLOSE:
+        return Result(op, copied, None, f"MSG_WAITALL: read {copied} byte(s), {len(sk.rx)} left queued",
+                      "tcp_recvmsg_locked", data=data)
+    return Result(op, copied, None, f"MSG_WAITALL: read {copied} of {length} byte(s); sleeps in sk_wait_data for "
+                  "the rest", "tcp_recvmsg_locked", blocked=True, data=data)
+
+
 def recvmsg(op: str, host: "Host", f: OpenFile, length: int, flags: int) -> Result:
     """tcp_recvmsg_locked(): data first, then FIN (0), sk_err, RCV_SHUTDOWN, CLOSE (ENOTCONN), EAGAIN."""
     sk = f.sock
@@ -759,6 +779,8 @@ def recvmsg(op: str, host: "Host", f: OpenFile, length: int, flags: int) -> Resu
         data = bytes(sk.rx[start:start + count])
         if not flags & MSG_PEEK:
             _consume(sk, start + count)
+            if flags & MSG_WAITALL and count < length and not (f.nonblock or flags & MSG_DONTWAIT):
+                return _recv_waitall(op, sk, length, data)
         note = "; the urgent byte before them stepped over" if start else ""
         return Result(op, count, None, f"read {count} byte(s), {len(sk.rx)} left queued{note}", "tcp_recvmsg_locked",
                       data=data)

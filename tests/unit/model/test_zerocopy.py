@@ -282,6 +282,25 @@ def test_sends_behind_unsent_zerocopy_data_join_its_notification(a, b):
     assert a.socket(fd).omem == 0
 
 
+def test_a_blocking_waitall_read_takes_the_stuck_bytes_through_the_window(a, b):
+    """Rule: tcp_recvmsg_locked() with MSG_WAITALL copies until ``len``: each copy opens the window and the peer's
+    queued bytes come in. Without MSG_WAITALL a read gets one window's worth; with MSG_DONTWAIT it does not wait
+    for more; asked for more than was sent, it copies everything and sleeps for the rest (lab 07's stuck.yaml
+    drains this way: one read instead of 40 reads 0.2 s apart)."""
+    fd, rx = stuck_stream(a, b)
+    for _ in range(40):
+        assert zc_send(a, fd, length=500, flags=MSG_ZEROCOPY | 0x40).ok
+    one_window = b.call("recv", {"fd": rx, "length": 20000, "flags": 0x40 | 0x100})  # MSG_DONTWAIT|MSG_WAITALL
+    assert 0 < one_window.ret < 20000 and not one_window.blocked
+    rest = b.call("recv", {"fd": rx, "length": 20000 - one_window.ret, "flags": 0x100})
+    assert (rest.ret, rest.blocked) == (20000 - one_window.ret, False)
+    for _ in range(3):
+        assert zc_send(a, fd, length=500, flags=MSG_ZEROCOPY | 0x40).ok
+    short = b.call("recv", {"fd": rx, "length": 4000, "flags": 0x100})
+    assert (short.ret, short.blocked) == (1500, True)
+    assert b.call("recv", {"fd": rx, "length": 1, "flags": 0x40}).errno == "EAGAIN"
+
+
 def test_a_copied_send_ends_the_joinable_tail(a, b):
     """Rule: msg_zerocopy_realloc() extends only skb_zcopy(tail); a plain send queued behind it makes the next
     MSG_ZEROCOPY send allocate a notification of its own."""
