@@ -24,6 +24,7 @@ from .sock import OpenFile
 
 if TYPE_CHECKING:
     from .host import Process
+    from .network import Network
 
 # EP_PRIVATE_BITS: what an EPOLLONESHOT item keeps once it has fired.
 PRIVATE_BITS = EPOLLWAKEUP | EPOLLONESHOT | EPOLLET | EPOLLEXCLUSIVE
@@ -120,12 +121,33 @@ def ctl(op: str, proc: "Process", args: Mapping[str, Any]) -> Result:
     raise fail("EINVAL", f"op {cmd!r} is not EPOLL_CTL_ADD, _DEL or _MOD", "do_epoll_ctl")
 
 
-def wait(op: str, proc: "Process", args: Mapping[str, Any]) -> Result:
+def _would_report(proc: "Process", ep: EpollFile) -> bool:
+    """Whether ep_poll() would find an event now; like the scan in ``wait``, but changes nothing."""
+    for fd, item in ep.items.items():
+        if proc.fds.get(fd) is not item.file:
+            continue
+        if item.events & EPOLLET and not (item.pending or _woken(item)):
+            continue
+        if item.file.sock.ops.poll(item.file.sock) & item.events & ~PRIVATE_BITS:
+            return True
+    return False
+
+
+def wait(op: str, proc: "Process", args: Mapping[str, Any], net: "Network | None" = None) -> Result:
     ep = _epoll(proc, args.get("epfd"), "do_epoll_wait")
     maxevents = args.get("maxevents", 16)
     timeout = args.get("timeout", 0)
     if type(maxevents) is not int or maxevents <= 0:
         raise fail("EINVAL", f"maxevents {maxevents!r} must be positive", "do_epoll_wait")
+    slept = None
+    if net is not None and isinstance(timeout, int) and timeout > 0 and not _would_report(proc, ep):
+        # ep_poll() sleeps until an event or the timeout: model time runs its timers meanwhile (a
+        # retransmitted SYN that completes a handshake), as a poll() with a timeout does.
+        started = net.now
+        net.advance_until(lambda: _would_report(proc, ep), limit=timeout / 1000)
+        if not _would_report(proc, ep):
+            net.advance(started + timeout / 1000 - net.now)
+        slept = net.now - started
     ready: dict[int, int] = {}
     for fd, item in list(ep.items.items()):
         if proc.fds.get(fd) is not item.file:
@@ -147,6 +169,8 @@ def wait(op: str, proc: "Process", args: Mapping[str, Any]) -> Result:
     if not ready and isinstance(timeout, int) and timeout < 0:
         return Result(op, None, None, "nothing ready and no timeout: sleeps", "ep_poll", blocked=True)
     kinds = ", ".join(f"fd {fd}: {mask:#x}" for fd, mask in ready.items()) or "nothing ready"
+    if slept is not None:
+        kinds += f" after {slept:.1f} s of the {timeout} ms timeout"
     return Result(op, ready, None, kinds, "ep_send_events")
 
 

@@ -221,7 +221,7 @@ def sys_epoll_ctl(host, proc, op, args) -> Result:
 
 
 def sys_epoll_wait(host, proc, op, args) -> Result:
-    return epoll.wait(op, proc, args)
+    return epoll.wait(op, proc, args, host.net)
 
 
 def sys_epoll_herd(host, proc, op, args) -> Result:

@@ -160,3 +160,27 @@ def test_a_poll_with_a_timeout_and_nothing_coming_sleeps_the_whole_timeout(a, ne
     assert a.call("poll", {"fds": [lfd], "events": 1, "timeout": 1500}).ret == {lfd: 0}  # POLLIN: no connection
     assert abs(net.now - started - 1.5) < 0.01
     assert a.call("poll", {"fds": [lfd], "events": 1, "timeout": 0}).ret == {lfd: 0} and net.now == started + 1.5
+
+
+def test_an_epoll_wait_with_a_timeout_sleeps_until_the_retransmitted_syn_gets_in(a, b, net):
+    """ep_poll() sleeps until an event as do_poll() does: model time runs to the SYN retransmit (1 s)."""
+    lfd = listener(a, 7000, backlog=0)
+    connect_nb(b, "198.51.100.1", 7000)
+    fd, _ = connect_nb(b, "198.51.100.1", 7000)
+    assert a.call("accept", {"fd": lfd}).ok
+    ep = b.call("epoll_create1", {}).ret
+    assert b.call("epoll_ctl", {"epfd": ep, "op": 1, "fd": fd, "events": 4}).ok  # EPOLL_CTL_ADD, EPOLLOUT
+    started = net.now
+    waited = b.call("epoll_wait", {"epfd": ep, "timeout": 8000})
+    assert waited.ret == {fd: 4} and b.socket(fd).sk_state == "ESTABLISHED"
+    assert abs(net.now - started - 1.0) < 0.01
+
+
+def test_an_epoll_wait_with_a_timeout_and_nothing_coming_sleeps_the_whole_timeout(a, net):
+    lfd = listener(a, 7000)
+    ep = a.call("epoll_create1", {}).ret
+    assert a.call("epoll_ctl", {"epfd": ep, "op": 1, "fd": lfd, "events": 1}).ok  # EPOLLIN: no connection comes
+    started = net.now
+    assert a.call("epoll_wait", {"epfd": ep, "timeout": 1500}).ret == {}
+    assert abs(net.now - started - 1.5) < 0.01
+    assert a.call("epoll_wait", {"epfd": ep, "timeout": 0}).ret == {} and net.now == started + 1.5
