@@ -133,21 +133,17 @@ def _would_report(proc: "Process", ep: EpollFile) -> bool:
     return False
 
 
-def wait(op: str, proc: "Process", args: Mapping[str, Any], net: "Network | None" = None) -> Result:
+def wait(op: str, proc: "Process", args: Mapping[str, Any], net: "Network") -> Result:
     ep = _epoll(proc, args.get("epfd"), "do_epoll_wait")
     maxevents = args.get("maxevents", 16)
     timeout = args.get("timeout", 0)
     if type(maxevents) is not int or maxevents <= 0:
         raise fail("EINVAL", f"maxevents {maxevents!r} must be positive", "do_epoll_wait")
     slept = None
-    if net is not None and isinstance(timeout, int) and timeout > 0 and not _would_report(proc, ep):
+    if isinstance(timeout, int) and timeout > 0 and not _would_report(proc, ep):
         # ep_poll() sleeps until an event or the timeout: model time runs its timers meanwhile (a
         # retransmitted SYN that completes a handshake), as a poll() with a timeout does.
-        started = net.now
-        net.advance_until(lambda: _would_report(proc, ep), limit=timeout / 1000)
-        if not _would_report(proc, ep):
-            net.advance(started + timeout / 1000 - net.now)
-        slept = net.now - started
+        slept = net.sleep_until(lambda: _would_report(proc, ep), timeout / 1000)
     ready: dict[int, int] = {}
     for fd, item in list(ep.items.items()):
         if proc.fds.get(fd) is not item.file:

@@ -151,6 +151,15 @@ class Network:
             self.now = when
             self._fire(owner)
 
+    def sleep_until(self, done: Any, seconds: float) -> float:
+        """A call asleep until ``done()`` or ``seconds`` have passed (poll, epoll_wait with a timeout):
+        timers run meanwhile; returns the seconds slept."""
+        started = self.now
+        self.advance_until(done, limit=seconds)
+        if not done():
+            self.advance(started + seconds - self.now)
+        return self.now - started
+
     def schedule(self, when: float, owner: Any) -> None:
         """Arm a timer for a SYN_SENT socket or a timewait minisock; re-arming just pushes again."""
         heapq.heappush(self._timers, (when, next(self._seq), owner))

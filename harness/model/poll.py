@@ -135,12 +135,9 @@ def do_poll(op: str, host: "Host", proc: "Process", args: Mapping[str, Any]) -> 
     if not ready and isinstance(timeout, int) and timeout > 0:
         # do_poll() sleeps until an event or the timeout: model time runs its timers meanwhile
         # (a SYN retransmitted into an accept queue that now has room), up to the timeout.
-        net, started = host.net, host.net.now
-        net.advance_until(lambda: count(scan()) > 0, limit=timeout / 1000)
+        slept = host.net.sleep_until(lambda: count(scan()) > 0, timeout / 1000)
         revents = scan()
         ready = count(revents)
-        if not ready:
-            net.advance(started + timeout / 1000 - net.now)
-        return Result(op, revents, None, f"{ready} descriptor(s) ready after {net.now - started:.1f} s of the "
+        return Result(op, revents, None, f"{ready} descriptor(s) ready after {slept:.1f} s of the "
                       f"{timeout} ms timeout", "do_poll")
     return Result(op, revents, None, f"{ready} descriptor(s) ready", "do_poll")
