@@ -644,14 +644,14 @@ def _send_checked(op, host, sk: Sock, payload: bytes, flags: int, nonblock: bool
     if taken < size and not nonblock:
         sk.tx_pending += payload[:taken]
         _flush(sk)
-        _attach(host, sk, uarg, extended)
+        _attach(host, sk, uarg, extended, taken)
         return Result(op, None, None, f"queued {taken} of {size} bytes, then sleeps for buffer space",
                       "sk_stream_wait_memory", blocked=True, approx=True)
     sk.tx_pending += payload[:taken]
     if flags & MSG_OOB:
         sk.urg_pending = len(sk.tx_pending) - 1  # tcp_mark_urg(): snd_up = write_seq, after the last byte
     _flush(sk)
-    _attach(host, sk, uarg, extended)
+    _attach(host, sk, uarg, extended, taken)
     zc = ""
     if extended:
         zc = (f"; zerocopy id {(sk.zckey - 1) % zerocopy.U32} joins the unsent tail's notification "
@@ -668,8 +668,14 @@ def _send_checked(op, host, sk: Sock, payload: bytes, flags: int, nonblock: bool
 _ZC_IGNORED = "MSG_ZEROCOPY ignored: SO_ZEROCOPY not set, data copied, no notification"
 
 
-def _attach(host: "Host", sk: Sock, uarg, extended: bool = False) -> None:
-    """Hand the send's uarg on; remember it while its data sits unsent at the tail (a later send may join it)."""
+def _attach(host: "Host", sk: Sock, uarg, extended: bool = False, taken: int = 0) -> None:
+    """Hand the send's uarg on; remember it while its data sits unsent at the tail (a later send may join it).
+
+    Over a NIC without scatter-gather, ``taken`` decides the code: a send of at most one MSS that
+    went out at once is one segment, not a GSO skb, so validate_xmit_skb() linearises it and the
+    copy is marked (COPIED, see zerocopy.uncertain_code); anything larger is segmented by copy,
+    unmarked, and only mostly code 0.
+    """
     if uarg is None:
         if sk.tx_pending:
             sk.zc_tail = None  # copied data now ends the write queue: the next zerocopy send allocates
@@ -677,7 +683,10 @@ def _attach(host: "Host", sk: Sock, uarg, extended: bool = False) -> None:
     if _zerocopy_copied(sk):
         zerocopy.mark_copied(uarg)
     elif sk.device is not None and not sk.device.sg:
-        zerocopy.uncertain_code(uarg)
+        if not extended and 0 < taken <= sk.mss_cache and not sk.tx_pending:
+            zerocopy.mark_copied(uarg)
+        else:
+            zerocopy.uncertain_code(uarg)
     if sk.tx_pending:
         sk.zc_tail = uarg
     if extended:

@@ -153,8 +153,13 @@ def uncertain_code(uarg: list[int]) -> None:
     Measured on the 6.1 guests (``ethtool -K lab0 sg off``, completions read after every send): TCP
     MSG_ZEROCOPY sends across the segment complete with code 0 for 116 of 120 sends of 4 KiB and
     91 of 96 of 64 KiB, COPIED for the rest. sk_setup_caps() gives every TCP socket NETIF_F_SG, so
-    tcp_sendmsg_locked() keeps uarg->zerocopy = 1 and the pages are linearised at transmit
-    (validate_xmit_skb) without marking the copy; the few COPIED ones depend on timing.
+    tcp_sendmsg_locked() keeps uarg->zerocopy = 1. A GSO skb is then segmented by copy
+    (skb_segment() without NETIF_F_SG), which marks nothing. A segment of at most one MSS is not
+    GSO: validate_xmit_skb() linearises it, pskb_expand_head() calls skb_orphan_frags(), and
+    skb_copy_ubufs() reports the copy. So sends of 1,000 and 1,448 bytes (the MSS) complete COPIED,
+    and 1,449, 4,096 and 20,000 bytes code 0 (measured 2026-12-08, one send per read). The few
+    COPIED ones among larger sends are tails that the window or cwnd cut to one segment; which
+    ones depends on timing. The socket segment, whose NIC has no scatter-gather, behaves the same.
     """
     if len(uarg) == 3:
         uarg.append(1)

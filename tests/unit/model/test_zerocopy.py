@@ -84,16 +84,32 @@ def test_nic_with_sg_completes_zerocopy(a, b):
 
 
 def test_tcp_over_nic_without_sg_default_and_switch(b):
-    """Rule (see docs): TCP route caps always include SG in 6.1, so the model reports code 0 by default;
-    Network(tcp_zerocopy_copied_without_sg=True) flips it to COPIED."""
+    """Rule (see docs): TCP route caps always include SG in 6.1, so a send larger than one MSS reports
+    code 0 by default; Network(tcp_zerocopy_copied_without_sg=True) flips it to COPIED."""
     for flag, expected in ((False, 0), (True, SO_EE_CODE_ZEROCOPY_COPIED)):
         net = Network(strict=True, tcp_zerocopy_copied_without_sg=flag)
         srv = net.add_host("srv", addrs=["198.51.100.1"], sg=True)
         cli = net.add_host("cli", addrs=["198.51.100.2"], sg=False)
         fd, _ = connected_pair(srv, cli, "198.51.100.1")
         enable(cli, fd)
-        zc_send(cli, fd)
+        zc_send(cli, fd, length=4096)
         assert read_err(cli, fd).ret[0]["code"] == expected
+
+
+def test_tcp_over_nic_without_sg_copies_a_send_of_one_segment():
+    """Rule (measured with `ethtool -K lab0 sg off`, and on the socket segment): a send of at most one MSS
+    is not a GSO skb, so it is linearised at transmit and completes COPIED; one byte more is code 0."""
+    net = Network(strict=True)
+    srv = net.add_host("srv", addrs=["198.51.100.1"], sg=True)
+    cli = net.add_host("cli", addrs=["198.51.100.2"], sg=False)
+    fd, _ = connected_pair(srv, cli, "198.51.100.1")
+    enable(cli, fd)
+    codes = []
+    for length in (1000, 1448, 1449, 4096, 1000, 20000):
+        assert zc_send(cli, fd, length=length).ret == length
+        codes.append(read_err(cli, fd).ret[0]["code"])
+    copied = SO_EE_CODE_ZEROCOPY_COPIED
+    assert codes == [copied, copied, 0, 0, copied, 0]
 
 
 def test_udp_without_sg_is_copied(a, b):
