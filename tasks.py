@@ -634,7 +634,7 @@ def run_(c, file, param=None, out=None, name=None, trace=False, depth=None, hold
     """Run any scenario file on the live kernels and the model, step by step."""
     from pathlib import Path
 
-    from harness.scenario.check import CheckReport, run_scenario
+    from harness.scenario.check import CheckReport, lab_scatter_gather, run_scenario
     from harness.scenario.format import load, parse_params
 
     root = _results_root(c, out)
@@ -644,8 +644,10 @@ def run_(c, file, param=None, out=None, name=None, trace=False, depth=None, hold
     on_step = _holder(scenario, hold_at) if hold_at is not None else None
     lab = _lab(name)
     with lab.using():
-        report = CheckReport(scenario.name, runs=[run_scenario(scenario, _running_lab(lab, "default"), on_step,
-                                                               trace=options)])
+        running = _running_lab(lab, "default")
+        if not lab_scatter_gather(running):  # the answer key of the socket segment's NIC
+            scenario = load(path, parse_params(param or []), known_hosts=topology("default").vms, scatter_gather=False)
+        report = CheckReport(scenario.name, runs=[run_scenario(scenario, running, on_step, trace=options)])
         lab.close()
     _show_and_save(root, report, path.stem, blind=not reveal)
 
@@ -727,7 +729,8 @@ def model_(c, file, param=None, no_sg=False, out=None, kernel=None, reveal=False
     from harness.scenario.format import load, parse_params
 
     root = _results_root(c, out)
-    scenario = load(Path(file), parse_params(param or []), known_hosts=topology("default").vms)
+    scenario = load(Path(file), parse_params(param or []), known_hosts=topology("default").vms,
+                    scatter_gather=not no_sg)
     series = _model_kernel(kernel)
     report = CheckReport(scenario.name, runs=[run_scenario(scenario, None, scatter_gather=not no_sg,
                                                            model_kernel=series)], kernel=False)

@@ -157,6 +157,11 @@ def lab_kernels(lab: Any) -> dict[str, str]:
     return kernels
 
 
+def lab_scatter_gather(lab: Any | None) -> bool:
+    """Whether the lab NIC gathers pages: a tap segment does, the socket segment does not; no lab, the tap's answer."""
+    return lab is None or lab.require().segment == "tap"
+
+
 def run_scenario(scenario: Scenario, lab: Any | None, on_step: Callable[[StepRecord], None] | None = None,
                  scatter_gather: bool | None = None, model_kernel: str = "6.1", trace: Any = None,
                  agents: dict | None = None) -> RunResult:
@@ -178,7 +183,7 @@ def run_scenario(scenario: Scenario, lab: Any | None, on_step: Callable[[StepRec
         factory = getattr(lab, "scenario_backend", None)
         kernel = factory(scenario) if factory is not None else LabBackend(lab, scenario, agents)
         if scatter_gather is None:
-            scatter_gather = lab.require().segment == "tap"
+            scatter_gather = lab_scatter_gather(lab)
     model = ModelBackend(scenario, scatter_gather=True if scatter_gather is None else scatter_gather,
                          kernels=kernels, kernel=model_kernel)
     result: RunResult | None = None
@@ -226,16 +231,17 @@ def _close(kernel: Any) -> str | None:
     return None
 
 
-def prepare(spec: LabSpec, overrides: Mapping[str, Any] | None = None) -> list[Scenario]:
+def prepare(spec: LabSpec, overrides: Mapping[str, Any] | None = None, scatter_gather: bool = True) -> list[Scenario]:
     """Load and check everything a lab check will use, before any VM is touched (or booted)."""
     hosts = topology_of(spec.topology).vms
-    scenarios = [load(path, _overrides_for(path, overrides), known_hosts=hosts) for path in spec.scenarios]
+    scenarios = [load(path, _overrides_for(path, overrides), known_hosts=hosts, scatter_gather=scatter_gather)
+                 for path in spec.scenarios]
     unused = set(overrides or {}) - {key for scenario in scenarios for key in scenario.params}
     if unused:
         raise ScenarioError(f"--param {', '.join(sorted(unused))}: no scenario of lab {spec.name} has it")
     if spec.expected is not None:
         for scenario in scenarios:  # a broken template stops the check before anything runs
-            expect.precheck(spec.expected, scenario.params, scenario.hosts)
+            expect.precheck(spec.expected, {**scenario.params, "scatter_gather": scatter_gather}, scenario.hosts)
     return scenarios
 
 
@@ -244,7 +250,8 @@ def check(spec: LabSpec, lab: Any | None, overrides: Mapping[str, Any] | None = 
           trace: Any = None) -> CheckReport:
     """Run every scenario of ``spec``; with a lab, evaluate the expectation template over the kernel's run."""
     report = CheckReport(spec.title, kernel=lab is not None)
-    scenarios = prepare(spec, overrides)
+    scatter_gather = lab_scatter_gather(lab)
+    scenarios = prepare(spec, overrides, scatter_gather)
     kernels = lab_kernels(lab) if lab is not None else {host: model_kernel for host in _hosts(spec)}
     report.kernels = kernels
     # The scenarios share their guest agents (reset between them, ended after the last): a
@@ -278,7 +285,8 @@ def check(spec: LabSpec, lab: Any | None, overrides: Mapping[str, Any] | None = 
             sysctls = {host: snap.sysctls for host, snap in next(iter(result.kernel_snapshots.values()), {}).items()}
         else:  # the guests' defaults with the scenario's own settings, as the model ran
             sysctls = {host: expect.default_sysctls(scenario.sysctls.get(host)) for host in scenario.hosts}
-        variables = {**scenario.params, "sysctl": sysctls, "kernel": expect.KernelRules(kernels)}
+        variables = {**scenario.params, "sysctl": sysctls, "kernel": expect.KernelRules(kernels),
+                     "scatter_gather": scatter_gather}
         assertions = expect.load(spec.expected, variables)
         predicted = expect.evaluate(assertions, expect.context(model_view(result, sysctls), scenario.params, sysctls))
         if lab is None:

@@ -259,8 +259,14 @@ def declared_params(path: Path) -> dict[str, Any]:
     return dict(_strip_lines(_header(header_text, str(path)).get("params") or {}))
 
 
-def load(path: Path, overrides: Mapping[str, Any] | None = None, known_hosts: tuple[str, ...] | None = None) -> Scenario:
-    """Read, render and check the scenario at ``path``; ``overrides`` replace header params."""
+def load(path: Path, overrides: Mapping[str, Any] | None = None, known_hosts: tuple[str, ...] | None = None,
+         scatter_gather: bool = True) -> Scenario:
+    """Read, render and check the scenario at ``path``; ``overrides`` replace header params.
+
+    ``scatter_gather`` says whether the lab NIC gathers pages (the tap segment; not the socket
+    segment, nor ``lab.model --no-sg``): the answer key is rendered with it, for the answers
+    that depend on it (lab 07's zero-copy codes).
+    """
     where = str(path)
     text = _read(path)
     header_text, body_text, body_line = _split(text)
@@ -290,7 +296,7 @@ def load(path: Path, overrides: Mapping[str, Any] | None = None, known_hosts: tu
                 raise ScenarioError(f"{where}:1: host {host!r} is not a VM of this lab ({', '.join(known_hosts)})")
     sysctls = _sysctls(body.get("sysctls") or {}, where, body.line_of("sysctls") if "sysctls" in body else body_line,
                        hosts)
-    steps = _apply_key(_steps(body["steps"], where, body_line, hosts), key_path(path), params)
+    steps = _apply_key(_steps(body["steps"], where, body_line, hosts), key_path(path), params, scatter_gather)
     return Scenario(path=path, name=str(header.get("name", path.stem)), description=str(header.get("description", "")),
                     hosts=hosts, params=params, sysctls=sysctls, steps=steps,
                     kernels=tuple(header.get("kernels") or ()))
@@ -301,7 +307,8 @@ def key_path(path: Path) -> Path:
     return path.parent / "key" / path.name
 
 
-def _apply_key(steps: tuple[Step, ...], key: Path, params: Mapping[str, Any]) -> tuple[Step, ...]:
+def _apply_key(steps: tuple[Step, ...], key: Path, params: Mapping[str, Any],
+               scatter_gather: bool = True) -> tuple[Step, ...]:
     """The scenario's steps with the ``expect:`` of its answer key, if it has one.
 
     A lab's scenario files hold only the calls, so a student can open them before predicting; what
@@ -312,7 +319,8 @@ def _apply_key(steps: tuple[Step, ...], key: Path, params: Mapping[str, Any]) ->
     if not key.is_file():
         return steps
     where = str(key)
-    raw = _yaml(render(_read(key), params, where), where, 1, " (line of the rendered key)")
+    raw = _yaml(render(_read(key), {**params, "scatter_gather": scatter_gather}, where), where, 1,
+                " (line of the rendered key)")
     if raw is None:
         return steps
     if not isinstance(raw, textio.YamlMap):
