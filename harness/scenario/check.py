@@ -247,10 +247,14 @@ def prepare(spec: LabSpec, overrides: Mapping[str, Any] | None = None, scatter_g
 
 def check(spec: LabSpec, lab: Any | None, overrides: Mapping[str, Any] | None = None,
           on_step: Callable[[StepRecord], None] | None = None, model_kernel: str = "6.1",
-          trace: Any = None) -> CheckReport:
-    """Run every scenario of ``spec``; with a lab, evaluate the expectation template over the kernel's run."""
+          trace: Any = None, scatter_gather: bool | None = None) -> CheckReport:
+    """Run every scenario of ``spec``; with a lab, evaluate the expectation template over the kernel's run.
+
+    ``scatter_gather`` is the lab NIC's, from the lab's segment unless given (the model alone: True).
+    """
     report = CheckReport(spec.title, kernel=lab is not None)
-    scatter_gather = lab_scatter_gather(lab)
+    if scatter_gather is None:
+        scatter_gather = lab_scatter_gather(lab)
     scenarios = prepare(spec, overrides, scatter_gather)
     kernels = lab_kernels(lab) if lab is not None else {host: model_kernel for host in _hosts(spec)}
     report.kernels = kernels
@@ -259,7 +263,8 @@ def check(spec: LabSpec, lab: Any | None, overrides: Mapping[str, Any] | None = 
     agents: dict = {}
     try:
         for index, scenario in enumerate(scenarios):
-            result = run_scenario(scenario, lab, on_step, model_kernel=model_kernel, trace=trace, agents=agents)
+            result = run_scenario(scenario, lab, on_step, scatter_gather, model_kernel=model_kernel, trace=trace,
+                                  agents=agents)
             report.runs.append(result)
             report.notes += [f"{scenario.name}: {finding}" for finding in result.diagnosis]
             gone = _gone_vms(lab) if result.error else []
