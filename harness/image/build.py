@@ -289,11 +289,28 @@ def find(paths: Paths, recipe_name: str = "bookworm") -> Image:
         raise ImageError(unreadable_advice(paths, Path(exc.filename or paths.cache))) from None
 
 
+# sudo replaces PATH with its secure_path (Debian's and Ubuntu's default below), so `sudo invoke`
+# finds no invoke that a virtualenv installed: name such a command by its full path.
+SUDO_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+def sudo_command(task: str, argv0: str | None = None, which: Callable[[str], str | None] = shutil.which) -> str:
+    """``sudo -E invoke TASK``, with invoke (or the installed ``socklab``) as this user's sudo will find it."""
+    import shlex
+    import sys
+
+    name = "socklab" if Path(argv0 if argv0 is not None else sys.argv[0]).name == "socklab" else "invoke"
+    found = which(name)
+    if found and str(Path(found).parent) not in SUDO_PATH:
+        name = shlex.quote(found)
+    return f"sudo -E {name} {task}"
+
+
 def unreadable_advice(paths: Paths, where: Path) -> str:
     """What to run when the image or key was built by root and this user cannot read it."""
     mine = f"{os.getuid()}:{os.getgid()}"
     return (f"{where} is not readable by this user (uid {os.getuid()}): the image was built as root. Either run "
-            f"`sudo chown -R {mine} {paths.cache} {paths.keys}`, or rebuild with `sudo -E invoke images.build --force` "
+            f"`sudo chown -R {mine} {paths.cache} {paths.keys}`, or rebuild with `{sudo_command('images.build --force')}` "
             "from this user's shell (a build run through sudo hands the entry and the key to the user who ran sudo)")
 
 
@@ -428,7 +445,8 @@ def build(paths: Paths, recipe_name: str = "bookworm", mirror: str | None = None
     except PermissionError as exc:
         raise ImageError(unreadable_advice(paths, Path(exc.filename or paths.cache))) from None
     if os.geteuid() != 0:
-        raise ImageError("building the guest image needs root (mmdebstrap --mode=root, mke2fs -d): run `sudo invoke images.build`")
+        raise ImageError("building the guest image needs root (mmdebstrap --mode=root, mke2fs -d): "
+                         f"run `{sudo_command('images.build')}`")
     hostdeps.ensure(hostdeps.IMAGE_TOOLS, say=progress.say)
     paths.cache.mkdir(parents=True, exist_ok=True)
     with _build_lock(paths):

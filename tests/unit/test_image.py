@@ -124,7 +124,7 @@ def test_find_without_image_says_how_to_build(paths, pubkey):
 
 def test_building_needs_root(paths, pubkey, monkeypatch):
     monkeypatch.setattr(image.os, "geteuid", lambda: 1000)
-    with pytest.raises(ImageError, match="needs root.*sudo invoke images.build"):
+    with pytest.raises(ImageError, match="needs root.*sudo -E .*invoke images.build"):
         image.build(paths)
 
 
@@ -366,3 +366,14 @@ def test_a_build_tool_gets_a_tmpdir_of_the_build_s_own(tmp_path):
     lines: list[str] = []
     image._run(["sh", "-c", 'echo "$TMPDIR"'], "mmdebstrap", on_line=lines.append, tmpdir=where)
     assert lines == [str(where)] and where.is_dir()
+
+
+def test_the_sudo_advice_names_a_virtualenv_command_by_its_path():
+    """sudo's secure_path has no virtualenv in it: `sudo invoke` would not be found there."""
+    venv = "/home/ann/socklab/.venv/bin/invoke"
+    assert image.sudo_command("images.build", "invoke", lambda name: venv) == f"sudo -E {venv} images.build"
+    assert image.sudo_command("images.build", "invoke", lambda name: "/usr/local/bin/invoke") == \
+        "sudo -E invoke images.build"
+    assert image.sudo_command("images.build", "/usr/bin/socklab", lambda name: f"/usr/bin/{name}") == \
+        "sudo -E socklab images.build"
+    assert image.sudo_command("images.build", "invoke", lambda name: None) == "sudo -E invoke images.build"
