@@ -201,10 +201,13 @@ class KernelRules:
 
 
 def precheck(path: Path, params: Mapping[str, Any], hosts: tuple[str, ...]) -> list[Assertion]:
-    """Render and parse the template with default sysctls: syntax, undefined names and shape, before any run."""
+    """Render and parse the template with default sysctls: syntax, undefined names and shape, before any run.
+
+    ``scatter_gather`` is the tap segment's (True) unless ``params`` says otherwise.
+    """
     defaults = default_sysctls()
-    return load(path, {**params, "sysctl": _ByHost("sysctl", {host: defaults for host in hosts}),
-                       "kernel": KernelRules({})})
+    return load(path, {"scatter_gather": True, **params,
+                       "sysctl": _ByHost("sysctl", {host: defaults for host in hosts}), "kernel": KernelRules({})})
 
 
 def context(result: RunResult, params: Mapping[str, Any], sysctls: Mapping[str, Any]) -> dict[str, Any]:
