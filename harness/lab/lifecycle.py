@@ -393,7 +393,7 @@ class Lab:
             raise LabError(f"the socket segment joins two VMs only; topology {topo.name} has {len(topo.vms)}: "
                            "run as root for taps")
         return "socket", (f"QEMU socket netdev over 127.0.0.1 ({why if not taps_ok else 'requested'}): "
-                          "no offloads, so MSG_ZEROCOPY completions report COPIED")
+                          "no offloads, so MSG_ZEROCOPY sends of one segment or less complete COPIED")
 
     def _plan(self, state: LabState, topo: Topology, boots: dict[str, kernel_mod.Boot]) -> list[qemu.VMSpec]:
         """Each VM's spec, without the host-side details (ports, sockets) a boot fills in."""
