@@ -640,13 +640,14 @@ def run_(c, file, param=None, out=None, name=None, trace=False, depth=None, hold
     root = _results_root(c, out)
     path = Path(file)
     options = _trace_options(trace, depth)
-    scenario = load(path, parse_params(param or []), known_hosts=topology("default").vms)
+    params, hosts = parse_params(param or []), topology("default").vms
+    scenario = load(path, params, known_hosts=hosts)
     on_step = _holder(scenario, hold_at) if hold_at is not None else None
     lab = _lab(name)
     with lab.using():
         running = _running_lab(lab, "default")
         if not lab_scatter_gather(running):  # the answer key of the socket segment's NIC
-            scenario = load(path, parse_params(param or []), known_hosts=topology("default").vms, scatter_gather=False)
+            scenario = load(path, params, known_hosts=hosts, scatter_gather=False)
         report = CheckReport(scenario.name, runs=[run_scenario(scenario, running, on_step, trace=options)])
         lab.close()
     _show_and_save(root, report, path.stem, blind=not reveal)

@@ -41,9 +41,9 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     The suite is bound by the host's two cores: the live tests keep both busy, and what is left
     idle is time when every worker waits. In collection order the unit tests came last, and many
     of them wait on purpose (a timeout against a fake server, a fake console that stays silent):
-    the last 35 s ran at 1.2 cores of 2. Spread among the live modules, their waits fall where
-    the other workers' guests keep the cores busy. The run still ends on short unit tests, so
-    the workers finish together. Each module stays in one piece and in its own order: a module's
+    the last 34 s ran at 1.0-1.3 cores of 2. Spread among the live modules, their waits overlap
+    the other workers' guests; a run's idle went from 48-51 to 44-49 core-s (the rest of it is
+    spread over the whole run). The run still ends on short unit tests, so the workers finish together. Each module stays in one piece and in its own order: a module's
     fixtures (a fault lab, a traced check) are set up once per worker that runs it, as before.
     """
     live_dir = REPO_ROOT / "tests" / "live"

@@ -17,8 +17,10 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -296,9 +298,6 @@ SUDO_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbi
 
 def sudo_command(task: str, argv0: str | None = None, which: Callable[[str], str | None] = shutil.which) -> str:
     """``sudo -E invoke TASK``, with invoke (or the installed ``socklab``) as this user's sudo will find it."""
-    import shlex
-    import sys
-
     name = "socklab" if Path(argv0 if argv0 is not None else sys.argv[0]).name == "socklab" else "invoke"
     found = which(name)
     if found and str(Path(found).parent) not in SUDO_PATH:

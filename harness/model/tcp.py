@@ -668,7 +668,7 @@ def _send_checked(op, host, sk: Sock, payload: bytes, flags: int, nonblock: bool
 _ZC_IGNORED = "MSG_ZEROCOPY ignored: SO_ZEROCOPY not set, data copied, no notification"
 
 
-def _attach(host: "Host", sk: Sock, uarg, extended: bool = False, taken: int = 0) -> None:
+def _attach(host: "Host", sk: Sock, uarg, extended: bool, taken: int) -> None:
     """Hand the send's uarg on; remember it while its data sits unsent at the tail (a later send may join it).
 
     Over a NIC without scatter-gather, ``taken`` decides the code: a send of at most one MSS that

@@ -241,7 +241,7 @@ def prepare(spec: LabSpec, overrides: Mapping[str, Any] | None = None, scatter_g
         raise ScenarioError(f"--param {', '.join(sorted(unused))}: no scenario of lab {spec.name} has it")
     if spec.expected is not None:
         for scenario in scenarios:  # a broken template stops the check before anything runs
-            expect.precheck(spec.expected, {**scenario.params, "scatter_gather": scatter_gather}, scenario.hosts)
+            expect.precheck(spec.expected, scenario.params, scenario.hosts, scatter_gather)
     return scenarios
 
 

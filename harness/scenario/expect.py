@@ -200,14 +200,14 @@ class KernelRules:
         return RULES[name].value(self.series(host))
 
 
-def precheck(path: Path, params: Mapping[str, Any], hosts: tuple[str, ...]) -> list[Assertion]:
+def precheck(path: Path, params: Mapping[str, Any], hosts: tuple[str, ...], scatter_gather: bool = True) -> list[Assertion]:
     """Render and parse the template with default sysctls: syntax, undefined names and shape, before any run.
 
-    ``scatter_gather`` is the tap segment's (True) unless ``params`` says otherwise.
+    ``scatter_gather`` is the lab NIC's (True: the tap segment's), as ``check`` renders it.
     """
     defaults = default_sysctls()
-    return load(path, {"scatter_gather": True, **params,
-                       "sysctl": _ByHost("sysctl", {host: defaults for host in hosts}), "kernel": KernelRules({})})
+    return load(path, {**params, "sysctl": _ByHost("sysctl", {host: defaults for host in hosts}),
+                       "kernel": KernelRules({}), "scatter_gather": scatter_gather})
 
 
 def context(result: RunResult, params: Mapping[str, Any], sysctls: Mapping[str, Any]) -> dict[str, Any]:
