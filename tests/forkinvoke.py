@@ -35,12 +35,17 @@ class Forker:
                                      stdout=subprocess.PIPE, text=True)
 
     def __call__(self, argv: list[str], env: dict[str, str], uid: int | None = None, cwd: Path | None = None,
-                 timeout: float = TIMEOUT) -> tuple[int, str, str]:
-        """Run ``invoke ARGV``; (exit status, stdout, stderr). A command past ``timeout`` is killed (status -9)."""
+                 timeout: float = TIMEOUT, template_seconds: float | None = None) -> tuple[int, str, str]:
+        """Run ``invoke ARGV``; (exit status, stdout, stderr). A command past ``timeout`` is killed (status -9).
+
+        ``template_seconds`` replaces harness.template's time budget (5 s) in this command only, as the
+        unit tests' monkeypatch does: a case about that budget need not burn 5 s of CPU to reach it.
+        """
         with tempfile.TemporaryDirectory(prefix="socklab-forkinvoke-io-") as io:
             out, err = Path(io, "stdout"), Path(io, "stderr")
             self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "out": str(out), "err": str(err), "uid": uid,
-                                              "cwd": str(cwd or REPO_ROOT), "timeout": timeout}) + "\n")
+                                              "cwd": str(cwd or REPO_ROOT), "timeout": timeout,
+                                              "template_seconds": template_seconds}) + "\n")
             self.proc.stdin.flush()
             reply = self.proc.stdout.readline()
             if not reply:
@@ -134,6 +139,10 @@ def _child(request: dict, stdio: list[int] | None = None) -> None:
         import harness.progress
 
         importlib.reload(harness.progress)
+        if request.get("template_seconds") is not None:
+            import harness.template
+
+            harness.template.TEMPLATE_SECONDS = float(request["template_seconds"])
         sys.argv = ["invoke", *request["argv"]]
         from invoke.main import program
 
@@ -219,10 +228,22 @@ def _serve_socket(path: str) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
+    # A child's exit wakes the select below (SIGCHLD through a wakeup pipe): no timeout to poll on.
+    woken, wake = socket.socketpair()
+    woken.setblocking(False)
+    wake.setblocking(False)
+    signal.set_wakeup_fd(wake.fileno(), warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda number, frame: None)
     print("listening", flush=True)
     running: dict[int, socket.socket] = {}  # pid -> the shim's connection
     while True:
-        readable, _, _ = select.select([sys.stdin, listener, *running.values()], [], [], 0.01)
+        readable, _, _ = select.select([sys.stdin, listener, woken, *running.values()], [], [])
+        if woken in readable:
+            while True:
+                try:
+                    woken.recv(4096)
+                except BlockingIOError:
+                    break
         if sys.stdin in readable and not sys.stdin.readline():
             break
         if listener in readable:
@@ -241,6 +262,10 @@ def _serve_socket(path: str) -> None:
                 continue
             pid = os.fork()
             if pid == 0:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                woken.close()
+                wake.close()
                 listener.close()
                 for other in running.values():
                     other.close()
