@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -189,17 +192,32 @@ def test_a_report_file_that_cannot_be_written_says_the_check_s_verdict_and_where
 def test_invoke_test_runs_pytest_in_workers_unless_told_not_to(kwargs, wanted, unwanted, monkeypatch, tmp_path):
     tasks = _tasks_module(monkeypatch, tmp_path)
     ran = []
-
-    class Context:
-        def run(self, command, **_):
-            ran.append(command)
-            done = subprocess.CompletedProcess(command, 0)
-            done.exited = 0
-            return done
-
-    tasks.test_.body(Context(), **kwargs)
-    assert len(ran) == 1 and ran[0].startswith(f"{sys.executable} -m pytest ")
+    monkeypatch.setattr(tasks, "_pytest", lambda argv: ran.append(shlex.join(argv)) or 0)
+    tasks.test_.body(None, **kwargs)
+    assert len(ran) == 1 and f"{ran[0]} ".startswith(f"{shlex.quote(sys.executable)} -m pytest ")
     assert all(text in ran[0] for text in wanted) and not any(text in ran[0] for text in unwanted), ran[0]
+
+
+def test_invoke_test_passes_on_pytests_status_and_a_signal_as_128_plus_it(monkeypatch, tmp_path):
+    tasks = _tasks_module(monkeypatch, tmp_path)
+    assert tasks._pytest([sys.executable, "-c", "raise SystemExit(5)"]) == 5
+    assert tasks._pytest([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"]) == 143
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back after
+
+
+def test_ctrl_c_in_invoke_test_lets_pytest_finish_its_teardown(tmp_path):
+    """Ctrl-C reaches the whole foreground group: pytest gets it, and `invoke test` waits for its teardown."""
+    child = ("import sys, time\nprint('started', flush=True)\ntry:\n    time.sleep(60)\n"
+             "except KeyboardInterrupt:\n    time.sleep(1)\n    print('torn down', flush=True)\n    sys.exit(2)\n")
+    parent = (f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); import tasks; "
+              f"sys.exit(tasks._pytest([sys.executable, '-c', {child!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    assert proc.stdout.readline() == "started\n"
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    out, _ = proc.communicate(timeout=30)
+    assert (proc.returncode, out) == (2, "torn down\n")
 
 
 class _FakeLab:
