@@ -481,10 +481,13 @@ class Agent:
             names = sftp.listdir(self.remote_dir)
         except OSError:
             return
+        # The modules first, then the servers' pid files: a server of an older version that claims its
+        # directory in between finds its module gone and lets go (agent.py's AgentServer.claim()).
         for name in names:
             if name.startswith(("agent-", "agent_")) and name.endswith(".py") and name.removesuffix(".py") != keep:
                 self._remove(sftp, f"{self.remote_dir}/{name}")
-            elif name.startswith("agent_") and name.endswith(SERVE_SUFFIX) and name.removesuffix(SERVE_SUFFIX) != keep:
+        for name in names:
+            if name.startswith("agent_") and name.endswith(SERVE_SUFFIX) and name.removesuffix(SERVE_SUFFIX) != keep:
                 # An older server: without its pid file it stops within SERVE_CHECK_S; its agents keep running.
                 self._remove(sftp, f"{self.remote_dir}/{name}/pid")
         try:

@@ -399,6 +399,25 @@ def test_the_server_prepares_before_it_serves_and_leaves_nothing_when_that_fails
     assert not os.path.exists(server.directory) and list(tmp_path.iterdir()) == [module_file]
 
 
+def test_a_server_whose_module_was_removed_gives_its_claim_back(monkeypatch, tmp_path):
+    """A server of an old version that claims after a push removed its module leaves no pid file behind."""
+    spec = importlib.util.spec_from_file_location("socklab_guest_agent", GUEST_AGENT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    module_file = tmp_path / "agent_old.py"
+    module_file.write_text("")
+    directory = Path(module.serve_dir(str(module_file)))
+    directory.mkdir()  # what the push leaves of the old server's directory: the FIFO, no pid file
+    os.mkfifo(directory / "requests")
+    module_file.unlink()
+    assert module.AgentServer(str(module_file)).claim() is False
+    assert list(tmp_path.iterdir()) == []
+    module_file.write_text("")  # the version is there: the same claim holds
+    server = module.AgentServer(str(module_file))
+    assert server.claim() is True and server.owner() == os.getpid()
+
+
 def test_a_sysctl_set_to_restore_at_exit_outlives_resets(monkeypatch, tmp_path):
     spec = importlib.util.spec_from_file_location("socklab_guest_agent", GUEST_AGENT)
     module = importlib.util.module_from_spec(spec)

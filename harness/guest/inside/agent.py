@@ -2231,7 +2231,6 @@ class AgentServer:
         for _ in range(2):
             try:
                 os.rename(staging, self.directory)
-                return True
             except OSError:
                 owner = self.owner()
                 if owner is not None and _alive(owner):
@@ -2243,6 +2242,13 @@ class AgentServer:
                 except OSError:
                     pass
                 _remove_tree(dead)
+                continue
+            # Pushed over meanwhile (Agent._remove_old_versions removes the module, then the pid file):
+            # a server of a removed version gives its claim back at once, not at its next look.
+            if os.path.exists(self.module_file):
+                return True
+            _remove_tree(self.directory)
+            return False
         _remove_tree(staging)
         return False
 
