@@ -52,8 +52,9 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     the last 34 s ran at 1.0-1.3 cores of 2. Spread among the live modules, their waits overlap
     the other workers' guests; a run's idle went from 48-51 to 44-49 core-s. The live modules of
     long items (LONG_ITEMS_FIRST) go first and the traced checks after the guides (AFTER_GUIDES), so
-    the run ends on short tests and the workers finish together. Each module stays in one piece and in its own order: a module's fixtures (a fault lab,
-    a traced check) are set up once per worker that runs it, as before.
+    the run ends on short tests and the workers finish together. Each module stays in one piece and
+    in its own order: a module's fixtures (a fault lab, a traced check) are set up once per worker
+    that runs it, as before.
     """
     live_dir = REPO_ROOT / "tests" / "live"
     modules: dict[Path, list] = {}

@@ -228,7 +228,7 @@ def _serve_socket(path: str) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
-    # A child's exit wakes the select below (SIGCHLD through a wakeup pipe): no timeout to poll on.
+    # A child's exit wakes the select below (SIGCHLD through a wakeup socket): no timeout to poll on.
     woken, wake = socket.socketpair()
     woken.setblocking(False)
     wake.setblocking(False)
