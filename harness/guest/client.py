@@ -577,7 +577,7 @@ class Agent:
         try:
             self._channel.sendall(line.encode() + b"\n")
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            self._died(step, f"writing the request failed ({exc})")
+            self._died(step, self._write_failed(exc))
         deadline = time.monotonic() + limit
         while True:
             message = self._read_message(deadline, step, limit)
@@ -636,7 +636,7 @@ class Agent:
         try:
             self._channel.sendall(line.encode() + b"\n")
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            self._died(step, f"writing the request failed ({exc})")
+            self._died(step, self._write_failed(exc))
 
     def reset(self, keep_tracing: bool = False) -> AgentReply:
         """Close every socket the session opened (and undo its sysctls) without ending the agent;
@@ -738,6 +738,13 @@ class Agent:
     def _ended(self) -> bool:
         channel = self._channel
         return bool(channel.exit_status_ready() or channel.eof_received or channel.closed)
+
+    def _write_failed(self, exc: BaseException) -> str:
+        """Why a request could not be written: the agent ended (its side sent EOF or a status), or the SSH write failed."""
+        channel = self._channel
+        if channel.eof_received or channel.exit_status_ready():  # the guest's side: not a local close
+            return "it exited before answering"
+        return f"writing the request failed ({exc})"
 
     def _died(self, step: str, how: str, wait: bool = True) -> NoReturn:
         channel = self._channel

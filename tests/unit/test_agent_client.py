@@ -441,6 +441,22 @@ def test_an_agent_killed_with_its_server_is_named_without_a_made_up_status(ssh, 
 
 
 @needs_root
+def test_a_request_to_an_agent_that_already_exited_says_so(ssh, remote_dir):
+    """The write of the request fails (broken pipe) after the agent's exit reached the channel: still 'exited'."""
+    local_agent(ssh, remote_dir).start().close()
+    server = wait_for_server(remote_dir)
+    agent = local_agent(ssh, remote_dir).start()
+    os.kill(server, signal.SIGKILL)
+    os.kill(agent.hello["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not agent._channel.exit_status_ready():  # the exec line noticed: its status is in
+        assert time.monotonic() < deadline, "the exec line never ended"
+        time.sleep(0.02)
+    with pytest.raises(AgentDied, match=r"died during socket\(.*\): it exited before answering; agent stderr"):
+        agent.call("socket", family="AF_INET", type="SOCK_STREAM")
+
+
+@needs_root
 def test_a_served_agent_as_another_user_is_that_user_with_no_capabilities(ssh, remote_dir):
     # The system's Python, as in the guest: nobody cannot read an interpreter under /root.
     local_agent(ssh, remote_dir, python="/usr/bin/python3").start().close()
