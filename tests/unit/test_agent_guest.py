@@ -348,14 +348,20 @@ def test_lines_that_are_not_requests_get_errors_too(agent):
     assert agent.ok("socket", family=socket.AF_INET, type=socket.SOCK_DGRAM) == 3
 
 
-def test_the_op_list_covers_every_op_the_model_has(monkeypatch):
-    from harness.model.syscalls import SYSCALLS
-
+@pytest.fixture
+def guest_agent(monkeypatch):
+    """agent.py imported in this process (its dataclasses look their module up in sys.modules)."""
     spec = importlib.util.spec_from_file_location("socklab_guest_agent", GUEST_AGENT)
     module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
-    session = module.Session(set())
+    return module
+
+
+def test_the_op_list_covers_every_op_the_model_has(guest_agent):
+    from harness.model.syscalls import SYSCALLS
+
+    session = guest_agent.Session(set())
     brief = {"socket", "bind", "listen", "accept", "accept4", "connect", "close", "shutdown", "getsockname",
              "getpeername", "setsockopt", "getsockopt", "send", "sendmsg", "recv", "recvmsg", "poll", "fstat",
              "readlink_fd", "fcntl_getfl", "fcntl_getfd", "sleep", "sysctl_set", "sysctl_get", "wait_readable",
@@ -363,76 +369,60 @@ def test_the_op_list_covers_every_op_the_model_has(monkeypatch):
     assert set(SYSCALLS) | brief <= set(session.handlers)
 
 
-def test_a_session_uses_what_the_server_built_before_forking(monkeypatch):
+def test_a_session_uses_what_the_server_built_before_forking(guest_agent, monkeypatch):
     """The server builds libc's prototypes and the trace noise regex once; a forked session must not build its own."""
-    spec = importlib.util.spec_from_file_location("socklab_guest_agent", GUEST_AGENT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    assert not module._LIBC and not module._GLOB_REGEXES  # importing the module builds neither
-    module.AgentServer.prepare()
-    [libc], [noise] = module._LIBC, module._GLOB_REGEXES.values()
+    assert not guest_agent._LIBC and not guest_agent._GLOB_REGEXES  # importing the module builds neither
+    guest_agent.AgentServer.prepare()
+    [libc], [noise] = guest_agent._LIBC, guest_agent._GLOB_REGEXES.values()
     monkeypatch.setattr(re, "compile", lambda *args, **kwargs: pytest.fail("a session compiled a regex"))
-    monkeypatch.setattr(module.ctypes, "CDLL", lambda *args, **kwargs: pytest.fail("a session loaded libc again"))
-    session = module.Session(set())
+    monkeypatch.setattr(guest_agent.ctypes, "CDLL", lambda *args, **kwargs: pytest.fail("a session loaded libc again"))
+    session = guest_agent.Session(set())
     assert session.libc is libc and session.tracing.tracer.noise is noise
     assert noise.fullmatch("_raw_spin_lock_bh") and not noise.fullmatch("inet_listen")
 
 
-def test_the_server_prepares_before_it_serves_and_leaves_nothing_when_that_fails(monkeypatch, tmp_path):
-    spec = importlib.util.spec_from_file_location("socklab_guest_agent", GUEST_AGENT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
+def test_the_server_prepares_before_it_serves_and_leaves_nothing_when_that_fails(guest_agent, monkeypatch, tmp_path):
     module_file = tmp_path / "agent_x.py"
     module_file.write_text("")
-    server = module.AgentServer(str(module_file))
-    monkeypatch.setattr(module.os, "setsid", lambda: None)  # the pytest worker stays in its session
+    server = guest_agent.AgentServer(str(module_file))
+    monkeypatch.setattr(guest_agent.os, "setsid", lambda: None)  # the pytest worker stays in its session
 
     def prepare():
         assert Path(server.directory, "pid").read_text() == f"{os.getpid()}\n"  # claimed first
         raise MemoryError("no room for the regex")
 
-    monkeypatch.setattr(module.AgentServer, "prepare", staticmethod(prepare))
+    monkeypatch.setattr(guest_agent.AgentServer, "prepare", staticmethod(prepare))
     with pytest.raises(MemoryError, match="no room"):
         server.run()
     assert not os.path.exists(server.directory) and list(tmp_path.iterdir()) == [module_file]
 
 
-def test_a_server_whose_module_was_removed_gives_its_claim_back(monkeypatch, tmp_path):
+def test_a_server_whose_module_was_removed_gives_its_claim_back(guest_agent, tmp_path):
     """A server of an old version that claims after a push removed its module leaves no pid file behind."""
-    spec = importlib.util.spec_from_file_location("socklab_guest_agent", GUEST_AGENT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
     module_file = tmp_path / "agent_old.py"
     module_file.write_text("")
-    directory = Path(module.serve_dir(str(module_file)))
+    directory = Path(guest_agent.serve_dir(str(module_file)))
     directory.mkdir()  # what the push leaves of the old server's directory: the FIFO, no pid file
     os.mkfifo(directory / "requests")
     module_file.unlink()
-    assert module.AgentServer(str(module_file)).claim() is False
+    assert guest_agent.AgentServer(str(module_file)).claim() is False
     assert list(tmp_path.iterdir()) == []
     module_file.write_text("")  # the version is there: the same claim holds
-    server = module.AgentServer(str(module_file))
+    server = guest_agent.AgentServer(str(module_file))
     assert server.claim() is True and server.owner() == os.getpid()
 
 
-def test_a_sysctl_set_to_restore_at_exit_outlives_resets(monkeypatch, tmp_path):
-    spec = importlib.util.spec_from_file_location("socklab_guest_agent", GUEST_AGENT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
+def test_a_sysctl_set_to_restore_at_exit_outlives_resets(guest_agent, monkeypatch, tmp_path):
     files = {name: tmp_path / name for name in ("modprobe", "somaxconn")}
     files["modprobe"].write_text("/sbin/modprobe\n")
     files["somaxconn"].write_text("4096\n")
     # /proc/sys/kernel/modprobe -> tmp_path/modprobe: the host's own sysctls stay untouched
-    monkeypatch.setattr(module, "sysctl_path", lambda name: str(files[name.rsplit(".", 1)[-1]]))
-    session = module.Session(set())
+    monkeypatch.setattr(guest_agent, "sysctl_path", lambda name: str(files[name.rsplit(".", 1)[-1]]))
+    session = guest_agent.Session(set())
     set_ = session.handlers["sysctl_set"]
     assert set_({"name": "kernel.modprobe", "value": "\n", "restore": "exit"}).errno == 0
     assert set_({"name": "net.core.somaxconn", "value": 1}).errno == 0
-    with pytest.raises(module.BadRequest, match="restore"):
+    with pytest.raises(guest_agent.BadRequest, match="restore"):
         set_({"name": "net.core.somaxconn", "value": 2, "restore": "later"})
     assert [name.rsplit(".", 1)[-1] for name in session.handlers["reset"]({}).extra["sysctls_restored"]] == \
         ["somaxconn"]
